@@ -1,0 +1,12 @@
+"""triton-attn: fused, block-sparse attention kernels written in Triton.
+
+Write a ``mask_mod(b, h, q_idx, kv_idx)`` (and optionally a ``score_mod``), build a
+``BlockMask`` with ``create_block_mask``, and call ``attention``.
+"""
+
+from .api import attention
+from .masks import BlockMask, create_block_mask, create_mask
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "create_block_mask", "create_mask", "BlockMask", "__version__"]

@@ -1,0 +1,153 @@
+"""``attention()``: validation, backend choice, and the autograd entry point."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from .masks.block_mask import BlockMask
+from .masks.closure import captured_tensors
+from .masks.evaluate import mod_name
+from .reference import blockwise_attention
+
+BACKENDS = ("torch", "triton", "interpret")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+DEFAULT_BLOCK_SIZE = 128
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
+    for name, t, layout in (("query", query, "[B, Hq, Lq, D]"), ("key", key, "[B, Hkv, Lkv, D]"),
+                            ("value", value, "[B, Hkv, Lkv, Dv]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if any(s == 0 for s in t.shape):
+            raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    batch, q_heads, _, head_dim = query.shape
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: query has B={batch}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"key and value must have the same length Lkv, got {key.shape[2]} and {value.shape[2]}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"query and key must have the same head_dim D, got {head_dim} and {key.shape[3]}")
+    for name, dim in (("query/key head_dim D", head_dim), ("value head_dim Dv", value.shape[3])):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM}, got {dim}")
+    kv_heads = key.shape[1]
+    if q_heads != kv_heads:
+        if q_heads % kv_heads != 0:
+            raise ValueError(f"GQA needs query heads Hq={q_heads} to be a multiple of key/value heads Hkv={kv_heads}")
+        if not enable_gqa:
+            raise ValueError(f"query has Hq={q_heads} heads but key/value have Hkv={kv_heads}; "
+                             "pass enable_gqa=True for grouped-query attention")
+
+
+def _validate_block_mask(block_mask, query, key) -> BlockMask:
+    if not isinstance(block_mask, BlockMask):
+        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
+            block_mask = BlockMask.from_flex(block_mask)  # a FlexAttention BlockMask
+        else:
+            raise TypeError(f"block_mask must be a triton_attn.BlockMask (from create_block_mask) or None, "
+                            f"got {type(block_mask).__name__}")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if block_mask.seq_lengths != (q_len, kv_len):
+        raise ValueError(f"block_mask was built for Q_LEN={block_mask.seq_lengths[0]}, KV_LEN={block_mask.seq_lengths[1]} "
+                         f"but query has Lq={q_len} and key has Lkv={kv_len}; rebuild it with create_block_mask")
+    mask_batch, mask_heads = block_mask.shape[:2]
+    if mask_batch not in (1, query.shape[0]):
+        raise ValueError(f"block_mask has batch size {mask_batch}; expected 1 (broadcast) or query's B={query.shape[0]}")
+    if mask_heads not in (1, query.shape[1]):
+        raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or query's Hq={query.shape[1]}")
+    if block_mask.device != query.device:
+        block_mask = block_mask.to(query.device)
+    return block_mask
+
+
+def _validate_mod_devices(mod: Optional[Callable], what: str, device: torch.device) -> None:
+    if mod is None:
+        return
+    if not callable(mod):
+        raise TypeError(f"{what} must be callable or None, got {type(mod).__name__}")
+    for tensor in captured_tensors(mod):
+        if tensor.device != device:
+            raise ValueError(f"{what} {mod_name(mod)!r} captures a tensor on {tensor.device} "
+                             f"(shape {tuple(tensor.shape)}) but query is on {device}; move it to {device}")
+
+
+def choose_backend(backend: Optional[str], device: torch.device) -> str:
+    """``backend`` if given, else ``TRITON_ATTN_BACKEND``, else triton on CUDA and torch elsewhere."""
+    chosen = backend or os.environ.get("TRITON_ATTN_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if chosen not in BACKENDS:
+        source = "backend" if backend else "TRITON_ATTN_BACKEND"
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    if chosen == "triton" and device.type != "cuda":
+        raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {device}; "
+                         "use backend='interpret' (Triton interpreter) or 'torch' on CPU")
+    if chosen == "interpret" and device.type != "cpu":
+        raise ValueError(f"backend 'interpret' runs the Triton interpreter on CPU tensors, got tensors on {device}")
+    return chosen
+
+
+def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
+                    block_size: Union[int, Tuple[int, int]] = DEFAULT_BLOCK_SIZE) -> BlockMask:
+    """A BlockMask with every tile full (plain attention), built without evaluating anything."""
+    q_bs, kv_bs = (block_size, block_size) if isinstance(block_size, int) else block_size
+    nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+    full = torch.ones(batch, heads, nq, nkv, dtype=torch.bool, device=device)
+    return BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
+                                     seq_lengths=(q_len, kv_len), mask_mod=None)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+              score_mod: Optional[Callable] = None, block_mask: Optional[BlockMask] = None,
+              scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
+              backend: Optional[str] = None):
+    """Fused attention with a block-sparse mask and an optional score_mod.
+
+    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
+    score_mod(score, b, h, q_idx, kv_idx) -> score, applied to every computed score.
+    block_mask: from ``create_block_mask``; None attends everywhere.
+    scale: defaults to 1/sqrt(D). enable_gqa: allow Hq a multiple of Hkv.
+    backend: "triton" (CUDA), "interpret" (the Triton kernels on CPU tensors), "torch"; None picks.
+    Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
+    float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
+    """
+    _validate_tensors(query, key, value, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    chosen = choose_backend(backend, query.device)
+    if chosen != "torch" and query.dtype == torch.float64:
+        raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
+    if block_mask is None:
+        block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
+    block_mask = _validate_block_mask(block_mask, query, key)
+    _validate_mod_devices(score_mod, "score_mod", query.device)
+    _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
+
+    if chosen == "torch":
+        out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
+    else:
+        from .kernels.autograd import triton_attention  # Triton is imported only when used
+
+        out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
+                                    interpret=chosen == "interpret")
+    return (out, lse) if return_lse else out

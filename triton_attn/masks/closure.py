@@ -1,0 +1,79 @@
+"""Looking inside a mod callable: the tensors it captured, and a content hash.
+
+Two mods made by the same factory with equal captured values hash the same, whatever their
+``id()``; changing a captured tensor's values does not change the structure key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Callable, Iterator, List
+
+import torch
+
+
+def _children(value) -> Iterator:
+    if isinstance(value, (list, tuple)):
+        yield from value
+    elif isinstance(value, dict):
+        yield from value.values()
+    elif isinstance(value, functools.partial):
+        yield value.func
+        yield from value.args
+        yield from value.keywords.values()
+
+
+def _walk(fn, seen: set) -> Iterator:
+    """Every value reachable from ``fn``'s closure cells and defaults, depth first, once each."""
+    stack = [fn]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        yield value
+        if isinstance(value, torch.Tensor):
+            continue
+        code_owner = getattr(value, "__func__", value)  # bound methods
+        closure = getattr(code_owner, "__closure__", None) or ()
+        defaults = getattr(code_owner, "__defaults__", None) or ()
+        cells = []
+        for cell in closure:
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell (a name not yet bound)
+                continue
+        stack.extend(reversed(list(cells) + list(defaults) + list(_children(value))))
+
+
+def captured_tensors(fn: Callable) -> List[torch.Tensor]:
+    """Tensors captured by ``fn`` (closure cells, defaults, nested mods), in a stable order."""
+    return [value for value in _walk(fn, set()) if isinstance(value, torch.Tensor)]
+
+
+def mod_fingerprint(fn: Callable, include_tensor_values: bool = True) -> str:
+    """A hash of ``fn``'s code and everything it captured.
+
+    With ``include_tensor_values=False`` captured tensors contribute only dtype and rank, so
+    the same mod over different data (document ids of another batch) shares the key.
+    """
+    digest = hashlib.sha256()
+    for value in _walk(fn, set()):
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None:
+            digest.update(code.co_code)
+            digest.update(repr(code.co_consts).encode())
+            digest.update(repr(code.co_names).encode())
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"tensor:{value.dtype}:{value.dim()}".encode())
+            if include_tensor_values:
+                digest.update(f"{tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, (int, float, bool, str, type(None))):
+            digest.update(f"{type(value).__name__}:{value!r}".encode())
+        elif isinstance(value, (list, tuple, dict, functools.partial)):
+            digest.update(f"{type(value).__name__}:{len(value) if hasattr(value, '__len__') else ''}".encode())
+        else:
+            digest.update(f"{type(value).__qualname__}".encode())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,169 @@
+"""Pure-PyTorch attention: the readable specification of what every backend computes.
+
+Two implementations live here:
+
+- ``dense_attention``: the eager definition over the whole score matrix. Run in float64 it is
+  the golden result the kernels are checked against; run in the input dtype it is the
+  "plain PyTorch" baseline of the numerics rule.
+- ``blockwise_attention``: the ``torch`` backend. It walks a ``BlockMask`` tile by tile with an
+  online softmax in float32, skips empty tiles, evaluates the mask_mod on partial tiles only,
+  and never holds more than a bounded slab of scores. Autograd works through it, recomputing
+  one query-block row at a time in the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .masks.block_mask import BlockMask
+from .masks.evaluate import call_mask_mod, call_score_mod
+
+# Score elements ([B, H, q_rows, kv_cols]) processed per step of the blockwise backend.
+SCORE_BUDGET = 1 << 21
+
+
+def _index_grids(batch: int, heads: int, device):
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    return b, h
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                    mask: Optional[torch.Tensor] = None, mask_mod: Optional[Callable] = None,
+                    score_mod: Optional[Callable] = None, scale: Optional[float] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention over the full score matrix.
+
+    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv] (Hq a multiple of Hkv).
+    mask: bool, broadcastable to [B, Hq, Lq, Lkv]; or mask_mod evaluated densely. True = attend.
+    compute_dtype: dtype of every step (default: the input dtype; float64 for a golden result).
+    Returns (out [B, Hq, Lq, Dv] in compute_dtype, lse [B, Hq, Lq] float32 natural log); rows
+    with no allowed key give 0 and -inf.
+    """
+    compute_dtype = compute_dtype or query.dtype
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    q = query.to(compute_dtype)
+    k = key.to(compute_dtype).repeat_interleave(groups, dim=1)
+    v = value.to(compute_dtype).repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    b, h = _index_grids(batch, q_heads, query.device)
+    q_idx = torch.arange(q_len, device=query.device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(kv_len, device=query.device).view(1, 1, 1, -1)
+    if score_mod is not None:
+        scores = call_score_mod(score_mod, scores, b, h, q_idx, kv_idx)
+    keep = torch.ones((), dtype=torch.bool, device=query.device)
+    if mask is not None:
+        keep = keep & mask
+    if mask_mod is not None:
+        keep = keep & call_mask_mod(mask_mod, b, h, q_idx, kv_idx, scores.shape)
+    keep = keep.broadcast_to(scores.shape)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    attended = total > 0
+    safe_total = torch.where(attended, total, torch.ones_like(total))
+    out = (weights / safe_total) @ v
+    lse = torch.where(attended, row_max + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return out, lse.squeeze(-1).float()
+
+
+def _expand_layout(block_mask: BlockMask, batch: int, heads: int, device):
+    """(partial num/indices, full num/indices), each expanded to [batch, heads, ...] on ``device``."""
+    def expand(t):
+        t = t.to(device)
+        return t.expand(batch, heads, *t.shape[2:])
+    return ((expand(block_mask.kv_num_blocks), expand(block_mask.kv_indices)),
+            (expand(block_mask.full_kv_num_blocks), expand(block_mask.full_kv_indices)))
+
+
+def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_start: int,
+                     layout, block_mask: BlockMask, score_mod: Optional[Callable],
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query block row over its non-empty KV tiles.
+
+    q_tile: [B, Hq, rows, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
+    Returns out [B, Hq, rows, Dv] float32 and lse [B, Hq, rows] float32.
+    """
+    batch, q_heads, rows, _ = q_tile.shape
+    kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
+    device = q_tile.device
+    kv_block = block_mask.BLOCK_SIZE[1]
+    b, h = _index_grids(batch, q_heads, device)
+    kv_head = (h // (q_heads // kv_heads)).view(1, -1, 1)
+    batch_index = b.view(-1, 1, 1)
+    q_idx = torch.arange(q_start, q_start + rows, device=device).view(1, 1, -1, 1)
+    q_float = q_tile.float()
+    running_max = torch.full((batch, q_heads, rows, 1), float("-inf"), device=device)
+    running_sum = torch.zeros((batch, q_heads, rows, 1), device=device)
+    accumulator = torch.zeros((batch, q_heads, rows, value_dim), device=device)
+    blocks_per_step = max(1, SCORE_BUDGET // (batch * q_heads * rows * kv_block))
+    offsets = torch.arange(kv_block, device=device)
+    for (num_blocks, indices), is_partial in zip(layout, (True, False)):
+        most = int(num_blocks.max()) if num_blocks.numel() else 0
+        for j0 in range(0, most, blocks_per_step):
+            j1 = min(most, j0 + blocks_per_step)
+            steps = torch.arange(j0, j1, device=device)
+            block_valid = steps < num_blocks.unsqueeze(-1)                                  # [B, H, n]
+            positions = indices[..., j0:j1].long().unsqueeze(-1) * kv_block + offsets       # [B, H, n, kv_block]
+            valid = (block_valid.unsqueeze(-1) & (positions < kv_len)).flatten(2)           # [B, H, L]
+            positions = positions.flatten(2).clamp(max=kv_len - 1)
+            k_tile = key[batch_index, kv_head, positions]                                   # [B, H, L, D]
+            v_tile = value[batch_index, kv_head, positions]                                 # [B, H, L, Dv]
+            scores = (q_float @ k_tile.float().transpose(-1, -2)) * scale                   # [B, H, rows, L]
+            kv_idx = positions.unsqueeze(2)
+            if score_mod is not None:
+                scores = call_score_mod(score_mod, scores, b, h, q_idx, kv_idx)
+            keep = valid.unsqueeze(2)
+            if is_partial:
+                keep = keep & call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, scores.shape)
+            scores = scores.masked_fill(~keep, float("-inf"))
+            # The max only stabilizes exp(); the result does not depend on it, so no gradient flows.
+            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True)).detach()
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            correction = torch.exp(running_max - safe_max)
+            weights = torch.exp(scores - safe_max)
+            running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
+            accumulator = accumulator * correction + weights @ v_tile.float()
+            running_max = new_max
+    attended = running_sum > 0
+    safe_sum = torch.where(attended, running_sum, torch.ones_like(running_sum))
+    safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
+    out = accumulator / safe_sum
+    lse = torch.where(attended, safe_max + torch.log(safe_sum), torch.full_like(safe_sum, float("-inf")))
+    return out, lse.squeeze(-1)
+
+
+def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                        score_mod: Optional[Callable], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend: attention over the tiles of ``block_mask``.
+
+    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]; inputs already validated.
+    Returns out [B, Hq, Lq, Dv] in query.dtype and lse [B, Hq, Lq] float32.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    q_block = block_mask.BLOCK_SIZE[0]
+    partial, full = _expand_layout(block_mask, batch, q_heads, query.device)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    outs, lses = [], []
+    for row in range(block_mask.num_blocks[0]):
+        q_start = row * q_block
+        layout = ((partial[0][:, :, row], partial[1][:, :, row]), (full[0][:, :, row], full[1][:, :, row]))
+        q_tile = query[:, :, q_start:q_start + q_block]
+        kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale)
+        if needs_grad:
+            # Recompute the row in backward instead of saving every tile's probabilities.
+            out, lse = checkpoint(_query_block_row, q_tile, key, value, use_reentrant=False, **kwargs)
+        else:
+            out, lse = _query_block_row(q_tile, key, value, **kwargs)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
