@@ -64,11 +64,22 @@ def dense_from_ordered(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols
     return dense[..., :num_cols]
 
 
+def _index_map(positions: torch.Tensor):
+    """A function local index -> original index: affine when ``positions`` is an arithmetic run
+    (so it traces and runs on any device), else a lookup in ``positions``."""
+    if positions.numel() == 1 or bool((positions.diff() == positions[1] - positions[0]).all()):
+        start = int(positions[0])
+        step = int(positions[1] - positions[0]) if positions.numel() > 1 else 1
+        return lambda local: local * step + start
+    return lambda local: positions[local]
+
+
 def _sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch.Tensor) -> Callable:
     """The mask_mod of a sliced BlockMask: local (b, h) map back to the original ones."""
+    batch_of, head_of = _index_map(batch_map), _index_map(head_map)
 
     def sliced(b, h, q_idx, kv_idx):
-        return mask_mod(batch_map.to(b.device)[b], head_map.to(h.device)[h], q_idx, kv_idx)
+        return mask_mod(batch_of(b), head_of(h), q_idx, kv_idx)
 
     sliced.__name__ = getattr(mask_mod, "__name__", "mask_mod") + "[sliced]"
     return sliced
