@@ -1,0 +1,52 @@
+"""Shared test setup: import path, Hypothesis profiles, seeding.
+
+Hypothesis profiles (select with ``HYPOTHESIS_PROFILE=<name>``; default ``ci``):
+
+- ``ci``: the default; few enough examples that the whole suite stays fast on 2 cores.
+- ``dev``: fewer still, for a quick local loop.
+- ``thorough``: many more examples, for a nightly run or when hunting a bug.
+
+Every profile has ``deadline=None``: the first call of a test pays for imports and
+warm-up, and timing noise on shared CI machines must not fail tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the package is used from the checkout, installed or not
+    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # so that test modules can `from numerics import ...`
+    sys.path.insert(0, str(TESTS))
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+settings.register_profile("ci", max_examples=30, **_COMMON)
+settings.register_profile("dev", max_examples=10, **_COMMON)
+settings.register_profile("thorough", max_examples=300, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# CPU tests stay on few threads: pytest -n 2 runs two workers side by side.
+torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Each test draws its own fresh random inputs, reproducibly."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch):
+    """Tests that rely on the default backend choice must not see a developer's TRITON_ATTN_BACKEND."""
+    monkeypatch.delenv("TRITON_ATTN_BACKEND", raising=False)
+    return monkeypatch
