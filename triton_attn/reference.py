@@ -76,13 +76,69 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, lse.squeeze(-1).float()
 
 
-def _expand_layout(block_mask: BlockMask, batch: int, heads: int, device):
-    """(partial num/indices, full num/indices), each expanded to [batch, heads, ...] on ``device``."""
-    def expand(t):
-        t = t.to(device)
-        return t.expand(batch, heads, *t.shape[2:])
-    return ((expand(block_mask.kv_num_blocks), expand(block_mask.kv_indices)),
-            (expand(block_mask.full_kv_num_blocks), expand(block_mask.full_kv_indices)))
+def _row_layout(block_mask: BlockMask, row: int, device):
+    """((partial num, partial indices), (full num, full indices)) of one query block row.
+
+    Shapes ``[Bm, Hm]`` and ``[Bm, Hm, NKV]`` with ``Bm``/``Hm`` the mask's own (1 when broadcast).
+    """
+    def pick(t):
+        return t[:, :, row].to(device)
+    return ((pick(block_mask.kv_num_blocks), pick(block_mask.kv_indices)),
+            (pick(block_mask.full_kv_num_blocks), pick(block_mask.full_kv_indices)))
+
+
+class _TileFetcher:
+    """Loads the K/V tiles of a run of blocks, and multiplies queries against them.
+
+    When every (b, h) shares one layout (the mask broadcasts over B and H), the positions are
+    one vector: K/V come as a view (consecutive blocks) or one ``index_select`` ``[B, Hkv, L, D]``,
+    and GQA query heads are folded into the rows so K/V are never repeated. Otherwise each
+    (b, h) gathers its own tiles ``[B, Hq, L, D]``.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, q_heads: int, shared: bool):
+        self.key, self.value = key, value
+        self.batch, self.kv_heads, self.kv_len = key.shape[0], key.shape[1], key.shape[2]
+        self.groups = q_heads // self.kv_heads
+        self.q_heads = q_heads
+        self.shared = shared
+        h = torch.arange(q_heads, device=key.device)
+        self.kv_head = (h // self.groups).view(1, -1, 1)
+        self.batch_index = torch.arange(self.batch, device=key.device).view(-1, 1, 1)
+
+    def fetch(self, blocks: torch.Tensor, block_valid: torch.Tensor, kv_block: int):
+        """blocks/block_valid: ``[Bm, Hm, n]``. Returns (kv_idx ``[Bm, Hm, 1, L]``, valid, k, v)."""
+        offsets = torch.arange(kv_block, device=blocks.device)
+        positions = blocks.long().unsqueeze(-1) * kv_block + offsets                     # [Bm, Hm, n, kv_block]
+        valid = (block_valid.unsqueeze(-1) & (positions < self.kv_len)).flatten(2)        # [Bm, Hm, L]
+        positions = positions.flatten(2).clamp(max=self.kv_len - 1)
+        if self.shared:
+            flat = positions.view(-1)
+            first, count = int(flat[0]), flat.numel()
+            if bool(valid.all()) and int(flat[-1]) - first == count - 1:
+                k_tile, v_tile = self.key[:, :, first:first + count], self.value[:, :, first:first + count]
+            else:
+                k_tile, v_tile = self.key.index_select(2, flat), self.value.index_select(2, flat)
+        else:
+            k_tile = self.key[self.batch_index, self.kv_head, positions]                    # [B, Hq, L, D]
+            v_tile = self.value[self.batch_index, self.kv_head, positions]
+        return positions.unsqueeze(2), valid.unsqueeze(2), k_tile, v_tile
+
+    def scores(self, q_float: torch.Tensor, k_tile: torch.Tensor) -> torch.Tensor:
+        """q_float ``[B, Hq, rows, D]`` against the tile: ``[B, Hq, rows, L]`` float32."""
+        batch, _, rows, dim = q_float.shape
+        if self.shared:
+            grouped = q_float.reshape(batch, self.kv_heads, self.groups * rows, dim)
+            return (grouped @ k_tile.float().transpose(-1, -2)).view(batch, self.q_heads, rows, -1)
+        return q_float @ k_tile.float().transpose(-1, -2)
+
+    def weighted_values(self, weights: torch.Tensor, v_tile: torch.Tensor) -> torch.Tensor:
+        """weights ``[B, Hq, rows, L]`` times the V tile: ``[B, Hq, rows, Dv]`` float32."""
+        batch, _, rows, length = weights.shape
+        if self.shared:
+            grouped = weights.reshape(batch, self.kv_heads, self.groups * rows, length)
+            return (grouped @ v_tile.float()).view(batch, self.q_heads, rows, -1)
+        return weights @ v_tile.float()
 
 
 def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_start: int,
@@ -94,45 +150,38 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     Returns out [B, Hq, rows, Dv] float32 and lse [B, Hq, rows] float32.
     """
     batch, q_heads, rows, _ = q_tile.shape
-    kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
+    value_dim = value.shape[-1]
     device = q_tile.device
     kv_block = block_mask.BLOCK_SIZE[1]
+    shared = layout[0][0].numel() == 1
+    fetcher = _TileFetcher(key, value, q_heads, shared)
     b, h = _index_grids(batch, q_heads, device)
-    kv_head = (h // (q_heads // kv_heads)).view(1, -1, 1)
-    batch_index = b.view(-1, 1, 1)
     q_idx = torch.arange(q_start, q_start + rows, device=device).view(1, 1, -1, 1)
     q_float = q_tile.float()
     running_max = torch.full((batch, q_heads, rows, 1), float("-inf"), device=device)
     running_sum = torch.zeros((batch, q_heads, rows, 1), device=device)
     accumulator = torch.zeros((batch, q_heads, rows, value_dim), device=device)
     blocks_per_step = max(1, SCORE_BUDGET // (batch * q_heads * rows * kv_block))
-    offsets = torch.arange(kv_block, device=device)
     for (num_blocks, indices), is_partial in zip(layout, (True, False)):
         most = int(num_blocks.max()) if num_blocks.numel() else 0
         for j0 in range(0, most, blocks_per_step):
             j1 = min(most, j0 + blocks_per_step)
-            steps = torch.arange(j0, j1, device=device)
-            block_valid = steps < num_blocks.unsqueeze(-1)                                  # [B, H, n]
-            positions = indices[..., j0:j1].long().unsqueeze(-1) * kv_block + offsets       # [B, H, n, kv_block]
-            valid = (block_valid.unsqueeze(-1) & (positions < kv_len)).flatten(2)           # [B, H, L]
-            positions = positions.flatten(2).clamp(max=kv_len - 1)
-            k_tile = key[batch_index, kv_head, positions]                                   # [B, H, L, D]
-            v_tile = value[batch_index, kv_head, positions]                                 # [B, H, L, Dv]
-            scores = (q_float @ k_tile.float().transpose(-1, -2)) * scale                   # [B, H, rows, L]
-            kv_idx = positions.unsqueeze(2)
+            block_valid = torch.arange(j0, j1, device=device) < num_blocks.unsqueeze(-1)
+            kv_idx, keep, k_tile, v_tile = fetcher.fetch(indices[..., j0:j1], block_valid, kv_block)
+            scores = fetcher.scores(q_float, k_tile) * scale                                # [B, H, rows, L]
             if score_mod is not None:
                 scores = call_score_mod(score_mod, scores, b, h, q_idx, kv_idx)
-            keep = valid.unsqueeze(2)
             if is_partial:
                 keep = keep & call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, scores.shape)
-            scores = scores.masked_fill(~keep, float("-inf"))
+            if not (shared and bool(keep.all())):
+                scores = scores.masked_fill(~keep, float("-inf"))
             # The max only stabilizes exp(); the result does not depend on it, so no gradient flows.
             new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True)).detach()
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             correction = torch.exp(running_max - safe_max)
             weights = torch.exp(scores - safe_max)
             running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
-            accumulator = accumulator * correction + weights @ v_tile.float()
+            accumulator = accumulator * correction + fetcher.weighted_values(weights, v_tile)
             running_max = new_max
     attended = running_sum > 0
     safe_sum = torch.where(attended, running_sum, torch.ones_like(running_sum))
@@ -151,12 +200,11 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     batch, q_heads, q_len, _ = query.shape
     q_block = block_mask.BLOCK_SIZE[0]
-    partial, full = _expand_layout(block_mask, batch, q_heads, query.device)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
-        layout = ((partial[0][:, :, row], partial[1][:, :, row]), (full[0][:, :, row], full[1][:, :, row]))
+        layout = _row_layout(block_mask, row, query.device)
         q_tile = query[:, :, q_start:q_start + q_block]
         kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale)
         if needs_grad:
