@@ -53,12 +53,13 @@ def _check_mask_mod(mask_mod) -> None:
 
 def iter_mask_chunks(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int, device: torch.device,
                      row_multiple: int = 1, col_multiple: int = 1,
-                     budget: int = ELEMENT_BUDGET) -> Iterator[Tuple[slice, slice, slice, slice, torch.Tensor]]:
+                     budget: Optional[int] = None) -> Iterator[Tuple[slice, slice, slice, slice, torch.Tensor]]:
     """Yield ``(b_slice, h_slice, q_slice, kv_slice, mask_chunk)`` covering ``[B, H, Q_LEN, KV_LEN]``.
 
     Chunk boundaries in q/kv fall on multiples of ``row_multiple``/``col_multiple`` so that
     every tile lies inside one chunk.
     """
+    budget = ELEMENT_BUDGET if budget is None else budget  # read at call time: tests lower it
     kv_chunk = min(_cdiv(KV_LEN, col_multiple) * col_multiple, max(col_multiple, budget // row_multiple // col_multiple * col_multiple))
     q_chunk = max(row_multiple, min(_cdiv(Q_LEN, row_multiple) * row_multiple,
                                     budget // kv_chunk // row_multiple * row_multiple))
@@ -95,7 +96,7 @@ def create_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: i
 
 
 def block_counts(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int, block_size: Tuple[int, int],
-                 device: torch.device, budget: int = ELEMENT_BUDGET) -> torch.Tensor:
+                 device: torch.device, budget: Optional[int] = None) -> torch.Tensor:
     """int32 ``[B, H, NQ, NKV]``: how many positions of each tile the mask_mod allows."""
     q_bs, kv_bs = block_size
     nq, nkv = _cdiv(Q_LEN, q_bs), _cdiv(KV_LEN, kv_bs)

@@ -208,7 +208,8 @@ def alibi_score(num_heads: int) -> ScoreMod:
     num_heads = _positive_int(num_heads, "alibi_score: num_heads")
 
     def alibi(score, b, h, q_idx, kv_idx):
-        slope = torch.exp2((h + 1) * (-8.0 / num_heads))
+        # The slope is computed in the score's dtype, so a float64 golden result gets float64 slopes.
+        slope = torch.exp2((h + 1).to(score.dtype) * (-8.0 / num_heads))
         return score + slope * (kv_idx - q_idx)
 
     return _named(alibi, f"alibi_{num_heads}")

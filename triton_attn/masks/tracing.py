@@ -256,6 +256,11 @@ class Symbol:
     def minimum(self, o): return self._bin("min", o)
     def maximum(self, o): return self._bin("max", o)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        # What the kernel computes in: float32 for scores, int64 for indices.
+        return {"bool": torch.bool, "int": torch.int64}.get(self.node.kind, torch.float32)
+
     def to(self, dtype=None, *args, **kwargs):
         if isinstance(dtype, torch.dtype):
             kind = _kind_of_dtype(dtype)
