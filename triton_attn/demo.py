@@ -64,6 +64,11 @@ def demo_masks(seq_len: int, device: torch.device):
 def run_demo(seq_len: Optional[int] = None, heads: int = 4, head_dim: int = 64, device: Optional[str] = None,
              backend: Optional[str] = None, repeats: int = 3, print_fn: Callable[[str], None] = print) -> List[DemoRow]:
     """Run the demo and print its report; returns the table rows (``ok`` tells pass/fail)."""
+    for name, value in (("--seq-len", seq_len), ("--heads", heads), ("--head-dim", head_dim), ("--repeats", repeats)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if seq_len is not None and seq_len < 8:
+        raise ValueError(f"--seq-len must be at least 8 so that every mask family has structure, got {seq_len}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = choose_backend(backend, dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

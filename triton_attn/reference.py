@@ -191,6 +191,23 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out, lse.squeeze(-1)
 
 
+class _AttachToInputs(torch.autograd.Function):
+    """Identity on ``out`` that makes it depend on q, k, v with zero gradients.
+
+    When the mask lets nothing through, no tile is visited and ``out`` would have no grad_fn;
+    calling ``backward`` must still work and give zero gradients, as it does for a mask with holes.
+    """
+
+    @staticmethod
+    def forward(ctx, out, query, key, value):
+        ctx.save_for_backward(query, key, value)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None,) + tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
+
+
 def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                         score_mod: Optional[Callable], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``torch`` backend: attention over the tiles of ``block_mask``.
@@ -214,4 +231,7 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             out, lse = _query_block_row(q_tile, key, value, **kwargs)
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+    out = torch.cat(outs, dim=2).to(query.dtype)
+    if needs_grad and not out.requires_grad:
+        out = _AttachToInputs.apply(out, query, key, value)
+    return out, torch.cat(lses, dim=2)
