@@ -1,0 +1,280 @@
+"""Attention functions with the model contract, backed by ``triton_attn.attention``.
+
+``fn(module, query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv], attention_mask, **kwargs)
+-> (attn_output [B, Lq, Hq, Dv], None)``
+
+Keywords honoured: ``scaling`` (default 1/sqrt(D)), ``dropout`` (must be 0 while training),
+``is_causal`` (default ``module.is_causal``, else True; used only when there is no mask),
+``sliding_window`` (ditto; the window includes the current token), ``softcap`` (Gemma-2 logit
+capping), ``s_aux`` (gpt-oss attention sinks, one logit per query head). Any other keyword is ignored,
+so a model may pass its own keywords through to a custom attention function.
+
+``attention_mask`` may be a ``BlockMask`` (ours, from ``make_mask_function``, or FlexAttention's),
+None (the pattern comes from ``is_causal``/``sliding_window``, aligned to the last query: queries are
+the last ``Lq`` positions of the keys), a bool tensor ``[B or 1, 1 or Hq, Lq, >= Lkv]`` (True = attend),
+or a float tensor of that shape that is added to the scores (0 / large negative, as in eager masks).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from .. import attention, create_block_mask
+from ..masks import BlockMask, causal_mask, sliding_window_mask, softcap_score
+from .masking import ModelBlockMask
+
+__all__ = ["make_attention_function", "eager_attention_function", "sdpa_attention_function",
+           "check_attention_inputs"]
+
+
+def check_attention_inputs(module, query, key, value, dropout) -> None:
+    """Model-level checks: tensor ranks, GQA head counts against ``module.num_key_value_groups``, dropout."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {got}")
+    groups = getattr(module, "num_key_value_groups", None)
+    if groups is not None and query.shape[1] != key.shape[1] * groups:
+        raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]} and "
+                         f"module.num_key_value_groups={groups}; expected query heads = key heads * groups")
+    if dropout is not None and float(dropout) > 0 and (module is None or getattr(module, "training", True)):
+        raise ValueError(f"dropout={dropout} is not supported by triton_attn attention functions; call "
+                         "model.eval() for inference or set the attention dropout in the config to 0.0")
+
+
+def _window_mask(window: int, causal: bool) -> Callable:
+    if causal:
+        return sliding_window_mask(window)
+
+    def bidirectional_window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() < window
+
+    bidirectional_window.__name__ = f"bidirectional_window_{window}"
+    return bidirectional_window
+
+
+def _default_mask_mod(causal: bool, sliding_window: Optional[int], q_offset: int) -> Optional[Callable]:
+    """Causal / sliding pattern over local indices, queries shifted to the end of the keys; None = attend all."""
+    if sliding_window is not None:
+        pattern = _window_mask(int(sliding_window), causal)
+    elif causal:
+        pattern = causal_mask
+    else:
+        return None
+
+    def aligned(b, h, q_idx, kv_idx):
+        return pattern(b, h, q_idx + q_offset, kv_idx)
+
+    aligned.__name__ = f"{pattern.__name__}@q+{q_offset}"
+    return aligned
+
+
+def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
+    """A 4-D bool or additive-float mask as (mask_mod or None, bias score_mod or None, mask batch, mask heads)."""
+    if mask.dim() != 4:
+        raise ValueError(f"attention_mask must be a BlockMask, None, or a 4-D tensor [B, 1 or H, Lq, Lkv], "
+                         f"got a {mask.dim()}-D tensor of shape {tuple(mask.shape)}")
+    if mask.shape[-1] < kv_len or mask.shape[-2] not in (1, q_len):
+        raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not cover Lq={q_len} queries and "
+                         f"Lkv={kv_len} keys")
+    mask = mask[..., :kv_len].expand(-1, -1, q_len, -1)
+    batch, heads = mask.shape[:2]
+    pick_b = (lambda b: b) if batch > 1 else (lambda b: b * 0)
+    pick_h = (lambda h: h) if heads > 1 else (lambda h: h * 0)
+    if mask.dtype == torch.bool:
+        def dense_mask(b, h, q_idx, kv_idx):
+            return mask[pick_b(b), pick_h(h), q_idx, kv_idx]
+
+        return dense_mask, None, batch, heads
+    bias = mask.float()
+
+    def additive_mask(score, b, h, q_idx, kv_idx):
+        return score + bias[pick_b(b), pick_h(h), q_idx, kv_idx]
+
+    return None, additive_mask, batch, heads
+
+
+def _chain_score_mods(mods: List[Callable]) -> Optional[Callable]:
+    """One score_mod applying ``mods`` in order (None when there are none)."""
+    if not mods:
+        return None
+    if len(mods) == 1:
+        return mods[0]
+
+    def chained(score, b, h, q_idx, kv_idx):
+        for mod in mods:
+            score = mod(score, b, h, q_idx, kv_idx)
+        return score
+
+    chained.__name__ = "+".join(getattr(m, "__name__", "score_mod") for m in mods)
+    return chained
+
+
+def _absolute(score_mod: Callable, q_offset: int, kv_offset: int, q_positions: Optional[torch.Tensor]) -> Callable:
+    """``score_mod`` written over absolute positions, called with this call's local indices."""
+    if q_positions is not None:
+        def absolute(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h, q_positions[q_idx], kv_idx + kv_offset)
+    else:
+        def absolute(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h, q_idx + q_offset, kv_idx + kv_offset)
+    absolute.__name__ = getattr(score_mod, "__name__", "score_mod")
+    return absolute
+
+
+def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Renormalise ``out`` [B, H, Lq, Dv] as if one more key with logit ``sinks[h]`` (and value 0) existed.
+
+    softmax over (scores, sink) = softmax(scores) * S / (S + exp(sink)) with S = exp(lse), i.e. a factor
+    sigmoid(lse - sink); rows that attend to nothing (lse = -inf) stay 0.
+    """
+    if sinks.numel() != out.shape[1]:
+        raise ValueError(f"s_aux must hold one sink logit per query head ({out.shape[1]}), "
+                         f"got shape {tuple(sinks.shape)}")
+    factor = torch.sigmoid(lse - sinks.float().reshape(1, -1, 1))
+    return (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+
+
+def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Optional[str] = None) -> Callable:
+    """The Triton-backed attention function (see the module docstring for the contract).
+
+    score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` over absolute positions, applied after the
+    model's softcap. backend: passed to ``triton_attn.attention`` (None picks by device).
+    """
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
+                        f"got {type(score_mod).__name__}")
+    warned, warned_lse = [], []
+
+    def triton_attn_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask=None, scaling: Optional[float] = None, dropout: float = 0.0,
+                              is_causal: Optional[bool] = None, sliding_window: Optional[int] = None,
+                              softcap: Optional[float] = None, s_aux: Optional[torch.Tensor] = None,
+                              **kwargs) -> Tuple[torch.Tensor, None]:
+        """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D/Dv] -> ([B, Lq, Hq, Dv], None)."""
+        check_attention_inputs(module, query, key, value, dropout)
+        if kwargs.get("output_attentions") and not warned:
+            warned.append(True)
+            warnings.warn("triton_attn attention functions never materialise attention weights; "
+                          "attn_weights is None (use attn_implementation='eager' to get them)", stacklevel=2)
+        batch, q_heads, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        q_offset, kv_offset, q_positions = kv_len - q_len, 0, None
+        block_mask, score_mods = None, []
+        if softcap is not None and float(softcap) > 0:
+            score_mods.append(softcap_score(float(softcap)))
+        if isinstance(attention_mask, BlockMask) or type(attention_mask).__name__ == "BlockMask":
+            block_mask = attention_mask
+            if isinstance(attention_mask, ModelBlockMask):
+                q_offset, kv_offset = attention_mask.q_offset, attention_mask.kv_offset
+                q_positions = attention_mask.q_positions
+        elif attention_mask is None:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            mask_mod = _default_mask_mod(bool(causal), sliding_window, q_offset)
+            if mask_mod is not None:
+                block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=query.device)
+        elif isinstance(attention_mask, torch.Tensor):
+            mask_mod, bias, mask_batch, mask_heads = _dense_mask_parts(attention_mask, q_len, kv_len)
+            if mask_mod is not None:
+                block_mask = create_block_mask(mask_mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
+            if bias is not None:
+                score_mods.append(bias)  # eager order: capped scores, then the additive mask
+        else:
+            raise TypeError(f"attention_mask must be a BlockMask, a 4-D tensor or None, got "
+                            f"{type(attention_mask).__name__}; is a mask function of another implementation "
+                            "registered under this name?")
+        if score_mod is not None:
+            score_mods.append(_absolute(score_mod, q_offset, kv_offset, q_positions))
+        result = attention(query, key, value, score_mod=_chain_score_mods(score_mods), block_mask=block_mask,
+                           scale=None if scaling is None else float(scaling), enable_gqa=q_heads != key.shape[1],
+                           return_lse=s_aux is not None, backend=backend)
+        if s_aux is not None:
+            out, lse = result
+            if not lse.requires_grad and out.requires_grad and not warned_lse:
+                warned_lse.append(True)
+                warnings.warn("the attention backend returned an lse without gradient: with s_aux sinks, gradients "
+                              "of query/key through the sink renormalisation are missing", stacklevel=2)
+            out = _apply_sinks(out, lse, s_aux)
+        else:
+            out = result
+        return out.transpose(1, 2).contiguous(), None
+
+    triton_attn_attention.score_mod = score_mod
+    triton_attn_attention.backend = backend
+    return triton_attn_attention
+
+
+def _dense_bias(attention_mask, q_len: int, kv_len: int, dtype) -> Optional[torch.Tensor]:
+    """A 4-D mask as an additive float bias ``[B, H or 1, Lq, Lkv]`` (bool: 0 / -inf)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise TypeError(f"reference attention functions take a 4-D tensor mask or None, got "
+                        f"{type(attention_mask).__name__}")
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def eager_attention_function(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                             is_causal=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """Plain PyTorch reference: scores, softcap, mask, sinks, softmax. Returns ([B, Lq, Hq, Dv], weights)."""
+    check_attention_inputs(module, query, key, value, 0.0)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    bias = _dense_bias(attention_mask, q_len, kv_len, torch.float32)
+    if bias is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask_mod = _default_mask_mod(bool(causal), sliding_window, kv_len - q_len)
+        if mask_mod is not None:
+            q_idx = torch.arange(q_len, device=query.device).view(-1, 1)
+            kv_idx = torch.arange(kv_len, device=query.device).view(1, -1)
+            bias = torch.zeros(q_len, kv_len, device=query.device).masked_fill(
+                ~mask_mod(None, None, q_idx, kv_idx), float("-inf"))
+    if bias is not None:
+        scores = scores + bias
+    if s_aux is not None:
+        sinks = s_aux.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sinks], dim=-1)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    if s_aux is not None:
+        weights = weights[..., :-1]
+    out = weights.to(value.dtype) @ value
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def sdpa_attention_function(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                            is_causal=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """``torch.nn.functional.scaled_dot_product_attention`` reference (no softcap, no sinks)."""
+    if softcap is not None or s_aux is not None:
+        raise ValueError("the 'sdpa' reference supports neither softcap nor s_aux; use 'eager' or 'triton_attn'")
+    check_attention_inputs(module, query, key, value, 0.0)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bias = _dense_bias(attention_mask, q_len, kv_len, query.dtype)
+    if bias is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask_mod = _default_mask_mod(bool(causal), sliding_window, kv_len - q_len)
+        if mask_mod is not None:
+            q_idx = torch.arange(q_len, device=query.device).view(-1, 1)
+            kv_idx = torch.arange(kv_len, device=query.device).view(1, -1)
+            bias = mask_mod(None, None, q_idx, kv_idx)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    # Rows with no allowed key come back NaN from SDPA; the library's convention is 0.
+    out = torch.nan_to_num(out, nan=0.0)
+    return out.transpose(1, 2).contiguous(), None

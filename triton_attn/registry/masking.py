@@ -1,0 +1,272 @@
+"""Mask functions: turn a model's mask request into the ``attention_mask`` its attention function takes.
+
+A model asks for a mask with the lengths and offsets of one attention call (queries are rows
+``q_offset .. q_offset + q_length`` of the sequence, keys are ``kv_offset .. kv_offset + kv_length``),
+the pattern as a ``mask_function(b, h, q_idx, kv_idx)`` over *absolute* positions (causal, sliding
+window, packed sequences), and a 2-D padding mask. ``make_mask_function`` builds the Triton-backed
+mask function, which returns a ``ModelBlockMask``; ``dense_mask_function`` returns a bool tensor for
+the plain PyTorch reference implementations.
+
+Both accept the two signatures transformers uses:
+
+- 5.x: ``(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function, attention_mask, **kw)``
+- 4.5x: ``(batch_size, cache_position, kv_length, kv_offset=0, mask_function, attention_mask, **kw)``,
+  where ``cache_position`` ``[q_length]`` holds the absolute position of every query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import create_block_mask, create_mask
+from ..masks import BlockMask, and_masks, causal_mask, or_masks, padding_mask
+
+__all__ = ["ModelBlockMask", "MaskRequest", "make_mask_function", "dense_mask_function", "COMBINE_MODES"]
+
+COMBINE_MODES = ("and", "or", "replace")
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+class ModelBlockMask(BlockMask):
+    """A ``BlockMask`` for one attention call of a model, remembering where its rows and columns start.
+
+    ``q_offset`` / ``kv_offset``: absolute position of query row 0 / key column 0. ``q_positions``:
+    ``[q_length]`` absolute query positions when they are not contiguous (transformers 4.5x
+    ``cache_position``), else None. The attention function uses them to give score_mods absolute
+    positions, the same ones the mask_mod saw.
+    """
+
+    q_offset: int = 0
+    kv_offset: int = 0
+    q_positions: Optional[torch.Tensor] = None
+    # transformers treats a mask with ndim 4 as prepared and passes it back to the mask function (e.g.
+    # generate() with a static cache builds the mask once per step and hands it to the model's forward).
+    ndim = 4
+
+    @classmethod
+    def wrap(cls, block_mask: BlockMask, q_offset: int, kv_offset: int,
+             q_positions: Optional[torch.Tensor] = None) -> "ModelBlockMask":
+        fields = {name: getattr(block_mask, name) for name in BLOCK_MASK_FIELDS}
+        wrapped = cls(**fields, BLOCK_SIZE=block_mask.BLOCK_SIZE, seq_lengths=block_mask.seq_lengths,
+                      mask_mod=block_mask.mask_mod)
+        wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
+        return wrapped
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} must be an int or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()  # StaticCache passes a 0-d tensor to avoid graph breaks
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
+
+
+@dataclass
+class MaskRequest:
+    """One mask request, normalised from either transformers signature.
+
+    ``q_positions`` is ``[q_length]`` int64 when queries are not a contiguous range (else None and the
+    queries are ``q_offset + arange(q_length)``). ``padding`` is a bool ``[B, >= kv_offset + kv_length]``
+    tensor, or None when nothing is padded.
+    """
+
+    batch_size: int
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    q_positions: Optional[torch.Tensor]
+    mask_function: Callable
+    padding: Optional[torch.Tensor]
+    device: torch.device
+
+    @classmethod
+    def parse(cls, batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+              attention_mask=None, cache_position=None, device=None) -> "MaskRequest":
+        if isinstance(q_length, torch.Tensor) and q_length.dim() == 1:
+            # Positional 4.5x call: (batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask)
+            cache_position, kv_offset, mask_function, attention_mask = q_length, q_offset, kv_offset, mask_function
+            q_length, q_offset = None, 0
+        batch_size = _as_int(batch_size, "batch_size")
+        if kv_length is None:
+            raise TypeError("mask function: kv_length is required (the number of keys in this attention call)")
+        kv_length, kv_offset = _as_int(kv_length, "kv_length"), _as_int(kv_offset, "kv_offset")
+        q_positions = None
+        if cache_position is not None:
+            if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1:
+                raise TypeError(f"cache_position must be a 1-D tensor [q_length] of query positions, "
+                                f"got {cache_position!r}")
+            q_length, q_offset, q_positions = cache_position.shape[0], 0, cache_position.long()
+        elif q_length is None:
+            raise TypeError("mask function: give q_length (transformers 5.x) or cache_position (4.5x)")
+        else:
+            q_length, q_offset = _as_int(q_length, "q_length"), _as_int(q_offset, "q_offset")
+        if q_length == 0 or kv_length == 0 or batch_size == 0:
+            raise ValueError(f"mask function: batch_size, q_length and kv_length must be positive, "
+                             f"got {batch_size}, {q_length}, {kv_length}")
+        if device is None:
+            device = next((t.device for t in (attention_mask, cache_position) if isinstance(t, torch.Tensor)), "cpu")
+        device = torch.device(device)
+        padding = _padding(attention_mask, batch_size, kv_offset + kv_length, device)
+        if mask_function is not None and not callable(mask_function):
+            raise TypeError(f"mask_function must be a callable (b, h, q_idx, kv_idx) -> bool tensor or None, "
+                            f"got {type(mask_function).__name__}")
+        return cls(batch_size, q_length, kv_length, q_offset, kv_offset,
+                   None if q_positions is None else q_positions.to(device),
+                   mask_function or causal_mask, padding, device)
+
+    def query_position(self, q_idx):
+        """Absolute positions of local query indices ``q_idx``."""
+        if self.q_positions is not None:
+            return self.q_positions[q_idx]
+        return q_idx + self.q_offset
+
+
+def _padding(attention_mask, batch_size: int, needed_length: int, device) -> Optional[torch.Tensor]:
+    """The 2-D padding mask as bool ``[B, >= needed_length]`` (missing columns are padding), or None if none."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"mask function: attention_mask must be a 2-D padding mask [batch_size, kv_length] "
+                         f"(1 = real token), got {shape}")
+    if attention_mask.shape[0] != batch_size:
+        raise ValueError(f"mask function: attention_mask has batch size {attention_mask.shape[0]}, "
+                         f"expected batch_size={batch_size}")
+    keep = attention_mask.to(device=device, dtype=torch.bool)
+    missing = needed_length - keep.shape[1]
+    if missing > 0:  # e.g. a static cache longer than the mask: the unseen slots hold no tokens
+        keep = torch.nn.functional.pad(keep, (0, missing), value=False)
+    if bool(keep[:, :needed_length].all()):
+        return None  # nothing padded: keep full tiles full
+    return keep
+
+
+def _closure_vars(fn: Callable) -> dict:
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    try:
+        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
+    except ValueError:  # an empty cell
+        return {}
+
+
+def traceable(mask_function: Callable, _depth: int = 0) -> Callable:
+    """transformers' mask combinators rebuilt from ours, so that the pattern traces (and Triton inlines it).
+
+    transformers' ``and_masks``/``or_masks`` start from ``q_idx.new_ones(())`` and call ``.to(device)``,
+    which symbolic tracing cannot follow; their leaves (causal, sliding overlay, padding, packed
+    sequences) are plain index arithmetic and trace fine. Recognised by qualified name and closure
+    variables; anything else is returned unchanged (it still works, through the exact fallback).
+    """
+    module = getattr(mask_function, "__module__", None) or ""
+    if _depth > 32 or not module.startswith("transformers."):
+        return mask_function
+    qualname = getattr(mask_function, "__qualname__", "")
+    env = _closure_vars(mask_function)
+    parts = env.get("mask_functions")
+    if qualname in ("and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask") and isinstance(parts, tuple) \
+            and parts and all(callable(part) for part in parts):
+        parts = [traceable(part, _depth + 1) for part in parts]
+        return (and_masks if qualname.startswith("and") else or_masks)(*parts)
+    inner, positions = env.get("mask_function"), env.get("position_ids")
+    if qualname == "remap_positions_for_packed_sequence.<locals>.inner_mask" and callable(inner) \
+            and isinstance(positions, torch.Tensor):
+        inner = traceable(inner, _depth + 1)
+
+        def packed_positions(b, h, q_idx, kv_idx):
+            return inner(b, h, positions[b, q_idx], positions[b, kv_idx])
+
+        packed_positions.__name__ = f"packed({getattr(inner, '__name__', 'mask')})"
+        return packed_positions
+    return mask_function
+
+
+def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
+    """``pattern`` over absolute positions (and padding) as a mask_mod over this call's local indices."""
+    if request.padding is not None:
+        pattern = and_masks(pattern, padding_mask(request.padding))
+    kv_offset = request.kv_offset
+    if request.q_positions is not None:
+        positions = request.q_positions
+
+        def model_mask(b, h, q_idx, kv_idx):
+            return pattern(b, h, positions[q_idx], kv_idx + kv_offset)
+    else:
+        q_offset = request.q_offset
+
+        def model_mask(b, h, q_idx, kv_idx):
+            return pattern(b, h, q_idx + q_offset, kv_idx + kv_offset)
+
+    model_mask.__name__ = f"{getattr(pattern, '__name__', 'mask')}@q+{request.q_offset},kv+{kv_offset}"
+    return model_mask
+
+
+def combine_patterns(model_pattern: Callable, mask_mod: Optional[Callable], combine: str) -> Callable:
+    """The model's own pattern combined with a user ``mask_mod``: ``and`` / ``or`` / ``replace``."""
+    if mask_mod is None:
+        return model_pattern
+    if combine == "and":
+        return and_masks(model_pattern, mask_mod)
+    if combine == "or":
+        return or_masks(model_pattern, mask_mod)
+    return mask_mod
+
+
+def check_combine(combine) -> str:
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {', '.join(map(repr, COMBINE_MODES))}, got {combine!r}")
+    return combine
+
+
+def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "and", block_size=128,
+                       mask_heads: Optional[int] = None) -> Callable:
+    """The Triton-backed mask function: returns a ``ModelBlockMask`` ``[B, H or 1, q_length, kv_length]``.
+
+    mask_mod: an extra ``(b, h, q_idx, kv_idx) -> bool`` over absolute positions, combined with the
+    model's pattern: ``"and"`` (both must allow; default), ``"or"`` (either), ``"replace"`` (the model's
+    pattern is dropped; padding still applies). mask_heads: the number of query heads when
+    ``mask_mod`` depends on ``h`` (default: the mask is shared by all heads).
+    block_size: ``BLOCK_SIZE`` of ``create_block_mask``.
+    """
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor or None, "
+                        f"got {type(mask_mod).__name__}")
+    check_combine(combine)
+    if mask_heads is not None and (isinstance(mask_heads, bool) or not isinstance(mask_heads, int) or mask_heads <= 0):
+        raise ValueError(f"mask_heads must be a positive int (the number of query heads) or None, got {mask_heads!r}")
+
+    def triton_attn_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                         attention_mask=None, *, cache_position=None, device=None, **kwargs) -> ModelBlockMask:
+        """Mask function: the ``ModelBlockMask`` of one attention call (see ``triton_attn.registry.masking``)."""
+        if isinstance(attention_mask, BlockMask):  # already prepared (4-D): returned as is, as transformers does
+            return attention_mask
+        request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                    attention_mask, cache_position, device)
+        pattern = combine_patterns(traceable(request.mask_function), mask_mod, combine)
+        block_mask = create_block_mask(_request_mask_mod(request, pattern), request.batch_size, mask_heads,
+                                       request.q_length, request.kv_length, device=request.device,
+                                       BLOCK_SIZE=block_size)
+        return ModelBlockMask.wrap(block_mask, request.q_offset, request.kv_offset, request.q_positions)
+
+    triton_attn_mask.mask_mod = mask_mod
+    triton_attn_mask.combine = combine
+    return triton_attn_mask
+
+
+def dense_mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                        attention_mask=None, *, cache_position=None, device=None, **kwargs) -> torch.Tensor:
+    """Mask function of the PyTorch reference implementations: bool ``[B, 1, q_length, kv_length]``, True = attend."""
+    request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                attention_mask, cache_position, device)
+    return create_mask(_request_mask_mod(request, traceable(request.mask_function)), request.batch_size, None,
+                       request.q_length, request.kv_length, device=request.device)

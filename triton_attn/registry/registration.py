@@ -1,0 +1,130 @@
+"""One-call registration: a mask_mod / score_mod becomes a named attention implementation.
+
+``register_attention(name, mask_mod=..., score_mod=...)`` makes the Triton-backed attention function
+and its paired mask function, registers both under ``name`` in our registries and, when transformers
+is importable, in ``transformers.AttentionInterface`` / ``transformers.AttentionMaskInterface`` (through
+their class-level ``register``, the mapping transformers' mask code consults). transformers is only
+imported inside these calls, never when ``triton_attn`` is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Callable, NamedTuple, Optional, Tuple
+
+from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
+from .interface import AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning, check_name
+from .masking import check_combine, dense_mask_function, make_mask_function
+
+__all__ = ["register_attention", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
+           "TRANSFORMERS_BUILTIN_NAMES", "transformers_available"]
+
+DEFAULT_NAME = "triton_attn"
+# Names transformers defines itself: registering over them would silently change every model using them.
+TRANSFORMERS_BUILTIN_NAMES = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                                        "flash_attention_4", "paged|eager"})
+
+
+class RegisteredAttention(NamedTuple):
+    """What ``register_attention`` registered: the name and its two functions."""
+
+    name: str
+    attention_function: Callable
+    mask_function: Callable
+    in_transformers: bool
+
+
+def transformers_available() -> bool:
+    """Whether transformers can be imported (checked without importing it)."""
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _transformers_interfaces():
+    from transformers import AttentionInterface as HFAttentionInterface
+    from transformers import AttentionMaskInterface as HFAttentionMaskInterface
+
+    return HFAttentionInterface, HFAttentionMaskInterface
+
+
+def _want_transformers(transformers: Optional[bool]) -> bool:
+    if transformers is None:
+        return transformers_available()
+    if not isinstance(transformers, bool):
+        raise TypeError(f"transformers must be True, False or None (register there if importable), got {transformers!r}")
+    if transformers and not transformers_available():
+        raise ImportError("transformers=True but transformers is not installed; pip install transformers, "
+                          "or pass transformers=False to register in triton_attn's registries only")
+    return transformers
+
+
+def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = None, *,
+                       combine: str = "and", backend: Optional[str] = None, block_size=128,
+                       mask_heads: Optional[int] = None, transformers: Optional[bool] = None) -> RegisteredAttention:
+    """Make a Triton-backed attention implementation and register it, with its mask function, as ``name``.
+
+    mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` over absolute token positions; combined with the model's
+        own pattern (causal, sliding window, packed sequences) by ``combine``: ``"and"`` (default; both
+        must allow), ``"or"`` (either allows), ``"replace"`` (only ``mask_mod``). Padding always applies.
+    score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` over absolute positions, after the model's softcap.
+    backend: passed to ``triton_attn.attention`` (None: triton on CUDA, torch on CPU).
+    block_size: ``BLOCK_SIZE`` of the block masks. mask_heads: number of query heads when ``mask_mod``
+        depends on ``h`` (default: one mask shared by all heads).
+    transformers: also register in transformers' interfaces: None = when importable, True = required, False = no.
+
+    Use it with ``AutoModelForCausalLM.from_config(config, attn_implementation=name)``,
+    ``model.set_attn_implementation(name)``, or ``triton_attn.registry.layers`` models.
+    """
+    check_name(name)
+    if name in TRANSFORMERS_BUILTIN_NAMES or name.startswith("paged|"):
+        raise ValueError(f"name {name!r} is one of transformers' own implementations; pick another name "
+                         f"(reserved: {', '.join(sorted(TRANSFORMERS_BUILTIN_NAMES))}, and any 'paged|' name)")
+    check_combine(combine)
+    in_transformers = _want_transformers(transformers)
+    attention_function = make_attention_function(score_mod, backend=backend)
+    mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)
+    for fn in (attention_function, mask_function):
+        fn.__name__ = fn.__qualname__ = f"{fn.__name__}[{name}]"
+    AttentionInterface.register(name, attention_function, mask_function=mask_function)
+    if in_transformers:
+        hf_attention, hf_mask = _transformers_interfaces()
+        hf_mask.register(name, mask_function)
+        hf_attention.register(name, attention_function)
+    return RegisteredAttention(name, attention_function, mask_function, in_transformers)
+
+
+def register_transformers(*names: str) -> Tuple[str, ...]:
+    """Register implementations from our registries in transformers' (default: ``"triton_attn"``).
+
+    Each name's attention function goes to ``transformers.AttentionInterface`` and its mask function,
+    when it has one, to ``transformers.AttentionMaskInterface``; a name without a mask function warns
+    (``MissingMaskFunctionWarning``). Returns the names registered. Imports transformers.
+    """
+    names = names or (DEFAULT_NAME,)
+    if not transformers_available():
+        raise ImportError("register_transformers needs transformers; pip install transformers")
+    hf_attention, hf_mask = _transformers_interfaces()
+    for name in names:
+        check_name(name)
+        if name in TRANSFORMERS_BUILTIN_NAMES:
+            raise ValueError(f"{name!r} is one of transformers' own implementations and is not re-registered there")
+        if name not in AttentionInterface._global_mapping:
+            raise KeyError(f"{name!r} is not registered in triton_attn.registry.AttentionInterface; registered: "
+                           f"{', '.join(sorted(AttentionInterface._global_mapping))}")
+        mask_function = AttentionMaskInterface._global_mapping.get(name)
+        if mask_function is not None:
+            hf_mask.register(name, mask_function)
+        else:
+            warnings.warn(f"{name!r} has no mask function: transformers models using attn_implementation={name!r} "
+                          "will call it with attention_mask=None (padding and sliding windows ignored); register "
+                          "one in triton_attn.registry.AttentionMaskInterface first, or use register_attention",
+                          MissingMaskFunctionWarning, stacklevel=2)
+        hf_attention.register(name, AttentionInterface._global_mapping[name])
+    return tuple(names)
+
+
+def register_defaults() -> None:
+    """Our registries' built-in names: ``triton_attn``, and the PyTorch references ``sdpa`` / ``eager``."""
+    register_attention(DEFAULT_NAME, transformers=False)
+    for name, fn in (("sdpa", sdpa_attention_function), ("eager", eager_attention_function)):
+        AttentionInterface.register(name, fn, mask_function=dense_mask_function)
