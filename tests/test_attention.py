@@ -317,3 +317,28 @@ def test_captured_tensor_on_other_device():
     bm.mask_mod = document_mask(ids)
     with pytest.raises(ValueError, match=r"block_mask.mask_mod 'document.*' captures a tensor on meta .* but query is on cpu"):
         ta.attention(q, k, v, block_mask=bm)
+
+
+def test_learnable_bias_table_gets_gradients():
+    table = torch.randn(64, requires_grad=True)
+
+    def learned_bias(score, b, h, q_idx, kv_idx):
+        return score + table[(q_idx - kv_idx).abs().clamp(max=63)]
+
+    q, k, v = random_qkv(1, 2, 2, 50, 50, 16)
+    bm = ta.create_block_mask(causal_mask, None, None, 50, 50, BLOCK_SIZE=16)
+    assert_matches_golden(torch_attention(bm, learned_bias), q, k, v, mask_mod=causal_mask,
+                          score_mod=learned_bias, params=[table])
+
+
+def test_first_call_with_grad_is_fast():
+    """No heavy import (torch._dynamo via torch.utils.checkpoint) on the first differentiable call."""
+    import subprocess
+    import sys
+    code = ("import time, torch, triton_attn as ta\n"
+            "q = torch.randn(1, 2, 256, 32, requires_grad=True)\n"
+            "start = time.perf_counter(); ta.attention(q, q, q, backend='torch').sum().backward()\n"
+            "import sys; print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
+    assert result.stdout.strip() == "clean", result.stdout + result.stderr

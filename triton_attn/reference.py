@@ -17,9 +17,9 @@ import math
 from typing import Callable, Optional, Tuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .masks.block_mask import BlockMask
+from .masks.closure import captured_tensors
 from .masks.evaluate import call_mask_mod, call_score_mod
 
 # Score elements ([B, H, q_rows, kv_cols]) processed per step of the blockwise backend.
@@ -191,6 +191,40 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out, lse.squeeze(-1)
 
 
+class _RecomputedRow(torch.autograd.Function):
+    """One query-block row whose backward recomputes it instead of keeping its probabilities.
+
+    apply(row_kwargs, q_tile, key, value, *learnable) -> (out, lse). ``learnable``: tensors the
+    score_mod captured that require grad; the recomputation reaches them through the closure, so
+    passing them here is what lets their gradients flow out. (torch.utils.checkpoint would do the
+    same, but its first call imports torch._dynamo, over a second of start-up.)
+    """
+
+    @staticmethod
+    def forward(ctx, row_kwargs, q_tile, key, value, *learnable):
+        ctx.row_kwargs = row_kwargs
+        ctx.save_for_backward(q_tile, key, value, *learnable)
+        with torch.no_grad():
+            return _query_block_row(q_tile, key, value, **row_kwargs)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q_tile, key, value, *learnable = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip((q_tile, key, value), needs)]
+            out, lse = _query_block_row(*inputs, **ctx.row_kwargs)
+            wrt = [t for t, need in zip(inputs + learnable, needs) if need]
+            # A row whose mask lets nothing through visits no tile: nothing to differentiate.
+            pairs = [(o, g) for o, g in ((out, grad_out), (lse, grad_lse)) if o.requires_grad]
+            if pairs:
+                computed = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            else:
+                computed = [None] * len(wrt)
+            grads = iter(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, computed))
+        return (None,) + tuple(next(grads) if need else None for need in needs)
+
+
 class _AttachToInputs(torch.autograd.Function):
     """Identity on ``out`` that makes it depend on q, k, v with zero gradients.
 
@@ -217,7 +251,8 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     batch, q_heads, q_len, _ = query.shape
     q_block = block_mask.BLOCK_SIZE[0]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    learnable = [t for t in captured_tensors(score_mod) if t.requires_grad] if score_mod is not None else []
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *learnable))
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
@@ -226,7 +261,7 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale)
         if needs_grad:
             # Recompute the row in backward instead of saving every tile's probabilities.
-            out, lse = checkpoint(_query_block_row, q_tile, key, value, use_reentrant=False, **kwargs)
+            out, lse = _RecomputedRow.apply(kwargs, q_tile, key, value, *learnable)
         else:
             out, lse = _query_block_row(q_tile, key, value, **kwargs)
         outs.append(out)

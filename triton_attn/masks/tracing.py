@@ -252,6 +252,8 @@ class Symbol:
     def log(self): return self._wrap(_unary("log", self.node))
     def sqrt(self): return self._wrap(_unary("sqrt", self.node))
     def sigmoid(self): return self._wrap(_unary("sigmoid", self.node))
+    def floor(self): return self._wrap(_unary("floor", self.node))
+    def ceil(self): return self._wrap(_unary("ceil", self.node))
     def clamp(self, min=None, max=None): return _clamp(self, min, max)
     def minimum(self, o): return self._bin("min", o)
     def maximum(self, o): return self._bin("max", o)

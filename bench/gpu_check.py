@@ -1,0 +1,204 @@
+"""GPU check of the Triton forward kernel: correctness per mask family, and speed.
+
+On a CUDA machine (bf16, head_dim 64 and 128):
+
+1. correctness: ``triton_attn.attention`` against PyTorch SDPA (fed the dense mask) for each mask
+   family, judged like the numerics rule: error vs a float32 SDPA reference at most 2x that of
+   bf16 SDPA, plus 1e-2;
+2. forward speed at 4k and 16k tokens: TFLOP/s (counting only attended score elements) of
+   triton_attn, SDPA and compiled FlexAttention.
+
+Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minutes on one H100.
+``--dry-run`` runs the same code on CPU through the Triton interpreter at tiny sizes (for tests).
+
+Sections are functions in ``SECTIONS``; a backward section plugs in next to ``forward``.
+
+    python bench/gpu_check.py                 # the full check on CUDA
+    python bench/gpu_check.py --dry-run       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import triton_attn as ta  # noqa: E402
+from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, padding_mask,  # noqa: E402
+                               prefix_lm_mask, sliding_window_mask)
+
+FIELDS = ["date", "device", "torch", "triton", "section", "mask", "seq", "head_dim", "dtype", "impl", "ms",
+          "tflops", "max_error", "bound", "ok"]
+
+
+def mask_families(batch: int, length: int, device) -> Dict[str, Callable]:
+    """The mask families checked: name -> mask_mod (captured tensors on ``device``)."""
+    generator = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randint(1, length, (max(1, length // 1024 + 3),), generator=generator)).values
+    ids = torch.bucketize(torch.arange(length), cuts, right=True).to(device)
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    keep[:, length - length // 5:] = False  # the last fifth is padding
+    return {
+        "causal": causal_mask,
+        "sliding_window": sliding_window_mask(max(1, length // 8)),
+        "chunked_causal": and_masks(causal_mask, chunked_mask(max(1, length // 4))),
+        "prefix_lm": prefix_lm_mask(length // 4),
+        "document_causal": and_masks(causal_mask, document_mask(ids)),
+        "padding": padding_mask(keep.to(device)),
+    }
+
+
+def _time_ms(fn: Callable, device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100))
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _sdpa(q, k, v, dense_mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
+
+
+def check_correctness(name, mask_mod, q, k, v, backend, device) -> dict:
+    batch, heads, length, _ = q.shape
+    block_mask = ta.create_block_mask(mask_mod, batch, None, length, length, device=device)
+    dense = ta.create_mask(mask_mod, batch, 1, length, length, device=device)
+    out = ta.attention(q, k, v, block_mask=block_mask, backend=backend)
+    reference = _sdpa(q.float(), k.float(), v.float(), dense)
+    baseline = _sdpa(q, k, v, dense)
+    error = float((out.float() - reference).abs().max())
+    bound = 2 * float((baseline.float() - reference).abs().max()) + 1e-2
+    return dict(mask=name, impl="triton_attn", max_error=f"{error:.3e}", bound=f"{bound:.3e}", ok=error <= bound)
+
+
+def _flex_fn(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    flex_mask = block_mask.to_flex()
+    return lambda: compiled(q, k, v, block_mask=flex_mask)
+
+
+def run_forward(args, device, dtype, writer_row) -> bool:
+    """Correctness at ``args.check_seq`` for every family, then speed at each of ``args.seqs``."""
+    backend = "interpret" if args.dry_run else "triton"
+    all_ok = True
+    for head_dim in args.head_dims:
+        q, k, v = (torch.randn(args.batch, args.heads, args.check_seq, head_dim, device=device, dtype=dtype)
+                   for _ in range(3))
+        for name, mask_mod in mask_families(args.batch, args.check_seq, device).items():
+            row = check_correctness(name, mask_mod, q, k, v, backend, device)
+            all_ok &= bool(row["ok"])
+            writer_row(dict(row, section="forward_correctness", seq=args.check_seq, head_dim=head_dim))
+        for length in args.seqs:
+            q, k, v = (torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
+                       for _ in range(3))
+            families = mask_families(args.batch, length, device)
+            for name in args.perf_masks:
+                mask_mod = families[name]
+                block_mask = ta.create_block_mask(mask_mod, args.batch, None, length, length, device=device)
+                dense = ta.create_mask(mask_mod, args.batch, 1, length, length, device=device)
+                attended = float(dense.sum()) * args.heads
+                flops = 4.0 * attended * head_dim  # QK^T and PV, 2 flops per multiply-add
+                impls = {"triton_attn": lambda: ta.attention(q, k, v, block_mask=block_mask, backend=backend)}
+                if name == "causal":
+                    impls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                else:
+                    impls["sdpa"] = lambda: _sdpa(q, k, v, dense)
+                if device.type == "cuda" and not args.no_flex:
+                    impls["flex_compiled"] = _flex_fn(q, k, v, block_mask)
+                for impl, fn in impls.items():
+                    try:
+                        fn()  # compile / warm up outside the timing
+                        ms = _time_ms(fn, device)
+                        writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim, impl=impl,
+                                        ms=f"{ms:.3f}", tflops=f"{flops / ms / 1e9:.1f}"))
+                    except Exception as error:  # one failing baseline must not hide the other rows
+                        writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim, impl=impl,
+                                        ok=False, max_error=f"error: {type(error).__name__}: {error}"[:200]))
+                        all_ok &= impl != "triton_attn"
+                del dense
+    return all_ok
+
+
+# A backward section (issue 4) is a function with run_forward's signature added here.
+SECTIONS = {"forward": run_forward}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU smoke run through the Triton interpreter at tiny sizes")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--seqs", type=int, nargs="+", default=None, help="speed lengths (default 4096 16384)")
+    parser.add_argument("--check-seq", type=int, default=None, help="correctness length (default 1024)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="default 64 128")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=None, help="default 16")
+    parser.add_argument("--perf-masks", nargs="+", default=["causal", "sliding_window", "document_causal"])
+    parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    tiny = args.dry_run
+    args.seqs = args.seqs or ([64] if tiny else [4096, 16384])
+    args.check_seq = args.check_seq or (48 if tiny else 1024)
+    args.head_dims = args.head_dims or ([16] if tiny else [64, 128])
+    args.heads = args.heads or (2 if tiny else 16)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --dry-run for the CPU smoke run", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.bfloat16
+    device_name = "cpu-interpreter" if args.dry_run else torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_check_{stamp}_{device_name.replace(' ', '_')}.csv"
+    common = dict(date=stamp, device=device_name, torch=torch.__version__, triton=triton_version, dtype="bf16")
+    started = time.time()
+    ok = True
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=FIELDS)
+        writer.writeheader()
+
+        def write_row(row):
+            full = {**common, **row}
+            writer.writerow({key: full.get(key, "") for key in FIELDS})
+            stream.flush()
+            print(", ".join(f"{key}={full[key]}" for key in ("section", "mask", "seq", "head_dim", "impl", "ms",
+                                                             "tflops", "max_error", "ok") if key in full))
+
+        for section in args.sections:
+            ok &= SECTIONS[section](args, device, dtype, write_row)
+    print(f"wrote {path} in {time.time() - started:.0f}s; {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Ahead-of-time compilation for sm_80 / sm_90 without a GPU (Triton + the bundled ptxas).
+
+Proves that every config of the table compiles for both targets within the register and
+shared-memory budget, that the sm_90 builds use wgmma, and that kernels generated for the
+whole range of mask/score constructs pass the real compiler (the interpreter is more lenient).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_attn.kernels import aot, codegen  # noqa: E402
+from triton_attn.kernels.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
+from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
+                               prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
+
+
+def _nvidia_toolchain_available() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    import os
+
+    return os.path.exists(aot.ptxas_path(90)) and os.path.exists(aot.ptxas_path(80))
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_toolchain_available(), reason="Triton's NVIDIA backend is not installed")
+
+
+def _kernel(mask_mod=causal_mask, score_mod=None, mode=codegen.MASK_TRACED):
+    traced = trace_mask_mod(mask_mod) if mode == codegen.MASK_TRACED else None
+    score = trace_score_mod(score_mod) if score_mod is not None else None
+    return codegen.kernel_for(codegen.KernelSpec(mode, traced, score))
+
+
+@pytest.mark.parametrize("config", FORWARD_CONFIGS, ids=lambda c: c.name)
+def test_every_config_compiles_for_sm80_and_sm90_within_budget(config):
+    kernel = _kernel()
+    for arch in aot.ARCHS:
+        result = aot.compile_forward(kernel, config, arch=arch, head_dim=config.max_head_dim, dtype=torch.bfloat16)
+        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        assert not result.spills, f"register spills: {result}"
+        if arch == 90 and config.BLOCK_M >= 64:  # wgmma needs 64-row warp groups
+            assert result.ptx_has_wgmma, f"no wgmma in the sm_90 PTX: {result}"
+
+
+@pytest.mark.parametrize("head_dim", sorted(MAIN_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
+    kernel = _kernel()
+    config = default_config(head_dim, head_dim, dtype, (128, 128), 4096)
+    for arch in aot.ARCHS:
+        result = aot.compile_forward(kernel, config, arch=arch, head_dim=head_dim, dtype=dtype,
+                                     inspect_sass=arch == 90)
+        assert not result.spills, str(result)
+        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        if arch == 90:
+            assert result.ptx_has_wgmma, str(result)
+            assert result.sass_has_wgmma in (True, None), f"no HGMMA in the SASS: {result}"
+
+
+@pytest.mark.parametrize("head_dim", sorted(FLOAT32_CONFIGS))
+def test_float32_configs_compile_within_shared_memory(head_dim):
+    config = default_config(head_dim, head_dim, torch.float32, (128, 128), 4096)
+    for arch in aot.ARCHS:
+        result = aot.compile_forward(_kernel(), config, arch=arch, head_dim=head_dim, dtype=torch.float32)
+        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.spill_stores <= 2048, f"float32 spills grew: {result}"
+
+
+def _variants():
+    ids = torch.randint(0, 4, (2, 64)).cumsum(1)
+    table = torch.randn(127, dtype=torch.bfloat16)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + 63]
+
+    def signed_arithmetic(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx) // 7 % 3 != 1) & (torch.abs(q_idx - kv_idx) < 40)
+
+    return {
+        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), codegen.MASK_TRACED),
+        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), codegen.MASK_TRACED),
+        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, codegen.MASK_TRACED),
+        "signed_arithmetic": (signed_arithmetic, None, codegen.MASK_TRACED),
+        "window_no_partial": (sliding_window_mask(128), None, codegen.MASK_NONE),
+        "bitmask_fallback": (causal_mask, None, codegen.MASK_BITMASK),
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_generated_variants_compile_for_sm90(name):
+    mask_mod, score_mod, mode = _variants()[name]
+    kernel = _kernel(mask_mod, score_mod, mode)
+    config = MAIN_CONFIGS[64]
+    for block_size, kv_len in (((128, 128), 4096), ((64, 48), 1000)):  # aligned, and ragged sub-tiles
+        result = aot.compile_forward(kernel, config.fitted(*block_size), arch=90, head_dim=64, kv_len=kv_len,
+                                     block_size=block_size)
+        assert result.ptx_has_wgmma and not result.spills, str(result)
+
+
+def test_interpreter_leaves_triton_ready_to_compile():
+    """An interpreted launch in this process must not leave triton.language patched."""
+    import triton.language as tl
+
+    import triton_attn as ta
+
+    before = {name: value for name, value in vars(tl.core).items()}
+    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, None, None, 20, 20, BLOCK_SIZE=16),
+                 backend="interpret")
+    changed = [name for name, value in vars(tl.core).items() if before.get(name) is not value and name in before]
+    assert not changed, f"triton.language.core left patched: {changed[:5]}"
+    result = aot.compile_forward(_kernel(), MAIN_CONFIGS[64], arch=90, head_dim=64)
+    assert result.ptx_has_wgmma

@@ -1,0 +1,10 @@
+"""The Triton side: code generation, the forward kernel, its launcher and autograd wrapper.
+
+Importing this package does not import Triton; the modules that need it import it lazily, so
+``triton_attn`` stays importable (and the ``torch`` backend usable) without a working Triton.
+
+- ``configs``: ``KernelConfig``, the ``FORWARD_CONFIGS`` table, ``default_config``.
+- ``forward``: the kernel source template. ``codegen``: graph -> specialized module -> kernel.
+- ``launch``: grid, strides, allocation. ``autograd``: ``triton_attention`` (what ``attention`` calls).
+- ``fallback``: bitmasks for untraceable mask_mods. ``aot``: ahead-of-time compilation checks.
+"""

@@ -1,0 +1,164 @@
+"""Launching the forward kernel: kernel choice, config, strides, allocation and grid.
+
+``attention_forward`` is the one entry point. It decides how the mask predicate reaches the
+kernel (inlined graph, bitmask fallback, or none), gets the generated kernel from ``codegen``,
+picks a ``KernelConfig`` that fits the BlockMask, and launches it compiled (CUDA) or under the
+Triton interpreter (CPU tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from ..masks.block_mask import BlockMask
+from ..masks.evaluate import mod_name
+from ..masks.tracing import TracedMod, UntraceableModError, trace_mask_mod, trace_score_mod
+from . import codegen, fallback
+from .configs import KernelConfig, default_config, padded_head_dim
+
+LOG2_E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class MaskPlan:
+    """How the predicate reaches the kernel: the spec's mask part and its captured tensors."""
+
+    mode: str
+    traced: Optional[TracedMod]
+    tensors: List[torch.Tensor]
+
+
+def plan_mask(block_mask: BlockMask) -> MaskPlan:
+    """Inline the mask_mod when it traces and compiles; else the exact bitmask fallback (warns once)."""
+    if int(block_mask.kv_num_blocks.max()) == 0:
+        # No partial block anywhere: the predicate would never run.
+        return MaskPlan(codegen.MASK_NONE, None, [])
+    mask_mod = block_mask.mask_mod
+    try:
+        traced = trace_mask_mod(mask_mod)
+        codegen.check_graph(traced)
+    except (UntraceableModError, codegen.CodegenError) as error:
+        fallback.warn_fallback(mask_mod, getattr(error, "operation", str(error)))
+        bits, offsets = fallback.partial_block_bits(block_mask)
+        return MaskPlan(codegen.MASK_BITMASK, None, [bits, offsets])
+    return MaskPlan(codegen.MASK_TRACED, traced, list(traced.captured))
+
+
+def trace_score(score_mod: Optional[Callable]) -> Optional[TracedMod]:
+    """The traced score_mod (None for none); a score_mod has no fallback, so failing raises."""
+    if score_mod is None:
+        return None
+    try:
+        traced = trace_score_mod(score_mod)
+        codegen.check_graph(traced)
+    except (UntraceableModError, codegen.CodegenError) as error:
+        raise TypeError(f"score_mod {mod_name(score_mod)!r} cannot be compiled into the Triton kernel: {error}. "
+                        "Rewrite it with tensor operators and torch functions on its arguments, or use "
+                        "backend='torch'.") from error
+    return traced
+
+
+def _captured_args(params, tensors: List[torch.Tensor], device: torch.device) -> list:
+    """Pointer, sizes and strides of each captured tensor, in the generated signature's order."""
+    args = []
+    for param, tensor in zip(params, tensors):
+        if tensor.device != device:
+            tensor = tensor.to(device)
+        if tensor.dtype == torch.bool:
+            tensor = tensor.view(torch.uint8)  # the generated code compares against 0
+        if param.rank:
+            args.append(tensor)
+            args.extend(int(s) for s in tensor.shape)
+            args.extend(int(s) for s in tensor.stride())
+        else:
+            args.append(tensor)
+    return args
+
+
+def _layout(block_mask: BlockMask, device: torch.device):
+    """Block lists as int32 contiguous tensors, and strides with 0 on broadcast (size-1) dims."""
+    tensors = [t.to(device=device, dtype=torch.int32).contiguous() for t in (
+        block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)]
+    counts, indices = tensors[0], tensors[1]
+    layout_strides = [0 if counts.shape[d] == 1 else counts.stride(d) for d in range(2)] + [counts.stride(2)]
+    index_strides = [0 if indices.shape[d] == 1 else indices.stride(d) for d in range(2)] + [indices.stride(2)]
+    return tensors, layout_strides, index_strides
+
+
+def launch_grid(q_len: int, num_q_blocks: int, q_block_size: int, block_m: int, batch_heads: int) -> Tuple[int, int]:
+    """``(query tiles, B * Hq)``; tiles that would start past ``q_len`` are not launched."""
+    tiles_per_block = _cdiv(q_block_size, block_m)
+    last_rows = q_len - (num_q_blocks - 1) * q_block_size
+    return ((num_q_blocks - 1) * tiles_per_block + min(tiles_per_block, _cdiv(last_rows, block_m)), batch_heads)
+
+
+def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
+                      config: KernelConfig, kv_len: int, interpret: bool) -> dict:
+    """The constexpr arguments of the forward kernel (``forward.CONSTEXPR_NAMES``) for these shapes."""
+    q_bs, kv_bs = block_size
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
+        Q_TILES_PER_BLOCK=_cdiv(q_bs, config.BLOCK_M), KV_TILES_PER_BLOCK=_cdiv(kv_bs, config.BLOCK_N),
+        # Bounds checks on K/V only where a tile can overhang the sequence or its mask block.
+        CHECK_KV_BOUNDS=(kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
+        # float32 inputs: 3xTF32 dots, float32-accurate on tensor cores (plain TF32 would not be).
+        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        # Triton 3.9's interpreter returns garbage for tl.dot on two bf16 operands.
+        UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),
+    )
+
+
+def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                      score_mod: Optional[Callable], scale: float, interpret: bool,
+                      config: Optional[KernelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel.
+
+    query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] (validated by ``attention``).
+    Returns out [B, Hq, Lq, Dv] in the input dtype and lse [B, Hq, Lq] float32 (natural log).
+    ``config``: a ``KernelConfig`` (fitted to the BlockMask here); default ``default_config``.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
+    device = query.device
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    num_q_blocks = block_mask.num_blocks[0]
+
+    mask_plan = plan_mask(block_mask)
+    score_traced = trace_score(score_mod)
+    kernel = codegen.kernel_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
+    if config is None:
+        config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
+    else:
+        config = config.fitted(q_bs, kv_bs, q_len)
+
+    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=query.dtype, device=device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
+    layout, layout_strides, index_strides = _layout(block_mask, device)
+    captured = list(mask_plan.tensors) + (list(score_traced.captured) if score_traced is not None else [])
+
+    args = [query, key, value, out, lse,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+            *layout, *layout_strides, *index_strides,
+            q_len, kv_len, q_heads, q_heads // kv_heads,
+            scale * LOG2_E, scale,
+            *_captured_args(kernel.captured, captured, device)]
+    constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
+                                   block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret)
+    grid = launch_grid(q_len, num_q_blocks, q_bs, config.BLOCK_M, batch * q_heads)
+    if interpret:
+        kernel.interpreted()[grid](*args, **constexprs)
+    else:
+        with torch.cuda.device(device):
+            kernel.jit()[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
