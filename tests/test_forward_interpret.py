@@ -170,7 +170,7 @@ def test_per_head_layout_and_broadcast():
     check(q, k, v, mask_mod=head_dependent, mask_batch=2, mask_heads=3, block_size=32)
 
 
-def test_interim_backward_matches_golden():
+def test_backward_through_attention_matches_golden():
     q, k, v = random_qkv(1, 2, 1, 40, 48, 16, dtype=torch.float32)
     check(q, k, v, mask_mod=causal_mask, score_mod=softcap_score(3.0), block_size=16, backward=True)
 

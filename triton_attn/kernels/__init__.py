@@ -7,4 +7,7 @@ Importing this package does not import Triton; the modules that need it import i
 - ``forward``: the kernel source template. ``codegen``: graph -> specialized module -> kernel.
 - ``launch``: grid, strides, allocation. ``autograd``: ``triton_attention`` (what ``attention`` calls).
 - ``fallback``: bitmasks for untraceable mask_mods. ``aot``: ahead-of-time compilation checks.
+- ``backward``: the backward kernel templates (delta, dK/dV, dQ); ``derivative``: d score_mod / d score;
+  ``backward_codegen`` / ``backward_launch``: their specialization and launch; ``backward_aot``.
+- ``autotune`` / ``tuning_cache``: the config search and its JSON cache on disk.
 """

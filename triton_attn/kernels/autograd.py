@@ -1,27 +1,63 @@
-"""``triton_attention``: the Triton forward kernel as a ``torch.autograd.Function``.
+"""``triton_attention``: the Triton kernels as ``torch.autograd.Function``s.
 
-Forward runs the fused kernel (``launch.attention_forward``).
+Forward runs the fused kernel (``launch.attention_forward``). Backward runs the Triton backward
+kernels (``backward_launch.attention_backward``): delta preprocessing, dK/dV over the transposed
+block layout, dQ over the forward layout; deterministic, no atomics.
 
-Backward -- INTERIM PATH, replaced by the Triton backward kernel of issue 4 (kernels/backward.py):
-it recomputes the attention with the PyTorch blockwise backend (``reference.blockwise_attention``)
-under autograd and differentiates that. Correct and memory-bounded (one query-block row at a
-time), but not fused. Learnable tensors captured by the score_mod (a relative-position bias
-table, say) are passed through ``apply`` so that they receive gradients too.
+One case goes another way: a score_mod that captures a tensor requiring grad (a learnable bias
+table). The Triton backward does not scatter gradients into captured tensors, so such calls
+keep the fused forward and differentiate a recomputation through the PyTorch blockwise backend,
+which reaches the table through the closure. A one-time warning says so.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+import warnings
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from ..masks.block_mask import BlockMask
-from ..masks.closure import captured_tensors
+from ..masks.evaluate import mod_name
 from .launch import attention_forward
 
 
+class LearnableScoreTensorWarning(UserWarning):
+    """A score_mod's learnable tensors make the backward pass use the slower recompute path."""
+
+
+_WARNED = set()
+
+
 class TritonAttentionFunction(torch.autograd.Function):
-    """apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable) -> (out, lse)."""
+    """apply(query, key, value, block_mask, score_mod, scale, interpret) -> (out, lse)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret):
+        out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                     interpret=interpret)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.block_mask, ctx.score_mod, ctx.scale, ctx.interpret = block_mask, score_mod, scale, interpret
+        ctx.set_materialize_grads(False)  # an unused lse (or out) gradient arrives as None: no zeros launched
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from .backward_launch import attention_backward
+
+        query, key, value, out, lse = ctx.saved_tensors
+        grad_query, grad_key, grad_value = attention_backward(
+            query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask, score_mod=ctx.score_mod,
+            scale=ctx.scale, interpret=ctx.interpret)
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+class RecomputeBackwardFunction(torch.autograd.Function):
+    """apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable) -> (out, lse).
+
+    Fused forward; backward differentiates ``reference.blockwise_attention`` recomputed one
+    query-block row at a time, so ``learnable`` (tensors the score_mod captured) get gradients.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret, *learnable):
@@ -33,39 +69,43 @@ class TritonAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        # INTERIM (issue 4 replaces this): differentiate the PyTorch blockwise recomputation.
         from ..reference import blockwise_attention
 
         query, key, value, *learnable = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)]
+            inputs = [t.detach().requires_grad_(need) for t, need in zip((query, key, value), needs[:3])]
             out, lse = blockwise_attention(*inputs, ctx.block_mask, score_mod=ctx.score_mod, scale=ctx.scale)
-            outputs, grads_in = [out], [grad_out]
-            if grad_lse is not None:
-                outputs.append(lse)
-                grads_in.append(grad_lse)
-            wrt = [t for t in inputs + list(learnable) if t.requires_grad]
-            computed = iter(torch.autograd.grad(outputs, wrt, grads_in, allow_unused=True)) if wrt else iter(())
-        grads = [next(computed) if t.requires_grad else None for t in inputs + list(learnable)]
+            wrt = inputs + list(learnable)
+            wanted = [t for t, need in zip(wrt, needs[:3] + needs[7:]) if need]
+            computed = iter(torch.autograd.grad((out, lse), wanted, (grad_out, grad_lse), allow_unused=True))
+        grads = [next(computed) if need else None for need in needs[:3] + needs[7:]]
+        grads = [torch.zeros_like(t) if need and g is None else g
+                 for t, g, need in zip(wrt, grads, needs[:3] + needs[7:])]
         return (grads[0], grads[1], grads[2], None, None, None, None, *grads[3:])
-
-
-def _learnable_tensors(score_mod: Optional[Callable]) -> List[torch.Tensor]:
-    if score_mod is None:
-        return []
-    return [t for t in captured_tensors(score_mod) if t.requires_grad]
 
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                      score_mod: Optional[Callable], scale: float, interpret: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention with the Triton kernel; inputs are validated by ``triton_attn.attention``.
+    """Fused attention with the Triton kernels; inputs are validated by ``triton_attn.attention``.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]; ``interpret`` runs the
-    same kernel under the Triton interpreter (CPU tensors). Returns out [B, Hq, Lq, Dv] in the
+    same kernels under the Triton interpreter (CPU tensors). Returns out [B, Hq, Lq, Dv] in the
     input dtype and lse [B, Hq, Lq] float32 (natural log; -inf for rows with no allowed key).
+    Both are differentiable (a loss on lse, as attention sinks use, reaches q and k).
     """
-    learnable = _learnable_tensors(score_mod)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [query, key, value, *learnable])
+    from .backward_launch import learnable_score_tensors
+
+    learnable = learnable_score_tensors(score_mod) if torch.is_grad_enabled() else []
+    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value)) or bool(learnable))
     if not needs_grad:
         return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret)
-    return TritonAttentionFunction.apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable)
+    if learnable:
+        name = mod_name(score_mod)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"score_mod {name!r} captures tensors that require grad; their gradients come from a "
+                          "PyTorch recomputation of the backward pass (slower than the fused Triton backward). "
+                          "Detach them if they need no gradient.", LearnableScoreTensorWarning, stacklevel=3)
+        return RecomputeBackwardFunction.apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable)
+    return TritonAttentionFunction.apply(query, key, value, block_mask, score_mod, scale, interpret)

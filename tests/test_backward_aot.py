@@ -1,0 +1,113 @@
+"""Ahead-of-time compilation of the backward kernels for sm_80 / sm_90 without a GPU.
+
+Every entry of ``BACKWARD_CONFIGS`` compiles (dK/dV and dQ kernels) for both targets within the
+shared-memory budget; the main configs spill no registers; the 64-row sm_90 builds use wgmma;
+kernels generated for the range of mask/score constructs (score derivatives, captured tensors,
+the transposed bitmask fallback, ragged sub-tiles) pass the real compiler.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_attn.kernels import aot, backward_aot, codegen  # noqa: E402
+from triton_attn.kernels.backward_codegen import backward_kernels_for  # noqa: E402
+from triton_attn.kernels.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
+                                                 MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS)
+from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
+                               prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
+
+
+def _nvidia_toolchain_available() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(aot.ptxas_path(90)) and os.path.exists(aot.ptxas_path(80))
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_toolchain_available(), reason="Triton's NVIDIA backend is not installed")
+
+
+def _kernels(mask_mod=causal_mask, score_mod=None, mode=codegen.MASK_TRACED):
+    traced = trace_mask_mod(mask_mod) if mode == codegen.MASK_TRACED else None
+    score = trace_score_mod(score_mod) if score_mod is not None else None
+    return backward_kernels_for(codegen.KernelSpec(mode, traced, score))
+
+
+def _dtype_of(config) -> torch.dtype:
+    return torch.float32 if config in FLOAT32_BACKWARD_CONFIGS.values() else torch.bfloat16
+
+
+@pytest.mark.parametrize("config", BACKWARD_CONFIGS, ids=lambda c: f"{c.name}_d{c.max_head_dim}")
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_every_backward_config_compiles_within_budget(config, arch):
+    dtype = _dtype_of(config)
+    results = backward_aot.compile_backward(_kernels(), config, arch=arch,
+                                            head_dim=config.max_head_dim, dtype=dtype)
+    for name, result in results.items():
+        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], f"{name}: {result}"
+        if config not in SPILLING_CONFIGS:
+            assert not result.spills, f"{name} register spills: {result}"
+    if arch == 90 and dtype != torch.float32:
+        # wgmma needs 64-row warp groups: the dQ tile's query rows, the dK/dV tile's keys.
+        if config.dq.BLOCK_M >= 64:
+            assert results["dq"].ptx_has_wgmma, str(results["dq"])
+        if config.dkdv.BLOCK_N >= 64:
+            assert results["dkdv"].ptx_has_wgmma, str(results["dkdv"])
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_main_fp16_configs_have_no_spills(head_dim):
+    for arch in aot.ARCHS:
+        config = MAIN_BACKWARD_CONFIGS[128 if head_dim > 64 else 64]
+        results = backward_aot.compile_backward(_kernels(), config, arch=arch, head_dim=head_dim, dtype=torch.float16,
+                                                inspect_sass=arch == 90)
+        for name, result in results.items():
+            assert not result.spills, f"{name}: {result}"
+            if arch == 90:
+                assert result.ptx_has_wgmma and result.sass_has_wgmma in (True, None), f"{name}: {result}"
+
+
+def _variants():
+    ids = torch.randint(0, 4, (2, 64)).cumsum(1)
+    table = torch.randn(127, dtype=torch.bfloat16)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + 63]
+
+    def smooth(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx > kv_idx, torch.sigmoid(score) * 4.0 + torch.log(score * score + 1.0), score)
+
+    return {
+        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), codegen.MASK_TRACED),
+        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), codegen.MASK_TRACED),
+        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, codegen.MASK_TRACED),
+        "window_smooth_score": (sliding_window_mask(100), smooth, codegen.MASK_TRACED),
+        "window_no_partial": (sliding_window_mask(128), None, codegen.MASK_NONE),
+        "bitmask_fallback": (causal_mask, None, codegen.MASK_BITMASK),
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_generated_backward_variants_compile_for_sm90(name):
+    mask_mod, score_mod, mode = _variants()[name]
+    kernels = _kernels(mask_mod, score_mod, mode)
+    for block_size, q_len, kv_len in (((128, 128), 4096, 4096), ((64, 48), 1000, 999)):  # aligned; ragged
+        results = backward_aot.compile_backward(kernels, MAIN_BACKWARD_CONFIGS[64], arch=90, head_dim=64,
+                                                block_size=block_size, q_len=q_len, kv_len=kv_len)
+        for kernel_name, result in results.items():
+            assert not result.spills, f"{name} {kernel_name}: {result}"
+
+
+def test_preprocess_kernel_compiles():
+    for arch in aot.ARCHS:
+        ptx = backward_aot.compile_preprocess(arch=arch, head_dim_v=80)
+        assert ".entry" in ptx

@@ -1,0 +1,392 @@
+"""The Triton backward kernels (dQ, dK, dV) under the Triton interpreter, on CPU tensors.
+
+Gradients are checked against the float64 golden result under the numerics rule (3x for the
+backward, ``tests/numerics.py``). The kernels are driven through ``TritonBackward`` below, a
+minimal autograd wrapper over ``attention_forward`` + ``attention_backward`` (the same two calls
+``kernels/autograd.py`` makes), so these tests exercise the Triton backward whatever the public
+wrapper currently routes to. Shapes stay tiny: the interpreter runs every program in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+import triton_attn as ta  # noqa: E402
+from numerics import assert_matches_golden, random_qkv  # noqa: E402
+from triton_attn.kernels import derivative  # noqa: E402
+from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
+                                                 check_backward_supported, transposed_fallback_block_ids)
+from triton_attn.kernels.fallback import UntraceableMaskWarning, partial_block_bits  # noqa: E402
+from triton_attn.kernels.launch import attention_forward  # noqa: E402
+from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
+                               not_mask, or_masks, padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
+from triton_attn.reference import dense_attention  # noqa: E402
+
+
+class TritonBackward(torch.autograd.Function):
+    """apply(q, k, v, block_mask, score_mod, scale) -> (out, lse), both passes on the interpreter."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, block_mask, score_mod, scale):
+        out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=True)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.block_mask, ctx.score_mod, ctx.scale = block_mask, score_mod, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, out, lse = ctx.saved_tensors
+        grads = attention_backward(query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask,
+                                   score_mod=ctx.score_mod, scale=ctx.scale, interpret=True)
+        return (*grads, None, None, None)
+
+
+def _block_mask(mask_mod, q_len, kv_len, block_size, mask_batch=None, mask_heads=None):
+    return ta.create_block_mask(mask_mod or ta.masks.library.full_mask, mask_batch, mask_heads, q_len, kv_len,
+                                BLOCK_SIZE=block_size)
+
+
+def check(q, k, v, *, mask_mod=None, score_mod=None, block_size=32, mask_batch=None, mask_heads=None,
+          scale=None, context=""):
+    """Forward + Triton backward on the interpreter vs the float64 golden result (3x rule for grads)."""
+    block_mask = _block_mask(mask_mod, q.shape[2], k.shape[2], block_size, mask_batch, mask_heads)
+    used_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+    def candidate(q_, k_, v_):
+        return TritonBackward.apply(q_, k_, v_, block_mask, score_mod, used_scale)
+
+    return assert_matches_golden(candidate, q, k, v, mask_mod=mask_mod, score_mod=score_mod, scale=scale,
+                                 backward=True, context=context)
+
+
+def _document_ids(batch: int, length: int) -> torch.Tensor:
+    ids = []
+    for _ in range(batch):
+        bounds = torch.sort(torch.randint(1, length, (3,))).values
+        ids.append(torch.bucketize(torch.arange(length), bounds, right=True))
+    return torch.stack(ids)
+
+
+def _library_masks(batch: int, length: int):
+    ids = _document_ids(batch, length)
+    keep = torch.rand(batch, length) > 0.3
+    keep[:, 0] = True
+    return {
+        "causal": causal_mask,
+        "sliding_window": sliding_window_mask(23),
+        "chunked": chunked_mask(40),
+        "prefix_lm": prefix_lm_mask(30),
+        "prefix_lm_per_batch": prefix_lm_mask(torch.tensor([10, 57])[:batch]),
+        "document_2d": document_mask(ids),
+        "document_1d": document_mask(ids[0]),
+        "padding": padding_mask(keep),
+        "causal_and_document": and_masks(causal_mask, document_mask(ids)),
+        "window_or_prefix": or_masks(sliding_window_mask(16), prefix_lm_mask(8)),
+        "not_causal": not_mask(causal_mask),
+    }
+
+
+# -- masks, shapes, dtypes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(_library_masks(2, 8)))
+def test_every_library_mask(name):
+    length = 90
+    mask_mod = _library_masks(2, length)[name]
+    q, k, v = random_qkv(2, 2, 1, length, length, 32, dtype=torch.float16)
+    check(q, k, v, mask_mod=mask_mod, mask_batch=2, block_size=32, context=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_gqa_and_scale(dtype):
+    q, k, v = random_qkv(1, 4, 2, 45, 70, 32, dtype=dtype)
+    check(q, k, v, mask_mod=causal_mask, block_size=32, scale=0.3, context=str(dtype))
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 1), (6, 2)])
+def test_gqa_groups_sum_without_repeat(q_heads, kv_heads):
+    q, k, v = random_qkv(2, q_heads, kv_heads, 40, 40, 16, dtype=torch.float32)
+    check(q, k, v, mask_mod=sliding_window_mask(13), block_size=16, context=f"{q_heads}/{kv_heads}")
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 17), (17, 1), (127, 129), (129, 127)])
+def test_odd_lengths(q_len, kv_len):
+    q, k, v = random_qkv(1, 2, 1, q_len, kv_len, 16, dtype=torch.float16)
+    mask_mod = prefix_lm_mask(5) if q_len > 1 and kv_len > 1 else None
+    check(q, k, v, mask_mod=mask_mod, block_size=64, context=f"{q_len}x{kv_len}")
+
+
+@pytest.mark.parametrize("head_dim,value_dim", [(16, 16), (80, 80), (96, 48), (40, 72), (192, 192), (256, 64)])
+def test_head_dims_padded_and_dv_ne_d(head_dim, value_dim):
+    q, k, v = random_qkv(1, 1, 1, 33, 40, head_dim, value_dim, dtype=torch.float16)
+    check(q, k, v, mask_mod=causal_mask, block_size=16, context=f"D={head_dim} Dv={value_dim}")
+
+
+@pytest.mark.parametrize("block_size", [(16, 32), (32, 16), (24, 40), 64])
+def test_block_sizes_and_ragged_subtiles(block_size):
+    q, k, v = random_qkv(1, 2, 1, 70, 90, 16, dtype=torch.float32)
+    check(q, k, v, mask_mod=and_masks(causal_mask, chunked_mask(30)), block_size=block_size, context=str(block_size))
+
+
+def test_per_head_per_batch_layout_and_strided_inputs():
+    def head_dependent(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < 6 + 10 * h + 5 * b)
+
+    q, k, v = random_qkv(2, 2, 2, 50, 50, 16, dtype=torch.float32, layout="transposed")
+    check(q, k, v, mask_mod=head_dependent, mask_batch=2, mask_heads=2, block_size=16)
+
+
+# -- score mods and their derivatives ---------------------------------------------------------
+
+def _score_mods(length: int):
+    table = torch.randn(2 * length - 1)
+    head_bias = torch.randn(2, length)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + length - 1]
+
+    def gated_head_bias(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx > q_idx - 8, score + head_bias[h, kv_idx], score * 0.5)
+
+    def smooth_math(score, b, h, q_idx, kv_idx):
+        # exp / log / sqrt / sigmoid / min / max / abs / pow / division, all differentiable.
+        positive = torch.log(torch.exp(score) + 1.0) + torch.sqrt(score * score + 1.0)
+        bounded = torch.maximum(torch.minimum(score, positive), -torch.abs(score) - 2.0)
+        return bounded * torch.sigmoid(score) + score ** 2 / (positive + 3.0) - 0.1 * 2.0 ** (score / 4)
+
+    return {"softcap": softcap_score(2.0), "alibi": alibi_score(2), "relative_bias": relative_bias,
+            "gated_head_bias": gated_head_bias, "smooth_math": smooth_math}
+
+
+@pytest.mark.parametrize("kind", list(_score_mods(4)))
+def test_score_mod_gradients(kind):
+    length = 48
+    score_mod = _score_mods(length)[kind]
+    q, k, v = random_qkv(1, 2, 2, length, length, 16, dtype=torch.float32)
+    check(q, k, v, mask_mod=causal_mask, score_mod=score_mod, block_size=16, context=kind)
+
+
+def test_softcap_bf16_with_sliding_window():
+    q, k, v = random_qkv(1, 2, 1, 60, 60, 32, dtype=torch.bfloat16)
+    check(q, k, v, mask_mod=sliding_window_mask(20), score_mod=softcap_score(5.0), block_size=32)
+
+
+@pytest.mark.parametrize("kind", list(_score_mods(4)))
+def test_symbolic_derivative_matches_autograd(kind):
+    """d score_mod / d score from the derivative graph equals torch autograd, in float64."""
+    length = 12
+    score_mod = _score_mods(length)[kind]
+    traced = trace_score_mod(score_mod)
+    grad_graph = TracedMod("score", derivative.score_derivative(traced.graph), traced.captured, "grad")
+    b, h = torch.tensor(0).view(1, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1)
+    q_idx, kv_idx = torch.arange(length).view(1, 1, -1, 1), torch.arange(length).view(1, 1, 1, -1)
+    score = (torch.randn(1, 2, length, length, dtype=torch.float64) * 3).requires_grad_()
+    captured = [t.double() if t.is_floating_point() else t for t in traced.captured]
+    value = evaluate(traced, dict(score=score, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx), captured)
+    (expected,) = torch.autograd.grad(value.sum(), score)
+    got = evaluate(grad_graph, dict(score=score.detach(), b=b, h=h, q_idx=q_idx, kv_idx=kv_idx), captured)
+    torch.testing.assert_close(got.broadcast_to(expected.shape).double(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_constant_derivative_emits_no_derivative_code():
+    from triton_attn.kernels.backward_codegen import score_lines
+
+    for score_mod in (alibi_score(4), _score_mods(8)["relative_bias"]):
+        lines, grad_lines, _ = score_lines(trace_score_mod(score_mod))
+        assert grad_lines == ["ds = dz"] and not any(line.startswith("dscore") for line in lines)
+    lines, grad_lines, _ = score_lines(trace_score_mod(softcap_score(3.0)))
+    assert any(line.startswith("dscore") for line in lines) and "dscore" in grad_lines[0]
+
+
+# -- semantics: masked rows, lse gradient, determinism ----------------------------------------
+
+def test_fully_masked_rows_get_zero_gradients():
+    def every_third_row_empty(b, h, q_idx, kv_idx):
+        return (q_idx % 3 != 0) & (kv_idx <= q_idx)
+
+    q, k, v = random_qkv(1, 2, 2, 50, 50, 16, dtype=torch.float16)
+    check(q, k, v, mask_mod=every_third_row_empty, score_mod=softcap_score(4.0), block_size=16)
+    block_mask = _block_mask(every_third_row_empty, 50, 50, 16)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = TritonBackward.apply(*leaves, block_mask, None, 0.25)
+    (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert (leaves[0].grad[:, :, ::3] == 0).all()
+
+
+def test_nothing_attended_gives_zero_gradients():
+    def nothing(b, h, q_idx, kv_idx):
+        return kv_idx > q_idx + 1000
+
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 1, 1, 20, 20, 16, dtype=torch.float32))
+    out, _ = TritonBackward.apply(q, k, v, _block_mask(nothing, 20, 20, 16), softcap_score(2.0), 0.25)
+    out.sum().backward()
+    assert all((t.grad == 0).all() for t in (q, k, v))
+
+
+def test_gradient_through_lse():
+    """A loss on lse as well as out: dLse enters the kernels through delta."""
+    q, k, v = random_qkv(1, 2, 1, 40, 56, 16, dtype=torch.float32)
+    block_mask = _block_mask(sliding_window_mask(9), 40, 56, 16)
+    grad_out, grad_lse = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        finite = torch.isfinite(lse)
+        loss = (out * grad_out.to(dtype)).sum() + (lse[finite] * grad_lse.to(lse.dtype)[finite]).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got = grads(lambda *t: TritonBackward.apply(*t, block_mask, None, 0.25), torch.float32)
+    gold = grads(lambda *t: dense_attention(*t, mask_mod=sliding_window_mask(9), scale=0.25,
+                                            compute_dtype=torch.float64), torch.float64)
+    for name, a, b in zip("qkv", got, gold):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5, msg=f"d{name}")
+    # Only the lse gradient (out unused): grad_out arrives as None.
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    _, lse = TritonBackward.apply(*leaves, block_mask, None, 0.25)
+    lse.sum().backward()
+    assert (leaves[2].grad == 0).all() and leaves[0].grad.abs().sum() > 0
+
+
+def test_repeated_backward_is_bitwise_deterministic():
+    q, k, v = random_qkv(2, 4, 2, 70, 70, 32, dtype=torch.bfloat16)
+    ids = _document_ids(2, 70)
+    block_mask = _block_mask(and_masks(causal_mask, document_mask(ids)), 70, 70, 32, mask_batch=2)
+    grad_out = torch.randn(2, 4, 70, 32, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = TritonBackward.apply(*leaves, block_mask, softcap_score(10.0), 0.2)
+        out.backward(grad_out)
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# -- untraceable masks and unsupported gradients ----------------------------------------------
+
+def test_untraceable_mask_uses_transposed_bitmasks():
+    def python_branching(b, h, q_idx, kv_idx):  # Python control flow on tensors cannot be traced
+        causal = q_idx >= kv_idx
+        if bool(causal.any()):
+            return causal & ((q_idx * 7 + kv_idx * 3) % 5 != 0)
+        return causal
+
+    q, k, v = random_qkv(1, 2, 1, 45, 50, 16, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntraceableMaskWarning)
+        check(q, k, v, mask_mod=python_branching, block_size=(16, 32))
+        check(q, k, v, mask_mod=python_branching, block_size=(24, 16))
+
+
+def test_transposed_fallback_block_ids_point_at_the_same_blocks():
+    def irregular(b, h, q_idx, kv_idx):
+        return ((q_idx * 3 + kv_idx * 5) % 7 != 0) & (kv_idx <= q_idx + 20 * h)
+
+    block_mask = ta.create_block_mask(irregular, None, 2, 70, 90, BLOCK_SIZE=16)
+    _, offsets = partial_block_bits(block_mask)
+    ids = transposed_fallback_block_ids(block_mask, offsets)
+    for h in range(2):
+        for column in range(block_mask.num_blocks[1]):
+            for slot in range(int(block_mask.q_num_blocks[0, h, column])):
+                row = int(block_mask.q_indices[0, h, column, slot])
+                forward_slot = block_mask.kv_indices[0, h, row, : int(block_mask.kv_num_blocks[0, h, row])].tolist()
+                assert int(ids[0, h, column, slot]) == int(offsets[0, h, row]) + forward_slot.index(column)
+
+
+def test_learnable_captured_tensor_is_refused_before_any_kernel():
+    table = torch.randn(63, requires_grad=True)
+
+    def learned_bias(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + 31]
+
+    with pytest.raises(UnsupportedBackwardError, match=r"learned_bias.*backend='torch'"):
+        check_backward_supported(learned_bias)
+    check_backward_supported(softcap_score(3.0))  # nothing learnable: fine
+    with torch.no_grad():
+        frozen = table.detach()
+
+    def frozen_bias(score, b, h, q_idx, kv_idx):
+        return score + frozen[q_idx - kv_idx + 31]
+
+    check_backward_supported(frozen_bias)
+
+
+def test_learnable_score_tensor_trains_through_recompute_path():
+    """A learnable bias table captured by the score_mod gets gradients (recompute path, warned once)."""
+    from triton_attn.kernels.autograd import LearnableScoreTensorWarning
+
+    table = torch.randn(63, requires_grad=True)
+
+    def learned_bias(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + 31]
+
+    q, k, v = random_qkv(1, 2, 2, 32, 32, 16, dtype=torch.float32)
+    with pytest.warns(LearnableScoreTensorWarning, match="learned_bias"):
+        assert_matches_golden(lambda q_, k_, v_: ta.attention(q_, k_, v_, score_mod=learned_bias, return_lse=True,
+                                                              backend="interpret"),
+                              q, k, v, score_mod=learned_bias, params=[table])
+    with torch.no_grad():  # inference with the same score_mod is plain forward
+        ta.attention(q, k, v, score_mod=learned_bias, backend="interpret")
+
+
+# -- random compositions ----------------------------------------------------------------------
+
+def _primitive(draw, length):
+    kind = draw(st.sampled_from(["causal", "window", "chunked", "prefix", "document", "padding", "modular"]))
+    if kind == "causal":
+        return causal_mask
+    if kind == "window":
+        return sliding_window_mask(draw(st.integers(1, length)))
+    if kind == "chunked":
+        return chunked_mask(draw(st.integers(1, length)))
+    if kind == "prefix":
+        return prefix_lm_mask(draw(st.integers(0, length)))
+    if kind == "document":
+        cuts = sorted(draw(st.lists(st.integers(1, max(1, length - 1)), max_size=3)))
+        return document_mask(torch.bucketize(torch.arange(length), torch.tensor(cuts, dtype=torch.long), right=True))
+    if kind == "padding":
+        keep = torch.arange(length) < draw(st.integers(1, length))
+        return padding_mask(keep[None, :])
+    modulus = draw(st.integers(2, 5))
+
+    def modular(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx) % modulus != 1
+
+    return modular
+
+
+@st.composite
+def _composed_masks(draw, length):
+    mask = _primitive(draw, length)
+    for _ in range(draw(st.integers(0, 2))):
+        combine = draw(st.sampled_from(["and", "or", "not"]))
+        if combine == "not":
+            mask = not_mask(mask)
+        elif combine == "and":
+            mask = and_masks(mask, _primitive(draw, length))
+        else:
+            mask = or_masks(mask, _primitive(draw, length))
+    return mask
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_random_compositions(data):
+    length = data.draw(st.integers(2, 64), label="length")
+    mask_mod = data.draw(_composed_masks(length), label="mask")
+    block = data.draw(st.sampled_from([16, 32, (16, 32), (32, 16)]), label="block")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="dtype")
+    score_mod = data.draw(st.sampled_from([None, softcap_score(3.0), alibi_score(2)]), label="score_mod")
+    q, k, v = random_qkv(1, 2, 1, length, length, 16, dtype=dtype)
+    check(q, k, v, mask_mod=mask_mod, score_mod=score_mod, block_size=block,
+          context=getattr(mask_mod, "__name__", ""))

@@ -1,0 +1,306 @@
+"""The ``triton-attn`` command: each subcommand's happy path at tiny sizes on CPU, and its error path
+(one line on stderr, exit code 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from triton_attn import cli
+from triton_attn.kernels.tuning_cache import TuningCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of ``triton-attn argv`` run in this process."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse usage errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_ATTN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRITON_ATTN_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_ATTN_AUTOTUNE", raising=False)
+
+
+# -- show ---------------------------------------------------------------------------------------------------
+
+def test_show_prints_block_picture(capsys):
+    code, out, _ = run(capsys, "show", "sliding_window", "--window", "256", "--seq-len", "4096")
+    assert code == 0
+    assert "sliding window 256: Q_LEN=4096, KV_LEN=4096, BLOCK_SIZE=(128, 128), 32x32 blocks" in out
+    assert "31 full, 62 partial" in out and "90.9% skipped" in out
+    picture = [line for line in out.splitlines() if line.endswith("|")]
+    assert len(picture) == 32 and picture[1].startswith("██░░")
+
+
+def test_show_png_and_every_library_mask(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "pictures" / "doc.png"
+    code, out, _ = run(capsys, "show", "document", "--seq-len", "1024", "--documents", "3", "--png", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in cli.LIBRARY_MASKS:
+        code, out, _ = run(capsys, "show", name, "--seq-len", "512", "--block-size", "64,128", "--grid", "0")
+        assert code == 0 and "BLOCK_SIZE=(64, 128), 8x4 blocks" in out, out
+    assert "score_mod: softcap" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("show", "diagonal"), "invalid choice"),
+    (("show", "causal", "--seq-len", "0"), "--seq-len must be a positive integer"),
+    (("show", "sliding_window", "--window", "-4"), "--window must be a positive integer"),
+    (("show", "causal", "--block-size", "big"), "--block-size"),
+    (("show", "causal", "--seq-len", "ten"), "invalid int value"),
+])
+def test_show_errors_are_one_line(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_show_png_unwritable_is_one_line(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "show", "causal", "--seq-len", "256", "--png", str(blocker / "x.png"))
+    assert_one_line_error(code, err, "cannot write")
+
+
+# -- info ---------------------------------------------------------------------------------------------------
+
+def test_info_lists_versions_backends_and_cache(capsys, tmp_path):
+    TuningCache().put("fwd|NVIDIA H100|sm90|bfloat16|d128|dv128|gqa1|q4096|kv4096|half",
+                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, ms=0.25)
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"torch {torch.__version__}" in out and "triton " in out and "transformers " in out
+    assert "torch      yes" in out
+    assert str(tmp_path / "cache" / "autotune.json") in out and "(1 entry)" in out
+    assert "BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3" in out
+    if not torch.cuda.is_available():
+        assert "triton     no  (needs a CUDA GPU)" in out
+
+
+def test_info_with_corrupt_cache_warns_and_works(capsys, tmp_path):
+    path = tmp_path / "cache" / "autotune.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, _ = run(capsys, "info")
+    assert code == 0 and "(0 entries)" in out
+    assert any("corrupt" in str(w.message) for w in caught)
+
+
+def test_info_bad_flag_is_one_line(capsys):
+    code, _, err = run(capsys, "info", "--limit", "many")
+    assert_one_line_error(code, err, "--limit")
+
+
+# -- check --------------------------------------------------------------------------------------------------
+
+def test_check_torch_backend(capsys):
+    code, out, _ = run(capsys, "check", "--backend", "torch", "--seq-len", "40", "--quiet")
+    assert code == 0, out
+    assert "6/6 passed" in out
+    for mask in ("none", "causal", "sliding_window", "document", "prefix_lm", "softcap"):
+        assert f"torch      {mask}" in out
+
+
+def test_check_every_available_backend(capsys):
+    pytest.importorskip("triton")
+    code, out, _ = run(capsys, "check", "--seq-len", "33", "--no-backward", "--quiet")
+    assert code == 0, out
+    backends = [name for name, ok, _ in cli.available_backends("cpu") if ok]
+    assert f"{6 * len(backends)}/{6 * len(backends)} passed" in out
+    assert "interpret" in backends or "kernels" in out
+
+
+def test_check_reports_failures_with_exit_1(capsys, monkeypatch):
+    import triton_attn.api as api
+
+    real = api.attention
+
+    def wrong(q, k, v, **kwargs):
+        out, lse = real(q, k, v, **kwargs)
+        return out + 1e-2, lse
+
+    monkeypatch.setattr(api, "attention", wrong)
+    code, out, _ = run(capsys, "check", "--backend", "torch", "--seq-len", "24", "--no-backward", "--quiet")
+    assert code == 1 and "FAIL" in out and "0/6 passed" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("check", "--backend", "triton"), "triton"),
+    (("check", "--dtype", "fp8"), "unknown dtype"),
+    (("check", "--seq-len", "0"), "--seq-len"),
+    (("check", "--device", "tpu:7"), "--device"),
+])
+def test_check_errors_are_one_line(capsys, argv, fragment):
+    if torch.cuda.is_available() and "triton" in argv:
+        pytest.skip("a GPU is present: the triton backend is available")
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+# -- tune ---------------------------------------------------------------------------------------------------
+
+def test_tune_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run(capsys, "tune", "--mask", "causal", "--seq-len", "1024")
+    assert_one_line_error(code, err, "CUDA GPU", "--dry-run")
+
+
+def test_tune_dry_run_prunes_by_aot_compile(capsys):
+    pytest.importorskip("triton")
+    code, out, _ = run(capsys, "tune", "--dry-run", "--arch", "sm_80", "--mask", "causal", "--seq-len", "256",
+                       "--head-dim", "64", "--dtype", "fp16", "--max-configs", "2", "--quiet")
+    assert code == 0, out
+    assert "search space for sm_80" in out and "causal L=256 D=64 float16" in out and "2 candidate configs" in out
+    assert "survive pruning for sm_80" in out or "listing the search space only" in out
+    if "survive" in out:
+        assert "keep" in out and "smem" in out
+
+
+def test_tune_flow_under_the_interpreter_stores_winners(capsys):
+    """The GPU tuning flow end to end (real launcher, timing, cache), run by the Triton interpreter on CPU."""
+    pytest.importorskip("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, out, _ = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                           "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "2", "--quiet")
+    assert code == 0, out
+    assert "causal L=64 D=16 float32" in out and "winners stored in" in out
+    entries = TuningCache().entries()
+    assert len(entries) == 1 and next(iter(entries)).startswith("fwd|cpu|sm0|float32|d16|dv16|gqa1|q64|kv64|half")
+    code, out, _ = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                       "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "2", "--quiet")
+    assert code == 0 and "already tuned" in out
+    code, out, _ = run(capsys, "info")
+    assert "(1 entry)" in out and "fwd|cpu|sm0|float32" in out
+
+
+def test_tune_config_file_json_and_yaml(capsys, tmp_path):
+    spec = {"shapes": [{"mask": ["causal", "sliding_window"], "seq_len": 512, "head_dim": [64, 128],
+                        "dtype": "bf16", "heads": 8, "kv_heads": 2, "window": 128}]}
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps(spec))
+    args = cli.build_parser().parse_args(["tune", "--config", str(path)])
+    shapes = cli.tune_shapes(args)
+    assert [(s.mask, s.head_dim) for s in shapes] == [("causal", 64), ("causal", 128), ("sliding_window", 64),
+                                                       ("sliding_window", 128)]
+    assert all(s.kv_heads == 2 and s.dtype == "bfloat16" and s.mask_args == {"window": 128} for s in shapes)
+    pytest.importorskip("yaml")
+    yaml_path = tmp_path / "shapes.yaml"
+    yaml_path.write_text("- mask: document\n  seq_len: [1024, 2048]\n  head_dim: 64\n  dtype: fp16\n")
+    args = cli.build_parser().parse_args(["tune", "--config", str(yaml_path)])
+    assert [(s.mask, s.seq_len, s.dtype) for s in cli.tune_shapes(args)] == [("document", 1024, "float16"),
+                                                                            ("document", 2048, "float16")]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{broken", "not valid JSON"),
+    ('{"shapes": []}', "non-empty list of shapes"),
+    ('[{"mask": "causal", "seqlen": 4}]', "unknown key(s) seqlen"),
+    ('[{"mask": "zigzag"}]', "unknown mask 'zigzag'"),
+    ('[{"heads": 6, "kv_heads": 4}]', "not a multiple"),
+    ('[{"dtype": "int8"}]', "unknown dtype"),
+])
+def test_tune_bad_config_file_is_one_line(capsys, tmp_path, content, fragment):
+    path = tmp_path / "spec.json"
+    path.write_text(content)
+    code, _, err = run(capsys, "tune", "--dry-run", "--config", str(path))
+    assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("tune", "--dry-run", "--config", "/nonexistent/spec.json"), "cannot read"),
+    (("tune", "--dry-run", "--arch", "hopper"), "--arch"),
+    (("tune", "--dry-run", "--seq-len", "-1"), "seq_len"),
+    (("tune", "--mask", "nope"), "invalid choice"),
+])
+def test_tune_errors_are_one_line(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+# -- bench --------------------------------------------------------------------------------------------------
+
+def test_bench_tiny_run_writes_csv_png_and_summary(capsys, tmp_path):
+    out_dir = tmp_path / "results"
+    code, out, _ = run(capsys, "bench", "--impl", "ours", "sdpa", "--mask", "causal", "document", "softcap",
+                       "--seq-len", "128", "--heads", "2", "--repeats", "1", "--out", str(out_dir), "--quiet")
+    assert code == 0, out
+    files = sorted(p.suffix for p in out_dir.iterdir())
+    assert files == [".csv", ".md", ".png"] if _has_matplotlib() else [".csv", ".md"]
+    csv_path = next(out_dir.glob("*.csv"))
+    assert "torch" + torch.__version__.split("+")[0] in csv_path.name
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 3 * 2 * 2  # masks x implementations x (fwd, bwd)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["impl"], r["pass"]) for r in ok} == {("ours", "fwd"), ("ours", "bwd"), ("sdpa", "fwd"), ("sdpa", "bwd")}
+    softcap_sdpa = [r for r in rows if r["mask"] == "softcap" and r["impl"] == "sdpa"]
+    assert all(r["status"].startswith("n/a") for r in softcap_sdpa)
+    causal = next(r for r in rows if r["mask"] == "causal" and r["impl"] == "ours" and r["pass"] == "fwd")
+    assert abs(float(causal["density"]) - 129 / 256) < 1e-6 and float(causal["tflops"]) > 0
+    assert all(r["device"] and r["date"] and r["torch"] for r in rows)
+    assert "| causal | 128 |" in next(out_dir.glob("*.md")).read_text()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401  (only whether it imports)
+    except ImportError:
+        return False
+    return True
+
+
+def test_bench_flex_timeout_is_recorded_not_fatal(capsys, tmp_path):
+    code, out, _ = run(capsys, "bench", "--impl", "flex", "--mask", "causal", "--seq-len", "64", "--heads", "1",
+                       "--repeats", "1", "--flex-timeout", "0.5", "--out", str(tmp_path), "--quiet")
+    assert code == 0, out
+    rows = list(csv.DictReader(next(tmp_path.glob("*.csv")).open()))
+    assert rows and all("TimeoutError" in r["status"] for r in rows)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("bench", "--seq-len", "0"), "--seq-len must be positive"),
+    (("bench", "--mask", "zigzag"), "invalid choice"),
+    (("bench", "--dtype", "int4", "--impl", "ours"), "unknown dtype"),
+])
+def test_bench_errors_are_one_line(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+# -- the installed entry point ------------------------------------------------------------------------------
+
+def test_module_entry_point_error_is_one_line_exit_2():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "triton_attn.cli", "show", "causal", "--seq-len", "-1"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("triton-attn show: error:")
