@@ -342,3 +342,35 @@ def test_first_call_with_grad_is_fast():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
     assert result.stdout.strip() == "clean", result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the inference fast path (PyTorch's fused CPU flash kernel per tile row)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mod_name", ["causal", "sliding_window_17", "document_1d", "or_not", "rows_masked"])
+@pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (4, 1)])
+def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_heads):
+    from triton_attn import cpu_flash
+
+    calls = []
+    original = cpu_flash.fused_attention
+    monkeypatch.setattr(cpu_flash, "fused_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    mod = _rows_masked_from(60) if mod_name == "rows_masked" else _library_cases()[mod_name]
+    q, k, v = random_qkv(1, q_heads, kv_heads, 129, 129, 32)
+    with torch.no_grad():
+        check(q, k, v, mod, block_size=(32, 16), backward=False)
+    assert calls, "the fast path was not taken"
+
+
+def test_cpu_flash_fast_path_not_used_when_it_does_not_apply(monkeypatch):
+    from triton_attn import cpu_flash
+
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
+    bm = ta.create_block_mask(causal_mask, None, None, 40, 40, BLOCK_SIZE=16)
+    per_head = ta.create_block_mask(causal_mask, None, 2, 40, 40, BLOCK_SIZE=16)
+    assert cpu_flash.applicable(q, k, v, bm, None, needs_grad=False)
+    assert not cpu_flash.applicable(q, k, v, bm, None, needs_grad=True)
+    assert not cpu_flash.applicable(q, k, v, bm, softcap_score(2.0), needs_grad=False)
+    assert not cpu_flash.applicable(q.half(), k.half(), v.half(), bm, None, needs_grad=False)
+    assert not cpu_flash.applicable(q, k, v, per_head, None, needs_grad=False)
+    assert not cpu_flash.applicable(q, k, v[..., :8], bm, None, needs_grad=False)

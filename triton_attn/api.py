@@ -118,7 +118,7 @@ def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
               score_mod: Optional[Callable] = None, block_mask: Optional[BlockMask] = None,
               scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
-              backend: Optional[str] = None):
+              backend: Optional[str] = None, autotune: Optional[bool] = None):
     """Fused attention with a block-sparse mask and an optional score_mod.
 
     query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
@@ -126,6 +126,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     block_mask: from ``create_block_mask``; None attends everywhere.
     scale: defaults to 1/sqrt(D). enable_gqa: allow Hq a multiple of Hkv.
     backend: "triton" (CUDA), "interpret" (the Triton kernels on CPU tensors), "torch"; None picks.
+    autotune: on the triton backend, with no tuned config cached for this problem, search the
+    config table now and remember the winner on disk (default: off, unless TRITON_ATTN_AUTOTUNE=1).
     Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
     float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
     """
@@ -134,6 +136,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if autotune is not None and not isinstance(autotune, bool):
+        raise TypeError(f"autotune must be True, False or None, got {autotune!r}")
     chosen = choose_backend(backend, query.device)
     if chosen != "torch" and query.dtype == torch.float64:
         raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
@@ -149,5 +153,5 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         from .kernels.autograd import triton_attention  # Triton is imported only when used
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
-                                    interpret=chosen == "interpret")
+                                    interpret=chosen == "interpret", autotune=autotune)
     return (out, lse) if return_lse else out

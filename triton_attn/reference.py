@@ -253,6 +253,10 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     q_block = block_mask.BLOCK_SIZE[0]
     learnable = [t for t in captured_tensors(score_mod) if t.requires_grad] if score_mod is not None else []
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *learnable))
+    from . import cpu_flash
+
+    if cpu_flash.applicable(query, key, value, block_mask, score_mod, needs_grad):
+        return cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block

@@ -30,12 +30,12 @@ _WARNED = set()
 
 
 class TritonAttentionFunction(torch.autograd.Function):
-    """apply(query, key, value, block_mask, score_mod, scale, interpret) -> (out, lse)."""
+    """apply(query, key, value, block_mask, score_mod, scale, interpret, autotune) -> (out, lse)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret):
+    def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret, autotune):
         out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                     interpret=interpret)
+                                     interpret=interpret, autotune=autotune)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.interpret = block_mask, score_mod, scale, interpret
         ctx.set_materialize_grads(False)  # an unused lse (or out) gradient arrives as None: no zeros launched
@@ -49,20 +49,20 @@ class TritonAttentionFunction(torch.autograd.Function):
         grad_query, grad_key, grad_value = attention_backward(
             query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask, score_mod=ctx.score_mod,
             scale=ctx.scale, interpret=ctx.interpret)
-        return grad_query, grad_key, grad_value, None, None, None, None
+        return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
 class RecomputeBackwardFunction(torch.autograd.Function):
-    """apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable) -> (out, lse).
+    """apply(query, key, value, block_mask, score_mod, scale, interpret, autotune, *learnable) -> (out, lse).
 
     Fused forward; backward differentiates ``reference.blockwise_attention`` recomputed one
     query-block row at a time, so ``learnable`` (tensors the score_mod captured) get gradients.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret, *learnable):
+    def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret, autotune, *learnable):
         out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                     interpret=interpret)
+                                     interpret=interpret, autotune=autotune)
         ctx.save_for_backward(query, key, value, *learnable)
         ctx.block_mask, ctx.score_mod, ctx.scale = block_mask, score_mod, scale
         return out, lse
@@ -77,29 +77,32 @@ class RecomputeBackwardFunction(torch.autograd.Function):
             inputs = [t.detach().requires_grad_(need) for t, need in zip((query, key, value), needs[:3])]
             out, lse = blockwise_attention(*inputs, ctx.block_mask, score_mod=ctx.score_mod, scale=ctx.scale)
             wrt = inputs + list(learnable)
-            wanted = [t for t, need in zip(wrt, needs[:3] + needs[7:]) if need]
+            wanted = [t for t, need in zip(wrt, needs[:3] + needs[8:]) if need]
             computed = iter(torch.autograd.grad((out, lse), wanted, (grad_out, grad_lse), allow_unused=True))
-        grads = [next(computed) if need else None for need in needs[:3] + needs[7:]]
+        grads = [next(computed) if need else None for need in needs[:3] + needs[8:]]
         grads = [torch.zeros_like(t) if need and g is None else g
-                 for t, g, need in zip(wrt, grads, needs[:3] + needs[7:])]
-        return (grads[0], grads[1], grads[2], None, None, None, None, *grads[3:])
+                 for t, g, need in zip(wrt, grads, needs[:3] + needs[8:])]
+        return (grads[0], grads[1], grads[2], None, None, None, None, None, *grads[3:])
 
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
-                     score_mod: Optional[Callable], scale: float, interpret: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     score_mod: Optional[Callable], scale: float, interpret: bool,
+                     autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention with the Triton kernels; inputs are validated by ``triton_attn.attention``.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]; ``interpret`` runs the
     same kernels under the Triton interpreter (CPU tensors). Returns out [B, Hq, Lq, Dv] in the
     input dtype and lse [B, Hq, Lq] float32 (natural log; -inf for rows with no allowed key).
     Both are differentiable (a loss on lse, as attention sinks use, reaches q and k).
+    ``autotune``: search the config table now when no tuned winner is cached (see ``launch``).
     """
     from .backward_launch import learnable_score_tensors
 
     learnable = learnable_score_tensors(score_mod) if torch.is_grad_enabled() else []
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value)) or bool(learnable))
     if not needs_grad:
-        return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret)
+        return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret,
+                                 autotune=autotune)
     if learnable:
         name = mod_name(score_mod)
         if name not in _WARNED:
@@ -107,5 +110,6 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             warnings.warn(f"score_mod {name!r} captures tensors that require grad; their gradients come from a "
                           "PyTorch recomputation of the backward pass (slower than the fused Triton backward). "
                           "Detach them if they need no gradient.", LearnableScoreTensorWarning, stacklevel=3)
-        return RecomputeBackwardFunction.apply(query, key, value, block_mask, score_mod, scale, interpret, *learnable)
-    return TritonAttentionFunction.apply(query, key, value, block_mask, score_mod, scale, interpret)
+        return RecomputeBackwardFunction.apply(query, key, value, block_mask, score_mod, scale, interpret, autotune,
+                                               *learnable)
+    return TritonAttentionFunction.apply(query, key, value, block_mask, score_mod, scale, interpret, autotune)

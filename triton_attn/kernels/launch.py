@@ -119,14 +119,33 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
     )
 
 
+def _tuned_config(query, key, value, block_mask: BlockMask, score_mod, scale: float, default: KernelConfig,
+                  autotune: Optional[bool]) -> KernelConfig:
+    """The cached winner for this call's tuning key, or ``default``; searches only when asked."""
+    from . import autotune as tuning
+
+    tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "")
+    head_dim, head_dim_v = query.shape[-1], value.shape[-1]
+    return tuning.select_config(
+        tuning_key, default, autotune=autotune, device=query.device,
+        candidates=lambda: tuning.search_space("fwd", tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v,
+                                               dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
+                                               q_len=query.shape[2]),
+        run=lambda candidate: attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                                interpret=False, config=candidate))
+
+
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                       score_mod: Optional[Callable], scale: float, interpret: bool,
-                      config: Optional[KernelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      config: Optional[KernelConfig] = None,
+                      autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] (validated by ``attention``).
     Returns out [B, Hq, Lq, Dv] in the input dtype and lse [B, Hq, Lq] float32 (natural log).
-    ``config``: a ``KernelConfig`` (fitted to the BlockMask here); default ``default_config``.
+    ``config``: a ``KernelConfig`` (fitted to the BlockMask here). Without one: the tuned winner
+    for this problem's key from the tuning cache, else ``default_config`` at once; a search runs
+    only when ``autotune=True`` (or ``TRITON_ATTN_AUTOTUNE=1``), so a first call never stalls.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
@@ -139,8 +158,9 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     kernel = codegen.kernel_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
-    else:
-        config = config.fitted(q_bs, kv_bs, q_len)
+        if not interpret:
+            config = _tuned_config(query, key, value, block_mask, score_mod, scale, config, autotune)
+    config = config.fitted(q_bs, kv_bs, q_len)
 
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=query.dtype, device=device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
