@@ -16,7 +16,7 @@ torch build. ``blockwise_attention`` checks ``applicable`` and otherwise takes t
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 

@@ -55,7 +55,7 @@ def score_lines(score: Optional[TracedMod]) -> Tuple[List[str], List[str], List[
     if score is None:
         return (["logits = qk * scale_log2  # scale and log2(e) folded into one multiply"], ["ds = dz"], [])
     grad_graph = derivative.score_derivative(score.graph)
-    emitter = codegen._Emitter("score_v", "score_cap")  # see the report: a public Emitter hook
+    emitter = codegen.Emitter("score_v", "score_cap")
     value = emitter.value(score.graph)
     final = emitter.as_float(value)
     if value.is_const:
@@ -90,10 +90,10 @@ def transposed_bitmask_lines() -> List[str]:
 def _specialize(template: str, kernel_name: str, captured: List[CapturedParam], mask: List[str],
                 score: List[str], score_grad: List[str]) -> str:
     body = template.replace("@@KERNEL_NAME@@", kernel_name)
-    body = codegen._replace_marker(body, "CAPTURED_ARGS", [", ".join(p.arg_names()) + "," for p in captured])
-    body = codegen._replace_marker(body, "MASK_PREDICATE", mask)
-    body = codegen._replace_marker(body, "SCORE", score)
-    body = codegen._replace_marker(body, "SCORE_GRAD", score_grad)
+    body = codegen.replace_marker(body, "CAPTURED_ARGS", [", ".join(p.arg_names()) + "," for p in captured])
+    body = codegen.replace_marker(body, "MASK_PREDICATE", mask)
+    body = codegen.replace_marker(body, "SCORE", score)
+    body = codegen.replace_marker(body, "SCORE_GRAD", score_grad)
     return body.strip("\n") + "\n"
 
 
@@ -111,7 +111,7 @@ class BackwardSource:
 def generate_backward_source(spec: KernelSpec) -> BackwardSource:
     """The module source of the dK/dV and dQ kernels for ``spec`` (the forward's spec)."""
     key = backward_key(spec)
-    forward_mask_lines, mask_params = codegen._mask_lines(spec)
+    forward_mask_lines, mask_params = codegen.mask_lines(spec)
     if spec.mask_mode == codegen.MASK_BITMASK:
         dkdv_mask_lines, dkdv_mask_params = transposed_bitmask_lines(), list(TRANSPOSED_FALLBACK_PARAMS)
     else:
@@ -158,8 +158,8 @@ def backward_kernels_for(spec: KernelSpec) -> BackwardKernels:
             return kernels
         generated = generate_backward_source(spec)
         path = codegen.cache_dir() / f"attention_backward_{key}.py"
-        codegen._write_atomically(path, generated.source)
-        module = codegen._import_file(f"triton_attn_generated_backward_{key}", path)
+        codegen.write_atomically(path, generated.source)
+        module = codegen.import_file(f"triton_attn_generated_backward_{key}", path)
         kernels = BackwardKernels(
             spec,
             GeneratedKernel(spec, generated.dkdv_name, path, getattr(module, generated.dkdv_name),

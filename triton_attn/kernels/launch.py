@@ -8,7 +8,6 @@ Triton interpreter (CPU tensors).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 

@@ -1,0 +1,179 @@
+"""Generated kernel modules: the cache directory, atomic writes, import, and the kernel objects.
+
+Triton's JIT reads a kernel's source through ``inspect``, so generated source is written to a
+module file in the cache directory (``$TRITON_ATTN_CACHE_DIR``, default ``~/.cache/triton_attn``),
+atomically (a temp file and ``os.replace``, so concurrent processes never see half a file), and
+imported from there. ``GeneratedKernel`` then builds a compiled (``jit()``) or interpreted
+(``interpreted()``) kernel from the same function, so both backends run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
+
+if TYPE_CHECKING:
+    from .codegen import CapturedParam, KernelSpec
+
+# ---------------------------------------------------------------------------------------------
+# Cache directory, module loading, kernel objects
+# ---------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where generated kernel modules live: ``$TRITON_ATTN_CACHE_DIR`` or ``~/.cache/triton_attn``."""
+    root = os.environ.get("TRITON_ATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "triton_attn")
+    path = Path(root) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and ``os.replace`` so another process never sees half a module."""
+    if path.exists() and path.read_text() == text:
+        return
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def import_file(module_name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # inspect.getsource finds the file through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class GeneratedKernel:
+    """One specialized forward kernel, runnable compiled (CUDA) or under the interpreter.
+
+    ``function`` is the plain Python function from the generated module. ``jit()`` wraps it in a
+    ``triton.runtime.jit.JITFunction`` and ``interpreted()`` in an ``InterpretedFunction``; both
+    are built explicitly rather than through ``@triton.jit``, which picks one of the two from
+    ``TRITON_INTERPRET`` at decoration time. So ``backend="interpret"`` and ``backend="triton"``
+    can run in the same process.
+    """
+
+    spec: KernelSpec
+    kernel_name: str
+    path: Path
+    function: Callable
+    captured: Tuple[CapturedParam, ...]
+    _jit: object = field(default=None, repr=False)
+    _interpreted: object = field(default=None, repr=False)
+
+    @property
+    def arg_names(self) -> List[str]:
+        import inspect
+
+        return list(inspect.signature(self.function).parameters)
+
+    def _do_not_specialize(self) -> List[str]:
+        # Lengths and captured sizes/strides change from call to call; specializing on them
+        # (value 1, divisibility by 16) would only multiply compiled variants.
+        names = ["q_len", "kv_len"]
+        for param in self.captured:
+            names.extend(param.arg_names()[1:])
+        return names
+
+    def jit(self):
+        if self._jit is None:
+            from triton.runtime.jit import JITFunction
+
+            self._jit = JITFunction(self.function, do_not_specialize=self._do_not_specialize())
+        return self._jit
+
+    def interpreted(self) -> "InterpretedKernel":
+        if self._interpreted is None:
+            self._interpreted = InterpretedKernel(self.function)
+        return self._interpreted
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter inside a process that also compiles
+# ---------------------------------------------------------------------------------------------
+
+_INTERPRETER_LOCK = threading.RLock()
+_NESTED_INTERPRETED: Dict[int, Tuple[object, object]] = {}
+
+
+def _interpret_nested_call(jit_function, *args, **kwargs):
+    """``JITFunction.__call__`` while an interpreted kernel runs: interpret the callee too.
+
+    Triton's standard library (``tl.zeros``, ``tl.max``, ``tl.sum``, ...) is made of
+    ``@triton.jit`` functions. Imported without ``TRITON_INTERPRET=1`` they are ``JITFunction``s,
+    whose ``__call__`` refuses to run outside a compiled kernel; the interpreter needs them as
+    ``InterpretedFunction``s, which is what they would have been under the environment variable.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    entry = _NESTED_INTERPRETED.get(id(jit_function))
+    if entry is None or entry[0] is not jit_function:
+        entry = (jit_function, InterpretedFunction(jit_function.fn))
+        _NESTED_INTERPRETED[id(jit_function)] = entry
+    return entry[1](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def interpreter_scope():
+    """Run Triton's interpreter in a process whose ``triton.language`` is set up for compiling.
+
+    The interpreter patches ``triton.language`` (and, for nested standard-library calls,
+    ``triton.language.core``) while a kernel runs and does not undo every nested patch. This
+    scope routes nested ``JITFunction`` calls to the interpreter and afterwards restores the
+    namespaces exactly, so later compiled launches in the same process see an untouched Triton.
+    """
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    with _INTERPRETER_LOCK:
+        owners = [tl, tl.core, tl.math, tl.core.tensor, tl.standard]
+        saved = [(owner, dict(vars(owner))) for owner in owners]
+        original_call = JITFunction.__call__
+        JITFunction.__call__ = _interpret_nested_call
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original_call
+            for owner, before in saved:
+                if isinstance(owner, type):  # e.g. the tensor class's interpreter-only __index__
+                    for name in set(vars(owner)) - set(before):
+                        delattr(owner, name)
+                # Names the interpreter *added* to a module are its own helpers, injected into
+                # the globals of every function it rewrites (and cached with them): they shadow
+                # nothing, and rewritten functions still need them, so they stay.
+                for name, value in before.items():
+                    if vars(owner).get(name, _MISSING) is not value:
+                        setattr(owner, name, value)
+
+
+_MISSING = object()
+
+
+class InterpretedKernel:
+    """``kernel[grid](*args, **constexprs)`` under the Triton interpreter, on CPU tensors."""
+
+    def __init__(self, function: Callable):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.function = InterpretedFunction(function)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with interpreter_scope():
+                return self.function[grid](*args, **kwargs)
+        return launch
