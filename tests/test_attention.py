@@ -374,3 +374,22 @@ def test_cpu_flash_fast_path_not_used_when_it_does_not_apply(monkeypatch):
     assert not cpu_flash.applicable(q.half(), k.half(), v.half(), bm, None, needs_grad=False)
     assert not cpu_flash.applicable(q, k, v, per_head, None, needs_grad=False)
     assert not cpu_flash.applicable(q, k, v[..., :8], bm, None, needs_grad=False)
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_compact_block_mask_is_walked_without_dense_fields(needs_grad):
+    """The torch backend (both paths) reads a compact mask's compressed rows, never its dense fields."""
+    ids = torch.arange(200) // 70
+    mod = and_masks(causal_mask, document_mask(ids))
+    compact = ta.create_block_mask(mod, None, None, 200, 200, BLOCK_SIZE=32, layout="compact")
+    assert isinstance(compact, ta.CompactBlockMask)
+    q, k, v = random_qkv(1, 2, 1, 200, 200, 16)
+    with torch.set_grad_enabled(needs_grad):
+        check(q, k, v, mod, block_size=32, backward=needs_grad)  # the same attention through a dense mask
+        run = torch_attention(compact, enable_gqa=True)
+        out, lse = run(*(t.requires_grad_(needs_grad) for t in (q, k, v)))
+    assert not compact._dense, f"dense fields were built: {sorted(compact._dense)}"
+    dense_out, dense_lse = torch_attention(ta.create_block_mask(mod, None, None, 200, 200, BLOCK_SIZE=32),
+                                           enable_gqa=True)(q, k, v)
+    torch.testing.assert_close(out, dense_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, dense_lse, rtol=0, atol=0)

@@ -182,9 +182,9 @@ def test_untraceable_mask_falls_back_exactly_and_warns_once():
             return causal & ((q_idx * 7 + kv_idx * 3) % 5 != 0)
         return causal
 
-    python_branching.__name__ = "python_branching"
+    python_branching.__name__ = "python_branching_forward"  # the warning is once per name: unique here
     q, k, v = random_qkv(2, 2, 2, 75, 75, 32, dtype=torch.float16)
-    with pytest.warns(UntraceableMaskWarning, match="python_branching"):
+    with pytest.warns(UntraceableMaskWarning, match="python_branching_forward"):
         check(q, k, v, mask_mod=python_branching, block_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntraceableMaskWarning)  # said once, not on every call

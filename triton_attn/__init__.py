@@ -5,8 +5,8 @@ Write a ``mask_mod(b, h, q_idx, kv_idx)`` (and optionally a ``score_mod``), buil
 """
 
 from .api import attention
-from .masks import BlockMask, create_block_mask, create_mask
+from .masks import BlockMask, CompactBlockMask, create_block_mask, create_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "create_block_mask", "create_mask", "BlockMask", "__version__"]
+__all__ = ["attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]

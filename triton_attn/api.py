@@ -17,6 +17,7 @@ BACKENDS = ("torch", "triton", "interpret")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 DEFAULT_BLOCK_SIZE = 128
+COMPACT_TILES = 1 << 22  # above this many tiles, the no-mask BlockMask uses the compact layout
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -110,6 +111,13 @@ def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
     """A BlockMask with every tile full (plain attention), built without evaluating anything."""
     q_bs, kv_bs = (block_size, block_size) if isinstance(block_size, int) else block_size
     nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+    if batch * heads * nq * nkv > COMPACT_TILES:
+        # Long sequences: dense [NQ, NKV] index fields would be ~1 GB at 1M tokens; the compact
+        # layout stores compressed rows (the interval compiler classifies every tile full at once).
+        from .masks import create_block_mask, full_mask
+
+        return create_block_mask(full_mask, None, None, q_len, kv_len, device=device, BLOCK_SIZE=(q_bs, kv_bs),
+                                 layout="compact")
     full = torch.ones(batch, heads, nq, nkv, dtype=torch.bool, device=device)
     return BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
                                      seq_lengths=(q_len, kv_len), mask_mod=None)

@@ -33,7 +33,7 @@ def applicable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
     """Whether ``fused_attention`` may serve this call (see the module docstring)."""
     return (not needs_grad and score_mod is None and query.device.type == "cpu"
             and query.dtype == torch.float32 and key.shape[-1] == value.shape[-1]
-            and block_mask.kv_num_blocks.shape[:2] == (1, 1) and _flash_op() is not None)
+            and tuple(block_mask.shape[:2]) == (1, 1) and _flash_op() is not None)
 
 
 def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block: int):
@@ -79,12 +79,11 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         # GQA: the query heads sharing a K/V head become extra rows, so K/V are never repeated.
         grouped = q_tile.reshape(batch, kv_heads, groups * rows, head_dim)
         parts = []
-        for counts, indices, partial in ((block_mask.kv_num_blocks, block_mask.kv_indices, True),
-                                         (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False)):
-            count = int(counts[0, 0, row])
+        for (counts, indices), partial in zip(block_mask.row_layout(row), (True, False)):
+            count = int(counts[0, 0])
             if count == 0:
                 continue
-            positions, k_span, v_span = _span(key, value, indices[0, 0, row, :count], kv_block)
+            positions, k_span, v_span = _span(key, value, indices[0, 0, :count], kv_block)
             bias, attended = None, None
             if partial:
                 q_idx = torch.arange(q_start, q_start + rows).view(1, 1, -1, 1)

@@ -76,17 +76,6 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, lse.squeeze(-1).float()
 
 
-def _row_layout(block_mask: BlockMask, row: int, device):
-    """((partial num, partial indices), (full num, full indices)) of one query block row.
-
-    Shapes ``[Bm, Hm]`` and ``[Bm, Hm, NKV]`` with ``Bm``/``Hm`` the mask's own (1 when broadcast).
-    """
-    def pick(t):
-        return t[:, :, row].to(device)
-    return ((pick(block_mask.kv_num_blocks), pick(block_mask.kv_indices)),
-            (pick(block_mask.full_kv_num_blocks), pick(block_mask.full_kv_indices)))
-
-
 class _TileFetcher:
     """Loads the K/V tiles of a run of blocks, and multiplies queries against them.
 
@@ -260,7 +249,7 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
-        layout = _row_layout(block_mask, row, query.device)
+        layout = block_mask.row_layout(row, query.device)
         q_tile = query[:, :, q_start:q_start + q_block]
         kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale)
         if needs_grad:

@@ -170,6 +170,16 @@ class BlockMask:
     def device(self) -> torch.device:
         return self.kv_num_blocks.device
 
+    def row_layout(self, row: int, device=None):
+        """Query block row ``row`` as ``((num, indices), (full_num, full_indices))``: partial then full
+        blocks, ``num`` int32 ``[Bm, Hm]`` and ``indices`` ``[Bm, Hm, NKV]`` (the first ``num`` valid),
+        ``Bm``/``Hm`` the mask's own sizes (1 when it broadcasts). The compact layout overrides this
+        to read its compressed rows without building the dense fields."""
+        def pick(t):
+            return t[:, :, row] if device is None else t[:, :, row].to(device)
+        return ((pick(self.kv_num_blocks), pick(self.kv_indices)),
+                (pick(self.full_kv_num_blocks), pick(self.full_kv_indices)))
+
     def partial_blocks(self) -> torch.Tensor:
         """Bool ``[B, H, NQ, NKV]``: blocks where the mask_mod must be evaluated."""
         return dense_from_ordered(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])

@@ -1,42 +1,63 @@
 """Interval analysis of a traced mask_mod: classify tiles as empty, full or "maybe" without
 evaluating the mask element by element.
 
-Every node of the traced graph (see ``tracing.py``) is evaluated once per *vector of tiles*: a
-tile grid chunk is described by tensors that broadcast to ``[B', H', R, NKV]`` (batch, head,
-query-block rows, kv blocks). A numeric node evaluates to an ``Num`` (per-tile lower/upper bounds
-of every value it takes on the tile, or "unknown"), a bool node to a ``Truth`` (per tile: can it be
-False, can it be True). A tile is empty when the predicate cannot be True, full when it cannot be
-False, "maybe" otherwise; the caller evaluates the maybe tiles exactly.
+The traced graph (see ``tracing.py``) is evaluated once per *vector of tiles*. The caller
+describes a chunk of the tile grid by index ranges that broadcast against each other (for
+example ``b``/``h`` ``[P, 1, 1]``, ``q_idx`` ``[1, R, 1]``, ``kv_idx`` ``[1, 1, NKV]``); every node
+then evaluates to
 
-Soundness rules (refinement makes the result exact, so imprecision only costs time):
+- a ``Num`` for integer values: per-tile lower and upper bounds of every value the node takes on
+  the tile (``UNKNOWN`` when nothing is known), or
+- a ``Truth`` for bool values: per tile, *can* it be False somewhere, *can* it be True.
 
-- Anything that cannot be bounded soundly is "unknown" (floats are always unknown: their
-  rounding is not modelled; integer bounds that might overflow int64 are unknown).
+A tile is empty when the predicate cannot be True, full when it cannot be False, "maybe"
+otherwise; the compiler evaluates only the maybe tiles exactly. Work is O(tiles) tensor ops with
+no Python loop over tiles; a node that depends only on ``q_idx`` stays ``[1, R, 1]``.
+
+Soundness rules (exact refinement makes the final result exact, so imprecision only costs time):
+
+- Floats are never bounded (rounding is not modelled): float nodes are unknown.
+- Every integer node carries the dtype eager PyTorch would compute it in (the index arguments are
+  int64, a load has its tensor's dtype, Python constants adopt the other operand's dtype, as in
+  ``torch.result_type``). Tiles where a result could leave that dtype's range (and wrap in eager
+  PyTorch) are *poisoned*.
 - Operations that raise in eager PyTorch (integer division or modulo by zero, indexing out of
-  range, negative integer powers) *poison* the tiles where they may happen: those tiles are
-  forced to "maybe", so the exact evaluation raises the same error the exact compiler raises.
-- Loads ``captured[i0, i1, ...]`` use min/max summaries of the captured tensor: along one
-  ranged index dimension a sparse table over blocks of ``G`` elements (``G`` a power of two
-  dividing the tile sizes, so a tile-aligned ``q_idx`` range is answered exactly), point
-  dimensions are gathered, and any further ranged dimension is reduced to its global min/max.
+  range -- negative indices included, which wrap in eager mode --, negative integer powers,
+  arithmetic on two bool tensors) poison the tiles where they may happen.
+- Poisoned tiles are forced to "maybe", so the exact evaluation of those tiles computes (or raises)
+  exactly what the exact compiler computes (or raises).
+- Loads ``captured[i0, i1, ...]``: an index that is a single value on every tile of the chunk is
+  gathered; up to two *ranged* index dimensions are answered from per-granule min/max summaries of
+  the captured tensor (one reduction pass, then a sparse table, so any index range costs O(1) per
+  tile); further ranged dimensions use the global min/max along them. The granule is the largest
+  power of two dividing both block sizes (grown only to bound the table size), so a tile-aligned
+  range such as ``ids[b, q_idx]`` is summarized exactly.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .tracing import Node, TracedMod
 
-_LIMIT = 1 << 61  # integer bounds beyond this might overflow int64 arithmetic: give up on them
+__all__ = ["Num", "Truth", "UNKNOWN", "IntervalEvaluator", "graph_args"]
+
+# Bounds of int64 results are kept within +-2**62 so that our own int64 arithmetic on them
+# (sums and differences of two bounds) never wraps; beyond that the tile is poisoned.
+_INT64_SAFE = 1 << 62
+# Largest sparse table (elements) built for one captured tensor; the granule grows beyond it.
+_TABLE_LIMIT = 1 << 22
+_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
+_ARITH = {"add", "sub", "mul", "floordiv", "mod", "pow", "neg", "abs", "invert", "min", "max"}
 
 
 @dataclass
 class Num:
-    """Per-tile bounds of a numeric value; ``lo is None`` means unknown (any value)."""
+    """Per-tile bounds of an integer value; ``lo is None`` means unknown (any value)."""
 
     lo: Optional[torch.Tensor]
     hi: Optional[torch.Tensor]
@@ -48,7 +69,7 @@ class Num:
 
 @dataclass
 class Truth:
-    """Per-tile: can the bool value be False somewhere in the tile, can it be True."""
+    """Per tile: can the bool value be False somewhere in the tile, can it be True."""
 
     can_false: torch.Tensor
     can_true: torch.Tensor
@@ -57,7 +78,7 @@ class Truth:
 UNKNOWN = Num(None, None)
 
 
-def graph_args(node: Node, seen: Optional[set] = None) -> set:
+def graph_args(node: Node) -> set:
     """The index arguments (b, h, q_idx, kv_idx) a graph depends on."""
     found: set = set()
     stack, visited = [node], set()
@@ -72,124 +93,274 @@ def graph_args(node: Node, seen: Optional[set] = None) -> set:
     return found
 
 
-def _sparse_tables(values: torch.Tensor, reduce_min: bool) -> torch.Tensor:
-    """``[K, ..., n]``: level k holds the min (max) over ``2**k`` consecutive entries of the last dim."""
+def _nodes(graph: Node) -> List[Node]:
+    """Every node once, children before parents."""
+    order, seen = [], set()
+    stack = [(graph, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in seen:
+            continue
+        if expanded:
+            seen.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((a, False) for a in node.args if isinstance(a, Node) and id(a) not in seen)
+    return order
+
+
+def eager_dtypes(traced: TracedMod) -> Dict[int, Optional[torch.dtype]]:
+    """``id(node) -> dtype`` eager PyTorch computes the node in (None for a Python constant).
+
+    Uses ``torch.result_type`` on stand-ins: index arguments and indexed loads are 1-d tensors,
+    0-d captured tensors are 0-d tensors, constants Python scalars -- the three priority classes of
+    PyTorch's type promotion.
+    """
+    stand_in: Dict[int, object] = {}
+    dtypes: Dict[int, Optional[torch.dtype]] = {}
+    for node in _nodes(traced.graph):
+        op = node.op
+        args = [stand_in[id(a)] for a in node.args if isinstance(a, Node)]
+        dims = any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args)
+        if op == "arg":
+            dtype, dims = (torch.float32 if node.args[0] == "score" else torch.int64), True
+        elif op == "const":
+            stand_in[id(node)] = node.args[0]
+            dtypes[id(node)] = None
+            continue
+        elif op == "load":
+            dtype, dims = traced.captured[node.args[0]].dtype, len(node.args) > 1
+        elif op in _COMPARE or op == "not":
+            dtype = torch.bool
+        elif op == "to_float" or op in ("truediv", "tanh", "exp", "exp2", "log", "log2", "sqrt", "sigmoid"):
+            dtype = torch.float32 if not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64
+                                             for a in args) else torch.float64
+        elif op == "to_int":
+            dtype = torch.int64
+        elif op in ("neg", "abs", "invert", "floor", "ceil"):
+            a = args[0]
+            dtype = a.dtype if isinstance(a, torch.Tensor) else (torch.bool if isinstance(a, bool) else
+                                                                 torch.int64 if isinstance(a, int) else torch.float32)
+        else:  # binary arithmetic / logic, where (branches only)
+            values = args[1:] if op == "where" else args
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            if tensors:
+                dtype = torch.result_type(*values) if len(values) == 2 else tensors[0].dtype
+            else:  # Python scalars only
+                dtype = torch.result_type(torch.tensor(values[0]), values[1])
+        stand_in[id(node)] = torch.zeros((1,) if dims else (), dtype=dtype)
+        dtypes[id(node)] = dtype
+    return dtypes
+
+
+def _dtype_range(dtype: Optional[torch.dtype]) -> Optional[Tuple[int, int]]:
+    if dtype is None or dtype == torch.int64:
+        return -_INT64_SAFE, _INT64_SAFE
+    if dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        return info.min, info.max
+    return None  # bool / float / exotic: handled by the caller
+
+
+def _sparse_table(values: torch.Tensor, dim: int, reduce_min: bool) -> torch.Tensor:
+    """``[K, *values.shape]``: level k holds the min (max) over ``2**k`` consecutive entries along ``dim``
+    (starting at each position; entries that would run past the end are padding, never read)."""
+    fn = torch.minimum if reduce_min else torch.maximum
+    n = values.shape[dim]
     levels = [values]
-    n = values.shape[-1]
     k = 1
     while (1 << k) <= n:
         prev = levels[-1]
         half = 1 << (k - 1)
-        a, b = prev[..., : n - (1 << k) + 1], prev[..., half: half + n - (1 << k) + 1]
-        nxt = torch.minimum(a, b) if reduce_min else torch.maximum(a, b)
-        pad = n - nxt.shape[-1]
-        levels.append(torch.nn.functional.pad(nxt, (0, pad)) if pad else nxt)
+        count = n - (1 << k) + 1
+        nxt = fn(prev.narrow(dim, 0, count), prev.narrow(dim, half, count))
+        pad = n - count
+        if pad:
+            nxt = torch.cat([nxt, prev.narrow(dim, n - pad, pad)], dim=dim)
+        levels.append(nxt)
         k += 1
     return torch.stack(levels)
 
 
-class _LoadSummary:
-    """Min/max of one captured tensor over ranges of one dimension (others gathered or reduced)."""
+def _floor_log2(length: torch.Tensor) -> torch.Tensor:
+    """floor(log2(length)) for int64 ``length >= 1``, exactly."""
+    level = torch.floor(torch.log2(length.to(torch.float64))).to(torch.int64)
+    level = torch.where(torch.bitwise_left_shift(torch.ones_like(level), level) > length, level - 1, level)
+    return torch.where(torch.bitwise_left_shift(torch.ones_like(level), level + 1) <= length, level + 1, level)
 
-    def __init__(self, tensor: torch.Tensor, range_dim: Optional[int], reduce_dims: Tuple[int, ...], granule: int):
-        t = tensor.detach()
-        if t.dtype == torch.bool:
-            t = t.to(torch.int64)
-        else:
-            t = t.to(torch.int64)
-        for d in sorted(reduce_dims, reverse=True):
-            t = torch.cat([t.amin(dim=d, keepdim=True), t.amax(dim=d, keepdim=True)], dim=d)
-        # After the reduction the reduced dims have size 2 (min, max); keep both by reducing again
-        # when reading: lo from index 0, hi from index 1.
-        self.reduce_dims = reduce_dims
-        self.range_dim = range_dim
-        self.granule = granule
-        if range_dim is None:
-            self.lo_table = self.hi_table = None
-            self.base = t
-            return
-        size = t.shape[range_dim]
+
+class _LoadSummary:
+    """Min/max summaries of one captured tensor for loads with the given ranged dims (at most two)
+    and reduced dims (collapsed to their global min/max)."""
+
+    def __init__(self, tensor: torch.Tensor, ranged: Tuple[int, ...], reduced: Tuple[int, ...], granule: int):
+        t = tensor.detach().to(torch.int64)
+        lo, hi = t, t
+        for d in reduced:
+            lo, hi = lo.amin(dim=d, keepdim=True), hi.amax(dim=d, keepdim=True)
+        self.ranged, self.reduced = ranged, reduced
+        others = 1
+        for d in range(t.dim()):
+            if d not in ranged:
+                others *= lo.shape[d]
+        # Grow the granule until the tables stay small.
+        sizes = [t.shape[d] for d in ranged]
+        granules = [granule] * len(ranged)
+
+        def table_size():
+            total = others
+            for size, g in zip(sizes, granules):
+                n = -(-size // g)
+                total *= n * max(1, n.bit_length())
+            return total
+
+        while table_size() > _TABLE_LIMIT:
+            widest = max(range(len(ranged)), key=lambda i: -(-sizes[i] // granules[i]))
+            granules[widest] *= 2
+        self.granules = granules
+        for d, g in zip(ranged, granules):
+            lo, hi = self._block_reduce(lo, d, g, True), self._block_reduce(hi, d, g, False)
+        # Sparse tables: levels of the last ranged dim first, then (2-d) of the first one.
+        self.lo_table, self.hi_table = lo, hi
+        for d in reversed(ranged):
+            # Each table build stacks a new leading level dim, shifting data dims by one.
+            shift = 0 if d == ranged[-1] else 1
+            self.lo_table = _sparse_table(self.lo_table, d + shift, True)
+            self.hi_table = _sparse_table(self.hi_table, d + shift, False)
+
+    @staticmethod
+    def _block_reduce(values: torch.Tensor, dim: int, granule: int, reduce_min: bool) -> torch.Tensor:
+        if granule == 1:
+            return values
+        size = values.shape[dim]
         n_blocks = -(-size // granule)
-        moved = t.movedim(range_dim, -1)
         pad = n_blocks * granule - size
-        if pad:
-            moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
-        blocks = moved.reshape(*moved.shape[:-1], n_blocks, granule)
-        self.lo_table = _sparse_tables(blocks.amin(dim=-1), True)   # [K, ..., n_blocks]
-        self.hi_table = _sparse_tables(blocks.amax(dim=-1), False)
-        self.size = size
+        if pad:  # pad with the last value, which changes no min/max of a block containing it
+            last = values.narrow(dim, size - 1, 1)
+            values = torch.cat([values, last.expand(*[pad if i == dim else s for i, s in enumerate(last.shape)])],
+                               dim=dim)
+        shape = list(values.shape)
+        shape[dim:dim + 1] = [n_blocks, granule]
+        blocks = values.reshape(shape)
+        return blocks.amin(dim=dim + 1) if reduce_min else blocks.amax(dim=dim + 1)
+
+    def query(self, clamped: Sequence[Num]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-tile (lo, hi) of ``tensor[ranges]`` for in-range (clamped) index bounds."""
+        starts = []  # per ranged dim: (level, first block, second block)
+        for d, g in zip(self.ranged, self.granules):
+            first, last = torch.floor_divide(clamped[d].lo, g), torch.floor_divide(clamped[d].hi, g)
+            last = torch.maximum(first, last)  # lo > hi only on poisoned tiles: keep the query in range
+            level = _floor_log2(last - first + 1)
+            second = last - torch.bitwise_left_shift(torch.ones_like(level), level) + 1
+            starts.append((level, first, second))
+        base = []
+        for d, n in enumerate(clamped):
+            if d in self.reduced:
+                base.append(0)
+            elif d in self.ranged:
+                base.append(None)
+            else:
+                base.append(n.lo)
+        # Table dims: [level of each ranged dim, in order, *data dims].
+        levels = [level for level, _, _ in starts]
+        lo = hi = None
+        choices = [(0,), (1,)] if len(starts) == 1 else [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for choice in choices:
+            position = list(base)
+            for which, d, (_, first, second) in zip(choice, self.ranged, starts):
+                position[d] = first if which == 0 else second
+            index = tuple(levels + position)
+            lo_part, hi_part = self.lo_table[index], self.hi_table[index]
+            lo = lo_part if lo is None else torch.minimum(lo, lo_part)
+            hi = hi_part if hi is None else torch.maximum(hi, hi_part)
+        return lo, hi
 
 
 class IntervalEvaluator:
-    """Evaluates a traced mask graph over tile vectors (see module docstring)."""
+    """Evaluates a traced mask graph over tile vectors (see the module docstring).
+
+    One evaluator serves every chunk of one ``create_block_mask`` call: the summaries of the
+    captured tensors are built once, on first use.
+    """
 
     def __init__(self, traced: TracedMod, block_size: Tuple[int, int], device: torch.device):
         self.traced = traced
-        self.device = device
+        self.device = torch.device(device)
         q_bs, kv_bs = block_size
-        self.granule = math.gcd(q_bs, kv_bs) & -math.gcd(q_bs, kv_bs)  # largest power of two dividing both
-        self.captured = [t.to(device) for t in traced.captured]
+        both = _gcd(q_bs, kv_bs)
+        self.granule = both & -both  # the largest power of two dividing both block sizes
+        self.captured = [t.detach().to(self.device) for t in traced.captured]
+        self.dtypes = eager_dtypes(traced)
         self._summaries: Dict[tuple, _LoadSummary] = {}
-        self._scalars: Dict[int, torch.Tensor] = {}
+        self._bounds: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._true = torch.tensor(True, device=self.device)
+        self._false = torch.tensor(False, device=self.device)
 
     # -- public ---------------------------------------------------------------------------------
     def classify(self, leaves: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``leaves`` maps b/h/q_idx/kv_idx to (lo, hi) int64 tensors broadcasting to the tile grid.
 
-        Returns (can_false, can_true) bool tensors (broadcastable to the grid) with poisoned tiles
-        forced to maybe.
+        Returns (can_false, can_true) bool tensors broadcastable to the grid, poisoned tiles
+        forced to maybe (both True).
         """
         self._leaves = leaves
         self._memo: Dict[int, object] = {}
         self._poison: Optional[torch.Tensor] = None
-        result = self._truth(self._run(self.traced.graph))
+        try:
+            result = self._truth(self._run(self.traced.graph))
+        finally:
+            self._memo = {}
         can_false, can_true = result.can_false, result.can_true
+        self.last_poison = self._poison  # tiles where eager evaluation might raise or wrap (None: nowhere)
         if self._poison is not None:
             can_false = can_false | self._poison
             can_true = can_true | self._poison
         return can_false, can_true
 
     # -- helpers --------------------------------------------------------------------------------
-    def _t(self, value, dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(value, dtype=dtype, device=self.device)
+    def _int(self, value: int) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.int64, device=self.device)
 
     def _poison_where(self, mask) -> None:
         if isinstance(mask, bool):
-            mask = self._t(mask, torch.bool)
+            if not mask:
+                return
+            mask = self._true
         self._poison = mask if self._poison is None else (self._poison | mask)
+
+    def _both(self) -> Truth:
+        return Truth(self._true, self._true)
 
     def _truth(self, value) -> Truth:
         if isinstance(value, Truth):
             return value
-        # A numeric value used as a condition: True where it is nonzero.
-        num = value
-        if not num.known:
-            return Truth(self._t(True, torch.bool), self._t(True, torch.bool))
-        can_false = (num.lo <= 0) & (num.hi >= 0)
-        can_true = (num.lo != 0) | (num.hi != 0)
-        return Truth(can_false, can_true)
+        if not value.known:  # a numeric value used as a condition: True where nonzero
+            return self._both()
+        return Truth((value.lo <= 0) & (value.hi >= 0), (value.lo != 0) | (value.hi != 0))
 
     def _num(self, value) -> Num:
         if isinstance(value, Num):
             return value
-        # bool -> 0/1
-        lo = torch.where(value.can_false, 0, 1)
-        hi = torch.where(value.can_true, 1, 0)
-        return Num(lo, hi)
+        one, zero = self._int(1), self._int(0)
+        return Num(torch.where(value.can_false, zero, one), torch.where(value.can_true, one, zero))
 
-    def _checked(self, lo: torch.Tensor, hi: torch.Tensor) -> Num:
-        if lo.numel() and (bool((lo < -_LIMIT).any()) or bool((hi > _LIMIT).any())):
-            return UNKNOWN
-        return Num(lo, hi)
+    def _fit(self, node: Node, num: Num) -> Num:
+        """Poison tiles where ``num`` may leave the range of the node's eager dtype."""
+        if not num.known:
+            return num
+        bounds = _dtype_range(self.dtypes.get(id(node)))
+        if bounds is None:
+            return num
+        self._poison_where((num.lo < bounds[0]) | (num.hi > bounds[1]))
+        return num
 
     # -- evaluation -----------------------------------------------------------------------------
     def _run(self, node: Node):
         key = id(node)
-        if key in self._memo:
-            return self._memo[key]
-        value = self._eval(node)
-        self._memo[key] = value
-        return value
+        if key not in self._memo:
+            self._memo[key] = self._eval(node)
+        return self._memo[key]
 
     def _eval(self, node: Node):
         op, kind = node.op, node.kind
@@ -202,57 +373,65 @@ class IntervalEvaluator:
         if op == "const":
             value = node.args[0]
             if kind == "bool":
-                return Truth(self._t(not value, torch.bool), self._t(bool(value), torch.bool))
+                return Truth(self._false if value else self._true, self._true if value else self._false)
             if kind == "float":
                 return UNKNOWN
-            return Num(self._t(int(value)), self._t(int(value)))
+            return Num(self._int(int(value)), self._int(int(value)))
         if op == "load":
             return self._load(node)
         args = [self._run(a) for a in node.args]
+        eager = self.dtypes.get(id(node))
         if op == "where":
             return self._where(node, *args)
-        if kind == "float" or any(isinstance(a, Num) and a is UNKNOWN for a in args) and op in _COMPARE:
-            if op in _COMPARE:
-                return Truth(self._t(True, torch.bool), self._t(True, torch.bool))
-            return UNKNOWN
-        if op == "not":
-            a = self._truth(args[0])
-            return Truth(a.can_true, a.can_false)
-        if op in ("and", "or", "xor") and kind == "bool":
-            a, b = self._truth(args[0]), self._truth(args[1])
-            if op == "and":
-                return Truth(a.can_false | b.can_false, a.can_true & b.can_true)
-            if op == "or":
-                return Truth(a.can_false & b.can_false, a.can_true | b.can_true)
-            return Truth((a.can_true & b.can_true) | (a.can_false & b.can_false),
-                         (a.can_true & b.can_false) | (a.can_false & b.can_true))
         if op in _COMPARE:
+            if any(a.kind == "float" for a in node.args):
+                return self._both()
             return self._compare(op, self._num(args[0]), self._num(args[1]))
+        if kind == "float":
+            return UNKNOWN
+        if kind == "bool":
+            if op == "not":
+                a = self._truth(args[0])
+                return Truth(a.can_true, a.can_false)
+            if op in ("and", "or", "xor"):
+                a, b = self._truth(args[0]), self._truth(args[1])
+                if op == "and":
+                    return Truth(a.can_false | b.can_false, a.can_true & b.can_true)
+                if op == "or":
+                    return Truth(a.can_false & b.can_false, a.can_true | b.can_true)
+                return Truth((a.can_true & b.can_true) | (a.can_false & b.can_false),
+                             (a.can_true & b.can_false) | (a.can_false & b.can_true))
+            return self._both()
+        # integer-kind node
+        if eager is None or not (eager in _INT_DTYPES):
+            return UNKNOWN  # computed in float (or unknown) by eager PyTorch: not modelled
+        if eager == torch.bool:
+            if op in _ARITH and op not in ("min", "max"):
+                self._poison_where(True)  # bool arithmetic differs from (or raises in) integer semantics
+                return UNKNOWN
         if any(a.kind == "float" for a in node.args):
             return UNKNOWN
-        nums = [self._num(a) for a in args]
-        return self._int_op(op, nums)
+        return self._fit(node, self._int_op(op, [self._num(a) for a in args]))
 
     def _where(self, node: Node, cond, if_true, if_false):
         c = self._truth(cond)
         if node.kind == "bool":
             t, f = self._truth(if_true), self._truth(if_false)
-            can_false = (c.can_true & t.can_false) | (c.can_false & f.can_false)
-            can_true = (c.can_true & t.can_true) | (c.can_false & f.can_true)
-            return Truth(can_false, can_true)
-        if node.kind == "float":
+            return Truth((c.can_true & t.can_false) | (c.can_false & f.can_false),
+                         (c.can_true & t.can_true) | (c.can_false & f.can_true))
+        if node.kind == "float" or self.dtypes.get(id(node)) not in _INT_DTYPES:
             return UNKNOWN
         t, f = self._num(if_true), self._num(if_false)
         if not (t.known and f.known):
             return UNKNOWN
-        lo = torch.where(~c.can_false, t.lo, torch.where(~c.can_true, f.lo, torch.minimum(t.lo, f.lo)))
-        hi = torch.where(~c.can_false, t.hi, torch.where(~c.can_true, f.hi, torch.maximum(t.hi, f.hi)))
-        return Num(lo, hi)
+        lo = torch.where(c.can_true, torch.where(c.can_false, torch.minimum(t.lo, f.lo), t.lo), f.lo)
+        hi = torch.where(c.can_true, torch.where(c.can_false, torch.maximum(t.hi, f.hi), t.hi), f.hi)
+        return self._fit(node, Num(lo, hi))
 
     def _compare(self, op: str, a: Num, b: Num) -> Truth:
         if not (a.known and b.known):
-            return Truth(self._t(True, torch.bool), self._t(True, torch.bool))
-        if op == "eq" or op == "ne":
+            return self._both()
+        if op in ("eq", "ne"):
             overlap = (a.lo <= b.hi) & (b.lo <= a.hi)
             all_equal = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
             return Truth(~all_equal, overlap) if op == "eq" else Truth(overlap, ~all_equal)
@@ -262,20 +441,20 @@ class IntervalEvaluator:
             return Truth(a.hi >= b.lo, a.lo < b.hi)
         return Truth(a.hi > b.lo, a.lo <= b.hi)  # le
 
-    def _int_op(self, op: str, nums: List[Num]):
+    def _int_op(self, op: str, nums: List[Num]) -> Num:
         if op in ("to_int", "floor", "ceil"):
             return nums[0]
-        if op == "to_float":
+        if op in ("floordiv", "mod") and len(nums) == 2:
+            divisor = nums[1]
+            if divisor.known:
+                self._poison_where((divisor.lo <= 0) & (divisor.hi >= 0))
+            else:
+                self._poison_where(True)
+        if op == "pow":
+            exponent = nums[1]
+            self._poison_where((exponent.lo < 0) if exponent.known else True)
             return UNKNOWN
         if not all(n.known for n in nums):
-            if op in ("floordiv", "mod") and nums[1].known:
-                self._poison_where((nums[1].lo <= 0) & (nums[1].hi >= 0))
-            elif op in ("floordiv", "mod"):
-                self._poison_where(True)
-            if op == "pow" and nums[1].known:
-                self._poison_where(nums[1].lo < 0)
-            elif op == "pow":
-                self._poison_where(True)
             if op == "mod" and nums[1].known:
                 return self._mod_unknown_dividend(nums[1])
             return UNKNOWN
@@ -286,18 +465,17 @@ class IntervalEvaluator:
         if op == "abs":
             a = nums[0]
             lo = torch.where(a.lo >= 0, a.lo, torch.where(a.hi <= 0, -a.hi, torch.zeros_like(a.lo)))
-            hi = torch.maximum(a.hi.abs(), a.lo.abs())
-            return Num(lo, hi)
+            return Num(lo, torch.maximum(a.hi.abs(), a.lo.abs()))
         a, b = nums
         if op == "add":
-            return self._checked(a.lo + b.lo, a.hi + b.hi)
+            return Num(a.lo + b.lo, a.hi + b.hi)
         if op == "sub":
-            return self._checked(a.lo - b.hi, a.hi - b.lo)
+            return Num(a.lo - b.hi, a.hi - b.lo)
         if op == "mul":
-            big = max(float(a.lo.abs().max()), float(a.hi.abs().max())) * max(float(b.lo.abs().max()),
-                                                                               float(b.hi.abs().max()))
-            if big > _LIMIT:
-                return UNKNOWN
+            # Poison where the product might not fit (our int64 corners would wrap there).
+            size_a = torch.maximum(a.lo.abs(), a.hi.abs()).to(torch.float64)
+            size_b = torch.maximum(b.lo.abs(), b.hi.abs()).to(torch.float64)
+            self._poison_where(size_a * size_b > float(_INT64_SAFE))
             corners = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
             return Num(_reduce(torch.minimum, corners), _reduce(torch.maximum, corners))
         if op == "min":
@@ -305,52 +483,52 @@ class IntervalEvaluator:
         if op == "max":
             return Num(torch.maximum(a.lo, b.lo), torch.maximum(a.hi, b.hi))
         if op == "floordiv":
+            # Floor division is monotone in each argument while the divisor keeps one sign, so the
+            # corners bound it. Where the divisor range holds 0 the tile is poisoned: use 1 there.
             zero = (b.lo <= 0) & (b.hi >= 0)
-            self._poison_where(zero)
-            # Floor division is monotone in each argument while the divisor keeps its sign.
             b_lo = torch.where(zero, torch.ones_like(b.lo), b.lo)
             b_hi = torch.where(zero, torch.ones_like(b.hi), b.hi)
-            corners = [torch.floor_divide(x, y) for x in (a.lo, a.hi) for y in (b_lo, b_hi)]
+            # Clamped so that no corner is INT64_MIN // -1 (which traps); only poisoned tiles are that big.
+            a_lo, a_hi = a.lo.clamp(-_INT64_SAFE, _INT64_SAFE), a.hi.clamp(-_INT64_SAFE, _INT64_SAFE)
+            corners = [torch.floor_divide(x, y) for x in (a_lo, a_hi) for y in (b_lo, b_hi)]
             return Num(_reduce(torch.minimum, corners), _reduce(torch.maximum, corners))
         if op == "mod":
-            zero = (b.lo <= 0) & (b.hi >= 0)
-            self._poison_where(zero)
-            positive = b.lo > 0
-            # Divisor a single positive value and the dividend within one period: exact shift.
-            same_period = positive & (b.lo == b.hi) & (torch.floor_divide(a.lo, torch.where(positive, b.lo, 1))
-                                                       == torch.floor_divide(a.hi, torch.where(positive, b.lo, 1)))
-            # Non-negative dividend below every divisor value: unchanged.
-            unchanged = positive & (a.lo >= 0) & (a.hi < b.lo)
-            safe_b = torch.where(positive, b.lo, 1)
-            lo = torch.where(unchanged, a.lo, torch.where(same_period, torch.remainder(a.lo, safe_b),
-                                                          torch.where(positive, 0, b.lo + 1)))
-            hi = torch.where(unchanged, a.hi, torch.where(same_period, torch.remainder(a.hi, safe_b),
-                                                          torch.where(positive, b.hi - 1, 0)))
-            return Num(torch.minimum(lo, hi), torch.maximum(lo, hi))
-        if op == "pow":
-            self._poison_where(b.lo < 0)
-            return UNKNOWN
-        if op == "and":
-            nonneg = (a.lo >= 0) | (b.lo >= 0)
-            if bool(nonneg.all()):
-                hi = torch.where(a.lo >= 0, a.hi, b.hi)
-                hi = torch.where((a.lo >= 0) & (b.lo >= 0), torch.minimum(a.hi, b.hi), hi)
-                return Num(torch.zeros_like(hi), hi)
-            return UNKNOWN
+            return self._mod(a, b)
+        if op == "and":  # bitwise on integers: with a non-negative operand x, 0 <= result <= x
+            a_pos, b_pos = a.lo >= 0, b.lo >= 0
+            if not bool((a_pos | b_pos).all()):
+                return UNKNOWN
+            hi = torch.where(a_pos & b_pos, torch.minimum(a.hi, b.hi), torch.where(a_pos, a.hi, b.hi))
+            return Num(torch.zeros_like(hi), hi)
         if op in ("or", "xor"):
-            if bool((a.lo >= 0).all()) and bool((b.lo >= 0).all()):
-                top = int(torch.maximum(a.hi, b.hi).max())
-                bound = (1 << max(top, 1).bit_length()) - 1
-                return Num(self._t(0), self._t(bound))
-            return UNKNOWN
+            if not (bool((a.lo >= 0).all()) and bool((b.lo >= 0).all())):
+                return UNKNOWN
+            top = int(torch.maximum(a.hi, b.hi).max())
+            return Num(self._int(0), self._int((1 << max(top, 1).bit_length()) - 1))
         return UNKNOWN
 
+    def _mod(self, a: Num, b: Num) -> Num:
+        """Python-semantics remainder (sign of the divisor); tiles with 0 in the divisor range are poisoned."""
+        positive, negative = b.lo > 0, b.hi < 0
+        one = torch.ones_like(b.lo)
+        a = Num(a.lo.clamp(-_INT64_SAFE, _INT64_SAFE), a.hi.clamp(-_INT64_SAFE, _INT64_SAFE))
+        # A single divisor value and a dividend within one period: the remainder is an exact shift.
+        divisor = torch.where(b.lo == 0, one, b.lo)
+        same_period = (b.lo == b.hi) & (positive | negative) & (
+            torch.floor_divide(a.lo, divisor) == torch.floor_divide(a.hi, divisor))
+        # A non-negative dividend below every (positive) divisor value is unchanged.
+        unchanged = positive & (a.lo >= 0) & (a.hi < b.lo)
+        # divisor > 0: [0, b.hi - 1]; divisor < 0: [b.lo + 1, 0]; both signs (0 poisoned): the union.
+        generic_lo = torch.where(positive, torch.zeros_like(b.lo), torch.minimum(b.lo + 1, torch.zeros_like(b.lo)))
+        generic_hi = torch.where(negative, torch.zeros_like(b.hi), torch.maximum(b.hi - 1, torch.zeros_like(b.hi)))
+        lo = torch.where(unchanged, a.lo, torch.where(same_period, torch.remainder(a.lo, divisor), generic_lo))
+        hi = torch.where(unchanged, a.hi, torch.where(same_period, torch.remainder(a.hi, divisor), generic_hi))
+        return Num(lo, hi)
+
     def _mod_unknown_dividend(self, b: Num) -> Num:
-        positive = b.lo > 0
-        negative = b.hi < 0
-        if bool(positive.all()):
+        if bool((b.lo > 0).all()):
             return Num(torch.zeros_like(b.hi), b.hi - 1)
-        if bool(negative.all()):
+        if bool((b.hi < 0).all()):
             return Num(b.lo + 1, torch.zeros_like(b.lo))
         return UNKNOWN
 
@@ -358,90 +536,67 @@ class IntervalEvaluator:
     def _load(self, node: Node):
         slot = node.args[0]
         tensor = self.captured[slot]
+        modelled = tensor.dtype in _INT_DTYPES
         index_nodes = node.args[1:]
         if not index_nodes:  # a 0-d captured tensor: a constant
-            if slot not in self._scalars:
-                self._scalars[slot] = tensor.detach().to(torch.int64) if not tensor.dtype.is_floating_point else None
-            value = self._scalars[slot]
-            if value is None:
-                return UNKNOWN
-            return self._as_kind(node, Num(value, value))
-        if tensor.dtype.is_floating_point or tensor.dtype not in (torch.int64, torch.int32, torch.bool):
-            # Floats are not modelled; narrow integer dtypes may wrap in later arithmetic.
-            indices = [self._num(self._run(i)) for i in index_nodes]
-            self._check_range(indices, tensor.shape)
-            return UNKNOWN if node.kind != "bool" else self._as_kind(node, UNKNOWN)
-        if tensor.numel() == 0:
-            self._poison_where(True)
+            if not modelled:
+                return self._as_kind(node, UNKNOWN)
+            if slot not in self._bounds:
+                value = tensor.to(torch.int64)
+                self._bounds[slot] = (value, value)
+            return self._as_kind(node, Num(*self._bounds[slot]))
+        raw = [self._run(i) for i in index_nodes]
+        if any(isinstance(r, Truth) for r in raw) or any(i.kind != "int" for i in index_nodes):
+            self._poison_where(True)  # a bool index is a boolean-mask selection in eager PyTorch
             return self._as_kind(node, UNKNOWN)
-        indices = [self._num(self._run(i)) for i in index_nodes]
-        if not all(n.known for n in indices):
+        indices = [self._num(r) for r in raw]
+        if tensor.numel() == 0 or not all(n.known for n in indices):
             self._poison_where(True)
-            lo, hi = tensor.min().to(torch.int64), tensor.max().to(torch.int64)
+            if tensor.numel() == 0 or not modelled:
+                return self._as_kind(node, UNKNOWN)
+            lo, hi = self._global_bounds(slot)
             return self._as_kind(node, Num(lo, hi))
-        self._check_range(indices, tensor.shape)
+        for n, size in zip(indices, tensor.shape):
+            self._poison_where((n.lo < 0) | (n.hi >= size))
+        if not modelled:
+            return self._as_kind(node, UNKNOWN)
         clamped = [Num(n.lo.clamp(0, size - 1), n.hi.clamp(0, size - 1)) for n, size in zip(indices, tensor.shape)]
         ranged = [d for d, n in enumerate(clamped) if not torch.equal(n.lo, n.hi)]
-        range_dim = ranged[0] if ranged else None
-        reduce_dims = tuple(ranged[1:])
-        summary_key = (slot, range_dim, reduce_dims)
+        if not ranged:  # one element per tile: gather it
+            value = self._as_int64(slot)[tuple(n.lo for n in clamped)]
+            return self._as_kind(node, Num(value, value))
+        summary_key = (slot, tuple(ranged[:2]), tuple(ranged[2:]))
         if summary_key not in self._summaries:
-            self._summaries[summary_key] = _LoadSummary(tensor, range_dim, reduce_dims, self.granule)
-        summary = self._summaries[summary_key]
-        lo, hi = self._query(summary, clamped)
+            self._summaries[summary_key] = _LoadSummary(self._as_int64(slot), tuple(ranged[:2]), tuple(ranged[2:]),
+                                                        self.granule)
+        lo, hi = self._summaries[summary_key].query(clamped)
         return self._as_kind(node, Num(lo, hi))
 
-    def _check_range(self, indices: List[Num], shape) -> None:
-        for n, size in zip(indices, shape):
-            if not n.known:
-                self._poison_where(True)
-            else:
-                self._poison_where((n.lo < 0) | (n.hi >= size))
+    def _as_int64(self, slot: int) -> torch.Tensor:
+        key = ("int64", slot)
+        if key not in self._bounds:
+            self._bounds[key] = self.captured[slot].to(torch.int64)
+        return self._bounds[key]
 
-    def _query(self, summary: _LoadSummary, clamped: List[Num]) -> Tuple[torch.Tensor, torch.Tensor]:
-        ndim = len(clamped)
-        point_index = []
-        for d in range(ndim):
-            if d in summary.reduce_dims:
-                point_index.append(None)
-            elif d == summary.range_dim:
-                point_index.append(None)
-            else:
-                point_index.append(clamped[d].lo)
-        if summary.range_dim is None:
-            idx_lo = tuple(p if p is not None else 0 for p in point_index)
-            idx_hi = tuple(p if p is not None else 1 for p in point_index)
-            value_lo = summary.base[tuple(p if p is not None else slice(None) for p in point_index)]
-            return summary.base[idx_lo], summary.base[idx_hi]
-        g = summary.granule
-        r = clamped[summary.range_dim]
-        first, last = torch.floor_divide(r.lo, g), torch.floor_divide(r.hi, g)
-        length = last - first + 1
-        level = torch.floor(torch.log2(length.to(torch.float64))).to(torch.int64)
-        second = last - (1 << level) + 1
-        # Table layout: [K, *dims without range_dim (reduced dims have size 2), n_blocks].
-        others = [d for d in range(ndim) if d != summary.range_dim]
-
-        def gather(table, which_reduced: int, start):
-            index = [level]
-            for d in others:
-                index.append(point_index[d] if d not in summary.reduce_dims else which_reduced)
-            index.append(start)
-            return table[tuple(index)]
-
-        lo = torch.minimum(gather(summary.lo_table, 0, first), gather(summary.lo_table, 0, second))
-        hi = torch.maximum(gather(summary.hi_table, 1, first), gather(summary.hi_table, 1, second))
-        return lo, hi
+    def _global_bounds(self, slot: int):
+        key = ("global", slot)
+        if key not in self._bounds:
+            t = self.captured[slot]
+            self._bounds[key] = (t.min().to(torch.int64), t.max().to(torch.int64))
+        return self._bounds[key]
 
     def _as_kind(self, node: Node, num: Num):
         if node.kind != "bool":
-            return num
+            return num if node.kind == "int" else UNKNOWN
         if not num.known:
-            return Truth(self._t(True, torch.bool), self._t(True, torch.bool))
+            return self._both()
         return Truth(num.lo == 0, num.hi != 0)
 
 
-_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
 
 
 def _reduce(fn, values):
