@@ -347,7 +347,7 @@ def test_first_call_with_grad_is_fast():
 # ---------------------------------------------------------------------------------------------
 # the inference fast path (PyTorch's fused CPU flash kernel per tile row)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mod_name", ["causal", "sliding_window_17", "document_1d", "or_not", "rows_masked"])
+@pytest.mark.parametrize("mod_name", ["causal", "sliding_window_17", "document_1d", "or_not", "rows_masked", "prefix_lm_int"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (4, 1)])
 def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_heads):
     from triton_attn import cpu_flash

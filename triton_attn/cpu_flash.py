@@ -16,7 +16,7 @@ torch build. ``blockwise_attention`` checks ``applicable`` and otherwise takes t
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -62,6 +62,51 @@ def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor
     return out, lse
 
 
+# One call over the blocks' whole span (gaps masked with -inf) beats two calls and a merge as long as
+# the gaps are small: sliding windows and documents give one contiguous run per row.
+MAX_GAP_FRACTION = 0.25
+
+
+def _keep_tile(block_mask: BlockMask, q_start: int, rows: int, positions: torch.Tensor) -> torch.Tensor:
+    """The mask_mod on query rows [q_start, q_start + rows) x ``positions``: bool [rows, len(positions)]."""
+    index = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    q_idx = torch.arange(q_start, q_start + rows).view(1, 1, -1, 1)
+    return call_mask_mod(block_mask.mask_mod, index, index, q_idx, positions.view(1, 1, 1, -1),
+                         (1, 1, rows, positions.numel()))[0, 0]
+
+
+def _flash_with_keep(flash, grouped, k_span, v_span, keep: Optional[torch.Tensor], groups: int, scale: float):
+    """Flash attention of grouped queries [B, Hkv, groups * rows, D] over a K/V span; ``keep`` [rows, L] or None."""
+    if keep is None:
+        return flash(grouped, k_span, v_span, 0.0, False, scale=scale)
+    bias = torch.zeros(keep.shape, dtype=grouped.dtype).masked_fill_(~keep, -math.inf)
+    bias = bias.repeat(groups, 1) if groups > 1 else bias
+    out, lse = flash(grouped, k_span, v_span, 0.0, False, attn_mask=bias, scale=scale)
+    # The op reports 0 for a row that saw only -inf; the contract is out 0, lse -inf.
+    attended = keep.any(-1).repeat(groups)                                                  # [groups * rows]
+    if not bool(attended.all()):
+        out = out.masked_fill(~attended.view(1, 1, -1, 1), 0.0)
+        lse = lse.masked_fill(~attended.view(1, 1, -1), -math.inf)
+    return out, lse
+
+
+def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks):
+    """(k_span, v_span, keep) covering all of a row's blocks in one span, or None when the gaps are large."""
+    kv_block, kv_len = block_mask.BLOCK_SIZE[1], key.shape[2]
+    blocks = torch.cat([partial_blocks, full_blocks]).long()
+    first, last = int(blocks.min()), int(blocks.max())
+    if (last - first + 1) - blocks.numel() > MAX_GAP_FRACTION * blocks.numel():
+        return None
+    start, stop = first * kv_block, min(kv_len, (last + 1) * kv_block)
+    keep = torch.zeros(rows, stop - start, dtype=torch.bool)
+    for block in full_blocks.tolist():
+        keep[:, block * kv_block - start:min(kv_len, (block + 1) * kv_block) - start] = True
+    if partial_blocks.numel():
+        positions, _, _ = _span(key, value, partial_blocks, kv_block)
+        keep[:, positions - start] = _keep_tile(block_mask, q_start, rows, positions)
+    return key[:, :, start:stop], value[:, :, start:stop], keep
+
+
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq]."""
@@ -70,7 +115,6 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     q_block, kv_block = block_mask.BLOCK_SIZE
-    index = torch.zeros(1, 1, 1, 1, dtype=torch.long)
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
@@ -78,26 +122,23 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         rows = q_tile.shape[2]
         # GQA: the query heads sharing a K/V head become extra rows, so K/V are never repeated.
         grouped = q_tile.reshape(batch, kv_heads, groups * rows, head_dim)
+        (partial_count, partial), (full_count, full) = block_mask.row_layout(row)
+        partial_blocks, full_blocks = partial[0, 0, :int(partial_count[0, 0])], full[0, 0, :int(full_count[0, 0])]
+        one_span = None
+        if partial_blocks.numel() and full_blocks.numel():
+            one_span = _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks)
         parts = []
-        for (counts, indices), partial in zip(block_mask.row_layout(row), (True, False)):
-            count = int(counts[0, 0])
-            if count == 0:
-                continue
-            positions, k_span, v_span = _span(key, value, indices[0, 0, :count], kv_block)
-            bias, attended = None, None
-            if partial:
-                q_idx = torch.arange(q_start, q_start + rows).view(1, 1, -1, 1)
-                keep = call_mask_mod(block_mask.mask_mod, index, index, q_idx, positions.view(1, 1, 1, -1),
-                                     (1, 1, rows, positions.numel()))[0, 0]
-                bias = torch.zeros(keep.shape, dtype=query.dtype).masked_fill_(~keep, -math.inf)
-                bias = bias.repeat(groups, 1) if groups > 1 else bias
-                attended = keep.any(-1).repeat(groups)                                      # [groups * rows]
-            out, lse = flash(grouped, k_span, v_span, 0.0, False, attn_mask=bias, scale=scale)
-            if attended is not None:
-                # The op reports 0 for a row that saw only -inf; the contract is out 0, lse -inf.
-                out = out.masked_fill(~attended.view(1, 1, -1, 1), 0.0)
-                lse = lse.masked_fill(~attended.view(1, 1, -1), -math.inf)
-            parts.append((out, lse))
+        if one_span is not None:
+            k_span, v_span, keep = one_span
+            parts.append(_flash_with_keep(flash, grouped, k_span, v_span, keep, groups, scale))
+        else:
+            if partial_blocks.numel():
+                positions, k_span, v_span = _span(key, value, partial_blocks, kv_block)
+                keep = _keep_tile(block_mask, q_start, rows, positions)
+                parts.append(_flash_with_keep(flash, grouped, k_span, v_span, keep, groups, scale))
+            if full_blocks.numel():
+                _, k_span, v_span = _span(key, value, full_blocks, kv_block)
+                parts.append(_flash_with_keep(flash, grouped, k_span, v_span, None, groups, scale))
         if parts:
             out, lse = _merge(parts)
         else:
