@@ -347,7 +347,8 @@ def test_first_call_with_grad_is_fast():
 # ---------------------------------------------------------------------------------------------
 # the inference fast path (PyTorch's fused CPU flash kernel per tile row)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mod_name", ["causal", "sliding_window_17", "document_1d", "or_not", "rows_masked", "prefix_lm_int"])
+@pytest.mark.parametrize("mod_name", ["causal", "sliding_window_17", "document_1d", "or_not", "rows_masked",
+                                      "prefix_lm_int", "sink_and_window"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (4, 1)])
 def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_heads):
     from triton_attn import cpu_flash
@@ -355,7 +356,11 @@ def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_h
     calls = []
     original = cpu_flash.fused_attention
     monkeypatch.setattr(cpu_flash, "fused_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    mod = _rows_masked_from(60) if mod_name == "rows_masked" else _library_cases()[mod_name]
+    special = {"rows_masked": _rows_masked_from(60),
+               # attention-sink pattern: a full first block far from the diagonal, so two calls per row
+               "sink_and_window": or_masks(and_masks(causal_mask, lambda b, h, q_idx, kv_idx: kv_idx < 16),
+                                           sliding_window_mask(9))}
+    mod = special.get(mod_name) or _library_cases()[mod_name]
     q, k, v = random_qkv(1, q_heads, kv_heads, 129, 129, 32)
     with torch.no_grad():
         check(q, k, v, mod, block_size=(32, 16), backward=False)
