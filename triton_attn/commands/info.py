@@ -1,0 +1,61 @@
+"""``triton-attn info``: device, versions, backends available, the autotune cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from pathlib import Path
+
+from .common import available_backends
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        try:
+            return importlib.import_module(module).__version__
+        except Exception:
+            return "not installed"
+
+
+def _info(args) -> int:
+    import torch
+
+    from ..kernels.tuning_cache import default_cache
+
+    from .. import __version__
+
+    print(f"triton-attn {__version__} ({Path(__file__).resolve().parent.parent})")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, "
+          f"transformers {_version('transformers')}, flash-attn {_version('flash-attn')}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            print(f"device cuda:{index}: {props.name}, sm_{props.major}{props.minor}, "
+                  f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
+    else:
+        print(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"torch threads {torch.get_num_threads()}); no CUDA GPU")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = "triton" if device.type == "cuda" else "torch"
+    env = os.environ.get("TRITON_ATTN_BACKEND")
+    print(f"backends on {device.type} (default {env or default}{' from TRITON_ATTN_BACKEND' if env else ''}):")
+    for name, ok, why in available_backends(device):
+        print(f"  {name:<10} {'yes' if ok else 'no'}{'' if ok else f'  ({why})'}")
+    cache = default_cache()
+    entries = cache.entries()
+    print(f"autotune cache: {cache.path} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+          f"{', file not created yet' if not cache.path.exists() else ''})")
+    shown = sorted(entries.items())[:args.limit]
+    for key, record in shown:
+        config = record.get("config", {})
+        text = ", ".join(f"{k}={v}" for k, v in config.items())
+        ms = record.get("ms")
+        print(f"  {key}: {text}" + (f"  ({ms:.4f} ms)" if isinstance(ms, (int, float)) else ""))
+    if len(entries) > len(shown):
+        print(f"  ... {len(entries) - len(shown)} more (--limit)")
+    return 0
