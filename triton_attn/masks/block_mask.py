@@ -18,7 +18,7 @@ mask_mod is True on all of its in-bounds elements; kernels always bound-check th
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 

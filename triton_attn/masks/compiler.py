@@ -18,7 +18,7 @@ Both bound peak extra memory whatever the sequence length. Long masks come back 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 

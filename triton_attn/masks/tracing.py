@@ -26,10 +26,8 @@ semantics, as torch does.
 from __future__ import annotations
 
 import hashlib
-import math
-import operator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional
 
 import torch
 
