@@ -163,3 +163,22 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)
     return (out, lse) if return_lse else out
+
+
+def _install_gpu_tile_refiner() -> None:
+    """On CUDA, the mask compiler refines undecided tiles with a Triton kernel (``kernels/refine.py``).
+
+    ``masks/`` knows no Triton, so the choice is made here: the kernel is registered in
+    ``masks.compiler.TILE_REFINERS`` when a GPU and Triton are present (``TRITON_ATTN_GPU_REFINE=0``
+    keeps the eager refinement).
+    """
+    if os.environ.get("TRITON_ATTN_GPU_REFINE", "1") == "0" or not torch.cuda.is_available():
+        return
+    try:
+        from .kernels import refine
+    except ImportError:  # no usable Triton: eager refinement
+        return
+    refine.install("cuda")
+
+
+_install_gpu_tile_refiner()

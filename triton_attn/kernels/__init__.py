@@ -9,5 +9,6 @@ Importing this package does not import Triton; the modules that need it import i
 - ``fallback``: bitmasks for untraceable mask_mods. ``aot``: ahead-of-time compilation checks.
 - ``backward``: the backward kernel templates (delta, dK/dV, dQ); ``derivative``: d score_mod / d score;
   ``backward_codegen`` / ``backward_launch``: their specialization and launch; ``backward_aot``.
+- ``refine``: the mask compiler's tile refinement on CUDA (per-tile counts of the inlined predicate).
 - ``autotune`` / ``tuning_cache``: the config search and its JSON cache on disk.
 """

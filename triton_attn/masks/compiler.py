@@ -18,7 +18,7 @@ Both bound peak extra memory whatever the sequence length. Long masks come back 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,11 @@ LAYOUTS = ("auto", "dense", "compact")
 # oversubscribed (every op waits for its slowest thread): measured 2.4 s with 1 thread against
 # 12 s with 2 for a 1M-token causal mask on a loaded 2-core machine.
 COMPILER_THREADS: Optional[int] = 1
+# Device type -> tile refiner for traced mask_mods: ``refiner(traced, b, h, rows, cols, Q_LEN, KV_LEN,
+# block_size) -> (partial, full)`` (``refine_tiles``'s contract), or None when it cannot handle the
+# graph. masks/ knows no Triton: the API layer registers the GPU kernel here
+# (``triton_attn.kernels.refine.install()``, for "cuda").
+TILE_REFINERS: Dict[str, Callable] = {}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -234,6 +239,33 @@ def refine_tiles(mask_mod: Callable, b: torch.Tensor, h: torch.Tensor, rows: tor
     return partial, full
 
 
+def _refine_undecided(traced, mask_mod: Callable, b: torch.Tensor, h: torch.Tensor, rows: torch.Tensor,
+                      cols: torch.Tensor, Q_LEN: int, KV_LEN: int, block_size: Tuple[int, int], sub_tiles,
+                      poisoned: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``refine_tiles``, or the refiner registered for the tiles' device type (``TILE_REFINERS``).
+
+    Tiles where eager evaluation might raise or wrap (``poisoned``) always go to ``refine_tiles``,
+    so errors surface exactly as in the exact compiler.
+    """
+    refiner = TILE_REFINERS.get(rows.device.type)
+    to_kernel = torch.ones_like(rows, dtype=torch.bool) if poisoned is None else ~poisoned
+    if refiner is None or not bool(to_kernel.any()):
+        return refine_tiles(mask_mod, b, h, rows, cols, Q_LEN, KV_LEN, block_size, sub_tiles=sub_tiles)
+    partial = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    full = torch.zeros_like(partial)
+    eager = (~to_kernel).nonzero().squeeze(-1)
+    if eager.numel():
+        partial[eager], full[eager] = refine_tiles(mask_mod, b[eager], h[eager], rows[eager], cols[eager],
+                                                   Q_LEN, KV_LEN, block_size, sub_tiles=sub_tiles)
+    take = to_kernel.nonzero().squeeze(-1)
+    args = (b[take], h[take], rows[take], cols[take], Q_LEN, KV_LEN, block_size)
+    result = refiner(traced, *args)
+    if result is None:  # the refiner cannot handle this graph
+        result = refine_tiles(mask_mod, *args, sub_tiles=sub_tiles)
+    partial[take], full[take] = result
+    return partial, full
+
+
 SUB_TILE_SPLIT = 8  # sub-tiles per tile side for the interval pass inside refine_tiles
 
 
@@ -319,9 +351,10 @@ def iter_block_chunks(traced, mask_mod: Callable, B: int, H: int, Q_LEN: int, KV
                 full = full.clone()
                 where = maybe.nonzero()
                 pair, row, col = where[:, 0], where[:, 1], where[:, 2]
-                refined_partial, refined_full = refine_tiles(
-                    mask_mod, b.view(-1)[pair], h.view(-1)[pair], row + r0, col, Q_LEN, KV_LEN, block_size,
-                    sub_tiles=sub_tiles)
+                poison = evaluator.last_poison
+                refined_partial, refined_full = _refine_undecided(
+                    traced, mask_mod, b.view(-1)[pair], h.view(-1)[pair], row + r0, col, Q_LEN, KV_LEN, block_size,
+                    sub_tiles, None if poison is None else poison.expand(shape)[pair, row, col])
                 partial[pair, row, col] = refined_partial
                 full[pair, row, col] = refined_full
             yield p0, p1, r0, r1, partial, full
