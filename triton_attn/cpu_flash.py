@@ -90,50 +90,25 @@ def _flash_with_keep(flash, grouped, k_span, v_span, keep: Optional[torch.Tensor
     return out, lse
 
 
-def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks):
-    """(k_span, v_span, keep) covering all of a row's blocks in one span, or None when the gaps are large."""
+def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks, dtype):
+    """(k_span, v_span, bias) covering all of a row's blocks in one span, or None when the gaps are large.
+
+    bias [rows, L] in ``dtype``: 0 where the query may attend, -inf elsewhere (gaps, masked positions).
+    """
     kv_block, kv_len = block_mask.BLOCK_SIZE[1], key.shape[2]
     blocks = torch.cat([partial_blocks, full_blocks]).long()
     first, last = int(blocks.min()), int(blocks.max())
     if (last - first + 1) - blocks.numel() > MAX_GAP_FRACTION * blocks.numel():
         return None
     start, stop = first * kv_block, min(kv_len, (last + 1) * kv_block)
-    keep = torch.zeros(rows, stop - start, dtype=torch.bool)
+    bias = torch.full((rows, stop - start), -math.inf, dtype=dtype)
     for block in full_blocks.tolist():
-        keep[:, block * kv_block - start:min(kv_len, (block + 1) * kv_block) - start] = True
-    if partial_blocks.numel():
-        positions, _, _ = _span(key, value, partial_blocks, kv_block)
-        keep[:, positions - start] = _keep_tile(block_mask, q_start, rows, positions)
-    return key[:, :, start:stop], value[:, :, start:stop], keep
-
-
-# Query rows per flash call on the one-span path; each group's key range is trimmed to the columns
-# it can see, and a group that sees all of them needs no mask. Smaller groups trim more (a 64-row
-# half of a sliding-window block needs ~6% fewer keys) but measured no faster at 8k on this CPU
-# (more, smaller calls), and slower on document masks: so one group per 128-row block.
-SUB_ROWS = 128
-
-
-def _trimmed_sub_rows(flash, q_tile, k_span, v_span, keep, kv_heads: int, groups: int, scale: float):
-    """q_tile [B, Hq, rows, D] over one K/V span with ``keep`` [rows, L] -> out [B, Hq, rows, D], lse [B, Hq, rows]."""
-    batch, q_heads, rows, head_dim = q_tile.shape
-    outs, lses = [], []
-    for r0 in range(0, rows, SUB_ROWS):
-        r1 = min(rows, r0 + SUB_ROWS)
-        sub_keep = keep[r0:r1]
-        columns = sub_keep.any(0).nonzero()
-        if columns.numel() == 0:
-            outs.append(q_tile.new_zeros(batch, q_heads, r1 - r0, head_dim))
-            lses.append(torch.full((batch, q_heads, r1 - r0), -math.inf))
-            continue
-        lo, hi = int(columns[0]), int(columns[-1]) + 1
-        sub_keep = sub_keep[:, lo:hi]
-        grouped = q_tile[:, :, r0:r1].reshape(batch, kv_heads, groups * (r1 - r0), head_dim)
-        out, lse = _flash_with_keep(flash, grouped, k_span[:, :, lo:hi], v_span[:, :, lo:hi],
-                                    None if bool(sub_keep.all()) else sub_keep, groups, scale)
-        outs.append(out.reshape(batch, q_heads, r1 - r0, head_dim))
-        lses.append(lse.reshape(batch, q_heads, r1 - r0))
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        bias[:, block * kv_block - start:min(kv_len, (block + 1) * kv_block) - start] = 0.0
+    positions = (partial_blocks.long().unsqueeze(-1) * kv_block + torch.arange(kv_block)).flatten()
+    positions = positions[positions < kv_len]
+    keep = _keep_tile(block_mask, q_start, rows, positions)
+    bias[:, positions - start] = torch.zeros((), dtype=dtype).masked_fill(~keep, -math.inf)
+    return key[:, :, start:stop], value[:, :, start:stop], bias
 
 
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
@@ -155,14 +130,14 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         partial_blocks, full_blocks = partial[0, 0, :int(partial_count[0, 0])], full[0, 0, :int(full_count[0, 0])]
         one_span = None
         if partial_blocks.numel() and full_blocks.numel():
-            one_span = _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks)
+            one_span = _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks,
+                                        query.dtype)
         parts = []
         if one_span is not None:
-            k_span, v_span, keep = one_span
-            out, lse = _trimmed_sub_rows(flash, q_tile, k_span, v_span, keep, kv_heads, groups, scale)
-            outs.append(out)
-            lses.append(lse)
-            continue
+            # The row has full blocks, so every query row attends to something: no empty-row fix-up.
+            k_span, v_span, bias = one_span
+            parts.append(flash(grouped, k_span, v_span, 0.0, False, attn_mask=bias.repeat(groups, 1)
+                               if groups > 1 else bias, scale=scale))
         else:
             if partial_blocks.numel():
                 positions, k_span, v_span = _span(key, value, partial_blocks, kv_block)
