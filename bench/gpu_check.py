@@ -11,7 +11,7 @@ On a CUDA machine (bf16, head_dim 64 and 128):
 Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minutes on one H100.
 ``--dry-run`` runs the same code on CPU through the Triton interpreter at tiny sizes (for tests).
 
-Sections are functions in ``SECTIONS``; a backward section plugs in next to ``forward``.
+Sections are functions in ``SECTIONS``: ``forward`` and ``backward`` (``gpu_check_backward.py``).
 
     python bench/gpu_check.py                 # the full check on CUDA
     python bench/gpu_check.py --dry-run       # CPU smoke run
@@ -136,8 +136,30 @@ def run_forward(args, device, dtype, writer_row) -> bool:
     return all_ok
 
 
-# A backward section (issue 4) is a function with run_forward's signature added here.
-SECTIONS = {"forward": run_forward}
+def run_backward(args, device, dtype, writer_row) -> bool:
+    """Backward: gradients vs a float32 SDPA reference (3x rule), determinism, TFLOP/s vs SDPA and FlexAttention."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_backward import backward_section
+
+    all_ok = True
+    for head_dim in args.head_dims:
+        rows = backward_section(device=device.type, dtype=dtype, batch=args.batch, q_heads=args.heads,
+                                kv_heads=args.heads, head_dim=head_dim, seq_lens=args.seqs,
+                                repeats=3 if args.dry_run else 10, with_flex=device.type == "cuda" and not args.no_flex,
+                                backend="interpret" if args.dry_run else "triton", log=lambda line: None)
+        for row in rows:
+            ok = row.get("ok")
+            all_ok &= ok is not False
+            writer_row(dict(section="backward", mask=row["mask"], seq=row["seq_len"], head_dim=head_dim,
+                            impl=row["impl"], ms=f"{row['ms']:.3f}", tflops=f"{row['tflops']:.1f}",
+                            max_error="" if row["max_grad_error"] != row["max_grad_error"] else f"{row['max_grad_error']:.3e}",
+                            bound="" if row["bound"] != row["bound"] else f"{row['bound']:.3e}",
+                            ok="" if ok is None else ok))
+    return all_ok
+
+
+SECTIONS = {"forward": run_forward, "backward": run_backward}
 
 
 def parse_args(argv=None):

@@ -109,13 +109,21 @@ def backward_section(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
             grads = torch.autograd.grad(ours(q, k, v), (q, k, v), grad_out)
             again = torch.autograd.grad(ours(q, k, v), (q, k, v), grad_out)
             deterministic = all(torch.equal(a, b) for a, b in zip(grads, again))
-            error = float("nan")
+            error = bound = float("nan")
             if score_mod is None:
                 leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
                 reference = torch.nn.functional.scaled_dot_product_attention(
                     *leaves, attn_mask=dense, enable_gqa=gqa)
                 ref_grads = torch.autograd.grad(reference, leaves, grad_out.float())
                 error = max(float((a.float() - b).abs().max()) for a, b in zip(grads, ref_grads))
+                # The numerics rule's yardstick: SDPA's own gradients in the input dtype against the same reference.
+                plain = [t.detach().requires_grad_() for t in (q, k, v)]
+                plain_out = torch.nn.functional.scaled_dot_product_attention(
+                    *plain, attn_mask=dense, enable_gqa=gqa)
+                plain_grads = torch.autograd.grad(plain_out, plain, grad_out)
+                baseline = max(float((a.float() - b).abs().max()) for a, b in zip(plain_grads, ref_grads))
+                magnitude = max(float(b.abs().max()) for b in ref_grads)
+                bound = 3.0 * baseline + {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5) * max(1.0, magnitude)
 
             timings = {"ours": _backward_timer(ours, (q, k, v), grad_out, repeats)}
             if score_mod is None:
@@ -138,6 +146,8 @@ def backward_section(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
                            head_dim=head_dim, ms=round(ms, 4),
                            tflops=round(flops / (ms * 1e-3) / 1e12, 2),
                            max_grad_error=error if impl == "ours" else float("nan"),
+                           bound=bound if impl == "ours" else float("nan"),
+                           ok=(deterministic and not error > bound) if impl == "ours" else None,
                            deterministic=deterministic if impl == "ours" else None)
                 rows.append(row)
                 log(format_rows([row], header=False))

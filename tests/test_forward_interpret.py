@@ -273,3 +273,5 @@ def test_gpu_check_script_dry_run(tmp_path):
         gpu_check.mask_families(1, 48, "cpu"))
     assert all(row["ok"] == "True" for row in rows if row["section"] == "forward_correctness")
     assert {row["impl"] for row in rows if row["section"] == "forward_speed"} == {"triton_attn", "sdpa"}
+    backward = [row for row in rows if row["section"] == "backward" and row["impl"] == "ours"]
+    assert backward and all(row["ok"] == "True" for row in backward), backward
