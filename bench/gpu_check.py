@@ -145,7 +145,7 @@ def run_backward(args, device, dtype, writer_row) -> bool:
     all_ok = True
     for head_dim in args.head_dims:
         rows = backward_section(device=device.type, dtype=dtype, batch=args.batch, q_heads=args.heads,
-                                kv_heads=args.heads, head_dim=head_dim, seq_lens=args.seqs,
+                                kv_heads=args.heads, head_dim=head_dim, seq_lens=args.backward_seqs,
                                 repeats=3 if args.dry_run else 10, with_flex=device.type == "cuda" and not args.no_flex,
                                 backend="interpret" if args.dry_run else "triton", log=lambda line: None)
         for row in rows:
@@ -169,6 +169,8 @@ def parse_args(argv=None):
                         help="CPU smoke run through the Triton interpreter at tiny sizes")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="speed lengths (default 4096 16384)")
+    parser.add_argument("--backward-seqs", type=int, nargs="+", default=None,
+                        help="backward lengths (default 4096: keeps the whole run under 5 minutes)")
     parser.add_argument("--check-seq", type=int, default=None, help="correctness length (default 1024)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="default 64 128")
     parser.add_argument("--batch", type=int, default=1)
@@ -179,6 +181,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     tiny = args.dry_run
     args.seqs = args.seqs or ([64] if tiny else [4096, 16384])
+    args.backward_seqs = args.backward_seqs or ([64] if tiny else [4096])
     args.check_seq = args.check_seq or (48 if tiny else 1024)
     args.head_dims = args.head_dims or ([16] if tiny else [64, 128])
     args.heads = args.heads or (2 if tiny else 16)
