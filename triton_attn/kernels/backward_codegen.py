@@ -22,9 +22,8 @@ Backward-specific pieces generated here:
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..masks.tracing import TracedMod
 from . import backward, codegen, derivative
@@ -145,25 +144,20 @@ class BackwardKernels:
     dq: GeneratedKernel
 
 
-_KERNELS: Dict[str, BackwardKernels] = {}
-_LOCK = threading.Lock()
+_KERNELS = codegen.KernelMemo()
 
 
 def backward_kernels_for(spec: KernelSpec) -> BackwardKernels:
     """The backward kernels for ``spec``, from memory, the cache directory, or freshly written."""
     key = backward_key(spec)
-    with _LOCK:
-        kernels = _KERNELS.get(key)
-        if kernels is not None:
-            return kernels
+
+    def make() -> BackwardKernels:
         generated = generate_backward_source(spec)
-        path = codegen.cache_dir() / f"attention_backward_{key}.py"
-        codegen.write_atomically(path, generated.source)
-        module = codegen.import_file(f"triton_attn_generated_backward_{key}", path)
-        kernels = BackwardKernels(
+        module, path = codegen.load_module(f"attention_backward_{key}", generated.source)
+        return BackwardKernels(
             spec,
             GeneratedKernel(spec, generated.dkdv_name, path, getattr(module, generated.dkdv_name),
                             generated.dkdv_captured),
             GeneratedKernel(spec, generated.dq_name, path, getattr(module, generated.dq_name), generated.dq_captured))
-        _KERNELS[key] = kernels
-        return kernels
+
+    return _KERNELS.get(key, make)

@@ -22,15 +22,14 @@ specialized source, ``kernel_for``), ``modules`` (files, import, compiled/interp
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..masks.tracing import TracedMod
 from . import forward
 from .expressions import ARG_NAMES, CodegenError, Emitter  # noqa: F401  (re-exported)
-from .modules import (GeneratedKernel, InterpretedKernel, cache_dir, import_file,  # noqa: F401  (re-exported)
-                      interpreter_scope, write_atomically)
+from .modules import (GeneratedKernel, InterpretedKernel, KernelMemo, cache_dir,  # noqa: F401  (re-exported)
+                      import_file, interpreter_scope, load_module, write_atomically)
 
 CODEGEN_VERSION = 2
 LOG2_E = 1.4426950408889634
@@ -155,29 +154,20 @@ def generate_source(spec: KernelSpec) -> GeneratedSource:
 
 
 
-_KERNELS: Dict[str, GeneratedKernel] = {}
-_LOCK = threading.Lock()
-_STATS = {"generated": 0}
+_KERNELS = KernelMemo()
 
 
 def kernel_for(spec: KernelSpec) -> GeneratedKernel:
     """The generated kernel for ``spec``, from memory, the cache directory, or freshly written."""
-    key = spec.key
-    with _LOCK:
-        kernel = _KERNELS.get(key)
-        if kernel is not None:
-            return kernel
+    def make() -> GeneratedKernel:
         generated = generate_source(spec)
-        path = cache_dir() / f"{generated.kernel_name}.py"
-        write_atomically(path, generated.source)
-        module = import_file(f"triton_attn_generated_{key}", path)
-        kernel = GeneratedKernel(spec, generated.kernel_name, path, getattr(module, generated.kernel_name),
-                                 generated.captured)
-        _KERNELS[key] = kernel
-        _STATS["generated"] += 1
-        return kernel
+        module, path = load_module(generated.kernel_name, generated.source)
+        return GeneratedKernel(spec, generated.kernel_name, path, getattr(module, generated.kernel_name),
+                               generated.captured)
+
+    return _KERNELS.get(spec.key, make)
 
 
 def generated_kernel_count() -> int:
     """How many distinct kernels this process has generated and loaded (for recompilation tests)."""
-    return _STATS["generated"]
+    return _KERNELS.generated

@@ -103,6 +103,34 @@ class GeneratedKernel:
         return self._interpreted
 
 
+def load_module(file_stem: str, source: str) -> Tuple[object, Path]:
+    """Write ``source`` to ``<cache_dir>/<file_stem>.py`` (atomically) and import it: (module, path)."""
+    path = cache_dir() / f"{file_stem}.py"
+    write_atomically(path, source)
+    return import_file(f"triton_attn_generated_{file_stem}", path), path
+
+
+class KernelMemo:
+    """Process-wide memo of generated kernels by structure key; ``make()`` runs once per key.
+
+    A lock makes concurrent first calls generate (and compile) a kernel once. ``generated``
+    counts the kernels made, which the recompilation tests read.
+    """
+
+    def __init__(self):
+        self._items: Dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.generated = 0
+
+    def get(self, key: str, make: Callable[[], object]):
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                item = self._items[key] = make()
+                self.generated += 1
+            return item
+
+
 # ---------------------------------------------------------------------------------------------
 # The interpreter inside a process that also compiles
 # ---------------------------------------------------------------------------------------------

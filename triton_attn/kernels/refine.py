@@ -35,7 +35,6 @@ graph's structure hash (``TracedMod.key``) and this template's version.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -118,25 +117,18 @@ def generate_refine_source(traced: TracedMod) -> RefineSource:
     return RefineSource(kernel_name, header + body.strip("\n") + "\n", tuple(captured))
 
 
-_KERNELS: Dict[str, GeneratedKernel] = {}
-_LOCK = threading.Lock()
+_KERNELS = codegen.KernelMemo()
 
 
 def refine_kernel_for(traced: TracedMod) -> GeneratedKernel:
     """The refinement kernel for ``traced``, from memory, the cache directory, or freshly written."""
-    key = refine_key(traced)
-    with _LOCK:
-        kernel = _KERNELS.get(key)
-        if kernel is not None:
-            return kernel
+    def make() -> GeneratedKernel:
         generated = generate_refine_source(traced)
-        path = codegen.cache_dir() / f"{generated.kernel_name}.py"
-        codegen.write_atomically(path, generated.source)
-        module = codegen.import_file(f"triton_attn_generated_{generated.kernel_name}", path)
-        kernel = GeneratedKernel(KernelSpec(codegen.MASK_TRACED, traced), generated.kernel_name, path,
-                                 getattr(module, generated.kernel_name), generated.captured)
-        _KERNELS[key] = kernel
-        return kernel
+        module, path = codegen.load_module(generated.kernel_name, generated.source)
+        return GeneratedKernel(KernelSpec(codegen.MASK_TRACED, traced), generated.kernel_name, path,
+                               getattr(module, generated.kernel_name), generated.captured)
+
+    return _KERNELS.get(refine_key(traced), make)
 
 
 def _next_power_of_2(n: int) -> int:
