@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
+from mask_cases import document_ids, library_mask_cases
 from numerics import assert_matches_golden, random_qkv  # noqa: E402
 from triton_attn.kernels import derivative  # noqa: E402
 from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
@@ -69,39 +70,12 @@ def check(q, k, v, *, mask_mod=None, score_mod=None, block_size=32, mask_batch=N
                                  backward=True, context=context)
 
 
-def _document_ids(batch: int, length: int) -> torch.Tensor:
-    ids = []
-    for _ in range(batch):
-        bounds = torch.sort(torch.randint(1, length, (3,))).values
-        ids.append(torch.bucketize(torch.arange(length), bounds, right=True))
-    return torch.stack(ids)
-
-
-def _library_masks(batch: int, length: int):
-    ids = _document_ids(batch, length)
-    keep = torch.rand(batch, length) > 0.3
-    keep[:, 0] = True
-    return {
-        "causal": causal_mask,
-        "sliding_window": sliding_window_mask(23),
-        "chunked": chunked_mask(40),
-        "prefix_lm": prefix_lm_mask(30),
-        "prefix_lm_per_batch": prefix_lm_mask(torch.tensor([10, 57])[:batch]),
-        "document_2d": document_mask(ids),
-        "document_1d": document_mask(ids[0]),
-        "padding": padding_mask(keep),
-        "causal_and_document": and_masks(causal_mask, document_mask(ids)),
-        "window_or_prefix": or_masks(sliding_window_mask(16), prefix_lm_mask(8)),
-        "not_causal": not_mask(causal_mask),
-    }
-
-
 # -- masks, shapes, dtypes --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(_library_masks(2, 8)))
+@pytest.mark.parametrize("name", list(library_mask_cases(2, 8)))
 def test_every_library_mask(name):
     length = 90
-    mask_mod = _library_masks(2, length)[name]
+    mask_mod = library_mask_cases(2, length)[name]
     q, k, v = random_qkv(2, 2, 1, length, length, 32, dtype=torch.float16)
     check(q, k, v, mask_mod=mask_mod, mask_batch=2, block_size=32, context=name)
 
@@ -260,7 +234,7 @@ def test_gradient_through_lse():
 
 def test_repeated_backward_is_bitwise_deterministic():
     q, k, v = random_qkv(2, 4, 2, 70, 70, 32, dtype=torch.bfloat16)
-    ids = _document_ids(2, 70)
+    ids = document_ids(2, 70)
     block_mask = _block_mask(and_masks(causal_mask, document_mask(ids)), 70, 70, 32, mask_batch=2)
     grad_out = torch.randn(2, 4, 70, 32, dtype=torch.bfloat16)
     runs = []

@@ -6,7 +6,6 @@ Every result is checked against the float64 golden result under the numerics rul
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_attn as ta
+from mask_cases import library_mask_cases
 from numerics import assert_matches_golden, random_qkv
 from triton_attn.kernels.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
@@ -40,39 +40,11 @@ def check(q, k, v, *, mask_mod=None, score_mod=None, block_size=64, mask_batch=N
                                  backward=backward, context=context)
 
 
-def _document_ids(batch: int, length: int) -> torch.Tensor:
-    """[B, S] int64 ids of random-length documents, different per sequence."""
-    ids = []
-    for _ in range(batch):
-        bounds = torch.sort(torch.randint(1, length, (3,))).values
-        ids.append(torch.bucketize(torch.arange(length), bounds, right=True))
-    return torch.stack(ids)
-
-
-def _library_masks(batch: int, length: int):
-    ids = _document_ids(batch, length)
-    keep = torch.rand(batch, length) > 0.3
-    keep[:, 0] = True
-    return {
-        "causal": causal_mask,
-        "sliding_window": sliding_window_mask(37),
-        "chunked": chunked_mask(48),
-        "prefix_lm": prefix_lm_mask(40),
-        "prefix_lm_per_batch": prefix_lm_mask(torch.tensor([10, 77])[:batch]),
-        "document_2d": document_mask(ids),
-        "document_1d": document_mask(ids[0]),
-        "padding": padding_mask(keep),
-        "causal_document": and_masks(causal_mask, document_mask(ids)),
-        "window_or_prefix": or_masks(sliding_window_mask(16), prefix_lm_mask(8)),
-        "not_causal": not_mask(causal_mask),
-    }
-
-
-@pytest.mark.parametrize("name", list(_library_masks(2, 8)))
+@pytest.mark.parametrize("name", list(library_mask_cases(2, 8)))
 def test_every_library_mask(name):
     torch.manual_seed(1)
     length = 150
-    mask_mod = _library_masks(2, length)[name]
+    mask_mod = library_mask_cases(2, length)[name]
     q, k, v = random_qkv(2, 2, 1, length, length, 32, dtype=torch.float16)
     check(q, k, v, mask_mod=mask_mod, mask_batch=2, block_size=64, context=name)
 
