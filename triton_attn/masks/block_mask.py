@@ -85,6 +85,42 @@ def _sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torc
     return sliced
 
 
+def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
+    """How ``to_string`` groups blocks: (row_step, col_step, blocks per group [grid_rows, grid_cols])."""
+    nq, nkv = num_blocks
+    if grid_size == -1:
+        max_rows, max_cols = nq, nkv
+    elif isinstance(grid_size, int):
+        max_rows = max_cols = grid_size
+    else:
+        max_rows, max_cols = grid_size
+    row_step, col_step = max(1, -(-nq // max_rows)), max(1, -(-nkv // max_cols))
+    grid_rows, grid_cols = -(-nq // row_step), -(-nkv // col_step)
+    rows_in = torch.clamp(nq - torch.arange(grid_rows) * row_step, max=row_step)  # edge groups are smaller
+    cols_in = torch.clamp(nkv - torch.arange(grid_cols) * col_step, max=col_step)
+    return row_step, col_step, rows_in[:, None] * cols_in[None, :]
+
+
+def render_block_pictures(counts: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]], group_size: torch.Tensor,
+                          batch: int, heads: int, limit: int) -> str:
+    """One picture per (b, h); ``counts(b, h)`` gives full and partial block counts per group."""
+    pictures = []
+    for count, (b, h) in enumerate(itertools.product(range(batch), range(heads))):
+        if count == limit:
+            pictures.append(f"... ({batch * heads - limit} more; index the mask as mask[b, h] "
+                            "or raise limit= to see them)")
+            break
+        full, partial = counts(b, h)
+        lines = [f"(b={b}, h={h})"]
+        for r in range(group_size.shape[0]):
+            cells = ("██" if int(full[r, c]) == int(group_size[r, c])
+                     else "  " if int(full[r, c]) + int(partial[r, c]) == 0 else "░░"
+                     for c in range(group_size.shape[1]))
+            lines.append("".join(cells) + "|")
+        pictures.append("\n".join(lines))
+    return "\n".join(pictures)
+
+
 class BlockMask:
     """Block-sparse layout of a mask over ``[B, H, Q_LEN, KV_LEN]`` in tiles of ``BLOCK_SIZE``.
 
@@ -211,37 +247,17 @@ class BlockMask:
         Larger maps are summarized: a character stands for a group of blocks (``█`` only when
         all are full, blank only when all are empty). ``grid_size=-1`` shows every block.
         """
-        partial, full = self.partial_blocks(), self.full_blocks()
+        row_step, col_step, group_size = picture_grid(self.num_blocks, grid_size)
+        grid_rows, grid_cols = group_size.shape
         nq, nkv = self.num_blocks
-        if grid_size == -1:
-            max_rows, max_cols = nq, nkv
-        elif isinstance(grid_size, int):
-            max_rows = max_cols = grid_size
-        else:
-            max_rows, max_cols = grid_size
-        row_step = max(1, -(-nq // max_rows))
-        col_step = max(1, -(-nkv // max_cols))
-        pictures = []
-        for count, (b, h) in enumerate(itertools.product(range(partial.shape[0]), range(partial.shape[1]))):
-            if count == limit:
-                pictures.append(f"... ({partial.shape[0] * partial.shape[1] - limit} more; index the mask as mask[b, h] "
-                                "or raise limit= to see them)")
-                break
-            lines = [f"(b={b}, h={h})"]
-            for r in range(0, nq, row_step):
-                row = []
-                for c in range(0, nkv, col_step):
-                    p = partial[b, h, r:r + row_step, c:c + col_step]
-                    f = full[b, h, r:r + row_step, c:c + col_step]
-                    if bool(f.all()):
-                        row.append("██")
-                    elif not bool(p.any()) and not bool(f.any()):
-                        row.append("  ")
-                    else:
-                        row.append("░░")
-                lines.append("".join(row) + "|")
-            pictures.append("\n".join(lines))
-        return "\n".join(pictures)
+
+        def per_group(blocks: torch.Tensor) -> torch.Tensor:  # [Bm, Hm, NQ, NKV] bool -> block counts per group
+            padded = torch.nn.functional.pad(blocks.int().cpu(), (0, grid_cols * col_step - nkv,
+                                                                   0, grid_rows * row_step - nq))
+            return padded.view(*blocks.shape[:2], grid_rows, row_step, grid_cols, col_step).sum((3, 5))
+
+        full, partial = per_group(self.full_blocks()), per_group(self.partial_blocks())
+        return render_block_pictures(lambda b, h: (full[b, h], partial[b, h]), group_size, *full.shape[:2], limit)
 
     def __str__(self) -> str:
         return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string()}\n)"

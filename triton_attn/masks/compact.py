@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import BlockMask, _sliced_mask_mod, normalize_block_size
+from .block_mask import BlockMask, _sliced_mask_mod, normalize_block_size, picture_grid, render_block_pictures
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 
@@ -314,19 +314,9 @@ class CompactBlockMask(BlockMask):
 
     def to_string(self, grid_size: Union[int, Tuple[int, int]] = (20, 20), limit: int = 4) -> str:
         """As ``BlockMask.to_string``, computed from the CSR (no dense map)."""
-        nq, nkv = self._num_blocks
-        if grid_size == -1:
-            max_rows, max_cols = nq, nkv
-        elif isinstance(grid_size, int):
-            max_rows = max_cols = grid_size
-        else:
-            max_rows, max_cols = grid_size
-        row_step, col_step = max(1, -(-nq // max_rows)), max(1, -(-nkv // max_cols))
-        grid_rows, grid_cols = -(-nq // row_step), -(-nkv // col_step)
-        # Blocks per group (edge groups are smaller).
-        rows_in = (torch.clamp(nq - torch.arange(grid_rows) * row_step, max=row_step))
-        cols_in = (torch.clamp(nkv - torch.arange(grid_cols) * col_step, max=col_step))
-        group_size = rows_in[:, None] * cols_in[None, :]
+        nq, _ = self._num_blocks
+        row_step, col_step, group_size = picture_grid(self._num_blocks, grid_size)
+        grid_rows, grid_cols = group_size.shape
         tallies = {}
         for kind in self._KINDS:
             ptr, cols = (t.cpu() for t in self._csr[kind])
@@ -335,29 +325,12 @@ class CompactBlockMask(BlockMask):
             group = (layout * grid_rows + row // row_step) * grid_cols + cols.long() // col_step
             tallies[kind] = torch.bincount(group, minlength=self.num_layouts * grid_rows * grid_cols).view(
                 self.num_layouts, grid_rows, grid_cols)
-        batch, heads = self._batch_heads
-        pictures = []
-        for count in range(batch * heads):
-            if count == limit:
-                pictures.append(f"... ({batch * heads - limit} more; index the mask as mask[b, h] "
-                                "or raise limit= to see them)")
-                break
-            b, h = divmod(count, heads)
+
+        def counts(b: int, h: int):
             layout = self.layout_index(b, h)
-            full, partial = tallies["full"][layout], tallies["partial"][layout]
-            lines = [f"(b={b}, h={h})"]
-            for r in range(grid_rows):
-                row = []
-                for c in range(grid_cols):
-                    if int(full[r, c]) == int(group_size[r, c]):
-                        row.append("██")
-                    elif int(full[r, c]) + int(partial[r, c]) == 0:
-                        row.append("  ")
-                    else:
-                        row.append("░░")
-                lines.append("".join(row) + "|")
-            pictures.append("\n".join(lines))
-        return "\n".join(pictures)
+            return tallies["full"][layout], tallies["partial"][layout]
+
+        return render_block_pictures(counts, group_size, *self._batch_heads, limit)
 
     def __repr__(self) -> str:
         name = getattr(self.mask_mod, "__name__", "mask_mod")
