@@ -17,7 +17,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,9 +69,13 @@ class AotResult:
                 f"wgmma {self.ptx_has_wgmma}")
 
 
+# Pointer types of the bitmask fallback's arguments (``fallback.py``; the backward adds the transposed ids).
+_FALLBACK_POINTERS = {"fallback_bits": "*u8", "fallback_offsets": "*i32", "fallback_block_ids": "*i32"}
+
+
 def _captured_pointer_types(kernel: GeneratedKernel) -> Dict[str, str]:
     if kernel.spec.mask_mode == MASK_BITMASK:
-        return {"fallback_bits": "*u8", "fallback_offsets": "*i32"}
+        return dict(_FALLBACK_POINTERS)
     types = {}
     for prefix, traced in (("mask_cap", kernel.spec.mask), ("score_cap", kernel.spec.score)):
         if traced is None:
@@ -81,29 +85,30 @@ def _captured_pointer_types(kernel: GeneratedKernel) -> Dict[str, str]:
     return types
 
 
-def build_signature(kernel: GeneratedKernel, dtype: torch.dtype, constexprs: Dict[str, object]):
-    """(signature, constexprs, attrs) for ``ASTSource``, in the kernel's parameter order."""
+def build_signature(kernel: GeneratedKernel, dtype: torch.dtype, constexprs: Dict[str, object], *,
+                    runtime_params: Sequence[Tuple[str, str]] = forward.RUNTIME_PARAMS,
+                    unit_strides: Iterable[str] = _UNIT_STRIDES, not_divisible: Iterable[str] = _NOT_DIVISIBLE):
+    """(signature, constexprs, attrs) for ``ASTSource``, in the kernel's parameter order, as the JIT
+    specializes contiguous inputs: unit strides become the constant 1, pointers and strides get
+    the divisibility-by-16 hint. ``runtime_params``: the kernel family's (name, kind) list."""
     pointer_types = {"ptr:in": "*" + _TRITON_DTYPES[dtype], "ptr:f32": "*fp32", "ptr:i32": "*i32"}
-    runtime_types = dict(forward.RUNTIME_PARAMS)
+    runtime_types = dict(runtime_params)
+    unit_strides, not_divisible = set(unit_strides), set(not_divisible)
     captured_pointers = _captured_pointer_types(kernel)
     signature, all_constexprs, attrs = {}, dict(constexprs), {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name in _UNIT_STRIDES:
-            signature[name] = "constexpr"
-            all_constexprs[name] = 1
+        if name in unit_strides:
+            signature[name], all_constexprs[name] = "constexpr", 1
             continue
         if name in runtime_types:
-            kind = runtime_types[name]
-            signature[name] = pointer_types.get(kind, kind)
-        elif name in captured_pointers:
-            signature[name] = captured_pointers[name]
-        else:  # a captured tensor's size or stride
-            signature[name] = "i32"
+            signature[name] = pointer_types.get(runtime_types[name], runtime_types[name])
+        else:  # a captured tensor's pointer, or its size or stride
+            signature[name] = captured_pointers.get(name, "i32")
         if signature[name].startswith("*") or (signature[name] == "i32" and name.startswith("stride_")
-                                               and name not in _NOT_DIVISIBLE):
+                                               and name not in not_divisible):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, all_constexprs, attrs
 

@@ -13,10 +13,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backward
-from .aot import _TRITON_DTYPES, AotResult, ptxas_report, sass_has_wgmma
+from .aot import _TRITON_DTYPES, AotResult, build_signature, ptxas_report, sass_has_wgmma
 from .backward_codegen import BackwardKernels
 from .backward_launch import BackwardConfig, dkdv_constexprs, dq_constexprs
-from .codegen import MASK_BITMASK, GeneratedKernel
+from .codegen import GeneratedKernel
 from .configs import KernelConfig
 
 # Runtime parameters the JIT turns into the constant 1 for contiguous tensors.
@@ -25,51 +25,14 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_dk
 _NOT_DIVISIBLE = {"q_len", "kv_len", "num_q_heads", "num_kv_heads", "gqa_groups", "scale_log2", "score_scale"}
 
 
-def _captured_pointer_types(kernel: GeneratedKernel) -> Dict[str, str]:
-    if kernel.spec.mask_mode == MASK_BITMASK:
-        types = {"fallback_bits": "*u8", "fallback_offsets": "*i32", "fallback_block_ids": "*i32"}
-    else:
-        types = {}
-        if kernel.spec.mask is not None:
-            types.update({f"mask_cap{i}": "*" + _TRITON_DTYPES[t.dtype]
-                          for i, t in enumerate(kernel.spec.mask.captured)})
-    if kernel.spec.score is not None:
-        types.update({f"score_cap{i}": "*" + _TRITON_DTYPES[t.dtype]
-                      for i, t in enumerate(kernel.spec.score.captured)})
-    return types
-
-
-def build_backward_signature(kernel: GeneratedKernel, runtime_params, dtype: torch.dtype,
-                             constexprs: Dict[str, object]):
-    """(signature, constexprs, attrs) for ``ASTSource``, in the kernel's parameter order."""
-    pointer_types = {"ptr:in": "*" + _TRITON_DTYPES[dtype], "ptr:f32": "*fp32", "ptr:i32": "*i32"}
-    runtime_types = dict(runtime_params)
-    captured_pointers = _captured_pointer_types(kernel)
-    signature, all_constexprs, attrs = {}, dict(constexprs), {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        if name in _UNIT_STRIDES:
-            signature[name], all_constexprs[name] = "constexpr", 1
-            continue
-        if name in runtime_types:
-            signature[name] = pointer_types.get(runtime_types[name], runtime_types[name])
-        else:
-            signature[name] = captured_pointers.get(name, "i32")  # else a captured tensor's size or stride
-        if signature[name].startswith("*") or (signature[name] == "i32" and name.startswith("stride_")
-                                               and name not in _NOT_DIVISIBLE):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, all_constexprs, attrs
-
-
 def _compile(kernel: GeneratedKernel, runtime_params, constexprs: dict, tiles: KernelConfig, *, arch: int,
              dtype: torch.dtype, head_dim: int, inspect_sass: bool) -> AotResult:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, all_constexprs, attrs = build_backward_signature(kernel, runtime_params, dtype, constexprs)
+    signature, all_constexprs, attrs = build_signature(kernel, dtype, constexprs, runtime_params=runtime_params,
+                                                       unit_strides=_UNIT_STRIDES, not_divisible=_NOT_DIVISIBLE)
     compiled = triton.compile(ASTSource(kernel.jit(), signature, all_constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
