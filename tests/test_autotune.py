@@ -217,3 +217,20 @@ def test_aot_pruning_for_sm80_and_sm90(arch, too_big, reason):
     assert reason in result.dropped[too_big]
     stats = result.stats[fits]
     assert 0 < stats.shared <= autotune.shared_memory_limit(arch) and stats.spills == 0 and 0 < stats.registers <= 255
+
+
+def test_aot_pruning_of_the_backward_kernels():
+    """The bwd search space is pruned the same way: both backward kernels compiled per candidate."""
+    _aot_or_skip()
+    fits = KernelConfig(32, 64, 8, 2)       # the D <= 128 main config: dK/dV holds 64 keys, dQ 64 rows
+    too_big = KernelConfig(64, 128, 4, 2)   # 128 keys x D=128 K, V and two fp32 accumulators on 4 warps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_fn = autotune.aot_compile_fn(80, head_dim=128, dtype=torch.bfloat16, mask_mod=causal_mask,
+                                             kernel="bwd")
+        result = autotune.prune([fits, too_big], compile_fn, capability=80)
+    assert result.kept == [fits], result.dropped
+    assert "spills" in result.dropped[too_big] or "shared memory" in result.dropped[too_big]
+    stats = result.stats[fits]
+    assert 0 < stats.shared <= autotune.shared_memory_limit(80) and stats.spills == 0 and 0 < stats.registers <= 255
+    assert autotune.backward_pair(fits).dq == KernelConfig(64, 32, 8, 2)

@@ -320,33 +320,58 @@ def generated_kernel(mask_mod=None, score_mod=None):
     return codegen.kernel_for(spec)
 
 
+def backward_pair(config: KernelConfig):
+    """The backward kernels' tiles for one ``bwd`` candidate: the dK/dV program holds ``BLOCK_N`` keys and
+    steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over ``BLOCK_N``
+    keys (the same pair transposed), both on the candidate's warps and stages."""
+    from .backward_launch import BackwardConfig
+
+    dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+    return BackwardConfig(config, dq, max_head_dim=256)
+
+
 def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[int] = None, dtype=torch.float16,
                    block_size: Tuple[int, int] = (128, 128), kernel: str = "fwd", mask_mod=None, score_mod=None,
                    kv_len: int = 4096) -> Callable[[KernelConfig], CompileStats]:
-    """A ``compile_fn`` for ``prune`` built on ``kernels/aot.py``: compiles the forward kernel specialized on
+    """A ``compile_fn`` for ``prune`` built on ``kernels/aot.py`` (forward) and ``kernels/backward_aot.py``
+    (``kernel="bwd"``: both backward kernels, see ``backward_pair``): compiles the kernels specialized on
     ``mask_mod``/``score_mod`` for ``GPUTarget("cuda", capability, 32)`` and reads shared memory (Triton's
-    metadata) and registers / spill bytes (``ptxas -v``). Works without a GPU.
+    metadata) and registers / spill bytes (``ptxas -v``); for the backward pair, the larger shared memory
+    and register count and the sum of the spills. Works without a GPU.
 
-    Raises ImportError when the AOT helper (or Triton) is not there, ValueError for a kernel other than fwd.
+    Raises ImportError when the AOT helper (or Triton) is not there, ValueError for the decode kernel.
     """
-    if kernel != "fwd":
-        raise ValueError(f"ahead-of-time compilation covers the forward kernel only, got kernel={kernel!r}")
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"ahead-of-time compilation covers the fwd and bwd kernels, got kernel={kernel!r}")
     from . import aot  # raises ImportError when absent
 
     value_dim = head_dim if value_dim is None else value_dim
     generated = generated_kernel(mask_mod, score_mod)
     block_size = tuple(block_size)
 
+    def compile_one(config: KernelConfig) -> CompileStats:
+        if kernel == "fwd":
+            result = aot.compile_forward(generated, config, arch=capability, dtype=dtype, head_dim=head_dim,
+                                         head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
+            return CompileStats(shared=int(result.shared_bytes), registers=int(result.registers),
+                                spills=int(result.spill_stores) + int(result.spill_loads))
+        from .backward_aot import compile_backward
+        from .backward_codegen import backward_kernels_for
+
+        results = compile_backward(backward_kernels_for(generated.spec), backward_pair(config), arch=capability,
+                                   dtype=dtype, head_dim=head_dim, head_dim_v=value_dim, block_size=block_size,
+                                   kv_len=kv_len).values()
+        return CompileStats(shared=max(int(r.shared_bytes) for r in results),
+                            registers=max(int(r.registers) for r in results),
+                            spills=sum(int(r.spill_stores) + int(r.spill_loads) for r in results))
+
     def compile_fn(config: KernelConfig) -> CompileStats:
         # The build depends on the kernel's specialization, not on the sequence length (beyond whether the
         # last key block is ragged): shapes that differ only in length share one compile per config.
-        memo_key = (generated.kernel_name, capability, str(dtype), head_dim, value_dim, block_size,
+        memo_key = (kernel, generated.kernel_name, capability, str(dtype), head_dim, value_dim, block_size,
                     kv_len % block_size[1] != 0, config)
         if memo_key not in _AOT_MEMO:
-            result = aot.compile_forward(generated, config, arch=capability, dtype=dtype, head_dim=head_dim,
-                                         head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
-            _AOT_MEMO[memo_key] = CompileStats(shared=int(result.shared_bytes), registers=int(result.registers),
-                                               spills=int(result.spill_stores) + int(result.spill_loads))
+            _AOT_MEMO[memo_key] = compile_one(config)
         return _AOT_MEMO[memo_key]
 
     return compile_fn
