@@ -234,3 +234,24 @@ def test_aot_pruning_of_the_backward_kernels():
     stats = result.stats[fits]
     assert 0 < stats.shared <= autotune.shared_memory_limit(80) and stats.spills == 0 and 0 < stats.registers <= 255
     assert autotune.backward_pair(fits).dq == KernelConfig(64, 32, 8, 2)
+
+
+def test_backward_launch_uses_the_tuned_bwd_winner_and_searches_only_when_asked(cache):
+    from triton_attn.kernels.backward_launch import default_backward_config, tuned_backward_config
+
+    q = torch.randn(1, 4, 256, 64, dtype=torch.float16)
+    k, v = torch.randn(1, 2, 256, 64, dtype=torch.float16), torch.randn(1, 2, 256, 64, dtype=torch.float16)
+    block_mask = create_block_mask(causal_mask, None, None, 256, 256)
+    default = default_backward_config(64, 64, torch.float16, (128, 128), 256, 256)
+    runs = []
+    # Nothing cached, tuning off: the heuristic config at once, nothing run.
+    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=runs.append) is default and not runs
+    # Tuning on: every candidate of the bwd space is run (as a dK/dV + dQ pair) and the winner is stored...
+    chosen = tuned_backward_config(q, k, v, block_mask, None, default, True, run=runs.append)
+    assert runs and all(hasattr(config, "dkdv") and hasattr(config, "dq") for config in runs)
+    assert chosen in runs
+    # ...and the next call (a fresh process, same cache file) uses it with no search.
+    count = len(runs)
+    autotune.autotuner().forget_memory()
+    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=runs.append) == chosen
+    assert len(runs) == count

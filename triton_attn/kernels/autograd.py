@@ -38,6 +38,7 @@ class TritonAttentionFunction(torch.autograd.Function):
                                      interpret=interpret, autotune=autotune)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.interpret = block_mask, score_mod, scale, interpret
+        ctx.autotune = autotune
         ctx.set_materialize_grads(False)  # an unused lse (or out) gradient arrives as None: no zeros launched
         return out, lse
 
@@ -48,7 +49,7 @@ class TritonAttentionFunction(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         grad_query, grad_key, grad_value = attention_backward(
             query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask, score_mod=ctx.score_mod,
-            scale=ctx.scale, interpret=ctx.interpret)
+            scale=ctx.scale, interpret=ctx.interpret, autotune=ctx.autotune)
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 

@@ -423,6 +423,13 @@ def config_from_dict(data: Mapping[str, Any]) -> KernelConfig:
     return KernelConfig(**{f.name: int(data[f.name]) for f in fields if f.name in data})
 
 
+def autotune_requested(autotune: Optional[bool]) -> bool:
+    """``autotune`` when given, else whether ``TRITON_ATTN_AUTOTUNE`` asks for searches."""
+    if autotune is None:
+        return os.environ.get(ENV_AUTOTUNE, "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(autotune)
+
+
 class Autotuner:
     """Holds winners in memory in front of the on-disk cache; runs searches when asked."""
 
@@ -501,9 +508,7 @@ class Autotuner:
         hit = self.lookup(key)
         if hit is not None:
             return hit
-        if autotune is None:
-            autotune = os.environ.get(ENV_AUTOTUNE, "").strip().lower() in ("1", "true", "yes", "on")
-        if autotune and run is not None:
+        if autotune_requested(autotune) and run is not None:
             space = list(candidates()) if candidates is not None else [default]
             result = self.tune(key, space, run, device=device, compile_fn=compile_fn)
             if result.best is not None:

@@ -97,6 +97,24 @@ def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, 
     return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
 
+def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
+                          autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
+    """The cached ``bwd`` winner for this call's tuning key (as ``autotune.backward_pair``), else ``default``;
+    with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
+    from . import autotune as tuning
+
+    tuning_key = tuning.make_key(query, key, value, block_mask, kernel="bwd",
+                                 variant="score" if score_mod is not None else "")
+    tuned = tuning.lookup(tuning_key)
+    if tuned is None and tuning.autotune_requested(autotune):
+        space = tuning.search_space("bwd", tuning_key.capability, head_dim=query.shape[-1], value_dim=value.shape[-1],
+                                    dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=query.shape[2])
+        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(tuning.backward_pair(candidate)),
+                                        device=query.device).best
+    # Nothing tuned: the heuristic pair, which need not be a transposed pair like the tuned ones.
+    return default if tuned is None else tuning.backward_pair(tuned)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
@@ -229,13 +247,16 @@ def _launch(kernel: codegen.GeneratedKernel, grid, args, constexprs, tiles: Kern
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                        block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
-                       config: Optional[BackwardConfig] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config: Optional[BackwardConfig] = None,
+                       autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused attention.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]; out [B, Hq, Lq, Dv] and
     lse [B, Hq, Lq] (float32, natural log) from the forward; grad_out like out, grad_lse like lse
     (either may be None = zero). Returns (dq, dk, dv) shaped and typed like query, key, value.
     Deterministic: every gradient element is summed by one program in a fixed order.
+    ``config``: default the tuned winner for this problem (tuning cache, kernel "bwd"), else the
+    heuristic table; ``autotune=True`` (or TRITON_ATTN_AUTOTUNE=1) searches when nothing is cached.
     """
     check_backward_supported(score_mod)
     batch, q_heads, q_len, head_dim = query.shape
@@ -249,8 +270,13 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kernels: BackwardKernels = backward_kernels_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
     if config is None:
         config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len)
-    else:
-        config = config.fitted(q_bs, kv_bs, q_len, kv_len)
+        if not interpret:
+            config = tuned_backward_config(
+                query, key, value, block_mask, score_mod, config, autotune,
+                run=lambda candidate: attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                                         score_mod=score_mod, scale=scale, interpret=False,
+                                                         config=candidate))
+    config = config.fitted(q_bs, kv_bs, q_len, kv_len)
 
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
     dk = torch.empty_like(key, memory_format=torch.contiguous_format)
