@@ -24,7 +24,7 @@ from ..masks.tracing import UntraceableModError, trace_score_mod
 from . import backward, codegen, derivative
 from .backward_codegen import BackwardKernels, backward_kernels_for
 from .configs import MIN_TILE, KernelConfig, fit_tile, next_power_of_two, padded_head_dim
-from .launch import LOG2_E, _captured_args, launch_grid, plan_mask, trace_score
+from .launch import LOG2_E, _captured_args, kernel_constexprs, launch_grid, plan_mask, trace_score
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -208,19 +208,11 @@ def _preprocess_kernel(interpret: bool):
 
 def _constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
                 tiles: KernelConfig, q_len: int, kv_len: int, interpret: bool, dkdv: bool) -> dict:
-    q_bs, kv_bs = block_size
-    values = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
-        BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
-        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
-        Q_TILES_PER_BLOCK=_cdiv(q_bs, tiles.BLOCK_M), KV_TILES_PER_BLOCK=_cdiv(kv_bs, tiles.BLOCK_N),
-        # Bounds checks only where a tile can overhang its sequence or its mask block.
-        CHECK_KV_BOUNDS=(kv_len % kv_bs != 0) or (kv_bs % tiles.BLOCK_N != 0),
-        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
-        UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),  # Triton 3.9's interpreter bf16 dot bug
-    )
+    """The forward kernel's constexprs for these tiles, plus the dK/dV kernel's query-side bounds check."""
+    values = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
+                               config=tiles, kv_len=kv_len, interpret=interpret)
     if dkdv:
+        q_bs = block_size[0]
         values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
     return values
 

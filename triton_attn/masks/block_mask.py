@@ -85,6 +85,24 @@ def _sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torc
     return sliced
 
 
+def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``mask[index]`` over (batch, head) as two position maps; an int keeps its dimension (size 1)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > 2:
+        raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
+    index = tuple(index) + (slice(None),) * (2 - len(index))
+    maps = []
+    for position, size in zip(index, sizes):
+        all_positions = torch.arange(size)
+        if isinstance(position, int) and not isinstance(position, bool):
+            if not -size <= position < size:
+                raise IndexError(f"index {position} is out of range for a BlockMask dimension of size {size}")
+            maps.append(all_positions[position:position + 1] if position >= 0 else all_positions[position:][:1])
+        else:
+            maps.append(all_positions[position].reshape(-1))
+    return maps[0], maps[1]
+
+
 def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
     """How ``to_string`` groups blocks: (row_step, col_step, blocks per group [grid_rows, grid_cols])."""
     nq, nkv = num_blocks
@@ -278,20 +296,7 @@ class BlockMask:
         Integer indices keep the dimension (size 1). The sliced mask's ``mask_mod`` maps its
         local ``b``/``h`` back to the original ones, so it stays usable in ``attention``.
         """
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > 2:
-            raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
-        index = tuple(index) + (slice(None),) * (2 - len(index))
-        maps = []
-        for position, size in zip(index, self.shape[:2]):
-            all_positions = torch.arange(size)
-            if isinstance(position, int) and not isinstance(position, bool):
-                if not -size <= position < size:
-                    raise IndexError(f"index {position} is out of range for a BlockMask dimension of size {size}")
-                maps.append(all_positions[position:position + 1] if position >= 0 else all_positions[position:][:1])
-            else:
-                maps.append(all_positions[position].reshape(-1))
-        batch_map, head_map = maps
+        batch_map, head_map = batch_head_maps(index, self.shape[:2])
         fields = {}
         for name in self._TENSOR_FIELDS:
             value = getattr(self, name)

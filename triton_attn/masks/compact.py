@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import BlockMask, _sliced_mask_mod, normalize_block_size, picture_grid, render_block_pictures
+from .block_mask import (BlockMask, _sliced_mask_mod, batch_head_maps, normalize_block_size, picture_grid,
+                         render_block_pictures)
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 
@@ -345,20 +346,7 @@ class CompactBlockMask(BlockMask):
 
     def __getitem__(self, index) -> "CompactBlockMask":
         """Select batches / heads like ``BlockMask.__getitem__``; stays compact."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > 2:
-            raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
-        index = tuple(index) + (slice(None),) * (2 - len(index))
-        maps = []
-        for position, size in zip(index, self._batch_heads):
-            all_positions = torch.arange(size)
-            if isinstance(position, int) and not isinstance(position, bool):
-                if not -size <= position < size:
-                    raise IndexError(f"index {position} is out of range for a BlockMask dimension of size {size}")
-                maps.append(all_positions[position:position + 1] if position >= 0 else all_positions[position:][:1])
-            else:
-                maps.append(all_positions[position].reshape(-1))
-        batch_map, head_map = maps
+        batch_map, head_map = batch_head_maps(index, self._batch_heads)
         bl, hl = self.layout_shape
         new_bl = batch_map.numel() if bl > 1 else 1
         new_hl = head_map.numel() if hl > 1 else 1

@@ -221,6 +221,18 @@ def _dense_bias(attention_mask, q_len: int, kv_len: int, dtype) -> Optional[torc
     return mask.to(dtype)
 
 
+def _default_keep(module, is_causal, sliding_window, q_len: int, kv_len: int, device) -> Optional[torch.Tensor]:
+    """Bool [q_len, kv_len] of the model's own causal / sliding-window pattern when no mask was given
+    (None when every key is allowed); queries are the last ``q_len`` positions of the keys."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask_mod = _default_mask_mod(bool(causal), sliding_window, kv_len - q_len)
+    if mask_mod is None:
+        return None
+    q_idx = torch.arange(q_len, device=device).view(-1, 1)
+    kv_idx = torch.arange(kv_len, device=device).view(1, -1)
+    return mask_mod(None, None, q_idx, kv_idx)
+
+
 def eager_attention_function(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                              is_causal=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
     """Plain PyTorch reference: scores, softcap, mask, sinks, softmax. Returns ([B, Lq, Hq, Dv], weights)."""
@@ -234,13 +246,9 @@ def eager_attention_function(module, query, key, value, attention_mask=None, sca
         scores = softcap * torch.tanh(scores / softcap)
     bias = _dense_bias(attention_mask, q_len, kv_len, torch.float32)
     if bias is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        mask_mod = _default_mask_mod(bool(causal), sliding_window, kv_len - q_len)
-        if mask_mod is not None:
-            q_idx = torch.arange(q_len, device=query.device).view(-1, 1)
-            kv_idx = torch.arange(kv_len, device=query.device).view(1, -1)
-            bias = torch.zeros(q_len, kv_len, device=query.device).masked_fill(
-                ~mask_mod(None, None, q_idx, kv_idx), float("-inf"))
+        keep = _default_keep(module, is_causal, sliding_window, q_len, kv_len, query.device)
+        if keep is not None:
+            bias = torch.zeros(q_len, kv_len, device=query.device).masked_fill(~keep, float("-inf"))
     if bias is not None:
         scores = scores + bias
     if s_aux is not None:
@@ -268,12 +276,7 @@ def sdpa_attention_function(module, query, key, value, attention_mask=None, scal
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     bias = _dense_bias(attention_mask, q_len, kv_len, query.dtype)
     if bias is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        mask_mod = _default_mask_mod(bool(causal), sliding_window, kv_len - q_len)
-        if mask_mod is not None:
-            q_idx = torch.arange(q_len, device=query.device).view(-1, 1)
-            kv_idx = torch.arange(kv_len, device=query.device).view(1, -1)
-            bias = mask_mod(None, None, q_idx, kv_idx)
+        bias = _default_keep(module, is_causal, sliding_window, q_len, kv_len, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
     # Rows with no allowed key come back NaN from SDPA; the library's convention is 0.
     out = torch.nan_to_num(out, nan=0.0)
