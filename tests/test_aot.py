@@ -8,6 +8,7 @@ whole range of mask/score constructs pass the real compiler (the interpreter is 
 from __future__ import annotations
 
 import pytest
+from toolchain import nvidia_toolchain_available
 import torch
 
 pytest.importorskip("triton")
@@ -19,18 +20,8 @@ from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mas
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 
 
-def _nvidia_toolchain_available() -> bool:
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        return False
-    import os
-
-    return os.path.exists(aot.ptxas_path(90)) and os.path.exists(aot.ptxas_path(80))
-
-
-pytestmark = pytest.mark.skipif(not _nvidia_toolchain_available(), reason="Triton's NVIDIA backend is not installed")
+pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
+                                reason="Triton's NVIDIA backend is not installed")
 
 
 def _kernel(mask_mod=causal_mask, score_mod=None, mode=codegen.MASK_TRACED):

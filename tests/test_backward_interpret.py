@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
-from mask_cases import document_ids, library_mask_cases
+from mask_cases import composed_masks, document_ids, library_mask_cases
 from numerics import assert_matches_golden, random_qkv  # noqa: E402
 from triton_attn.kernels import derivative  # noqa: E402
 from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
@@ -28,7 +28,7 @@ from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, atten
 from triton_attn.kernels.fallback import UntraceableMaskWarning, partial_block_bits  # noqa: E402
 from triton_attn.kernels.launch import attention_forward  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
-                               not_mask, or_masks, padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+                               prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
 from triton_attn.reference import dense_attention  # noqa: E402
 
@@ -315,49 +315,13 @@ def test_learnable_score_tensor_trains_through_recompute_path():
 
 # -- random compositions ----------------------------------------------------------------------
 
-def _primitive(draw, length):
-    kind = draw(st.sampled_from(["causal", "window", "chunked", "prefix", "document", "padding", "modular"]))
-    if kind == "causal":
-        return causal_mask
-    if kind == "window":
-        return sliding_window_mask(draw(st.integers(1, length)))
-    if kind == "chunked":
-        return chunked_mask(draw(st.integers(1, length)))
-    if kind == "prefix":
-        return prefix_lm_mask(draw(st.integers(0, length)))
-    if kind == "document":
-        cuts = sorted(draw(st.lists(st.integers(1, max(1, length - 1)), max_size=3)))
-        return document_mask(torch.bucketize(torch.arange(length), torch.tensor(cuts, dtype=torch.long), right=True))
-    if kind == "padding":
-        keep = torch.arange(length) < draw(st.integers(1, length))
-        return padding_mask(keep[None, :])
-    modulus = draw(st.integers(2, 5))
-
-    def modular(b, h, q_idx, kv_idx):
-        return (q_idx - kv_idx) % modulus != 1
-
-    return modular
-
-
-@st.composite
-def _composed_masks(draw, length):
-    mask = _primitive(draw, length)
-    for _ in range(draw(st.integers(0, 2))):
-        combine = draw(st.sampled_from(["and", "or", "not"]))
-        if combine == "not":
-            mask = not_mask(mask)
-        elif combine == "and":
-            mask = and_masks(mask, _primitive(draw, length))
-        else:
-            mask = or_masks(mask, _primitive(draw, length))
-    return mask
 
 
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_random_compositions(data):
     length = data.draw(st.integers(2, 64), label="length")
-    mask_mod = data.draw(_composed_masks(length), label="mask")
+    mask_mod = data.draw(composed_masks(length), label="mask")
     block = data.draw(st.sampled_from([16, 32, (16, 32), (32, 16)]), label="block")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="dtype")
     score_mod = data.draw(st.sampled_from([None, softcap_score(3.0), alibi_score(2)]), label="score_mod")

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_attn as ta
-from mask_cases import library_mask_cases
+from mask_cases import composed_masks, library_mask_cases
 from numerics import assert_matches_golden, random_qkv
 from triton_attn.kernels.fallback import UntraceableMaskWarning
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, padding_mask, sliding_window_mask,
+                               softcap_score)
 
 pytest.importorskip("triton")
 
@@ -174,50 +174,13 @@ def test_untraceable_mask_warning_names_the_operation():
 
 # -- random compositions ------------------------------------------------------------------------
 
-def _primitive(draw, length):
-    kind = draw(st.sampled_from(["causal", "window", "chunked", "prefix", "document", "padding", "modular"]))
-    if kind == "causal":
-        return causal_mask
-    if kind == "window":
-        return sliding_window_mask(draw(st.integers(1, length)))
-    if kind == "chunked":
-        return chunked_mask(draw(st.integers(1, length)))
-    if kind == "prefix":
-        return prefix_lm_mask(draw(st.integers(0, length)))
-    if kind == "document":
-        cuts = sorted(draw(st.lists(st.integers(1, length - 1), max_size=4)))
-        return document_mask(torch.bucketize(torch.arange(length), torch.tensor(cuts, dtype=torch.long), right=True))
-    if kind == "padding":
-        valid = draw(st.integers(1, length))
-        keep = torch.arange(length) < valid
-        return padding_mask(keep[None, :])
-    modulus = draw(st.integers(2, 7))
-
-    def modular(b, h, q_idx, kv_idx):
-        return (q_idx - kv_idx) % modulus != 1
-
-    return modular
-
-
-@st.composite
-def _composed_masks(draw, length):
-    mask = _primitive(draw, length)
-    for _ in range(draw(st.integers(0, 2))):
-        combine = draw(st.sampled_from(["and", "or", "not"]))
-        if combine == "not":
-            mask = not_mask(mask)
-        elif combine == "and":
-            mask = and_masks(mask, _primitive(draw, length))
-        else:
-            mask = or_masks(mask, _primitive(draw, length))
-    return mask
 
 
 @settings(max_examples=8)
 @given(data=st.data())
 def test_random_compositions(data):
     length = data.draw(st.integers(2, 96), label="length")
-    mask_mod = data.draw(_composed_masks(length), label="mask")
+    mask_mod = data.draw(composed_masks(length), label="mask")
     block = data.draw(st.sampled_from([16, 32, (16, 32), (32, 16), 64]), label="block")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="dtype")
     head_dim = data.draw(st.sampled_from([16, 24, 32]), label="head_dim")

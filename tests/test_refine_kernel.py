@@ -9,6 +9,7 @@ exactly the BlockMask it gives without. Plus an ahead-of-time build for sm_80 of
 from __future__ import annotations
 
 import pytest
+from toolchain import nvidia_toolchain_available
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -278,20 +279,7 @@ def test_install_registers_and_uninstall_removes():
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time build for NVIDIA targets (no GPU needed)
 # ---------------------------------------------------------------------------------------------
-def _nvidia_toolchain_available() -> bool:
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        return False
-    import os
-
-    from triton_attn.kernels import aot
-
-    return os.path.exists(aot.ptxas_path(80))
-
-
-@pytest.mark.skipif(not _nvidia_toolchain_available(), reason="Triton's NVIDIA backend is not installed")
+@pytest.mark.skipif(not nvidia_toolchain_available(80), reason="Triton's NVIDIA backend is not installed")
 @pytest.mark.parametrize("block_size", [(128, 128), (48, 100)], ids=["128", "48x100"])
 def test_refine_kernel_compiles_for_sm80(block_size):
     ids = torch.tensor([[0] * 30 + [1] * 34, [0] * 60 + [1] * 4], dtype=torch.int32)
