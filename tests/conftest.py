@@ -50,3 +50,15 @@ def no_backend_env(monkeypatch):
     """Tests that rely on the default backend choice must not see a developer's TRITON_ATTN_BACKEND."""
     monkeypatch.delenv("TRITON_ATTN_BACKEND", raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def restore_registries():
+    """Tests register names globally; put the class-wide mappings back afterwards."""
+    from triton_attn.registry import AttentionInterface, AttentionMaskInterface
+
+    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+    yield
+    for cls, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
+        cls._global_mapping.clear()
+        cls._global_mapping.update(mapping)

@@ -13,13 +13,7 @@ from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, AttentionInterface, A
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _restore_registries():
-    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
-    yield
-    for cls, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
-        cls._global_mapping.clear()
-        cls._global_mapping.update(mapping)
+pytestmark = pytest.mark.usefixtures("restore_registries")
 
 
 def _config(**kwargs):

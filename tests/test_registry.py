@@ -29,14 +29,7 @@ from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FU
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _restore_registries():
-    """Tests register names globally; put the class-wide mappings back afterwards."""
-    saved = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
-    yield
-    for cls, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
-        cls._global_mapping.clear()
-        cls._global_mapping.update(mapping)
+pytestmark = pytest.mark.usefixtures("restore_registries")
 
 
 def ok_attention(module, query, key, value, attention_mask, **kwargs):
