@@ -161,26 +161,33 @@ def sass_has_wgmma(cubin: bytes) -> Optional[bool]:
     return "HGMMA" in result.stdout
 
 
-def compile_forward(kernel: GeneratedKernel, config: KernelConfig, *, arch: int, dtype: torch.dtype = torch.bfloat16,
-                    head_dim: int = 128, head_dim_v: Optional[int] = None, block_size: Tuple[int, int] = (128, 128),
-                    kv_len: int = 4096, inspect_sass: bool = False) -> AotResult:
-    """Compile ``kernel`` with ``config`` for ``sm_{arch}`` and report registers, spills, wgmma."""
+def compile_kernel(kernel: GeneratedKernel, signature: Dict[str, str], constexprs: Dict[str, object], attrs: dict,
+                   tiles: KernelConfig, *, arch: int, dtype: torch.dtype, head_dim: int,
+                   inspect_sass: bool = False) -> AotResult:
+    """``triton.compile`` one generated kernel for ``sm_{arch}`` and read what ptxas says about it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
-                                   config=config, kv_len=kv_len, interpret=False)
-    signature, all_constexprs, attrs = build_signature(kernel, dtype, constexprs)
-    source = ASTSource(kernel.jit(), signature, all_constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    compiled = triton.compile(ASTSource(kernel.jit(), signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
     shared = int(getattr(compiled.metadata, "shared", 0))
     wgmma = sass_has_wgmma(compiled.asm["cubin"]) if inspect_sass else None
-    return AotResult(arch, config, head_dim, dtype, ptx, registers, spill_stores, spill_loads, shared, wgmma)
+    return AotResult(arch, tiles, head_dim, dtype, ptx, registers, spill_stores, spill_loads, shared, wgmma)
+
+
+def compile_forward(kernel: GeneratedKernel, config: KernelConfig, *, arch: int, dtype: torch.dtype = torch.bfloat16,
+                    head_dim: int = 128, head_dim_v: Optional[int] = None, block_size: Tuple[int, int] = (128, 128),
+                    kv_len: int = 4096, inspect_sass: bool = False) -> AotResult:
+    """Compile ``kernel`` with ``config`` for ``sm_{arch}`` and report registers, spills, wgmma."""
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
+                                   config=config, kv_len=kv_len, interpret=False)
+    signature, all_constexprs, attrs = build_signature(kernel, dtype, constexprs)
+    return compile_kernel(kernel, signature, all_constexprs, attrs, config, arch=arch, dtype=dtype, head_dim=head_dim,
+                          inspect_sass=inspect_sass)
 
 
 def compile_table(kernel: GeneratedKernel, configs: Sequence[KernelConfig], archs: Sequence[int] = ARCHS,

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backward
-from .aot import _TRITON_DTYPES, AotResult, build_signature, ptxas_report, sass_has_wgmma
+from .aot import _TRITON_DTYPES, AotResult, build_signature, compile_kernel
 from .backward_codegen import BackwardKernels
 from .backward_launch import BackwardConfig, dkdv_constexprs, dq_constexprs
 from .codegen import GeneratedKernel
@@ -27,20 +27,10 @@ _NOT_DIVISIBLE = {"q_len", "kv_len", "num_q_heads", "num_kv_heads", "gqa_groups"
 
 def _compile(kernel: GeneratedKernel, runtime_params, constexprs: dict, tiles: KernelConfig, *, arch: int,
              dtype: torch.dtype, head_dim: int, inspect_sass: bool) -> AotResult:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature, all_constexprs, attrs = build_signature(kernel, dtype, constexprs, runtime_params=runtime_params,
                                                        unit_strides=_UNIT_STRIDES, not_divisible=_NOT_DIVISIBLE)
-    compiled = triton.compile(ASTSource(kernel.jit(), signature, all_constexprs, attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
-    ptx = compiled.asm["ptx"]
-    registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
-    shared = int(getattr(compiled.metadata, "shared", 0))
-    wgmma = sass_has_wgmma(compiled.asm["cubin"]) if inspect_sass else None
-    return AotResult(arch, tiles, head_dim, dtype, ptx, registers, spill_stores, spill_loads, shared, wgmma)
+    return compile_kernel(kernel, signature, all_constexprs, attrs, tiles, arch=arch, dtype=dtype, head_dim=head_dim,
+                          inspect_sass=inspect_sass)
 
 
 def compile_backward(kernels: BackwardKernels, config: BackwardConfig, *, arch: int,
