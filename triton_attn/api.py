@@ -165,20 +165,26 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     return (out, lse) if return_lse else out
 
 
-def _install_gpu_tile_refiner() -> None:
-    """On CUDA, the mask compiler refines undecided tiles with a Triton kernel (``kernels/refine.py``).
+def _cuda_tile_refiner(*args):
+    """The mask compiler's refiner for CUDA tiles: the Triton kernel of ``kernels/refine.py``.
 
-    ``masks/`` knows no Triton, so the choice is made here: the kernel is registered in
-    ``masks.compiler.TILE_REFINERS`` when a GPU and Triton are present (``TRITON_ATTN_GPU_REFINE=0``
-    keeps the eager refinement).
+    Imported on first use, so ``import triton_attn`` does not import Triton; None (eager
+    refinement) when Triton is not usable here.
     """
-    if os.environ.get("TRITON_ATTN_GPU_REFINE", "1") == "0" or not torch.cuda.is_available():
-        return
     try:
         from .kernels import refine
-    except ImportError:  # no usable Triton: eager refinement
-        return
-    refine.install("cuda")
+    except ImportError:
+        return None
+    return refine.cuda_refiner(*args)
+
+
+def _install_gpu_tile_refiner() -> None:
+    """On CUDA, the mask compiler refines undecided tiles with a Triton kernel. ``masks/`` knows no
+    Triton, so the choice is made here (``TRITON_ATTN_GPU_REFINE=0`` keeps the eager refinement)."""
+    from .masks import compiler
+
+    if os.environ.get("TRITON_ATTN_GPU_REFINE", "1") != "0":
+        compiler.TILE_REFINERS.setdefault("cuda", _cuda_tile_refiner)
 
 
 _install_gpu_tile_refiner()
