@@ -398,3 +398,16 @@ def test_compact_block_mask_is_walked_without_dense_fields(needs_grad):
                                            enable_gqa=True)(q, k, v)
     torch.testing.assert_close(out, dense_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, dense_lse, rtol=0, atol=0)
+
+
+def test_import_does_not_import_triton():
+    """Triton (and the GPU tile refiner) load on first use, never at `import triton_attn`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, triton_attn\n"
+            "from triton_attn.masks import compiler\n"
+            "print('triton' in sys.modules, sorted(compiler.TILE_REFINERS))\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "False ['cuda']", result.stdout + result.stderr
