@@ -245,7 +245,9 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     from . import cpu_flash
 
     if cpu_flash.applicable(query, key, value, block_mask, score_mod, needs_grad):
-        return cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
+        fused = cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
+        if fused is not None:  # None: a hidden key/value is not finite; the loop below keeps it out
+            return fused
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
