@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from typing import Callable, Optional, Tuple, Union
@@ -106,6 +107,24 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
     return chosen
 
 
+# (q_len, kv_len, device, block_size) -> the all-full BlockMask of a call without a mask (a few recent shapes).
+_FULL_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+FULL_MASK_CACHE_SIZE = 16
+
+
+def default_block_mask(q_len: int, kv_len: int, device) -> BlockMask:
+    """The all-full BlockMask of a call without a mask, built once per shape and device."""
+    if torch.compiler.is_compiling() or torch.device(device).type == "meta":
+        return full_block_mask(1, 1, q_len, kv_len, device)
+    cache_key = (q_len, kv_len, str(device), DEFAULT_BLOCK_SIZE)
+    mask = _FULL_MASKS.get(cache_key)
+    if mask is None:
+        mask = _FULL_MASKS[cache_key] = full_block_mask(1, 1, q_len, kv_len, device)
+        while len(_FULL_MASKS) > FULL_MASK_CACHE_SIZE:
+            _FULL_MASKS.popitem(last=False)
+    return mask
+
+
 def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
                     block_size: Union[int, Tuple[int, int]] = DEFAULT_BLOCK_SIZE) -> BlockMask:
     """A BlockMask with every tile full (plain attention), built without evaluating anything."""
@@ -150,12 +169,29 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if chosen != "torch" and query.dtype == torch.float64:
         raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
     if block_mask is None:
-        block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
+        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
     block_mask = _validate_block_mask(block_mask, query, key)
-    _validate_mod_devices(score_mod, "score_mod", query.device)
-    _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (closure walks; under torch.compile the op's tensors are checked by the kernels)
+        _validate_mod_devices(score_mod, "score_mod", query.device)
+        _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
-    if chosen == "torch":
+    if _op_applies(block_mask, score_mod, compiling):
+        from . import ops
+
+        if compiling:
+            mask_key, mask_paths = ops.mod_key(block_mask.mask_mod, "mask")
+            mask = (mask_key, ops.fetch_captured(block_mask.mask_mod, mask_paths))
+            if score_mod is None:
+                score = ("", [])
+            else:
+                score_key, score_paths = ops.mod_key(score_mod, "score")
+                score = (score_key, ops.fetch_captured(score_mod, score_paths))
+        else:
+            mask, score = ops.register_mod(block_mask.mask_mod, "mask"), ops.register_mod(score_mod, "score")
+        out, lse = ops.attention_op(query, key, value, block_mask, mask, score, scale=float(scale), backend=chosen,
+                                    autotune=autotune)
+    elif chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
         from .kernels.autograd import triton_attention  # Triton is imported only when used
@@ -163,6 +199,21 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)
     return (out, lse) if return_lse else out
+
+
+def _op_applies(block_mask: BlockMask, score_mod: Optional[Callable], compiling: bool) -> bool:
+    """Whether the call goes through the custom ops (``ops.py``). Two cases keep the direct route: a
+    compact BlockMask (the ops take the dense index tensors, which a compact mask builds only on demand)
+    and, with gradients on, a score_mod whose captured tensors require grad (the ops differentiate
+    q, k and v only; the direct route reaches those tensors through the closure)."""
+    from .masks.compact import CompactBlockMask
+
+    if isinstance(block_mask, CompactBlockMask):
+        return False
+    if score_mod is not None and torch.is_grad_enabled() and not compiling:
+        if any(t.requires_grad for t in captured_tensors(score_mod)):
+            return False
+    return True
 
 
 def _cuda_tile_refiner(*args):

@@ -202,6 +202,8 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq];
     None when a key/value the mask hides is not finite (the caller then takes the exact loop)."""
     flash = _flash_op()
+    # The fused kernel reads rows of D contiguous elements; other strides come out wrong, not as errors.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     mask_batch = block_mask.shape[0]
     q_len, kv_len = block_mask.seq_lengths
     if mask_batch * q_len * kv_len <= DENSE_BIAS_ELEMENTS:

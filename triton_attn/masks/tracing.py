@@ -382,6 +382,9 @@ def _closure_identity(fn: Callable) -> tuple:
 
 
 def _trace(fn: Callable, kind: str) -> TracedMod:
+    prebuilt = getattr(fn, "traced_mod", None)  # a graph bound to new tensors (triton_attn.ops.BoundMod)
+    if isinstance(prebuilt, TracedMod) and prebuilt.kind == kind:
+        return prebuilt
     try:
         entry = _TRACED.get(fn)
     except TypeError:  # not weak-referenceable or not hashable: trace every time
