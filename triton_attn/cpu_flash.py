@@ -14,10 +14,11 @@ Two routes, both through ``aten::_scaled_dot_product_flash_attention_for_cpu``:
 A mask that depends on the batch (padding, packed documents) is walked one batch entry at a time.
 
 Masked-out keys stay out: a NaN or inf in a key or value that the mask hides from a row would
-reach that row through the bias addition (``nan + -inf = nan``) or through ``0 * nan``. Before a
-call, the K/V positions hidden from some row are checked (one reduction, far cheaper than the
-attention itself); if any is not finite, ``fused_attention`` returns None and the caller takes the
-exact blockwise loop, which masks scores after computing them.
+reach that row through the bias addition (``nan + -inf = nan``, ``inf + -inf = nan``) or through
+``0 * nan``, and always as a NaN in the output. So the output is checked (one reduction over
+``[B, Hq, Lq, Dv]``, far cheaper than scanning K/V on every decode step); if it is not finite,
+``fused_attention`` returns None and the caller takes the exact blockwise loop, which masks scores
+after computing them (and so gives NaN exactly in the rows that do see a NaN key).
 
 It applies only where it is exact and simple: float32, no score_mod, no gradient needed, the
 BlockMask broadcast over heads, D == Dv, and the op present in this torch build.
@@ -51,17 +52,9 @@ def applicable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
 DENSE_BIAS_ELEMENTS = 1 << 22
 
 
-def _not_finite_positions(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B, Hkv, L]``: positions whose key or value holds a NaN or an infinity.
-
-    A sum is not finite when any term is (or on overflow, which only sends a call to the exact path).
-    """
-    return ~(torch.isfinite(key.sum(-1)) & torch.isfinite(value.sum(-1)))
-
-
-def _leaks(key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor) -> bool:
-    """Whether a non-finite key/value sits at a position ``hidden`` ``[..., L]`` (masked for some row)."""
-    return bool((_not_finite_positions(key, value) & hidden).any())
+def _output_is_finite(out: torch.Tensor) -> bool:
+    """Whether no NaN/inf reached the output (see the module docstring: a leak always shows up as one)."""
+    return bool(torch.isfinite(out).all())
 
 
 def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block: int):
@@ -115,8 +108,8 @@ def _expand_blocks(blocks: torch.Tensor, block_size, seq_lengths) -> torch.Tenso
 
 
 def _dense_keep(block_mask: BlockMask):
-    """(bias ``[Bm, 1, Lq, Lkv]`` float32 0/-inf, attended rows ``[Bm, 1, Lq]``, hidden positions
-    ``[Bm, 1, Lkv]``): the mask of every element; full blocks attend, partial ones ask the mask_mod."""
+    """(bias ``[Bm, 1, Lq, Lkv]`` float32 0/-inf, attended rows ``[Bm, 1, Lq]``): the mask of every
+    element; full blocks attend, partial ones ask the mask_mod."""
     batch = block_mask.shape[0]
     q_len, kv_len = block_mask.seq_lengths
     full = _expand_blocks(block_mask.full_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
@@ -129,14 +122,12 @@ def _dense_keep(block_mask: BlockMask):
         allowed = call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, (batch, 1, q_len, kv_len))
         keep = full | (partial & allowed)
     bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -math.inf)
-    return bias, keep.any(-1), ~keep.all(-2)
+    return bias, keep.any(-1)
 
 
 def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: float):
-    """The dense route: one flash call over all keys with the cached bias; None when a hidden key leaks."""
-    bias, attended, hidden = block_mask.derived("cpu_flash_dense", lambda: _dense_keep(block_mask))
-    if _leaks(key, value, hidden):
-        return None
+    """The dense route: one flash call over all keys with the cached bias."""
+    bias, attended = block_mask.derived("cpu_flash_dense", lambda: _dense_keep(block_mask))
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
@@ -152,16 +143,10 @@ def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: flo
     return out, lse
 
 
-class HiddenNonFinite(Exception):
-    """A key or value hidden by the mask is NaN/inf: the fused call would leak it (see the module docstring)."""
-
-
 def _flash_with_keep(flash, grouped, k_span, v_span, keep: Optional[torch.Tensor], groups: int, scale: float):
     """Flash attention of grouped queries [B, Hkv, groups * rows, D] over a K/V span; ``keep`` [rows, L] or None."""
     if keep is None:
         return flash(grouped, k_span, v_span, 0.0, False, scale=scale)
-    if _leaks(k_span, v_span, ~keep.all(0)):
-        raise HiddenNonFinite
     bias = torch.zeros(keep.shape, dtype=grouped.dtype).masked_fill_(~keep, -math.inf)
     bias = bias.repeat(groups, 1) if groups > 1 else bias
     out, lse = flash(grouped, k_span, v_span, 0.0, False, attn_mask=bias, scale=scale)
@@ -191,35 +176,31 @@ def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full
     positions = positions[positions < kv_len]
     keep = _keep_tile(block_mask, q_start, rows, positions, batch)
     bias[:, positions - start] = torch.zeros((), dtype=dtype).masked_fill(~keep, -math.inf)
-    k_span, v_span = key[:, :, start:stop], value[:, :, start:stop]
-    if _leaks(k_span, v_span, torch.isinf(bias).any(0)):
-        raise HiddenNonFinite
-    return k_span, v_span, bias
+    return key[:, :, start:stop], value[:, :, start:stop], bias
 
 
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                     scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq];
-    None when a key/value the mask hides is not finite (the caller then takes the exact loop)."""
+    None when the output is not finite (a NaN/inf key or value; the caller then takes the exact loop)."""
     flash = _flash_op()
     # The fused kernel reads rows of D contiguous elements; other strides come out wrong, not as errors.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     mask_batch = block_mask.shape[0]
     q_len, kv_len = block_mask.seq_lengths
     if mask_batch * q_len * kv_len <= DENSE_BIAS_ELEMENTS:
-        return _dense_attention(flash, query, key, value, block_mask, scale)
-    try:
-        if mask_batch == 1:
-            return _blockwise_rows(flash, query, key, value, block_mask, scale, 0)
+        out, lse = _dense_attention(flash, query, key, value, block_mask, scale)
+    elif mask_batch == 1:
+        out, lse = _blockwise_rows(flash, query, key, value, block_mask, scale, 0)
+    else:
         parts = [_blockwise_rows(flash, query[b:b + 1], key[b:b + 1], value[b:b + 1], block_mask, scale, b)
                  for b in range(mask_batch)]
-    except HiddenNonFinite:
-        return None
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return (out, lse) if _output_is_finite(out) else None
 
 
 def _blockwise_rows(flash, query, key, value, block_mask: BlockMask, scale: float, mask_batch_index: int):
-    """The blockwise route over the layout of batch entry ``mask_batch_index``; raises ``HiddenNonFinite``."""
+    """The blockwise route over the layout of batch entry ``mask_batch_index``."""
     batch, q_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads

@@ -41,9 +41,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _prefix_counts(keep: torch.Tensor) -> torch.Tensor:
     """int64 ``[Bp, S + 1]``: ``out[:, j]`` real keys among positions ``< j`` of a bool ``[Bp, S]`` mask."""
-    counts = torch.zeros(keep.shape[0], keep.shape[1] + 1, dtype=torch.int64, device=keep.device)
-    torch.cumsum(keep.to(torch.int64), dim=1, out=counts[:, 1:])
-    return counts
+    return torch.nn.functional.pad(torch.cumsum(keep.to(torch.int64), dim=1), (1, 0))
 
 
 def _document_bounds(ids: torch.Tensor, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
