@@ -133,8 +133,15 @@ def test_interpret_launch_path_reads_no_tensor_values(monkeypatch, mask):
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
 
     monkeypatch.setattr(codegen.GeneratedKernel, "interpreted", lambda self: RecordingKernel())
+    from triton_attn.kernels import autotune
+
+    layout, ints = ops.flatten_block_mask(block_mask)
     with _raise_on_device_reads(monkeypatch) as reads:
         launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)
+        # The op rebuilds the mask from its tensors and ints on every call; the CUDA launch's tuning
+        # key (sparsity class) must not read it either.
+        rebuilt = ops.unflatten_block_mask(layout, ints, block_mask.mask_mod)
+        autotune.make_key(q, k, v, rebuilt)
     assert not reads and len(launches) == 1
 
 

@@ -32,7 +32,7 @@ from .masks.block_mask import BlockMask, LaunchPlan
 from .masks.evaluate import mod_name
 from .masks.tracing import TracedMod, UntraceableModError, evaluate, trace_mask_mod, trace_score_mod
 
-__all__ = ["MOD_TABLE", "register_mod", "resolve_mod", "flatten_block_mask", "attention_op", "BoundMod"]
+__all__ = ["MOD_TABLE", "register_mod", "resolve_mod", "flatten_block_mask", "unflatten_block_mask", "attention_op", "BoundMod"]
 
 KINDS = ("mask", "score")
 # Mods that cannot be traced are kept by identity; at most this many (the oldest are dropped).
@@ -109,16 +109,18 @@ def resolve_mod(key: str, captured: Sequence[torch.Tensor]) -> Optional[Callable
 
 def flatten_block_mask(block_mask: BlockMask) -> Tuple[List[torch.Tensor], List[int]]:
     """The BlockMask as op arguments: its eight index tensors, and the ints
-    ``[Q_BLOCK, KV_BLOCK, Q_LEN, KV_LEN, *launch plan]``."""
+    ``[Q_BLOCK, KV_BLOCK, Q_LEN, KV_LEN, *launch plan]`` (the plan travels along, so the rebuilt mask
+    never reads the device to plan a launch or to classify its sparsity for the tuning key)."""
     plan = block_mask.launch_plan
     ints = [*block_mask.BLOCK_SIZE, *block_mask.seq_lengths, plan.max_partial_blocks, plan.max_full_blocks,
-            plan.max_partial_q_blocks, plan.max_full_q_blocks, int(plan.exact)]
+            plan.max_partial_q_blocks, plan.max_full_q_blocks, int(plan.exact), plan.computed_blocks]
     return [getattr(block_mask, name) for name in BlockMask._TENSOR_FIELDS], ints
 
 
-def _unflatten_block_mask(layout: Sequence[torch.Tensor], ints: Sequence[int], mask_mod) -> BlockMask:
+def unflatten_block_mask(layout: Sequence[torch.Tensor], ints: Sequence[int], mask_mod) -> BlockMask:
+    """Inverse of ``flatten_block_mask``, with ``mask_mod`` as the mask's predicate (no device read)."""
     fields = dict(zip(BlockMask._TENSOR_FIELDS, layout))
-    plan = LaunchPlan(*ints[4:8], exact=bool(ints[8]))
+    plan = LaunchPlan(*ints[4:8], exact=bool(ints[8]), computed_blocks=ints[9])
     return BlockMask(**fields, BLOCK_SIZE=(ints[0], ints[1]), seq_lengths=(ints[2], ints[3]), mask_mod=mask_mod,
                      launch_plan=plan)
 
@@ -164,7 +166,7 @@ def attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          score_captured: List[torch.Tensor], scale: float, backend: str,
                          autotune: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> (out [B, Hq, Lq, Dv], lse [B, Hq, Lq])."""
-    block_mask = _unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
+    block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     if backend == "torch":
         from .reference import blockwise_attention
@@ -193,7 +195,7 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           mask_captured: List[torch.Tensor], score_key: str, score_captured: List[torch.Tensor],
                           scale: float, backend: str, autotune: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) shaped like (query, key, value); grad_out / grad_lse None count as zero."""
-    block_mask = _unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
+    block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     if backend != "torch":
         from .kernels.backward_launch import attention_backward

@@ -59,6 +59,7 @@ class LaunchPlan:
     max_partial_q_blocks: int
     max_full_q_blocks: int
     exact: bool = True
+    computed_blocks: int = -1  # partial + full blocks over all (b, h) (-1: not known)
 
     @property
     def has_partial_blocks(self) -> bool:
@@ -92,10 +93,11 @@ def plan_from_counts(counts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     """The plan of four block-count tensors (partial kv, full kv, partial q, full q): one device read."""
     if any(values_unknown(t) for t in counts):
         return LaunchPlan.upper_bound(num_blocks)
-    maxima = torch.stack([t.max().to(torch.int64) if t.numel() else torch.zeros((), dtype=torch.int64,
-                                                                                 device=t.device)
-                          for t in counts]).tolist()
-    return LaunchPlan(*(int(m) for m in maxima))
+    zero = torch.zeros((), dtype=torch.int64, device=counts[0].device)
+    values = [t.max().to(torch.int64) if t.numel() else zero for t in counts]
+    values.append(counts[0].sum(dtype=torch.int64) + counts[1].sum(dtype=torch.int64))
+    *maxima, computed = torch.stack(values).tolist()
+    return LaunchPlan(*(int(m) for m in maxima), computed_blocks=int(computed))
 
 
 def ordered_from_dense(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +338,9 @@ class BlockMask:
 
     def sparsity(self) -> float:
         """Percentage of blocks that are never computed (0 = dense, 100 = nothing attends)."""
-        computed = int(self.kv_num_blocks.sum()) + int(self.full_kv_num_blocks.sum())
+        computed = self.launch_plan.computed_blocks  # counted when the mask was built: no device read
+        if computed < 0:
+            computed = int(self.kv_num_blocks.sum()) + int(self.full_kv_num_blocks.sum())
         batch, heads = self.shape[:2]
         total = batch * heads * self.num_blocks[0] * self.num_blocks[1]
         return 100.0 * (1.0 - computed / total) if total else 0.0
