@@ -1,4 +1,4 @@
-"""``attention()`` on the torch backend against the float64 golden result (numerics rule, DESIGN.md).
+"""``attention()`` on the torch backend against the float64 golden result (numerics rule, docs/design.md).
 
 Forward and backward across the mask library, GQA ratios, Lq != Lkv, odd lengths, head dims,
 dtypes and non-contiguous layouts; fully masked rows; every validation error by its message.
