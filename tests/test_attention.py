@@ -406,6 +406,7 @@ def test_import_does_not_import_triton():
     import sys
     from pathlib import Path
     code = ("import sys, triton_attn\n"
+            "triton_attn.attention  # the first public name loads the API, which wires the refiner\n"
             "from triton_attn.masks import compiler\n"
             "print('triton' in sys.modules, sorted(compiler.TILE_REFINERS))\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
