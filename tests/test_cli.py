@@ -437,14 +437,28 @@ def test_every_option_help_shows_its_default():
             assert "default" in text, f"triton-attn {name} {action.option_strings[0]}: {text!r}"
 
 
-def test_help_and_version_import_neither_torch_nor_triton():
-    code = ("import sys\nfrom triton_attn import cli\n"
-            "for argv in (['--help'], ['--version'], *([c, '--help'] for c in ('demo', 'tune', 'show', 'info', "
-            "'check', 'bench')), ['bench', '--list']):\n"
-            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
-            "print('\\nloaded:', sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n")
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter that imports this checkout."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_import_is_lazy_and_public_names_resolve():
+    result = run_python("import sys, triton_attn\n"
+                        "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'import loaded torch'\n"
+                        "assert callable(triton_attn.attention) and triton_attn.BlockMask.__name__ == 'BlockMask'\n"
+                        "assert set(triton_attn.__all__) <= set(dir(triton_attn))\n"
+                        "from triton_attn import CompactBlockMask, create_block_mask, create_mask\n"
+                        "print('triton' in sys.modules)\n")
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+def test_help_and_version_import_neither_torch_nor_triton():
+    result = run_python("import sys\nfrom triton_attn import cli\n"
+                        "for argv in (['--help'], ['--version'], *([c, '--help'] for c in ('demo', 'tune', 'show', "
+                        "'info', 'check', 'bench')), ['bench', '--list']):\n"
+                        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+                        "print('\\nloaded:', sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "loaded: []", result.stdout[-500:]
     assert "usage: triton-attn tune" in result.stdout and "(default: 4096)" in result.stdout
