@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .common import CommandError, OneLineErrorParser
+from .common import CommandError, DefaultsHelpFormatter, OneLineErrorParser
 
 DEFAULT_SCRIPT = "attention"
 # The project's repository (placeholder until the project is published; see pyproject's [project.urls]).
@@ -169,7 +169,8 @@ def run_bench(argv: Sequence[str], progress_factory) -> int:
 
 
 def _run_in_process(script: BenchScript, argv: List[str], progress_factory) -> int:
-    parser = OneLineErrorParser(prog=f"triton-attn bench {script.name}", description=script.summary)
+    parser = OneLineErrorParser(prog=f"triton-attn bench {script.name}", description=script.summary,
+                                formatter_class=DefaultsHelpFormatter)
     spec = importlib.util.spec_from_file_location(f"triton_attn_bench_{script.name}", script.path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
