@@ -95,8 +95,8 @@ class PerDocumentBalancer(LoadBalancer):
     def _lengths(documents) -> List[int]:
         if isinstance(documents, torch.Tensor):
             if documents.dim() != 1 or documents.dtype.is_floating_point or documents.dtype == torch.bool:
-                raise ValueError("PerDocumentBalancer: documents must be an integer tensor of document ids [L] "
-                                 f"(one packed sequence), got dtype {documents.dtype} and shape {tuple(documents.shape)}")
+                raise ValueError("PerDocumentBalancer: documents must be an integer tensor of document ids [L] (one "
+                                 f"packed sequence), got dtype {documents.dtype} and shape {tuple(documents.shape)}")
             if documents.numel() == 0:
                 raise ValueError("PerDocumentBalancer: documents must not be empty")
             _, counts = torch.unique_consecutive(documents.cpu(), return_counts=True)

@@ -177,7 +177,7 @@ def ring_backward(ctx: RingContext, query, key, value, out, lse, grad_out, grad_
     grad_query = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     grad_learnable: List[Optional[torch.Tensor]] = [None] * len(learnable)
     key_step, value_step = key.contiguous(), value.contiguous()
-    grad_pending: Optional = None
+    grad_pending: Optional[PendingTransfer] = None
     skipped = 0
     for step in range(ctx.world_size):
         kv_pending = None
