@@ -235,3 +235,23 @@ def test_errors_without_process_group():
         layout_positions("zigzag", 8, 2)
     with pytest.raises(ValueError, match="documents cover 10 tokens but the sequence has 8"):
         layout_positions(PerDocumentBalancer([4, 6]), 8, 2)
+
+
+def test_per_document_balancer_deals_every_document_head_tail():
+    generator = torch.Generator().manual_seed(5)
+    for world_size in (1, 2, 3, 4):
+        for _ in range(5):
+            cuts = torch.randperm(383, generator=generator)[:6].sort().values + 1
+            lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([384])])).tolist()
+            seq_len = sum(lengths)
+            positions = layout_positions(PerDocumentBalancer(lengths), seq_len, world_size)  # checks a permutation
+            assert positions.shape == (world_size, seq_len // world_size)
+            start = 0
+            for length in lengths:  # each rank holds at least its two head-tail pieces of every document
+                held = ((positions >= start) & (positions < start + length)).sum(1)
+                assert int(held.min()) >= 2 * (length // (2 * world_size))
+                start += length
+    with pytest.raises(ValueError, match=r"document ids \[L\]"):
+        PerDocumentBalancer(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="positive document lengths"):
+        PerDocumentBalancer([3, 0])
