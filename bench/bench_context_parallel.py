@@ -7,7 +7,8 @@ ever holds the full sequence. Every rank runs one intra-op thread (N ranks on N 
 Per problem:
 
 - ``plan_s``: building this rank's per-step BlockMasks (``plan_steps``; cached for later calls), slowest rank;
-- ``fwd_s``: a forward call with the plan cached, slowest rank; ``rank_fwd_s`` per rank;
+- ``fwd_s``: a forward call with the plan cached, slowest rank; ``rank_fwd_s`` per rank (it runs inside
+  ``record_ring_stats``, so it includes counting the allowed pairs of the partial tiles once);
 - ``fwd_bwd_s``: forward + backward of a second call, for lengths in ``--backward-lengths``;
 - ``peak_mb``: per rank, peak resident memory during the calls above the resident memory before them
   (``VmHWM`` reset through ``/proc/self/clear_refs``), i.e. what attention itself added;
