@@ -108,8 +108,9 @@ def run_problem(rank: int, procs: int, seq_len: int, mask: str, load_balance: st
     reset_peak_memory()
     resident = memory_kb("VmRSS")
     start = time.perf_counter()
-    positions = layout_positions(balance, seq_len, procs)
-    plan_steps(mask_mod, 1, Q_HEADS, positions, rank, resolve_load_balance(balance).key(), q.device)
+    balancer = resolve_load_balance(balance)
+    positions = layout_positions(balancer, seq_len, procs)
+    plan_steps(mask_mod, 1, Q_HEADS, positions, rank, balancer.key(), balancer.alignment(seq_len, procs), q.device)
     plan = time.perf_counter() - start
     dist.barrier()
     with record_ring_stats() as stats:
@@ -186,16 +187,17 @@ def versions() -> Dict[str, str]:
 def write_results(rows: List[Dict], args) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     device = f"cpu-{platform.machine().replace('_', '-')}-x{os.cpu_count()}"
-    stem = RESULTS / f"context_parallel_{stamp}_{device}_torch{versions()['torch']}"
+    stem = f"context_parallel_{stamp}_{device}_torch{versions()['torch']}"  # no Path.with_suffix: "2.13.0"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    temporary = stem.with_suffix(".csv.tmp")
+    csv_path, md_path = RESULTS / f"{stem}.csv", RESULTS / f"{stem}.md"
+    temporary = RESULTS / f"{stem}.csv.tmp"
     with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["date", "device", "torch", "python"] + FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({"date": stamp, "device": device, **versions(),
                              **{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}})
-    os.replace(temporary, stem.with_suffix(".csv"))
+    os.replace(temporary, csv_path)
     lines = [f"# Context parallelism on CPU (gloo), {stamp}",
              "",
              f"Device: {device} ({os.cpu_count()} cores); torch {versions()['torch']}, Python {versions()['python']}.",
@@ -211,10 +213,10 @@ def write_results(rows: List[Dict], args) -> Path:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append("| " + " | ".join(str(row[f]) if row[f] is not None else "-" for f in FIELDS) + " |")
-    temporary = stem.with_suffix(".md.tmp")
+    temporary = RESULTS / f"{stem}.md.tmp"
     temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, stem.with_suffix(".md"))
-    return stem
+    os.replace(temporary, md_path)
+    return RESULTS / stem
 
 
 def main() -> None:

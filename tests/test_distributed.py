@@ -64,7 +64,7 @@ def check_case(rank: int, world_size: int, name: str, load_balance, dtype=torch.
     generator = torch.Generator().manual_seed(seed)
     mask_mod, score_mod, ids = case_mods(name, generator)
     if load_balance == "per_document":
-        load_balance = PerDocumentBalancer(ids)
+        load_balance = PerDocumentBalancer(ids, granule=4)  # small: these documents are ~32 tokens
     q, k, v = random_qkv(2, 4, kv_heads, SEQ_LEN, SEQ_LEN, 16, dtype=dtype, generator=generator)
     grad_out = torch.randn(q.shape, generator=generator).to(dtype)
     grad_lse = torch.randn(q.shape[:3], generator=generator)
@@ -121,7 +121,7 @@ def check_balancing_and_errors(rank: int, world_size: int) -> None:
     """Shard/unshard round trips, skipped steps as the layout predicts, the length error."""
     generator = torch.Generator().manual_seed(1)  # the same full tensors on every rank
     x = torch.randn(2, 3, SEQ_LEN, 5, generator=generator)
-    for load_balance in ("none", "head_tail", PerDocumentBalancer([50, 14, 64])):
+    for load_balance in ("none", "head_tail", PerDocumentBalancer([50, 14, 64], granule=4)):
         shard = shard_sequence(x, dim=2, load_balance=load_balance)
         assert shard.shape == (2, 3, SEQ_LEN // world_size, 5)
         positions = layout_positions(load_balance, SEQ_LEN, world_size)[rank]
@@ -222,7 +222,7 @@ def test_work_report_balances_causal_and_packed_documents():
     assert head_tail.imbalance == 1.0 and none.imbalance > 1.7
     ids = torch.repeat_interleave(torch.arange(4), torch.tensor([100, 28, 60, 68]))
     documents = and_masks(causal_mask, document_mask(ids))
-    per_document = work_report(documents, 256, 4, load_balance=PerDocumentBalancer(ids))
+    per_document = work_report(documents, 256, 4, load_balance=PerDocumentBalancer(ids, granule=2))
     assert per_document.imbalance < 1.05 < work_report(documents, 256, 4, load_balance="head_tail").imbalance
     assert sum(per_document.allowed_pairs) == int(ta.create_mask(documents, 1, 1, 256, 256).sum())
 
@@ -244,14 +244,23 @@ def test_per_document_balancer_deals_every_document_head_tail():
             cuts = torch.randperm(383, generator=generator)[:6].sort().values + 1
             lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([384])])).tolist()
             seq_len = sum(lengths)
-            positions = layout_positions(PerDocumentBalancer(lengths), seq_len, world_size)  # checks a permutation
-            assert positions.shape == (world_size, seq_len // world_size)
-            start = 0
-            for length in lengths:  # each rank holds at least its two head-tail pieces of every document
-                held = ((positions >= start) & (positions < start + length)).sum(1)
-                assert int(held.min()) >= 2 * (length // (2 * world_size))
-                start += length
+            for granule in (1, 8):
+                balancer = PerDocumentBalancer(lengths, granule=granule)
+                positions = layout_positions(balancer, seq_len, world_size)  # checks a permutation
+                assert positions.shape == (world_size, seq_len // world_size)
+                start = 0
+                for length in lengths:  # each rank holds at least its two head-tail pieces of every document
+                    held = ((positions >= start) & (positions < start + length)).sum(1)
+                    assert int(held.min()) >= 2 * (length // (2 * world_size * granule) * granule)
+                    start += length
+                # Runs of consecutive positions start at local offsets that are multiples of the granule,
+                # up to the leftover part at the end of each row.
+                aligned = sum(2 * (n // (2 * world_size * granule) * granule) for n in lengths)
+                breaks = (positions[:, 1:aligned] - positions[:, :aligned - 1] != 1).nonzero()[:, 1] + 1
+                assert bool((breaks % granule == 0).all())
     with pytest.raises(ValueError, match=r"document ids \[L\]"):
         PerDocumentBalancer(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="positive document lengths"):
         PerDocumentBalancer([3, 0])
+    with pytest.raises(ValueError, match="granule must be a positive int"):
+        PerDocumentBalancer([3, 5], granule=0)

@@ -1,17 +1,18 @@
 """Load balancers: which global sequence positions each rank holds.
 
 A balancer maps ``(seq_len, world_size)`` to ``positions``: int64 ``[world_size, seq_len // world_size]``,
-row ``r`` the global positions of rank ``r``'s shard in ascending order. Every position appears
-exactly once, every rank holds the same number of tokens (the ring exchanges equal-sized
-shards), and positions come in contiguous runs so that tiles stay inside one run and the block
-layout of a (query shard, key shard) pair is as sparse as the mask allows.
+row ``r`` the global positions of rank ``r``'s shard. Every position appears exactly once, every rank
+holds the same number of tokens (the ring exchanges equal-sized shards), and positions come in
+contiguous runs whose local offsets are multiples of the balancer's ``alignment``: the ring picks
+tiles that divide it, so a tile stays inside one run and the block layout of a (query shard, key
+shard) pair is as sparse as the mask allows.
 
 - ``"none"``: rank ``r`` holds the contiguous slice ``[r * L / P, (r + 1) * L / P)``. Under a causal
   mask the last rank does P times the work of the first.
 - ``"head_tail"``: the sequence is cut into ``2P`` chunks and rank ``r`` holds chunks ``r`` and
   ``2P - 1 - r`` (a cheap early chunk with an expensive late one), so causal work is even.
 - ``PerDocumentBalancer``: for packed documents under a document-causal mask, head-tail inside
-  every document, so each rank gets an even share of every document's work.
+  every document (in pieces of whole tiles), so each rank gets an even share of every document's work.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class LoadBalancer:
         """Equal for balancers that produce the same layout (part of the step-mask cache key)."""
         return self.name
 
+    def alignment(self, seq_len: int, world_size: int) -> int:
+        """Every run of consecutive positions starts at a local offset that is a multiple of this."""
+        return 1
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.key()})"
 
@@ -65,6 +70,9 @@ class ContiguousBalancer(LoadBalancer):
         check_sequence_length(seq_len, world_size, "the sequence length")
         return torch.arange(seq_len).view(world_size, seq_len // world_size)
 
+    def alignment(self, seq_len: int, world_size: int) -> int:
+        return seq_len // (2 * world_size)
+
 
 class HeadTailBalancer(LoadBalancer):
     """``"head_tail"``: rank r holds chunks r and 2P - 1 - r of 2P equal chunks."""
@@ -75,21 +83,31 @@ class HeadTailBalancer(LoadBalancer):
         check_sequence_length(seq_len, world_size, "the sequence length")
         return head_tail_positions(seq_len, world_size)
 
+    def alignment(self, seq_len: int, world_size: int) -> int:
+        return seq_len // (2 * world_size)
+
 
 class PerDocumentBalancer(LoadBalancer):
     """Head-tail balancing inside every document of a packed sequence.
 
     ``documents``: int ``[L]`` document ids (a document is a run of equal consecutive ids), or a
-    list of document lengths summing to L. Each document of length n is cut into ``2P`` pieces of
-    ``n // (2P)`` tokens dealt head-tail (rank r gets pieces r and 2P - 1 - r); the ``n % (2P)``
-    tokens left at the end of each document are gathered, in order, into one leftover sequence that
-    is dealt head-tail as a whole, so every rank still holds exactly L / P tokens.
+    list of document lengths summing to L. ``granule``: pieces are whole multiples of it (default
+    64 tokens, a tile of the ring's step masks), so tiles never straddle two pieces.
+
+    Each document of length n is cut into ``2P`` pieces of ``n // (2P * granule) * granule`` tokens
+    dealt head-tail (rank r gets pieces r and 2P - 1 - r). The tokens left at the end of each
+    document go out in runs of at most a granule, the most expensive (causal work) first, each to
+    the least loaded rank that has room, and sit after the aligned pieces; every rank ends with
+    exactly L / P tokens.
     """
 
     name = "per_document"
 
-    def __init__(self, documents: Union[torch.Tensor, Sequence[int]]):
+    def __init__(self, documents: Union[torch.Tensor, Sequence[int]], granule: int = 64):
         self.lengths = self._lengths(documents)
+        if isinstance(granule, bool) or not isinstance(granule, int) or granule <= 0:
+            raise ValueError(f"PerDocumentBalancer: granule must be a positive int, got {granule!r}")
+        self.granule = granule
 
     @staticmethod
     def _lengths(documents) -> List[int]:
@@ -108,7 +126,10 @@ class PerDocumentBalancer(LoadBalancer):
         return lengths
 
     def key(self) -> str:
-        return f"per_document:{','.join(map(str, self.lengths))}"
+        return f"per_document/{self.granule}:{','.join(map(str, self.lengths))}"
+
+    def alignment(self, seq_len: int, world_size: int) -> int:
+        return self.granule
 
     def positions(self, seq_len: int, world_size: int) -> torch.Tensor:
         total = sum(self.lengths)
@@ -117,22 +138,40 @@ class PerDocumentBalancer(LoadBalancer):
         check_sequence_length(seq_len, world_size, "the sequence length")
         pieces = 2 * world_size
         per_rank: List[List[torch.Tensor]] = [[] for _ in range(world_size)]
-        leftovers = []
+        work = [0] * world_size  # causal work within the document: the token at offset i sees i + 1 keys
+        units = []  # leftover runs of at most one granule: (work, first position, offset in document, size)
         start = 0
         for length in self.lengths:
-            piece = length // pieces
+            piece = length // (pieces * self.granule) * self.granule
             if piece:
                 chunks = torch.arange(start, start + piece * pieces).view(pieces, piece)
                 for rank in range(world_size):
                     per_rank[rank] += [chunks[rank], chunks[pieces - 1 - rank]]
-            leftovers.append(torch.arange(start + piece * pieces, start + length))
+                    work[rank] += _run_work(rank * piece, piece) + _run_work((pieces - 1 - rank) * piece, piece)
+            for offset in range(piece * pieces, length, self.granule):
+                size = min(self.granule, length - offset)
+                units.append((_run_work(offset, size), start + offset, offset, size))
             start += length
-        leftover = torch.cat(leftovers)  # a multiple of 2P tokens, since L and every main part are
-        if leftover.numel():
-            dealt = leftover[head_tail_positions(leftover.numel(), world_size)]
-            for rank in range(world_size):
-                per_rank[rank].append(dealt[rank])
-        return torch.stack([torch.cat(chunks).sort().values for chunks in per_rank])
+        # Leftovers, most expensive first, go to the least loaded rank with room (split where a run
+        # does not fit), so every rank ends with exactly L / P tokens.
+        room = [seq_len // world_size - sum(int(c.numel()) for c in chunks) for chunks in per_rank]
+        extra: List[List[torch.Tensor]] = [[] for _ in range(world_size)]
+        for _, first, offset, size in sorted(units, key=lambda unit: (-unit[0], unit[1])):
+            while size:
+                rank = min((r for r in range(world_size) if room[r]), key=lambda r: (work[r], r))
+                take = min(size, room[rank])
+                extra[rank].append(torch.arange(first, first + take))
+                work[rank] += _run_work(offset, take)
+                room[rank] -= take
+                first, offset, size = first + take, offset + take, size - take
+        rows = [torch.cat(chunks + [torch.cat(more).sort().values] if more else chunks)
+                for chunks, more in zip(per_rank, extra)]
+        return torch.stack(rows)
+
+
+def _run_work(offset: int, size: int) -> int:
+    """Causal pairs of ``size`` tokens starting at ``offset`` in their document: sum of offset + 1 .. offset + size."""
+    return size * (2 * offset + size + 1) // 2
 
 
 def resolve_load_balance(load_balance) -> LoadBalancer:

@@ -26,14 +26,13 @@ MIN_RING_BLOCK = 16
 PLAN_CACHE_SIZE = 16  # step-mask plans kept per process (one per mask, shape and layout)
 
 
-def ring_block_size(local_len: int) -> int:
-    """Tile size of the step masks: the largest power of two in [16, 128] dividing half a shard,
-    so no tile straddles two chunks of a head-tail layout (else 128: correct, less sparse)."""
-    chunk = local_len // 2
+def ring_block_size(alignment: int) -> int:
+    """Tile size of the step masks: the largest power of two in [16, 128] dividing the layout's
+    ``alignment``, so no tile straddles two runs of positions (else 128: correct, less sparse)."""
     size = MAX_RING_BLOCK
-    while size > MIN_RING_BLOCK and chunk % size:
+    while size > MIN_RING_BLOCK and alignment % size:
         size //= 2
-    return size if chunk % size == 0 else MAX_RING_BLOCK
+    return size if alignment % size == 0 else MAX_RING_BLOCK
 
 
 def global_mask_mod(mask_mod: Callable, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> Callable:
@@ -87,13 +86,14 @@ def step_block_mask(mask_mod: Callable, batch: int, heads: int, positions: torch
 
 
 def plan_steps(mask_mod: Optional[Callable], batch: int, heads: int, positions: torch.Tensor, rank: int,
-               balance_key: str, device) -> StepMasks:
+               balance_key: str, alignment: int, device) -> StepMasks:
     """The step masks of ``rank`` (cached by the mask's fingerprint, shapes and layout).
 
-    positions: int64 ``[P, L_local]`` from the load balancer (on any device).
+    positions: int64 ``[P, L_local]`` from the load balancer (on any device); alignment: the
+    balancer's (see ``LoadBalancer.alignment``).
     """
     world_size, local_len = positions.shape
-    block_size = ring_block_size(local_len)
+    block_size = ring_block_size(alignment)
     key = (None if mask_mod is None else mod_fingerprint(mask_mod), batch, heads, world_size, local_len, rank,
            balance_key, block_size, str(device))
     if key in _PLANS:

@@ -84,10 +84,12 @@ def work_report(mask_mod: Callable, seq_len: int, world_size: int, *, load_balan
     """
     balancer = resolve_load_balance(load_balance)
     positions = layout_positions(balancer, seq_len, world_size)
+    alignment = balancer.alignment(seq_len, world_size)
     batch, heads = B or 1, H or 1
     pairs, computed, skipped = [], [], []
     for rank in range(world_size):
-        plan = plan_steps(mask_mod, batch, heads, positions, rank, balancer.key(), torch.device(device or "cpu"))
+        plan = plan_steps(mask_mod, batch, heads, positions, rank, balancer.key(), alignment,
+                          torch.device(device or "cpu"))
         masks = [m for m in plan.masks if m is not None]
         pairs.append(sum(allowed_pairs(m, batch, heads) for m in masks))
         computed.append(len(masks))

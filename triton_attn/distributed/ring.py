@@ -272,7 +272,8 @@ def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: to
         scale = 1.0 / math.sqrt(query.shape[-1])
     balancer = resolve_load_balance(load_balance)
     positions = layout_positions(balancer, seq_len, world_size)
-    plan = plan_steps(mask_mod, query.shape[0], query.shape[1], positions, rank, balancer.key(), query.device)
+    plan = plan_steps(mask_mod, query.shape[0], query.shape[1], positions, rank, balancer.key(),
+                      balancer.alignment(seq_len, world_size), query.device)
     exchange = RingExchange(group, rank, world_size) if world_size > 1 else None
     ring_ctx = RingContext(plan, exchange, rank, score_mod, scale, enable_gqa, backend)
     learnable = [t for t in captured_tensors(score_mod) if t.requires_grad] if score_mod is not None else []

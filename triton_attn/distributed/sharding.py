@@ -31,8 +31,8 @@ def shard_sequence(tensor: torch.Tensor, dim: int = 2, group=None, load_balance=
     """This rank's shard of a full-sequence tensor (the same full tensor on every rank).
 
     tensor: e.g. q ``[B, H, L, D]`` with ``dim=2``; L must be divisible by 2 x world size.
-    Returns ``[B, H, L / P, D]``: the positions ``load_balance`` assigns to this rank, in ascending
-    order. Differentiable (gradients flow back into the full tensor's slots).
+    Returns ``[B, H, L / P, D]``: the positions ``load_balance`` assigns to this rank, in the order of
+    ``layout_positions``. Differentiable (gradients flow back into the full tensor's slots).
     """
     dim = _sequence_dim(tensor, dim, "shard_sequence")
     rank, world_size = group_rank_and_size(group)
