@@ -98,13 +98,16 @@ class RingContext:
 
 def merge_step(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_step: torch.Tensor,
                lse_step: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge a step's (out, lse) into the running float32 (out ``[B, H, L, Dv]``, lse ``[B, H, L]``)."""
+    """Merge a step's (out, lse) into the running float32 (out ``[B, H, L, Dv]``, lse ``[B, H, L]``).
+
+    ``out_acc`` is updated in place (one temporary of its size, not three).
+    """
     lse_new = torch.logaddexp(lse_acc, lse_step)
     # Rows that attended to nothing so far stay -inf; exp(-inf - 0) = 0 keeps their output 0.
     anchor = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
-    keep = torch.exp(lse_acc - anchor).unsqueeze(-1)
-    take = torch.exp(lse_step - anchor).unsqueeze(-1)
-    return out_acc * keep + out_step.float() * take, lse_new
+    out_acc.mul_(torch.exp(lse_acc - anchor).unsqueeze(-1))
+    out_acc.add_(out_step.float() * torch.exp(lse_step - anchor).unsqueeze(-1))
+    return out_acc, lse_new
 
 
 def ring_forward(ctx: RingContext, query: torch.Tensor, key: torch.Tensor,
