@@ -117,6 +117,25 @@ def check_interpreted_kernels(rank: int, world_size: int) -> None:
         assert result.error <= result.bound, f"interpret, rank {rank}: {result}"
 
 
+def check_learnable_score_mod(rank: int, world_size: int) -> None:
+    """A bias table captured by the score_mod gets this rank's share of the gradient: the shares
+    summed over ranks equal the single-process gradient."""
+    generator = torch.Generator().manual_seed(4)
+    bias = torch.randn(SEQ_LEN, generator=generator).requires_grad_(True)
+
+    def key_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[kv_idx]
+
+    q, k, v = random_qkv(1, 2, 2, SEQ_LEN, SEQ_LEN, 16, generator=generator)
+    grad_out = torch.randn(q.shape, generator=generator)
+    out = context_parallel_attention(*(shard_sequence(t) for t in (q, k, v)), mask_mod=causal_mask, score_mod=key_bias)
+    (share,) = torch.autograd.grad(out, bias, shard_sequence(grad_out))
+    torch.distributed.all_reduce(share)
+    block_mask = ta.create_block_mask(causal_mask, None, None, SEQ_LEN, SEQ_LEN)
+    (expected,) = torch.autograd.grad(ta.attention(q, k, v, block_mask=block_mask, score_mod=key_bias), bias, grad_out)
+    assert torch.allclose(share, expected, atol=1e-5, rtol=1e-4), float((share - expected).abs().max())
+
+
 def check_balancing_and_errors(rank: int, world_size: int) -> None:
     """Shard/unshard round trips, skipped steps as the layout predicts, the length error."""
     generator = torch.Generator().manual_seed(1)  # the same full tensors on every rank
@@ -193,6 +212,7 @@ def two_rank_cases(rank: int, world_size: int) -> None:
     check_case(rank, world_size, "document", "per_document")
     check_case(rank, world_size, "causal", "head_tail", dtype=torch.bfloat16, kv_heads=4)
     check_balancing_and_errors(rank, world_size)
+    check_learnable_score_mod(rank, world_size)
     check_interpreted_kernels(rank, world_size)
 
 
