@@ -1,6 +1,6 @@
 """Context parallelism (triton_attn.distributed) on 2 and 4 CPU processes joined by gloo.
 
-Process start-up dominates, so each test spawns its ranks once and runs a group of cases there.
+Process start-up dominates, so each test starts its ranks once and runs a group of cases there.
 Every rank draws the same full inputs from a seeded generator, runs ``context_parallel_attention``
 on its shards, and checks its own rows against the float64 golden result under the numerics rule
 (tests/numerics.py) and against single-process ``attention()`` on the unsharded tensors. The loss
