@@ -13,6 +13,7 @@ from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
 from .reference import blockwise_attention
+from .versions import require_triton
 
 BACKENDS = ("torch", "triton", "interpret")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -194,6 +195,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     elif chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
+        require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         from .kernels.autograd import triton_attention  # Triton is imported only when used
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
@@ -223,6 +225,7 @@ def _cuda_tile_refiner(*args):
     refinement) when Triton is not usable here.
     """
     try:
+        require_triton()
         from .kernels import refine
     except ImportError:
         return None
