@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -107,18 +108,54 @@ def resolve_mod(key: str, captured: Sequence[torch.Tensor]) -> Optional[Callable
     return BoundMod(entry.traced, captured)
 
 
+# id(kv_num_blocks) -> (weakref to that tensor, weakref to its BlockMask): the op's implementation finds
+# the caller's BlockMask again, with what it cached (e.g. the CPU fast path's bias, derived once per mask
+# and shared by every layer of a model), instead of a fresh object that would derive it on every call.
+_ORIGINALS: Dict[int, Tuple["weakref.ref", "weakref.ref"]] = {}
+
+
+def _remember(block_mask: BlockMask) -> None:
+    anchor = block_mask.kv_num_blocks
+    entry = _ORIGINALS.get(id(anchor))
+    if entry is not None and entry[0]() is anchor and entry[1]() is block_mask:
+        return
+    for stale in [k for k, (tensor_ref, mask_ref) in _ORIGINALS.items() if tensor_ref() is None or mask_ref() is None]:
+        del _ORIGINALS[stale]
+    try:
+        _ORIGINALS[id(anchor)] = (weakref.ref(anchor), weakref.ref(block_mask))
+    except TypeError:  # not weak-referenceable (e.g. a fake tensor): nothing to reuse
+        pass
+
+
+def _original(layout: Sequence[torch.Tensor], mask_mod) -> Optional[BlockMask]:
+    entry = _ORIGINALS.get(id(layout[0]))
+    if entry is None or entry[0]() is not layout[0]:
+        return None
+    block_mask = entry[1]()
+    if block_mask is None or block_mask.mask_mod is not mask_mod:
+        return None
+    same = all(getattr(block_mask, name) is tensor for name, tensor in zip(BlockMask._TENSOR_FIELDS, layout))
+    return block_mask if same else None
+
+
 def flatten_block_mask(block_mask: BlockMask) -> Tuple[List[torch.Tensor], List[int]]:
     """The BlockMask as op arguments: its eight index tensors, and the ints
     ``[Q_BLOCK, KV_BLOCK, Q_LEN, KV_LEN, *launch plan]`` (the plan travels along, so the rebuilt mask
     never reads the device to plan a launch or to classify its sparsity for the tuning key)."""
     plan = block_mask.launch_plan
+    if not torch.compiler.is_compiling():
+        _remember(block_mask)
     ints = [*block_mask.BLOCK_SIZE, *block_mask.seq_lengths, plan.max_partial_blocks, plan.max_full_blocks,
             plan.max_partial_q_blocks, plan.max_full_q_blocks, int(plan.exact), plan.computed_blocks]
     return [getattr(block_mask, name) for name in BlockMask._TENSOR_FIELDS], ints
 
 
 def unflatten_block_mask(layout: Sequence[torch.Tensor], ints: Sequence[int], mask_mod) -> BlockMask:
-    """Inverse of ``flatten_block_mask``, with ``mask_mod`` as the mask's predicate (no device read)."""
+    """Inverse of ``flatten_block_mask``, with ``mask_mod`` as the mask's predicate (no device read): the
+    caller's own BlockMask when these are its tensors and its mask_mod, else a new one."""
+    original = _original(layout, mask_mod)
+    if original is not None:
+        return original
     fields = dict(zip(BlockMask._TENSOR_FIELDS, layout))
     plan = LaunchPlan(*ints[4:8], exact=bool(ints[8]), computed_blocks=ints[9])
     return BlockMask(**fields, BLOCK_SIZE=(ints[0], ints[1]), seq_lengths=(ints[2], ints[3]), mask_mod=mask_mod,
