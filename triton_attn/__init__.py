@@ -4,9 +4,9 @@ Write a ``mask_mod(b, h, q_idx, kv_idx)`` (and optionally a ``score_mod``), buil
 ``BlockMask`` with ``create_block_mask``, and call ``attention``.
 """
 
-from .api import attention
+from .api import attention, flex_attention
 from .masks import BlockMask, CompactBlockMask, create_block_mask, create_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+__all__ = ["attention", "flex_attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
