@@ -262,6 +262,7 @@ def flex_kernel_options(kernel_options: Optional[dict]) -> Tuple[Optional[str], 
         if name in FLEX_TILE_OPTIONS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
+            _check_tile_option(key, name, value)
             tiles[name] = value
         elif name == "BACKEND":
             if value not in FLEX_BACKENDS:
@@ -275,6 +276,18 @@ def flex_kernel_options(kernel_options: Optional[dict]) -> Tuple[Optional[str], 
                 f"{', '.join(FLEX_NO_EFFECT_OPTIONS)}, which need no action here); backward tile sizes are "
                 "chosen by the library's own backward configs")
     return backend, tiles
+
+
+def _check_tile_option(key: str, name: str, value: int) -> None:
+    """The value's own check (``KernelConfig``'s), reported with the kernel_options key, whatever the backend."""
+    from dataclasses import replace
+
+    from .kernels.configs import FORWARD_CONFIGS
+
+    try:
+        replace(FORWARD_CONFIGS[0], **{name: value})
+    except ValueError as error:
+        raise ValueError(f"kernel_options[{key!r}]={value!r}: {error}") from error
 
 
 def _flex_config(tiles: dict, query: torch.Tensor, value: torch.Tensor, block_mask: BlockMask):
