@@ -76,7 +76,19 @@ SHIFTS = {"lshift", "rshift"}
 FLOAT_UNARY = {"tanh", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "sin", "cos", "erf", "log1p", "expm1"}
 
 
+def _identity_of(op: str, node: Node) -> bool:
+    """``node`` is the bool constant that ``op`` ignores (True for and, False for or)."""
+    return node.op == "const" and node.kind == "bool" and node.args[0] == (op == "and")
+
+
 def binary(op: str, left: Node, right: Node) -> Node:
+    if op in ("and", "or"):
+        # The start value of torch's and_masks / or_masks (b.new_ones(()) & ...) adds no node, so
+        # combinators cost the interval compiler what the same predicate written with & / | costs.
+        if _identity_of(op, left) and right.kind == "bool":
+            return right
+        if _identity_of(op, right) and left.kind == "bool":
+            return left
     if op in COMPARE:
         kind = "bool"
     elif op in LOGIC or op in SHIFTS:
