@@ -188,3 +188,29 @@ def test_traced_score_idioms_equal_eager_per_element():
 
         expected = per_element(score_mod, [score, b, h, q_idx, kv_idx])
         torch.testing.assert_close(got.broadcast_to(expected.shape), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _bitwise_mods():
+    values = torch.randint(-50, 50, (LENGTH,), generator=torch.Generator().manual_seed(4))
+    return {
+        "shift_of_negative": lambda b, h, q_idx, kv_idx: ((q_idx - kv_idx) >> 2) > -3,
+        "shift_by_loaded_amount": lambda b, h, q_idx, kv_idx: (kv_idx << (values[q_idx] & 3)) < q_idx + 20,
+        "and_of_negative": lambda b, h, q_idx, kv_idx: ((q_idx - 40) & (kv_idx - 7)) >= 0,
+        "or_xor_of_negative": lambda b, h, q_idx, kv_idx: (((values[kv_idx] | 5) ^ (q_idx - kv_idx)) % 3) == 0,
+        "invert_of_difference": lambda b, h, q_idx, kv_idx: ~(q_idx - kv_idx) < 4,
+        "fmod_round_sign": lambda b, h, q_idx, kv_idx: (
+            torch.fmod(values[q_idx], 7) + torch.sign(values[kv_idx]) < torch.round(values[kv_idx] / 9)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_bitwise_mods()))
+def test_interval_bounds_of_bitwise_and_composite_nodes_are_sound(name):
+    # Interval analysis may be loose on these nodes, never wrong: the result equals the exact compiler's.
+    from triton_attn.masks import compiler
+
+    mask_mod = _bitwise_mods()[name]
+    for block_size in (16, (8, 32)):
+        fast = ta.create_block_mask(mask_mod, None, None, 61, 57, BLOCK_SIZE=block_size)
+        exact = compiler.create_block_mask_exact(mask_mod, None, None, 61, 57, BLOCK_SIZE=block_size)
+        for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(fast, field), getattr(exact, field)), (name, block_size, field)
