@@ -54,11 +54,12 @@ def test_mask_idioms_on_the_interpreter(group):
 
 
 @pytest.mark.parametrize("group", range(len(SCORE_GROUPS)))
-def test_score_idioms_forward_and_backward_on_the_interpreter(group):
+def test_score_idioms_forward_and_backward_on_the_interpreter(group, monkeypatch):
+    monkeypatch.setenv("TRITON_ATTN_BACKEND", "interpret")  # flex_attention picks its backend as attention() does
     idioms = score_idioms(_captured(3, heads=len(SCORE_GROUPS[group])))
     score_mod = per_head([idioms[name] for name in SCORE_GROUPS[group]])
     heads = len(SCORE_GROUPS[group])
     q, k, v = random_qkv(1, heads, heads, 32, 32, 16, dtype=torch.float32)
     assert_matches_golden(
-        lambda q_, k_, v_: ta.attention(q_, k_, v_, score_mod=score_mod, return_lse=True, backend="interpret"),
+        lambda q_, k_, v_: ta.flex_attention(q_, k_, v_, score_mod, return_lse=True),
         q, k, v, score_mod=score_mod, backward=True)

@@ -21,7 +21,7 @@ built from these by the tracer, so each consumer (Triton emitter, interval analy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -189,7 +189,3 @@ def graph_nodes(graph: Node) -> List[Node]:
         stack.extend((a, False) for a in node.args if isinstance(a, Node) and id(a) not in seen)
     return order
 
-
-def find_op(graph: Node, ops) -> Optional[Node]:
-    """The first node of ``graph`` whose op is in ``ops`` (None if there is none)."""
-    return next((n for n in graph_nodes(graph) if n.op in ops), None)
