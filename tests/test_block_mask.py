@@ -323,8 +323,8 @@ def test_slicing_errors():
 # ---------------------------------------------------------------------------------------------
 def _recording(mod, seen):
     def recording(b, h, q_idx, kv_idx):
-        # shape[-1] of a traced (0-d, per element) value raises: this mod stays untraceable.
-        seen.append(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape[-1:]).numel())
+        kv_idx.shape[-1]  # a traced value is one element (0-d): this raises, so the mod stays untraceable
+        seen.append(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape).numel())
         return mod(b, h, q_idx, kv_idx)
     return recording
 
