@@ -97,3 +97,35 @@ def test_uncompilable_score_mod_warns_once_and_stays_exact():
 
 def test_exported_from_the_package():
     assert "flex_attention" in ta.__all__ and ta.flex_attention is ta.api.flex_attention
+
+
+def test_untraceable_per_element_mods_run_exactly_with_one_warning():
+    # Written per element (chained indexing fails on broadcast tensors) and untraceable (erfcx):
+    # the eager paths call them per element, as Flex does, and the result is Flex's.
+    pytest.importorskip("triton")
+    from triton_attn.kernels.fallback import UntraceableMaskWarning
+
+    weights = torch.rand(2, 48) * 3
+    head_bias = torch.randn(2, 48)
+
+    def erfcx_gate(b, h, q_idx, kv_idx):
+        return (torch.special.erfcx(weights[b][kv_idx]) > 0.3) | (q_idx == kv_idx)
+
+    def erfcx_score(score, b, h, q_idx, kv_idx):
+        return torch.special.erfcx(score * 0.1) + head_bias[h][kv_idx]
+
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        ours = ta.create_block_mask(erfcx_gate, 2, 2, 48, 48, BLOCK_SIZE=16)
+    theirs = flex.create_block_mask(erfcx_gate, 2, 2, 48, 48, device="cpu", BLOCK_SIZE=16)
+    for field in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(ours, field).long(), getattr(theirs, field).long()), field
+    assert torch.equal(ta.create_mask(erfcx_gate, 2, 2, 48, 48), flex.create_mask(erfcx_gate, 2, 2, 48, 48, "cpu"))
+    q, k, v = random_qkv(2, 2, 2, 48, 48, 16, dtype=torch.float32)
+    with pytest.warns(UntraceableMaskWarning, match="erfcx"):  # the kernels read the mask's bits
+        assert_matches_golden(lambda q_, k_, v_: ta.attention(q_, k_, v_, block_mask=ours, return_lse=True,
+                                                              backend="interpret"),
+                              q, k, v, mask_mod=erfcx_gate, backward=False)
+    with pytest.warns(ScoreModFallbackWarning, match="erfcx_score"):  # the whole call runs blockwise
+        assert_matches_golden(lambda q_, k_, v_: ta.attention(q_, k_, v_, score_mod=erfcx_score, block_mask=ours,
+                                                              return_lse=True, backend="interpret"),
+                              q, k, v, mask_mod=erfcx_gate, score_mod=erfcx_score)
