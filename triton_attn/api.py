@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -204,9 +205,24 @@ class ScoreModFallbackWarning(UserWarning):
 _FALLBACK_WARNED: set = set()
 
 
+# score_mod -> {needs_grad: reason or None}: the verdict depends on the traced graph's structure, which a
+# score_mod keeps across calls, so a decode loop does not re-trace it for this check on every step.
+_FALLBACK_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def score_mod_fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
     """Why the Triton kernels cannot run ``score_mod`` (its value, and its derivative when
     ``needs_grad``); None when they can."""
+    try:
+        verdicts = _FALLBACK_VERDICTS.setdefault(score_mod, {})
+    except TypeError:  # not weakly referenceable: decide every time
+        verdicts = {}
+    if needs_grad not in verdicts:
+        verdicts[needs_grad] = _fallback_reason(score_mod, needs_grad)
+    return verdicts[needs_grad]
+
+
+def _fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
     from .kernels import derivative
     from .kernels.expressions import CodegenError, Emitter
     from .masks.tracing import UntraceableModError, trace_score_mod
