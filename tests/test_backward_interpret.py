@@ -22,11 +22,11 @@ pytest.importorskip("triton")
 import triton_attn as ta  # noqa: E402
 from mask_cases import composed_masks, document_ids, library_mask_cases
 from numerics import assert_matches_golden, random_qkv  # noqa: E402
-from triton_attn.kernels import derivative  # noqa: E402
-from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
+from triton_attn.kernels.jit import derivative  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
                                                  check_backward_supported, transposed_fallback_block_ids)
-from triton_attn.kernels.fallback import UntraceableMaskWarning, partial_block_bits  # noqa: E402
-from triton_attn.kernels.launch import attention_forward  # noqa: E402
+from triton_attn.kernels.attention.fallback import UntraceableMaskWarning, partial_block_bits  # noqa: E402
+from triton_attn.kernels.attention.forward_launch import attention_forward  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
@@ -172,7 +172,7 @@ def test_symbolic_derivative_matches_autograd(kind):
 
 
 def test_constant_derivative_emits_no_derivative_code():
-    from triton_attn.kernels.backward_codegen import score_lines
+    from triton_attn.kernels.attention.backward_codegen import score_lines
 
     for score_mod in (alibi_score(4), _score_mods(8)["relative_bias"]):
         lines, grad_lines, _ = score_lines(trace_score_mod(score_mod))
@@ -297,7 +297,7 @@ def test_learnable_captured_tensor_is_refused_before_any_kernel():
 
 def test_learnable_score_tensor_trains_through_recompute_path():
     """A learnable bias table captured by the score_mod gets gradients (recompute path, warned once)."""
-    from triton_attn.kernels.autograd import LearnableScoreTensorWarning
+    from triton_attn.kernels.attention.autograd import LearnableScoreTensorWarning
 
     table = torch.randn(63, requires_grad=True)
 

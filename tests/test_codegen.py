@@ -10,8 +10,8 @@ import torch
 
 import triton_attn as ta
 from numerics import assert_matches_golden, random_qkv
-from triton_attn.kernels import codegen
-from triton_attn.kernels.fallback import UntraceableMaskWarning
+from triton_attn.kernels.jit import functions as codegen
+from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
                                padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import Node, TracedMod, trace_mask_mod, trace_score_mod

@@ -17,14 +17,16 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.closure import captured_tensors
-from ..masks.evaluate import mod_name
-from ..masks.tracing import UntraceableModError, trace_score_mod
-from . import backward, codegen, derivative
+from ...masks.block_mask import BlockMask
+from ...masks.closure import captured_tensors
+from ...masks.evaluate import mod_name
+from ...masks.tracing import UntraceableModError, trace_score_mod
+from . import backward
+from ..jit import functions as codegen
+from ..jit import derivative
 from .backward_codegen import BackwardKernels, backward_kernels_for
 from .configs import MIN_TILE, KernelConfig, fit_tile, next_power_of_two, padded_head_dim
-from .launch import LOG2_E, _captured_args, kernel_constexprs, launch_grid, plan_mask, trace_score
+from .forward_launch import LOG2_E, _captured_args, kernel_constexprs, launch_grid, plan_mask, trace_score
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -101,7 +103,7 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
                           autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
     """The cached ``bwd`` winner for this call's tuning key (as ``autotune.backward_pair``), else ``default``;
     with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
-    from . import autotune as tuning
+    from ..tuning import search as tuning
 
     tuning_key = tuning.make_key(query, key, value, block_mask, kernel="bwd",
                                  variant="score" if score_mod is not None else "")

@@ -25,8 +25,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..masks.tracing import TracedMod
-from . import forward
+from ...masks.tracing import TracedMod
+from ..attention import forward
 from .expressions import ARG_NAMES, CodegenError, Emitter  # noqa: F401  (re-exported)
 from .modules import (GeneratedKernel, InterpretedKernel, KernelMemo, cache_dir,  # noqa: F401  (re-exported)
                       import_file, interpreter_scope, load_module, write_atomically)

@@ -13,10 +13,11 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.evaluate import mod_name
-from ..masks.tracing import TracedMod, UntraceableModError, trace_mask_mod, trace_score_mod
-from . import codegen, fallback
+from ...masks.block_mask import BlockMask
+from ...masks.evaluate import mod_name
+from ...masks.tracing import TracedMod, UntraceableModError, trace_mask_mod, trace_score_mod
+from ..jit import functions as codegen
+from . import fallback
 from .configs import KernelConfig, default_config, padded_head_dim
 
 LOG2_E = 1.4426950408889634
@@ -121,7 +122,7 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
 def _tuned_config(query, key, value, block_mask: BlockMask, score_mod, scale: float, default: KernelConfig,
                   autotune: Optional[bool]) -> KernelConfig:
     """The cached winner for this call's tuning key, or ``default``; searches only when asked."""
-    from . import autotune as tuning
+    from ..tuning import search as tuning
 
     tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "")
     head_dim, head_dim_v = query.shape[-1], value.shape[-1]

@@ -23,8 +23,8 @@ from typing import Callable, Set, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.evaluate import call_mask_mod, mod_name
+from ...masks.block_mask import BlockMask
+from ...masks.evaluate import call_mask_mod, mod_name
 
 # Elements evaluated per eager call of the mask_mod (bounds the temporaries, ~256 MB of int64).
 ELEMENT_BUDGET = 1 << 22

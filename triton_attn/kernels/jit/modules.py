@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 if TYPE_CHECKING:
-    from .codegen import CapturedParam, KernelSpec
+    from .functions import CapturedParam, KernelSpec
 
 # ---------------------------------------------------------------------------------------------
 # Cache directory, module loading, kernel objects

@@ -25,9 +25,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from ..masks.tracing import TracedMod
-from . import backward, codegen, derivative
-from .codegen import CapturedParam, GeneratedKernel, KernelSpec
+from ...masks.tracing import TracedMod
+from . import backward
+from ..jit import functions as codegen
+from ..jit import derivative
+from ..jit.functions import CapturedParam, GeneratedKernel, KernelSpec
 
 BACKWARD_CODEGEN_VERSION = 1
 LOG2_E = codegen.LOG2_E
