@@ -119,29 +119,23 @@ def test_interpret_launch_path_reads_no_tensor_values(monkeypatch, mask):
     itself is replaced, so the patched reads see only the launch code (the interpreter's own
     numpy conversions are not a device sync)."""
     pytest.importorskip("triton")
-    from triton_attn.kernels import codegen, launch
+    from triton_attn.kernels.attention import forward_launch
+    from triton_attn.kernels.tuning import search
 
     q, k, v = random_qkv(1, 2, 2, 48, 48, 16)
     block_mask = ta.create_block_mask(causal_mask, None, None, 48, 48, BLOCK_SIZE=16) if mask != "none" \
         else ta.api.default_block_mask(48, 48, q.device)
     score_mod = softcap_score(3.0) if mask != "none" else None
-    launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)  # warm caches
+    forward_launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)  # warm
     launches = []
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(codegen.GeneratedKernel, "interpreted", lambda self: RecordingKernel())
-    from triton_attn.kernels import autotune
-
+    monkeypatch.setattr(forward_launch, "launch", lambda kernel, grid, arguments, **options: launches.append(grid))
     layout, ints = ops.flatten_block_mask(block_mask)
     with _raise_on_device_reads(monkeypatch) as reads:
-        launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)
+        forward_launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)
         # The op rebuilds the mask from its tensors and ints on every call; the CUDA launch's tuning
         # key (sparsity class) must not read it either.
         rebuilt = ops.unflatten_block_mask(layout, ints, block_mask.mask_mod)
-        autotune.make_key(q, k, v, rebuilt)
+        search.make_key(q, k, v, rebuilt)
     assert not reads and len(launches) == 1
 
 

@@ -15,8 +15,9 @@ understand. Their arguments can only be tensors, numbers and strings, so a call 
 
 The implementation dispatches on the ``backend`` string: ``torch`` runs ``reference.blockwise_attention``
 (whose float32 inference goes to PyTorch's fused CPU flash kernel, ``cpu_flash.py``), ``interpret`` and
-``triton`` run the Triton kernels (``kernels.launch.attention_forward`` / ``kernels.backward_launch.
-attention_backward``). The fake implementations give shapes only, which is also what makes meta tensors work.
+``triton`` run the Triton kernels (``kernels.attention.forward_launch.attention_forward`` /
+``kernels.attention.backward_launch.attention_backward``). The fake implementations give shapes only,
+which is also what makes meta tensors work.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=scale)
     else:
-        from .kernels.launch import attention_forward
+        from .kernels.attention.forward_launch import attention_forward
 
         out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
                                      interpret=backend == "interpret", autotune=_autotune_flag(autotune))
@@ -235,7 +236,7 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     if backend != "torch":
-        from .kernels.backward_launch import attention_backward
+        from .kernels.attention.backward_launch import attention_backward
 
         grads = attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask, score_mod=score_mod,
                                    scale=scale, interpret=backend == "interpret", autotune=_autotune_flag(autotune))
