@@ -83,9 +83,9 @@ def values_unknown(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s values cannot be read here: meta, fake (``torch.compile``), or being traced."""
     if tensor.device.type == "meta" or torch.compiler.is_compiling():
         return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
+    # A FakeTensor (shape propagation outside torch.compile, e.g. under FakeTensorMode) by its type name:
+    # torch's own predicate lives in a private module.
+    return any(cls.__name__ == "FakeTensor" for cls in type(tensor).__mro__)
 
 
 def plan_from_counts(counts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
