@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
 
     registry.register_transformers()
     input_ids, attention_mask = prompts(args)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = run_all(args, input_ids, attention_mask)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     reference = results["sdpa"]["tokens"]
     same = {name: bool(torch.equal(result["tokens"], reference)) for name, result in results.items()}
     assert all(same.values()), f"greedy tokens differ from sdpa's: {same}"
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
                  threads=torch.get_num_threads(), impl=name, layers=args.layers, hidden=args.hidden,
                  batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,
                  prefill_ms=f"{result['prefill_ms']:.2f}", decode_ms=f"{result['decode_ms']:.3f}",
-                 same_tokens=same[name]) for name, result in results.items()]
+                 same_tokens=same[name], load_avg=f"{load_before:.1f}-{load_after:.1f}")
+            for name, result in results.items()]
     with open(stem.with_suffix(".csv"), "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -166,7 +170,9 @@ def main(argv=None) -> int:
              f"transformers {versions['transformers']})", "",
              f"Llama from a config: {args.layers} layers, hidden {args.hidden}, {args.hidden // 64} heads / "
              f"{args.kv_heads} KV heads; B={args.batch}, {args.prompt}-token prompt with left padding, "
-             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs after a warm-up.", "",
+             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs after a warm-up. "
+             f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs "
+             "(a shared machine's load makes single numbers noisy; the runs are interleaved so it hits all alike).", "",
              "| implementation | prefill ms | decode ms/step | prefill / sdpa | decode / sdpa | same tokens |",
              "|---|---|---|---|---|---|"]
     for name, result in results.items():
