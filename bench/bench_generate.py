@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                  prefill_ms=f"{result['prefill_ms']:.2f}", decode_ms=f"{result['decode_ms']:.3f}",
                  same_tokens=same[name], load_avg=f"{load_before:.1f}-{load_after:.1f}")
             for name, result in results.items()]
-    with open(stem.with_suffix(".csv"), "w", newline="") as stream:
+    with open(f"{stem}.csv", "w", newline="") as stream:  # not with_suffix: the versions have dots
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     for what in ("prefill", "decode"):
         ratio = ours[f"{what}_ms"] / sdpa[f"{what}_ms"]
         lines.append(f"\n- target {what} <= {TARGET}x sdpa: {ratio:.2f}x -> {'met' if ratio <= TARGET else 'NOT met'}")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     print(f"results: {stem}.csv / .md")
     return 0
