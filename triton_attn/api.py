@@ -11,6 +11,7 @@ import torch
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
+from .masks.scalars import as_float
 from .reference import blockwise_attention
 
 BACKENDS = ("torch", "triton", "interpret")
@@ -142,8 +143,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     _validate_tensors(query, key, value, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    else:
+        scale = as_float(scale, "scale", expected="a finite float or None")
     if autotune is not None and not isinstance(autotune, bool):
         raise TypeError(f"autotune must be True, False or None, got {autotune!r}")
     chosen = choose_backend(backend, query.device)

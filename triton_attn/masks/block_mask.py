@@ -23,22 +23,25 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .library import full_mask
+from .scalars import as_int
 
 BlockSize = Union[int, Tuple[int, int]]
 
 
 def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
     """``128 -> (128, 128)``; a ``(Q_BS, KV_BS)`` pair is checked and returned."""
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
-        pair = (block_size, block_size)
-    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
-        pair = (block_size[0], block_size[1])
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}")
+        pair = tuple(block_size)
     else:
-        raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}")
-    for value in pair:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"BLOCK_SIZE entries must be positive ints, got {block_size!r}")
-    return int(pair[0]), int(pair[1])
+        pair = (block_size, block_size)
+    try:
+        q_bs, kv_bs = (as_int(value, "BLOCK_SIZE") for value in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair of them, "
+                         f"got {block_size!r}") from None
+    return q_bs, kv_bs
 
 
 def ordered_from_dense(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import contextlib
 import warnings
 
 from .block_mask import BlockMask, BlockSize, normalize_block_size
+from .scalars import as_int
 from .closure import captured_tensors
 from .compact import CSRBuilder, CompactBlockMask, dense_fields_from_maps
 from .evaluate import call_mask_mod, mod_name
@@ -57,17 +58,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check_length(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
+    return as_int(value, what)
 
 
 def _check_count(value, what: str) -> int:
     if value is None:
         return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int or None (broadcast), got {value!r}")
-    return value
+    return as_int(value, what, expected="a positive int or None (broadcast)")
 
 
 def resolve_device(mask_mod: Callable, device) -> torch.device:

@@ -13,11 +13,13 @@ import importlib.util
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple
 
+from ..api import BACKENDS
+from ..masks.block_mask import normalize_block_size
 from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
 from .interface import AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning, check_name
 from .masking import check_combine, dense_mask_function, make_mask_function
 
-__all__ = ["register_attention", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
+__all__ = ["register_attention", "check_options", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
            "TRANSFORMERS_BUILTIN_NAMES", "transformers_available"]
 
 DEFAULT_NAME = "triton_attn"
@@ -58,6 +60,20 @@ def _want_transformers(transformers: Optional[bool]) -> bool:
     return transformers
 
 
+def check_options(backend, block_size):
+    """``register_attention``'s kernel options, checked now rather than on the first model call:
+    (backend, block_size) normalized, or a ValueError naming the option."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} or None (pick by device), "
+                         f"got {backend!r}")
+    try:
+        block_size = normalize_block_size(block_size)
+    except ValueError:
+        raise ValueError(f"block_size must be a positive int or a (q_block_size, kv_block_size) pair of them, "
+                         f"got {block_size!r}") from None
+    return backend, block_size
+
+
 def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = None, *,
                        combine: str = "and", backend: Optional[str] = None, block_size=128,
                        mask_heads: Optional[int] = None, transformers: Optional[bool] = None) -> RegisteredAttention:
@@ -80,6 +96,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
         raise ValueError(f"name {name!r} is one of transformers' own implementations; pick another name "
                          f"(reserved: {', '.join(sorted(TRANSFORMERS_BUILTIN_NAMES))}, and any 'paged|' name)")
     check_combine(combine)
+    backend, block_size = check_options(backend, block_size)
     in_transformers = _want_transformers(transformers)
     attention_function = make_attention_function(score_mod, backend=backend)
     mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)
