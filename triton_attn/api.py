@@ -11,6 +11,7 @@ import torch
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
+from .masks.safety import check_mods
 from .masks.scalars import as_float
 from .reference import blockwise_attention
 
@@ -160,6 +161,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
         from .kernels.autograd import triton_attention  # Triton is imported only when used
+
+        # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
+        check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)

@@ -313,10 +313,11 @@ class BlockMask:
         """Mark the current fields as consistent by construction (derived from block maps, or a
         slice / copy of a validated mask): ``validate`` then checks shapes only, with no device
         sync. Replacing or modifying a field drops the mark. Returns ``self``."""
-        self._trusted = self._validation_signature()
+        self._trusted = self.layout_signature()
         return self
 
-    def _validation_signature(self) -> tuple:
+    def layout_signature(self) -> tuple:
+        """Identity and in-place version of every field: changes when a field is replaced or modified."""
         return tuple((id(t), getattr(t, "_version", 0)) for t in (getattr(self, n) for n in self._TENSOR_FIELDS))
 
     def validate(self) -> "BlockMask":
@@ -329,7 +330,7 @@ class BlockMask:
         value checks cost one device sync, once per mask: the result is cached on the mask until
         a field is replaced or modified in place. Returns ``self``.
         """
-        signature = self._validation_signature()
+        signature = self.layout_signature()
         if getattr(self, "_validated", None) == signature:
             return self
         self._check_block_lists()
@@ -352,7 +353,7 @@ class BlockMask:
                     raise ValueError(f"block_mask.{prefix}{what}_indices has width {indices.shape[-1]}, expected "
                                      f"{cols} (the number of blocks across); use BlockMask.from_flex for "
                                      "FlexAttention-style lists")
-        if getattr(self, "_trusted", None) == self._validation_signature() or self.device.type == "meta":
+        if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
             return
         raise_problems([p for what, rows, cols in (("kv", nq, nkv), ("q", nkv, nq)) for prefix in ("", "full_")
                         for p in block_list_problems(prefix + what, getattr(self, f"{prefix}{what}_num_blocks"),
@@ -454,7 +455,7 @@ class BlockMask:
 
     def is_trusted(self) -> bool:
         """Whether the fields were validated (or built consistent) and not changed since."""
-        signature = self._validation_signature()
+        signature = self.layout_signature()
         return signature in (getattr(self, "_trusted", None), getattr(self, "_validated", None))
 
     def __getitem__(self, index) -> "BlockMask":

@@ -203,7 +203,7 @@ class CompactBlockMask(BlockMask):
                          BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
 
     # -- validation -----------------------------------------------------------------------------
-    def _validation_signature(self) -> tuple:
+    def layout_signature(self) -> tuple:
         return tuple((id(t), t._version) for pair in self._csr.values() for t in pair)
 
     def _check_block_lists(self) -> None:
@@ -216,7 +216,7 @@ class CompactBlockMask(BlockMask):
             raise ValueError(f"block_mask has a {self._num_blocks[0]} x {self._num_blocks[1]} block grid but seq_lengths "
                              f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {nq} x {nkv}; rebuild it "
                              "with create_block_mask")
-        if getattr(self, "_trusted", None) == self._validation_signature() or self.device.type == "meta":
+        if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
             return
         problems, keys = [], []
         for kind in self._KINDS:
