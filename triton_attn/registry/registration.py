@@ -13,8 +13,8 @@ import importlib.util
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from ..api import BACKENDS
-from ..masks.block_mask import normalize_block_size
+from .. import api
+from ..masks import block_mask as block_masks
 from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
 from .interface import AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning, check_name
 from .masking import check_combine, dense_mask_function, make_mask_function
@@ -63,11 +63,11 @@ def _want_transformers(transformers: Optional[bool]) -> bool:
 def check_options(backend, block_size):
     """``register_attention``'s kernel options, checked now rather than on the first model call:
     (backend, block_size) normalized, or a ValueError naming the option."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} or None (pick by device), "
+    if backend is not None and backend not in api.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, api.BACKENDS))} or None (pick by device), "
                          f"got {backend!r}")
     try:
-        block_size = normalize_block_size(block_size)
+        block_size = block_masks.normalize_block_size(block_size)
     except ValueError:
         raise ValueError(f"block_size must be a positive int or a (q_block_size, kv_block_size) pair of them, "
                          f"got {block_size!r}") from None
