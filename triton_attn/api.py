@@ -121,8 +121,10 @@ def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
         return create_block_mask(full_mask, None, None, q_len, kv_len, device=device, BLOCK_SIZE=(q_bs, kv_bs),
                                  layout="compact")
     full = torch.ones(batch, heads, nq, nkv, dtype=torch.bool, device=device)
-    return BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
-                                     seq_lengths=(q_len, kv_len), mask_mod=None)
+    block_mask = BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
+                                           seq_lengths=(q_len, kv_len), mask_mod=None)
+    block_mask.visits_every_tile = True  # lets mod checks be cached across calls (masks/safety.py)
+    return block_mask
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -213,9 +213,9 @@ class CompactBlockMask(BlockMask):
         (q_len, kv_len), (q_bs, kv_bs) = self.seq_lengths, self.BLOCK_SIZE
         nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
         if self._num_blocks != (nq, nkv):
-            raise ValueError(f"block_mask has a {self._num_blocks[0]} x {self._num_blocks[1]} block grid but seq_lengths "
-                             f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {nq} x {nkv}; rebuild it "
-                             "with create_block_mask")
+            raise ValueError(f"block_mask has a {self._num_blocks[0]} x {self._num_blocks[1]} block grid but "
+                             f"seq_lengths {self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {nq} x {nkv}; "
+                             "rebuild it with create_block_mask")
         if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
             return
         problems, keys = [], []

@@ -115,6 +115,8 @@ def check_score_result_type(score_mod: Callable) -> None:
         result = score_mod(*symbols)
     except Exception:  # untraceable mods are reported by the kernel path with their own message
         return
+    if isinstance(result, torch.Tensor):
+        return  # a captured tensor returned whole: the kernel path says what it supports
     if isinstance(result, Symbol):
         if result.node.kind == "float":
             return
@@ -260,7 +262,10 @@ def check_mods(score_mod: Optional[Callable], block_mask, batch: int, heads: int
     call (``ValueError`` for an out-of-range index or an integer division by zero, ``TypeError`` for
     a score that is not a float), before a Triton kernel runs. ``heads``: query heads.
     Cached; see the module docstring."""
-    mask_token = ("block_mask", id(block_mask), block_mask.layout_signature())
+    if getattr(block_mask, "visits_every_tile", False):
+        mask_token = ("every tile",)  # the mask attention() builds for block_mask=None
+    else:
+        mask_token = ("block_mask", id(block_mask), block_mask.layout_signature())
     _check_one(score_mod, "score", _CallShape(batch, heads, q_len, kv_len, block_mask, False), device, mask_token)
     _check_one(block_mask.mask_mod, "mask", _CallShape(batch, heads, q_len, kv_len, block_mask, True), device,
                mask_token)

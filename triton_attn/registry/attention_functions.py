@@ -12,7 +12,8 @@ so a model may pass its own keywords through to a custom attention function.
 ``attention_mask`` may be a ``BlockMask`` (ours, from ``make_mask_function``, or FlexAttention's),
 None (the pattern comes from ``is_causal``/``sliding_window``, aligned to the last query: queries are
 the last ``Lq`` positions of the keys), a bool tensor ``[B or 1, 1 or Hq, Lq, >= Lkv]`` (True = attend;
-a 0/1 integer tensor means the same, as in transformers' mask utilities), or a float tensor of that shape that is added to the scores (0 / large negative, as in eager masks).
+a 0/1 integer tensor means the same, as in transformers' mask utilities), or a float tensor of that
+shape that is added to the scores (0 / large negative, as in eager masks).
 """
 
 from __future__ import annotations
