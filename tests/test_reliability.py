@@ -335,3 +335,14 @@ def test_register_attention_checks_options(options, message, restore_registries)
 def test_register_attention_accepts_numpy_block_size(restore_registries):
     registered = register_attention("reliability_np", block_size=np.int64(64), backend="torch", transformers=False)
     assert registered.name == "reliability_np"
+
+
+# -- found by the fuzz test: a head dim with stride != 1 on the torch backend's fused CPU path ------------
+
+def test_strided_head_dim_on_torch_backend():
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, layout="strided")
+    assert q.stride(-1) == 2
+    block_mask = ta.create_block_mask(causal_mask, None, None, 40, 40, BLOCK_SIZE=16)
+    assert_matches_golden(lambda q, k, v: ta.attention(q, k, v, block_mask=block_mask, return_lse=True,
+                                                       backend="torch"),
+                          q, k, v, mask_mod=causal_mask, backward=False)
