@@ -16,6 +16,8 @@ interpreter keeps the test within seconds.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 from hypothesis import event, given
@@ -31,13 +33,15 @@ from triton_attn.reference import dense_attention
 ARGUMENT_NAMES = ("query", "key", "value", "block_mask", "score_mod", "mask_mod", "scale", "enable_gqa", "backend")
 
 
-def _mask_mod(kind: str, batch: int, length: int):
+def _mask_mod(kind: str, batch: Optional[int], length: int):
+    """``batch`` None: a mask that does not depend on b (what B=None in create_block_mask promises)."""
     if kind == "causal":
         return causal_mask
     if kind == "window":
         return sliding_window_mask(5)
     if kind == "document":
-        return document_mask(torch.randint(0, 3, (batch, length)).sort(dim=1).values)
+        ids = torch.randint(0, 3, (batch or 1, length)).sort(dim=1).values
+        return document_mask(ids if batch else ids[0])
     table = torch.rand(length, length) > 0.6  # an arbitrary pattern, possibly with empty rows
 
     def random_pattern(b, h, q_idx, kv_idx):
@@ -130,7 +134,8 @@ def test_attention_gives_the_golden_result_or_a_named_error(p):
     torch.manual_seed(0)
     q, k, v = random_qkv(p["batch"], p["q_heads"], p["kv_heads"], p["q_len"], p["kv_len"], p["head_dim"],
                          p["value_dim"], dtype=p["dtype"], layout=p["layout"])
-    mask_mod = None if p["mask"] == "none" else _mask_mod(p["mask"], p["batch"], max(p["q_len"], p["kv_len"]) + 8)
+    mask_batch = p["batch"] if p["mask_batch"] == "per_batch" else None
+    mask_mod = None if p["mask"] == "none" else _mask_mod(p["mask"], mask_batch, max(p["q_len"], p["kv_len"]) + 8)
     block_mask, mask_failure = _build_block_mask(p, mask_mod)
     score_mod, dense_score_mod, score_failure = _score_mod(p["score"], p["q_heads"], p["kv_len"])
     expected = _expected_failure(p, mask_failure, score_failure)

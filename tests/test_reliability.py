@@ -333,7 +333,8 @@ def test_register_attention_checks_options(options, message, restore_registries)
 
 
 def test_register_attention_accepts_numpy_block_size(restore_registries):
-    registered = register_attention("reliability_np", block_size=np.int64(64), backend="torch", transformers=False)
+    registered = register_attention("reliability_np", block_size=np.int64(64), backend="torch",
+                                    mask_heads=np.int64(2), transformers=False)
     assert registered.name == "reliability_np"
 
 

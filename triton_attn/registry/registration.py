@@ -10,6 +10,7 @@ imported inside these calls, never when ``triton_attn`` is imported.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -60,9 +61,10 @@ def _want_transformers(transformers: Optional[bool]) -> bool:
     return transformers
 
 
-def check_options(backend, block_size):
+def check_options(backend, block_size, mask_heads=None):
     """``register_attention``'s kernel options, checked now rather than on the first model call:
-    (backend, block_size) normalized, or a ValueError naming the option."""
+    (backend, block_size, mask_heads) normalized (numpy ints become ints), or a ValueError naming
+    the option."""
     if backend is not None and backend not in api.BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, api.BACKENDS))} or None (pick by device), "
                          f"got {backend!r}")
@@ -71,7 +73,9 @@ def check_options(backend, block_size):
     except ValueError:
         raise ValueError(f"block_size must be a positive int or a (q_block_size, kv_block_size) pair of them, "
                          f"got {block_size!r}") from None
-    return backend, block_size
+    if mask_heads is not None and not isinstance(mask_heads, bool) and isinstance(mask_heads, numbers.Integral):
+        mask_heads = int(mask_heads)  # make_mask_function checks the value
+    return backend, block_size, mask_heads
 
 
 def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = None, *,
@@ -96,7 +100,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
         raise ValueError(f"name {name!r} is one of transformers' own implementations; pick another name "
                          f"(reserved: {', '.join(sorted(TRANSFORMERS_BUILTIN_NAMES))}, and any 'paged|' name)")
     check_combine(combine)
-    backend, block_size = check_options(backend, block_size)
+    backend, block_size, mask_heads = check_options(backend, block_size, mask_heads)
     in_transformers = _want_transformers(transformers)
     attention_function = make_attention_function(score_mod, backend=backend)
     mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)
