@@ -142,6 +142,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     config table now and remember the winner on disk (default: off, unless TRITON_ATTN_AUTOTUNE=1).
     Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
     float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
+    float64 inputs run on the torch backend only, computed in float64.
+    Raises ValueError / TypeError naming the bad argument (README, "Errors and guarantees"); the
+    Triton backends raise what the torch backend raises for a mod that indexes a captured tensor
+    out of range, divides an integer by zero, or returns a score that is not a float.
     """
     _validate_tensors(query, key, value, enable_gqa)
     if scale is None:
