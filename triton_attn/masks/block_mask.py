@@ -69,13 +69,15 @@ def dense_from_ordered(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols
 
 
 def block_list_problems(what: str, num_blocks: torch.Tensor, indices: torch.Tensor, batch_heads: Tuple[int, int],
-                        num_rows: int, num_cols: int) -> List[Tuple[torch.Tensor, str]]:
+                        num_rows: int, num_cols: int) -> Tuple[List[Tuple[torch.Tensor, str]], Optional[torch.Tensor]]:
     """Check one (counts, indices) pair of block lists against the tile grid.
 
     num_blocks ``[B, H, rows]``, indices ``[B, H, rows, width]``. Shape and dtype problems raise
-    ``ValueError`` at once (no device sync); value problems come back as (bad flag, message) pairs,
-    so a caller reads all of them with one sync: a count outside ``[0, width]``, a valid entry outside
-    ``[0, num_cols)``, or one block listed twice in a row.
+    ``ValueError`` at once (no device sync). Returns (problems, listed): value problems as (bad flag,
+    message) pairs, so a caller reads all of them with one sync -- a count outside ``[0, width]``, a
+    valid entry outside ``[0, num_cols)``, one block listed twice in a row -- and the bool map
+    ``[B, H, rows, num_cols]`` of the blocks listed (entries outside the grid left out), or None
+    where there is nothing to read (meta tensors, empty lists).
     """
     for name, t, rank in ((f"{what}_num_blocks", num_blocks, 3), (f"{what}_indices", indices, 4)):
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
@@ -90,17 +92,19 @@ def block_list_problems(what: str, num_blocks: torch.Tensor, indices: torch.Tens
                          f"[B, H] = {list(batch_heads)}: {num_rows} block rows cover the mask's seq_lengths")
     width = indices.shape[-1]
     if num_blocks.numel() == 0 or num_blocks.device.type == "meta":
-        return []
-    counts = num_blocks.long()
-    valid = torch.arange(width, device=indices.device) < counts.unsqueeze(-1)
-    entries = indices.long()
-    outside = valid & ((entries < 0) | (entries >= num_cols))
-    # A block listed twice would be computed twice: count each row's distinct valid entries.
-    listed = dense_from_ordered(counts.clamp(0, width), torch.where(outside, 0, entries), num_cols)
+        return [], None
+    valid = torch.arange(width, device=indices.device, dtype=num_blocks.dtype) < num_blocks.unsqueeze(-1)
+    outside = valid & ((indices < 0) | (indices >= num_cols))
+    # Padding and entries outside the grid scatter into an extra column, dropped afterwards.
+    target = torch.where(valid & ~outside, indices, num_cols).long()
+    listed = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
+    listed = listed.scatter_(-1, target, True)[..., :num_cols]
+    any_outside = outside.any()
     problems = [
-        ((counts < 0) | (counts > width)).any(),
-        outside.any(),
-        (listed.sum(-1) != counts.clamp(0, width)).any() & ~outside.any(),
+        ((num_blocks < 0) | (num_blocks > width)).any(),
+        any_outside,
+        # A block listed twice would be computed twice: each row's distinct entries must match its count.
+        (listed.sum(-1) != num_blocks.clamp(0, width)).any() & ~any_outside,
     ]
     messages = [
         f"block_mask.{what}_num_blocks must be between 0 and {width} (the width of {what}_indices)",
@@ -108,7 +112,7 @@ def block_list_problems(what: str, num_blocks: torch.Tensor, indices: torch.Tens
         "mask's seq_lengths / BLOCK_SIZE (it would read outside the tensors)",
         f"block_mask.{what}_indices lists a block twice in one row (each block may appear once)",
     ]
-    return list(zip(problems, messages))
+    return list(zip(problems, messages)), listed
 
 
 def raise_problems(problems: List[Tuple[torch.Tensor, str]]) -> None:
@@ -286,9 +290,8 @@ class BlockMask:
         if flex_block_mask.full_kv_num_blocks is not None:
             lists.append(("full_kv", flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices))
         batch_heads = tuple(kv_indices.shape[:2])
-        problems = [p for what, num, idx in lists
-                    for p in block_list_problems(what, num, idx, batch_heads, rows, max(num_cols, nkv))]
-        raise_problems(problems)
+        raise_problems([p for what, num, idx in lists
+                        for p in block_list_problems(what, num, idx, batch_heads, rows, max(num_cols, nkv))[0]])
         num_cols = max(num_cols, nkv)
         partial = dense_from_ordered(flex_block_mask.kv_num_blocks, kv_indices, num_cols)
         if flex_block_mask.full_kv_num_blocks is not None:
@@ -355,20 +358,24 @@ class BlockMask:
                                      "FlexAttention-style lists")
         if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
             return
-        raise_problems([p for what, rows, cols in (("kv", nq, nkv), ("q", nkv, nq)) for prefix in ("", "full_")
-                        for p in block_list_problems(prefix + what, getattr(self, f"{prefix}{what}_num_blocks"),
-                                                     getattr(self, f"{prefix}{what}_indices"), batch_heads,
-                                                     rows, cols)])
-        partial, full = self.partial_blocks(), self.full_blocks()
-        raise_problems([
-            ((partial & full).any(), "block_mask lists a block as both partial (kv_indices) and full "
-                                     "(full_kv_indices)"),
-            ((dense_from_ordered(self.q_num_blocks, self.q_indices, nq).transpose(-1, -2) != partial).any(),
-             "block_mask.q_num_blocks / q_indices are not the transpose of kv_num_blocks / kv_indices"),
-            ((dense_from_ordered(self.full_q_num_blocks, self.full_q_indices, nq).transpose(-1, -2) != full).any(),
-             "block_mask.full_q_num_blocks / full_q_indices are not the transpose of full_kv_num_blocks / "
-             "full_kv_indices"),
-        ])
+        problems, maps = [], {}
+        for what, rows, cols in (("kv", nq, nkv), ("q", nkv, nq)):
+            for prefix in ("", "full_"):
+                name = prefix + what
+                found, maps[name] = block_list_problems(name, getattr(self, f"{name}_num_blocks"),
+                                                        getattr(self, f"{name}_indices"), batch_heads, rows, cols)
+                problems += found
+        if maps["kv"] is not None:
+            problems += [
+                ((maps["kv"] & maps["full_kv"]).any(), "block_mask lists a block as both partial (kv_indices) and "
+                                                       "full (full_kv_indices)"),
+                ((maps["q"].transpose(-1, -2) != maps["kv"]).any(),
+                 "block_mask.q_num_blocks / q_indices are not the transpose of kv_num_blocks / kv_indices"),
+                ((maps["full_q"].transpose(-1, -2) != maps["full_kv"]).any(),
+                 "block_mask.full_q_num_blocks / full_q_indices are not the transpose of full_kv_num_blocks / "
+                 "full_kv_indices"),
+            ]
+        raise_problems(problems)  # in order: a list's own problems come before cross-list ones
 
     # -- views --------------------------------------------------------------------------------
     @property
