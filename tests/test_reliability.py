@@ -131,6 +131,20 @@ def test_only_visited_tiles_must_be_in_range():
                               q, k, v, mask_mod=first_keys, score_mod=clamped_bias, backward=False, context=backend)
 
 
+def test_positions_past_the_sequence_are_not_checked():
+    # The kernel's tiles overhang Lkv = 40 (blocks of 32), but those positions are masked, never used.
+    table = torch.randn(40)
+
+    def key_bias(score, b, h, q_idx, kv_idx):
+        return score + table[kv_idx]
+
+    q, k, v = _qkv(q_len=40, kv_len=40)
+    block_mask = ta.create_block_mask(causal_mask, None, None, 40, 40, BLOCK_SIZE=32)
+    assert_matches_golden(lambda q, k, v: ta.attention(q, k, v, block_mask=block_mask, score_mod=key_bias,
+                                                       backend="interpret", return_lse=True),
+                          q, k, v, mask_mod=causal_mask, score_mod=key_bias, backward=False)
+
+
 def test_exact_pass_finds_a_bad_value_behind_an_indirection():
     # perm sends keys 32.. to 1000: interval bounds cannot clear it tile by tile; the exact pass finds it.
     perm = torch.cat([torch.arange(32), torch.full((32,), 1000)])
@@ -228,7 +242,9 @@ def test_block_mask_duplicates_and_wrong_width():
 
 
 def test_validation_is_cached_per_mask():
-    block_mask = _clone(ta.create_block_mask(causal_mask, None, None, 256, 256))
+    built = ta.create_block_mask(causal_mask, None, None, 256, 256)
+    assert built.is_trusted()  # lists derived from block maps: validate() reads no values (no sync)
+    block_mask = _clone(built)
     assert not block_mask.is_trusted()
     block_mask.validate()
     assert block_mask.is_trusted()
