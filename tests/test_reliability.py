@@ -363,3 +363,13 @@ def test_strided_head_dim_on_torch_backend():
     assert_matches_golden(lambda q, k, v: ta.attention(q, k, v, block_mask=block_mask, return_lse=True,
                                                        backend="torch"),
                           q, k, v, mask_mod=causal_mask, backward=False)
+
+
+def test_to_string_checks_grid_size_and_limit():
+    block_mask = ta.create_block_mask(causal_mask, None, None, 64, 64, BLOCK_SIZE=16)
+    assert block_mask.to_string(grid_size=np.int64(2)).count("|") == 2
+    for grid_size in (-3, 0, (2,), True):
+        with pytest.raises(ValueError, match="grid_size must be -1 .every block., a positive int"):
+            block_mask.to_string(grid_size=grid_size)
+    with pytest.raises(ValueError, match="limit must be a non-negative int"):
+        block_mask.to_string(limit=-1)

@@ -192,12 +192,17 @@ def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.
 def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
     """How ``to_string`` groups blocks: (row_step, col_step, blocks per group [grid_rows, grid_cols])."""
     nq, nkv = num_blocks
-    if grid_size == -1:
+    if isinstance(grid_size, numbers.Integral) and not isinstance(grid_size, bool) and grid_size == -1:
         max_rows, max_cols = nq, nkv
-    elif isinstance(grid_size, int):
-        max_rows = max_cols = grid_size
     else:
-        max_rows, max_cols = grid_size
+        pair = tuple(grid_size) if isinstance(grid_size, (tuple, list)) else (grid_size, grid_size)
+        try:
+            if len(pair) != 2:
+                raise ValueError
+            max_rows, max_cols = (as_int(value, "grid_size") for value in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid_size must be -1 (every block), a positive int or a (rows, cols) pair of them, "
+                             f"got {grid_size!r}") from None
     row_step, col_step = max(1, -(-nq // max_rows)), max(1, -(-nkv // max_cols))
     grid_rows, grid_cols = -(-nq // row_step), -(-nkv // col_step)
     rows_in = torch.clamp(nq - torch.arange(grid_rows) * row_step, max=row_step)  # edge groups are smaller
@@ -208,6 +213,7 @@ def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, i
 def render_block_pictures(counts: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]], group_size: torch.Tensor,
                           batch: int, heads: int, limit: int) -> str:
     """One picture per (b, h); ``counts(b, h)`` gives full and partial block counts per group."""
+    limit = as_int(limit, "limit", minimum=0, expected="a non-negative int (pictures to show)")
     pictures = []
     for count, (b, h) in enumerate(itertools.product(range(batch), range(heads))):
         if count == limit:
