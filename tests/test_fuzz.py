@@ -4,8 +4,9 @@ Hypothesis draws shapes, dtypes, memory layouts, BlockMasks (built, compact, Fle
 and corrupted or mismatched ones) and mods (safe, out-of-range, wrongly typed), and runs the
 torch and interpret backends. Each call must end one of two ways:
 
-- a result that passes the numerics rule against the float64 golden result, with no NaN where the
-  golden result has none (fully masked rows: 0, never NaN), or
+- a result (and, for half of the draws, gradients) that passes the numerics rule against the
+  float64 golden result, with no NaN where the golden result has none (fully masked rows: 0,
+  never NaN), or
 - a ``ValueError`` / ``TypeError`` whose message names an argument. An out-of-range index in a mod
   is reported as the torch backend reports it: a ``ValueError`` that names the mod and says
   ``IndexError``; a bare ``IndexError`` is never raised by ``attention()``.
@@ -93,6 +94,7 @@ def problems(draw):
         enable_gqa=draw(st.sampled_from([True, True, True, False])),
         scale=draw(st.sampled_from([None, None, 0.3, float("nan")])),
         backend=draw(st.sampled_from(["torch", "interpret"])),
+        backward=draw(st.booleans()),
     )
 
 
@@ -165,4 +167,4 @@ def test_attention_gives_the_golden_result_or_a_named_error(p):
                                 compute_dtype=torch.float64)
     assert not torch.isnan(out).any() or torch.isnan(golden).any(), "NaN where the golden result has none"
     assert_matches_golden(run, q, k, v, mask_mod=mask_mod, score_mod=dense_score_mod, scale=p["scale"],
-                          backward=False, context=str(p))
+                          backward=p["backward"], context=str(p))
