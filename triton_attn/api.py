@@ -11,7 +11,7 @@ import torch
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
-from .masks.safety import check_mods
+from .masks.safety import check_mods, check_score_result_type
 from .masks.scalars import as_float
 from .reference import blockwise_attention
 
@@ -161,6 +161,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
     block_mask = _validate_block_mask(block_mask, query, key)
     _validate_mod_devices(score_mod, "score_mod", query.device)
+    if score_mod is not None:
+        check_score_result_type(score_mod)  # every backend, even where no tile would run the mod
     _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
     if chosen == "torch":

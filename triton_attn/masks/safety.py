@@ -8,7 +8,8 @@ Triton launch, ``check_mods`` proves the mods safe on the positions the kernel w
 raises the error the torch backend gives (same type, same opening words):
 
 - a score_mod must produce a floating-point value computed from its arguments (a bool, an int or a
-  Python number is a ``TypeError``, as ``reference.call_score_mod`` says);
+  Python number is a ``TypeError``, as ``evaluate.call_score_mod`` says): ``check_score_result_type``,
+  which ``attention()`` runs on every backend, so the answer does not depend on whether a tile runs;
 - every *index* of a captured-tensor load and every integer *divisor* (the "sites") must be in
   range / nonzero wherever the mod runs: a score_mod on every tile the BlockMask visits (partial
   or full), a mask_mod on its partial tiles, for every batch and query head of the call.
@@ -237,8 +238,6 @@ def _check_one(mod: Optional[Callable], kind: str, shape: _CallShape, device, ma
             shape.batch, shape.heads, shape.q_len, shape.kv_len, shape.block_size)
     if base in _checked or base + (mask_token,) in _checked:
         return
-    if kind == "score":
-        check_score_result_type(mod)
     sites = unsafe_sites(traced)
     if not sites:
         _remember(base)
@@ -259,9 +258,8 @@ def _proven_whole(traced: TracedMod, sites: List[Node], shape: _CallShape, devic
 def check_mods(score_mod: Optional[Callable], block_mask, batch: int, heads: int, q_len: int, kv_len: int,
                device) -> None:
     """Raise what the torch backend would raise for ``score_mod`` / ``block_mask.mask_mod`` on this
-    call (``ValueError`` for an out-of-range index or an integer division by zero, ``TypeError`` for
-    a score that is not a float), before a Triton kernel runs. ``heads``: query heads.
-    Cached; see the module docstring."""
+    call (``ValueError`` naming the mod for an out-of-range index or an integer division by zero),
+    before a Triton kernel runs. ``heads``: query heads. Cached; see the module docstring."""
     if getattr(block_mask, "visits_every_tile", False):
         mask_token = ("every tile",)  # the mask attention() builds for block_mask=None
     else:
