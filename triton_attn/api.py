@@ -14,6 +14,7 @@ from .masks.evaluate import mod_name
 from .masks.safety import check_mods, check_score_result_type
 from .masks.scalars import as_float
 from .reference import blockwise_attention
+from .versions import require_triton
 
 BACKENDS = ("torch", "triton", "interpret")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -168,6 +169,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
+        require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         from .kernels.autograd import triton_attention  # Triton is imported only when used
 
         # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
@@ -185,6 +187,7 @@ def _cuda_tile_refiner(*args):
     refinement) when Triton is not usable here.
     """
     try:
+        require_triton()
         from .kernels import refine
     except ImportError:
         return None
