@@ -14,13 +14,14 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "attention": ".api",
+    "flex_attention": ".api",
     "create_block_mask": ".masks",
     "create_mask": ".masks",
     "BlockMask": ".masks",
     "CompactBlockMask": ".masks",
 }
 
-__all__ = ["attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+__all__ = ["attention", "flex_attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 
 def __getattr__(name):
