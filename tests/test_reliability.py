@@ -86,13 +86,22 @@ def _python_float_score(score, b, h, q_idx, kv_idx):
     (_divide_by_zero, ValueError, r"score_mod '_divide_by_zero' raised RuntimeError: ZeroDivisionError"),
     (_bool_score, TypeError, r"score_mod '_bool_score' must return a floating-point tensor, got dtype torch.bool"),
     (_int_score, TypeError, r"score_mod '_int_score' must return a floating-point tensor, got dtype torch.int64"),
-    (_python_float_score, TypeError, r"score_mod '_python_float_score' must return a floating-point tensor, got float"),
 ])
 def test_kernel_backends_raise_like_torch(score_mod, error, message):
     q, k, v = _qkv()
     for backend in ("torch", "interpret"):
         with pytest.raises(error, match=message):
             ta.attention(q, k, v, score_mod=score_mod, backend=backend)
+
+
+def test_python_float_score_is_the_same_answer_everywhere():
+    # The torch backend takes a constant Python float as the score of every position (FlexAttention's
+    # per-element calling convention); the kernels must give the same answer: uniform attention.
+    q, k, v = _qkv()
+    expected = v.mean(dim=2, keepdim=True).expand_as(v)
+    for backend in ("torch", "interpret"):
+        torch.testing.assert_close(ta.attention(q, k, v, score_mod=_python_float_score, backend=backend), expected,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_mask_mod_out_of_range_batch_raises_on_kernel_backends():

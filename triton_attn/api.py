@@ -148,7 +148,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     float64 inputs run on the torch backend only, computed in float64.
     Raises ValueError / TypeError naming the bad argument (README, "Errors and guarantees"); the
     Triton backends raise what the torch backend raises for a mod that indexes a captured tensor
-    out of range, divides an integer by zero, or returns a score that is not a float.
+    out of range, divides an integer by zero, or returns a bool or integer score.
     """
     _validate_tensors(query, key, value, enable_gqa)
     if scale is None:
@@ -167,7 +167,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     block_mask = _validate_block_mask(block_mask, query, key)
     _validate_mod_devices(score_mod, "score_mod", query.device)
     if score_mod is not None:
-        check_score_result_type(score_mod)  # every backend, even where no tile would run the mod
+        # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
+        score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        check_score_result_type(score_mod, query.device, score_dtype)
     _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
     if chosen == "torch":

@@ -7,9 +7,9 @@ out-of-range read gives 0) and an integer division by zero gives an arbitrary va
 Triton launch, ``check_mods`` proves the mods safe on the positions the kernel will evaluate, or
 raises the error the torch backend gives (same type, same opening words):
 
-- a score_mod must produce a floating-point value computed from its arguments (a bool, an int or a
-  Python number is a ``TypeError``, as ``evaluate.call_score_mod`` says): ``check_score_result_type``,
-  which ``attention()`` runs on every backend, so the answer does not depend on whether a tile runs;
+- a score_mod must return a floating-point score (a bool or an integer tensor is a ``TypeError``, as
+  ``evaluate.call_score_mod`` says): ``check_score_result_type``, which ``attention()`` runs on every
+  backend, so the answer does not depend on whether a tile runs;
 - every *index* of a captured-tensor load and every integer *divisor* (the "sites") must be in
   range / nonzero wherever the mod runs: a score_mod on every tile the BlockMask visits (partial
   or full), a mask_mod on its partial tiles, for every batch and query head of the call.
@@ -32,10 +32,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .evaluate import mod_name
+from .evaluate import call_score_mod, mod_name
 from .interval import IntervalEvaluator, graph_args
-from .tracing import (INDEX_ARGS, Node, Symbol, TracedMod, Tracer, UntraceableModError, evaluate,
-                      trace_mask_mod, trace_score_mod)
+from .tracing import Node, TracedMod, UntraceableModError, evaluate, trace_mask_mod, trace_score_mod
 
 __all__ = ["check_mods", "check_score_result_type", "unsafe_sites", "CHECK_CACHE_SIZE"]
 
@@ -103,28 +102,18 @@ def _doubtful(site: Node, traced: TracedMod, leaves, block_size, device) -> torc
     return can_false
 
 
-def check_score_result_type(score_mod: Callable) -> None:
-    """``TypeError`` unless ``score_mod`` computes a floating-point value from its arguments.
+def check_score_result_type(score_mod: Callable, device, dtype: torch.dtype = torch.float32) -> None:
+    """``TypeError`` unless ``score_mod`` returns a floating-point tensor, as the torch backend requires.
 
-    The tracer converts any result to float for the kernel; the torch backend refuses a bool, an
-    integer or a Python number, so the kernel backends refuse them too, with its message.
+    The tracer turns any result into a float for the kernel, so the type is read from one eager
+    call at position (0, 0, 0, 0) through ``call_score_mod``, the torch backend's own check. A mod
+    that raises there (say, an index out of range at 0) is left to the other checks.
     """
-    tracer = Tracer()
-    symbols = [Symbol(Node("arg", ("score",), "float"), tracer)] + [
-        Symbol(Node("arg", (name,), "int"), tracer) for name in INDEX_ARGS]
+    zero = torch.zeros((1, 1, 1, 1), dtype=torch.int64, device=device)
     try:
-        result = score_mod(*symbols)
-    except Exception:  # untraceable mods are reported by the kernel path with their own message
+        call_score_mod(score_mod, torch.zeros((1, 1, 1, 1), dtype=dtype, device=device), zero, zero, zero, zero)
+    except ValueError:
         return
-    if isinstance(result, torch.Tensor):
-        return  # a captured tensor returned whole: the kernel path says what it supports
-    if isinstance(result, Symbol):
-        if result.node.kind == "float":
-            return
-        got = f"dtype {torch.bool if result.node.kind == 'bool' else torch.int64}"
-    else:
-        got = type(result).__name__
-    raise TypeError(f"score_mod {mod_name(score_mod)!r} must return a floating-point tensor, got {got}")
 
 
 def _tensor_signature(t: torch.Tensor) -> tuple:
