@@ -14,17 +14,17 @@ from toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
-from triton_attn.kernels import aot, backward_aot, codegen  # noqa: E402
-from triton_attn.kernels.backward_codegen import backward_kernels_for  # noqa: E402
-from triton_attn.kernels.backward_launch import BACKWARD_CONFIGS  # noqa: E402
-from triton_attn.kernels.configs import MAIN_CONFIGS  # noqa: E402
+from triton_attn.kernels.attention.aot import compile_backward, compile_forward  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import BACKWARD_CONFIGS  # noqa: E402
+from triton_attn.kernels.attention.configs import MAIN_CONFIGS  # noqa: E402
+from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")
 
 
-def _spec() -> codegen.KernelSpec:
+def _mods() -> dict:
     ids = torch.randint(0, 4, (2, 64)).sort(-1).values
     starts = torch.tensor([0, 10, 30, 50])
     allowed = torch.tensor([0, 3, 5, 7])
@@ -38,15 +38,13 @@ def _spec() -> codegen.KernelSpec:
         smooth = F.gelu(score) + torch.sin(score) * torch.cos(score) + torch.log1p(score.abs())
         return smooth + torch.expm1(score * 0.1) + score.abs() ** 1.5 + torch.dot(table[q_idx], table[kv_idx])
 
-    return codegen.KernelSpec(codegen.MASK_TRACED, trace_mask_mod(flex_mask), trace_score_mod(flex_score))
+    return dict(mask=trace_mask_mod(flex_mask), score=trace_score_mod(flex_score))
 
 
 def test_flex_constructs_compile_forward_and_backward():
-    spec = _spec()
-    forward = codegen.kernel_for(spec)
+    mods = _mods()
     # One target: the constructs are target-independent math; tests/test_aot.py covers sm_80 configs.
-    result = aot.compile_forward(forward, MAIN_CONFIGS[64], arch=90, head_dim=64, dtype=torch.float16)
-    assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[90], str(result)
-    results = backward_aot.compile_backward(backward_kernels_for(spec), BACKWARD_CONFIGS[0], arch=90, head_dim=64,
-                                            dtype=torch.float16)
+    result = compile_forward(MAIN_CONFIGS[64], arch=90, head_dim=64, dtype=torch.float16, **mods)
+    assert result.shared_bytes <= shared_memory_limit(90), str(result)
+    results = compile_backward(BACKWARD_CONFIGS[0], arch=90, head_dim=64, dtype=torch.float16, **mods)
     assert {"dq", "dkdv"} <= set(results)

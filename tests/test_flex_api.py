@@ -103,7 +103,7 @@ def test_untraceable_per_element_mods_run_exactly_with_one_warning():
     # Written per element (chained indexing fails on broadcast tensors) and untraceable (erfcx):
     # the eager paths call them per element, as Flex does, and the result is Flex's.
     pytest.importorskip("triton")
-    from triton_attn.kernels.fallback import UntraceableMaskWarning
+    from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 
     weights = torch.rand(2, 48) * 3
     head_bias = torch.randn(2, 48)

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from triton_attn.kernels import tuning_cache
-from triton_attn.kernels.tuning_cache import FORMAT, VERSION, TuningCache, TuningCacheWarning
+from triton_attn.kernels.tuning import cache as tuning_cache
+from triton_attn.kernels.tuning.cache import FORMAT, VERSION, TuningCache, TuningCacheWarning
 
 CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
@@ -22,11 +22,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_cache_dir_follows_env_var(cache_dir, monkeypatch):
-    assert tuning_cache.cache_dir() == cache_dir
     assert TuningCache().path == cache_dir / "autotune.json"
     monkeypatch.delenv("TRITON_ATTN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent / "xdg"))
-    assert tuning_cache.cache_dir() == cache_dir.parent / "xdg" / "triton_attn"
+    assert tuning_cache.default_path() == cache_dir.parent / "xdg" / "triton_attn" / "autotune.json"
 
 
 def test_put_get_roundtrip_and_file_format(cache_dir):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from . import settings
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
@@ -99,9 +99,9 @@ def _validate_mod_devices(mod: Optional[Callable], what: str, device: torch.devi
 
 def choose_backend(backend: Optional[str], device: torch.device) -> str:
     """``backend`` if given, else ``TRITON_ATTN_BACKEND``, else triton on CUDA and torch elsewhere."""
-    chosen = backend or os.environ.get("TRITON_ATTN_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    chosen = backend or settings.backend() or ("triton" if device.type == "cuda" else "torch")
     if chosen not in BACKENDS:
-        source = "backend" if backend else "TRITON_ATTN_BACKEND"
+        source = "backend" if backend else settings.BACKEND
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
     if chosen == "triton" and device.type != "cuda":
         raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {device}; "
@@ -176,7 +176,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
         require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
-        from .kernels.autograd import triton_attention  # Triton is imported only when used
+        from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
 
         # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
         check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
@@ -190,8 +190,10 @@ def _cuda_tile_refiner(*args):
     """The mask compiler's refiner for CUDA tiles: the Triton kernel of ``kernels/refine.py``.
 
     Imported on first use, so ``import triton_attn`` does not import Triton; None (eager
-    refinement) when Triton is not usable here.
+    refinement) when Triton is not usable here or ``TRITON_ATTN_GPU_REFINE=0`` (read per call).
     """
+    if not settings.gpu_refine():
+        return None
     try:
         require_triton()
         from .kernels import refine
@@ -205,8 +207,7 @@ def _install_gpu_tile_refiner() -> None:
     Triton, so the choice is made here (``TRITON_ATTN_GPU_REFINE=0`` keeps the eager refinement)."""
     from .masks import compiler
 
-    if os.environ.get("TRITON_ATTN_GPU_REFINE", "1") != "0":
-        compiler.TILE_REFINERS.setdefault("cuda", _cuda_tile_refiner)
+    compiler.TILE_REFINERS.setdefault("cuda", _cuda_tile_refiner)
 
 
 _install_gpu_tile_refiner()
@@ -241,8 +242,8 @@ def score_mod_fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional
 
 
 def _fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
-    from .kernels import derivative
-    from .kernels.expressions import CodegenError, Emitter
+    from .kernels.jit import derivative
+    from .kernels.jit.expressions import CodegenError, Emitter
     from .masks.tracing import UntraceableModError, trace_score_mod
 
     try:
@@ -316,7 +317,7 @@ def _check_tile_option(key: str, name: str, value: int) -> None:
     """The value's own check (``KernelConfig``'s), reported with the kernel_options key, whatever the backend."""
     from dataclasses import replace
 
-    from .kernels.configs import FORWARD_CONFIGS
+    from .kernels.attention.configs import FORWARD_CONFIGS
 
     try:
         replace(FORWARD_CONFIGS[0], **{name: value})
@@ -328,7 +329,7 @@ def _flex_config(tiles: dict, query: torch.Tensor, value: torch.Tensor, block_ma
     """The forward ``KernelConfig``: the heuristic's, with the requested tile settings."""
     from dataclasses import replace
 
-    from .kernels.configs import default_config
+    from .kernels.attention.configs import default_config
 
     base = default_config(query.shape[-1], value.shape[-1], query.dtype, block_mask.BLOCK_SIZE, query.shape[2])
     try:
@@ -399,7 +400,7 @@ def _flex_forward(query, key, value, tiles: dict, *, score_mod, block_mask, scal
         scale = 1.0 / math.sqrt(query.shape[-1])
     _validate_mod_devices(score_mod, "score_mod", query.device)
     _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
-    from .kernels.launch import attention_forward
+    from .kernels.attention.forward_launch import attention_forward
 
     return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                              interpret=chosen == "interpret", config=config)

@@ -28,7 +28,7 @@ def info_command(args) -> int:
         raise CommandError(f"--limit must be a non-negative integer, got {args.limit!r}")
     import torch
 
-    from ..kernels.tuning_cache import default_cache
+    from ..kernels.tuning.cache import default_cache
 
     from .. import __version__
 
@@ -49,7 +49,9 @@ def info_command(args) -> int:
               f"torch threads {torch.get_num_threads()}); no CUDA GPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = "triton" if device.type == "cuda" else "torch"
-    env = os.environ.get("TRITON_ATTN_BACKEND")
+    from .. import settings
+
+    env = settings.backend()
     print(f"backends on {device.type} (default {env or default}{' from TRITON_ATTN_BACKEND' if env else ''}):")
     for name, ok, why in available_backends(device):
         print(f"  {name:<10} {'yes' if ok else 'no'}{'' if ok else f'  ({why})'}")

@@ -152,7 +152,8 @@ def tune_command(args) -> int:
 
 
 def _candidates(shape: TuneShape, arch: int, args):
-    from ..kernels import autotune
+    from ..kernels.attention.aot import aot_compile_fn
+    from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                   dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
@@ -161,14 +162,15 @@ def _candidates(shape: TuneShape, arch: int, args):
 
 
 def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
-    from ..kernels import autotune
+    from ..kernels.attention.aot import aot_compile_fn
+    from ..kernels.tuning import search as autotune
 
     print(f"triton-attn tune --dry-run: search space for sm_{arch}, pruned by ahead-of-time compilation "
           f"(shared memory limit {autotune.shared_memory_limit(arch)} B, no register spills); nothing is timed")
     total = sum(len(_candidates(s, arch, args)) for s in shapes)
     aot_ok = True
     try:
-        autotune.aot_compile_fn(arch)
+        aot_compile_fn(arch)
     except ImportError as error:
         aot_ok = False
         print(f"note: ahead-of-time pruning unavailable ({error}); listing the search space only")
@@ -182,9 +184,9 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
                     print(f"  {config.name}")
                 continue
             named = library_mask(shape.mask, shape.seq_len, **shape.mask_args)
-            compile_fn = autotune.aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
-                                                 dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
-                                                 mask_mod=named.mask_mod, score_mod=named.score_mod)
+            compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
+                                        dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
+                                        mask_mod=named.mask_mod, score_mod=named.score_mod)
             result = autotune.prune(candidates, compile_fn, capability=arch,
                                     progress=lambda c, r: progress.advance(c.name))
             kept_total += len(result.kept)
@@ -205,9 +207,10 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     (for testing the machinery: its timings say nothing about a GPU, and its entries are keyed to device cpu)."""
     import torch
 
-    from ..kernels import autotune
-    from ..kernels.configs import default_config
-    from ..kernels.launch import attention_forward
+    from ..kernels.attention.aot import aot_compile_fn
+    from ..kernels.tuning import search as autotune
+    from ..kernels.attention.configs import default_config
+    from ..kernels.attention.forward_launch import attention_forward
     from ..masks import create_block_mask
 
     tuner = autotune.autotuner()
@@ -215,7 +218,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     aot = False
     if not interpret:
         try:
-            autotune.aot_compile_fn(arch)
+            aot_compile_fn(arch)
             aot = True
         except ImportError:
             aot = False
@@ -253,7 +256,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
                 return attention_forward(q, k, v, block_mask, score_mod=named.score_mod, scale=scale,
                                          interpret=interpret, config=config)
 
-            compile_fn = autotune.aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
+            compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                                  dtype=dtype, block_size=shape.block_size, mask_mod=named.mask_mod,
                                                  score_mod=named.score_mod) if aot else None
             result = tuner.tune(key, candidates, run, device=device, compile_fn=compile_fn,
