@@ -193,6 +193,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
             check_score_result_type(score_mod, query.device, score_dtype)
         _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
+    if chosen != "torch" and not compiling:
+        require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
+        # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
+        check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
+
     if _op_applies(block_mask, score_mod, compiling):
         from . import ops
 
@@ -211,11 +216,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     elif chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
-        require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
-
-        # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
-        check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)

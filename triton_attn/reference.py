@@ -287,9 +287,10 @@ def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     (dq, dk, dv) shaped and typed like (query, key, value); rows that attend to nothing give zeros.
     """
     q_block = block_mask.BLOCK_SIZE[0]
+    accumulate = torch.promote_types(query.dtype, torch.float32)  # float64 inputs are computed in float64
     grad_query = torch.zeros_like(query)
-    grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    grad_key = torch.zeros(key.shape, dtype=accumulate, device=key.device)
+    grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
     key_in, value_in = key.detach().requires_grad_(True), value.detach().requires_grad_(True)
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
@@ -301,9 +302,9 @@ def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                                         layout=block_mask.row_layout(row, query.device), block_mask=block_mask,
                                         score_mod=score_mod, scale=scale)
             if grad_out is not None and out.requires_grad:
-                pairs_out.append((out, grad_out[:, :, rows].float()))
+                pairs_out.append((out, grad_out[:, :, rows].to(out.dtype)))
             if grad_lse is not None and lse.requires_grad:
-                pairs_out.append((lse, grad_lse[:, :, rows].float()))
+                pairs_out.append((lse, grad_lse[:, :, rows].to(lse.dtype)))
             if not pairs_out:
                 continue
             dq, dk, dv = torch.autograd.grad([o for o, _ in pairs_out], (q_tile, key_in, value_in),
