@@ -84,6 +84,8 @@ def _validate_block_mask(block_mask, query, key) -> BlockMask:
         raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or query's Hq={query.shape[1]}")
     if block_mask.device != query.device:
         block_mask = block_mask.to(query.device)
+    if torch.compiler.is_compiling():  # value checks read the device; a compiled graph cannot (see README)
+        return block_mask
     return block_mask.validate()  # once per mask (cached on it): lists inside the tile grid
 
 
