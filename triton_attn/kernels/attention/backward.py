@@ -26,8 +26,9 @@ Markers pasted by ``backward_codegen`` (same emitted expressions as the forward 
 
 - ``# @@CAPTURED_ARGS@@``: pointers, sizes and strides of captured tensors.
 - ``# @@MASK_PREDICATE@@``: statements ending with ``mask_keep = <bool tile>``.
-- ``# @@SCORE@@``: statements ending with ``logits = <base-2 logits tile>`` and, when the
-  score_mod's derivative varies, ``dscore = <d score_mod / d score tile>``.
+- ``# @@SCORE@@``: the forward's statements defining ``scores`` and, when the score_mod's
+  derivative varies, ``dscore = <d score_mod / d score tile>``; ``# @@SCORE_UNITS@@`` the
+  forward's unit factors. ``P = exp2((scores * scores_to_natural - lse) * log2(e))``.
 - ``# @@SCORE_GRAD@@``: ``ds = dz * dscore`` (or ``ds = dz`` with no score_mod).
 
 Index shapes: in the dQ kernel (query rows x keys) ``q_idx`` is ``[BLOCK_M, 1]`` and ``kv_idx``
@@ -44,7 +45,7 @@ from __future__ import annotations
 import triton.language as tl
 
 # Bump when a template changes: it is part of the generated modules' cache key.
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 3
 LOG2_E = 1.4426950408889634
 
 
@@ -103,9 +104,12 @@ def @@KERNEL_NAME@@(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_Q_BOUNDS: tl.constexpr, CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     # Q [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv]; K, DK [B, Hkv, Lkv, D]; V, DV [B, Hkv, Lkv, Dv];
-    # Lse, Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv).
+    # Lse, Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv). Key tiles run in order
+    # (HEAVY_TILES_LAST is about query tiles: under a causal-like mask the first key tiles are the
+    # heaviest already).
     tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
@@ -123,6 +127,14 @@ def @@KERNEL_NAME@@(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
+    if ROW_OFFSETS_64:
+        # position * row stride can reach 2**31 (see the forward kernel).
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_dom = stride_dom.to(tl.int64)
+        stride_dkn = stride_dkn.to(tl.int64)
+        stride_dvn = stride_dvn.to(tl.int64)
 
     k_tile = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
                      + kv_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -135,6 +147,7 @@ def @@KERNEL_NAME@@(
         v_tile = v_tile.to(tl.float32)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # @@SCORE_UNITS@@
 
     # GQA: the query heads sharing this KV head are summed here, in a fixed order (deterministic).
     for group_member in range(0, gqa_groups):
@@ -152,9 +165,12 @@ def @@KERNEL_NAME@@(
             else:
                 block_count = tl.load(full_q_num_blocks + layout_offset)
                 block_list = full_q_indices + index_offset
-            for step in range(0, block_count * Q_TILES_PER_BLOCK):
+            # The block index is loaded one step ahead and carried (see the forward kernel): Q/dO
+            # addresses depend on no load of their own step, so they pipeline num_stages - 1 deep.
+            num_steps = block_count * Q_TILES_PER_BLOCK
+            q_block = tl.load(block_list, mask=num_steps > 0, other=0)
+            for step in range(0, num_steps):
                 slot = step // Q_TILES_PER_BLOCK
-                q_block = tl.load(block_list + slot)
                 rows_in_block = (step % Q_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
                 q_pos = q_block * Q_BLOCK_SIZE + rows_in_block                 # [BLOCK_M]
                 row_valid = (q_pos < q_len) & (rows_in_block < Q_BLOCK_SIZE)
@@ -176,7 +192,7 @@ def @@KERNEL_NAME@@(
                     q_tile = q_tile.to(tl.float32)
                     do_tile = do_tile.to(tl.float32)
                 # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-                lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
 
                 qk = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
 
@@ -186,11 +202,13 @@ def @@KERNEL_NAME@@(
                     # @@MASK_PREDICATE@@
                     if CHECK_KV_BOUNDS:
                         mask_keep = mask_keep & kv_valid[:, None]
-                    logits = tl.where(mask_keep, logits, float("-inf"))
+                    scores = tl.where(mask_keep, scores, float("-inf"))
                 elif CHECK_KV_BOUNDS:
-                    logits = tl.where(kv_valid[:, None], logits, float("-inf"))
+                    scores = tl.where(kv_valid[:, None], scores, float("-inf"))
 
-                probs = tl.exp2(logits - lse_log2[None, :])                    # P^T [BLOCK_N, BLOCK_M]
+                # scores - lse in natural units first (one FMA), then to base 2: the large terms
+                # cancel before any rounding at their magnitude (amplifying score_mods).
+                probs = tl.exp2((scores * scores_to_natural - lse[None, :]) * 1.4426950408889634)  # P^T
                 dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
                 dp = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)  # dP^T
                 dz = probs * (dp - delta[None, :])
@@ -198,6 +216,7 @@ def @@KERNEL_NAME@@(
                 # @@SCORE_GRAD@@
 
                 dk_acc = tl.dot(ds.to(q_tile.dtype), q_tile, dk_acc, input_precision=DOT_PRECISION)
+                q_block = tl.load(block_list + (step + 1) // Q_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     # dK = scale * dS^T Q: the scale is applied once here, not per tile.
     dk_acc = dk_acc * score_scale
@@ -231,10 +250,14 @@ def @@KERNEL_NAME@@(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     # Q, DQ [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv], K [B, Hkv, Lkv, D], V [B, Hkv, Lkv, Dv];
     # Lse, Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as the forward.
-    tile_id = tl.program_id(0)
+    if HEAVY_TILES_LAST:
+        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
@@ -250,6 +273,12 @@ def @@KERNEL_NAME@@(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
+    if ROW_OFFSETS_64:
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_dom = stride_dom.to(tl.int64)
+        stride_dqm = stride_dqm.to(tl.int64)
 
     q_tile = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                      + q_pos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -264,8 +293,9 @@ def @@KERNEL_NAME@@(
     lse = tl.load(Lse + row_base + q_pos, mask=row_valid, other=float("inf"))
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
     # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # @@SCORE_UNITS@@
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -278,9 +308,10 @@ def @@KERNEL_NAME@@(
         else:
             block_count = tl.load(full_kv_num_blocks + layout_offset)
             block_list = full_kv_indices + index_offset
-        for step in range(0, block_count * KV_TILES_PER_BLOCK):
+        num_steps = block_count * KV_TILES_PER_BLOCK
+        kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
+        for step in range(0, num_steps):
             slot = step // KV_TILES_PER_BLOCK
-            kv_block = tl.load(block_list + slot)
             cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
             kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N]
             kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
@@ -305,17 +336,18 @@ def @@KERNEL_NAME@@(
                 # @@MASK_PREDICATE@@
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
-                logits = tl.where(mask_keep, logits, float("-inf"))
+                scores = tl.where(mask_keep, scores, float("-inf"))
             elif CHECK_KV_BOUNDS:
-                logits = tl.where(kv_valid[None, :], logits, float("-inf"))
+                scores = tl.where(kv_valid[None, :], scores, float("-inf"))
 
-            probs = tl.exp2(logits - lse_log2[:, None])                         # [BLOCK_M, BLOCK_N]
+            probs = tl.exp2((scores * scores_to_natural - lse[:, None]) * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
             dz = probs * (dp - delta[:, None])
 
             # @@SCORE_GRAD@@
 
             dq_acc = tl.dot(ds.to(k_tile.dtype), k_tile, dq_acc, input_precision=DOT_PRECISION)
+            kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     dq_acc = dq_acc * score_scale
     dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
@@ -328,6 +360,7 @@ DKDV_CONSTEXPR_NAMES = (
     "HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N",
     "Q_BLOCK_SIZE", "KV_BLOCK_SIZE", "Q_TILES_PER_BLOCK", "KV_TILES_PER_BLOCK",
     "CHECK_Q_BOUNDS", "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT",
+    "ROW_OFFSETS_64", "HEAVY_TILES_LAST", "FAST_TANH",
 )
 DQ_CONSTEXPR_NAMES = tuple(name for name in DKDV_CONSTEXPR_NAMES if name != "CHECK_Q_BOUNDS")
 

@@ -31,7 +31,7 @@ from ..jit import functions as codegen
 from ..jit import derivative
 from ..jit.functions import CapturedParam, GeneratedKernel, KernelSpec
 
-BACKWARD_CODEGEN_VERSION = 1
+BACKWARD_CODEGEN_VERSION = 2
 LOG2_E = codegen.LOG2_E
 
 # Captured arguments of the dK/dV kernel in bitmask mode (the dQ kernel uses the forward's pair).
@@ -54,22 +54,18 @@ def score_lines(score: Optional[TracedMod]) -> Tuple[List[str], List[str], List[
     Raises ``derivative.NotDifferentiableError`` or ``codegen.CodegenError``.
     """
     if score is None:
-        return (["logits = qk * scale_log2  # scale and log2(e) folded into one multiply"], ["ds = dz"], [])
+        return list(codegen.RAW_SCORE_LINES), ["ds = dz"], []
     grad_graph = derivative.score_derivative(score.graph)
-    emitter = codegen.Emitter("score_v", "score_cap")
-    value = emitter.value(score.graph)
-    final = emitter.as_float(value)
-    if value.is_const:
-        final = f"tl.full(qk.shape, {final}, tl.float32)"
-    lines = ["score = qk * score_scale  # the score_mod sees scores in natural units"]
+    emitter = codegen.Emitter("score_v", "score_cap", fast_tanh=True)
+    # The forward's statements exactly (same emitter, same order): both passes round scores alike.
+    lines = codegen.score_value_lines(score, emitter)
     if derivative.is_constant(grad_graph):
         constant = float(grad_graph.args[0])
-        lines += list(emitter.lines) + [f"logits = {final} * {LOG2_E!r}"]
         grad_lines = ["ds = dz"] if constant == 1.0 else [f"ds = dz * {constant!r}"]
     else:
+        start = len(emitter.lines)
         grad_value = emitter.value(grad_graph)
-        lines += list(emitter.lines) + [f"logits = {final} * {LOG2_E!r}",
-                                        f"dscore = {emitter.as_float(grad_value)}"]
+        lines += list(emitter.lines[start:]) + [f"dscore = {emitter.as_float(grad_value)}"]
         # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
         grad_lines = ["ds = tl.where(probs > 0.0, dz * dscore, 0.0)"]
     params = [CapturedParam(f"score_cap{i}", t.dim()) for i, t in enumerate(score.captured)]
@@ -89,11 +85,12 @@ def transposed_bitmask_lines() -> List[str]:
 
 
 def _specialize(template: str, kernel_name: str, captured: List[CapturedParam], mask: List[str],
-                score: List[str], score_grad: List[str]) -> str:
+                score: List[str], score_grad: List[str], score_units: List[str]) -> str:
     body = template.replace("@@KERNEL_NAME@@", kernel_name)
     body = codegen.replace_marker(body, "CAPTURED_ARGS", [", ".join(p.arg_names()) + "," for p in captured])
     body = codegen.replace_marker(body, "MASK_PREDICATE", mask)
     body = codegen.replace_marker(body, "SCORE", score)
+    body = codegen.replace_marker(body, "SCORE_UNITS", score_units)
     body = codegen.replace_marker(body, "SCORE_GRAD", score_grad)
     return body.strip("\n") + "\n"
 
@@ -118,6 +115,7 @@ def generate_backward_source(spec: KernelSpec) -> BackwardSource:
     else:
         dkdv_mask_lines, dkdv_mask_params = forward_mask_lines, mask_params
     score, score_grad, score_params = score_lines(spec.score)
+    score_units = codegen.score_unit_lines(spec.score)
     dkdv_captured = tuple(dkdv_mask_params + score_params)
     dq_captured = tuple(mask_params + score_params)
     dkdv_name, dq_name = f"attention_backward_dkdv_{key}", f"attention_backward_dq_{key}"
@@ -127,9 +125,11 @@ def generate_backward_source(spec: KernelSpec) -> BackwardSource:
               f"mask_mod: {mask_name!r} ({spec.mask_mode}); score_mod: {score_name!r}; key {key}\n"
               f'"""\n\nimport triton\nimport triton.language as tl\n\n\n')
     source = (header
-              + _specialize(backward.DKDV_TEMPLATE, dkdv_name, list(dkdv_captured), dkdv_mask_lines, score, score_grad)
+              + _specialize(backward.DKDV_TEMPLATE, dkdv_name, list(dkdv_captured), dkdv_mask_lines, score, score_grad,
+                          score_units)
               + "\n\n"
-              + _specialize(backward.DQ_TEMPLATE, dq_name, list(dq_captured), forward_mask_lines, score, score_grad))
+              + _specialize(backward.DQ_TEMPLATE, dq_name, list(dq_captured), forward_mask_lines, score, score_grad,
+                          score_units))
     return BackwardSource(source, dkdv_name, dq_name, dkdv_captured, dq_captured)
 
 

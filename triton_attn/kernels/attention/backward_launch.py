@@ -26,7 +26,8 @@ from ..jit import functions as codegen
 from ..jit import derivative
 from .backward_codegen import BackwardKernels, backward_kernels_for
 from .configs import MIN_TILE, KernelConfig, fit_tile, next_power_of_two, padded_head_dim
-from .forward_launch import LOG2_E, _captured_args, kernel_constexprs, launch_grid, plan_mask, trace_score
+from .forward_launch import (ENABLE_FP_FUSION, LOG2_E, _captured_args, heavy_tiles_last, kernel_constexprs,
+                             launch_grid, needs_64bit_rows, plan_mask, trace_score)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -209,10 +210,12 @@ def _preprocess_kernel(interpret: bool):
 
 
 def _constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                tiles: KernelConfig, q_len: int, kv_len: int, interpret: bool, dkdv: bool) -> dict:
+                tiles: KernelConfig, q_len: int, kv_len: int, interpret: bool, dkdv: bool,
+                row_offsets_64: bool = False, reverse_tiles: bool = False) -> dict:
     """The forward kernel's constexprs for these tiles, plus the dK/dV kernel's query-side bounds check."""
     values = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
-                               config=tiles, kv_len=kv_len, interpret=interpret)
+                               config=tiles, kv_len=kv_len, interpret=interpret, row_offsets_64=row_offsets_64,
+                               reverse_tiles=reverse_tiles)
     if dkdv:
         q_bs = block_size[0]
         values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
@@ -235,7 +238,8 @@ def _launch(kernel: codegen.GeneratedKernel, grid, args, constexprs, tiles: Kern
         kernel.interpreted()[grid](*args, **constexprs)
     else:
         with torch.cuda.device(device):
-            kernel.jit()[grid](*args, **constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            kernel.jit()[grid](*args, **constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                               enable_fp_fusion=ENABLE_FP_FUSION)
 
 
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
@@ -260,7 +264,7 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     # Everything that can fail (tracing, code generation, derivative) happens before any launch.
     mask_plan = plan_mask(block_mask)
-    score_traced = trace_score(score_mod)
+    score_traced = trace_score(score_mod, scale)
     kernels: BackwardKernels = backward_kernels_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
     if config is None:
         config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len)
@@ -298,10 +302,13 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         _preprocess_kernel(True)[pre_grid](*pre_args, **pre_constexprs)
     else:
         with torch.cuda.device(device):
-            _preprocess_kernel(False)[pre_grid](*pre_args, **pre_constexprs, num_warps=4)
+            _preprocess_kernel(False)[pre_grid](*pre_args, **pre_constexprs, num_warps=4,
+                                                enable_fp_fusion=ENABLE_FP_FUSION)
 
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
-                  q_len=q_len, kv_len=kv_len, interpret=interpret)
+                  q_len=q_len, kv_len=kv_len, interpret=interpret,
+                  row_offsets_64=needs_64bit_rows(query, key, value, grad_out, dq, dk, dv),
+                  reverse_tiles=heavy_tiles_last(block_mask))
     score_captured = list(score_traced.captured) if score_traced is not None else []
     common = [query, key, value, grad_out, lse, delta]
     io_strides = [*query.stride(), *key.stride(), *value.stride(), *grad_out.stride()]

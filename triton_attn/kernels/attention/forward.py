@@ -6,8 +6,11 @@ are pasted in by ``codegen.py`` at the ``# @@...@@`` marker lines:
 - ``# @@CAPTURED_ARGS@@``: one pointer argument (plus sizes and strides) per captured tensor.
 - ``# @@MASK_PREDICATE@@``: statements that end with ``mask_keep = <bool tile>``, the mask_mod
   evaluated on ``(batch, head, q_idx [BLOCK_M, 1], kv_idx [1, BLOCK_N])``.
-- ``# @@SCORE@@``: statements that end with ``logits = <float32 tile>``, the base-2 logits
-  ``score_mod(qk * scale, ...) * log2(e)`` (or just ``qk * scale * log2(e)`` without a score_mod).
+- ``# @@SCORE@@``: statements that define ``scores`` (float32 tile): without a score_mod the raw
+  ``qk`` (unscaled), with one ``score_mod(qk * scale, ...)``.
+- ``# @@SCORE_UNITS@@`` (before the loops): the positive factors ``scores_to_log2`` and
+  ``scores_to_natural`` from ``scores`` to base-2 logits and to natural units (``scale * log2(e)``
+  and ``scale`` for raw scores, ``log2(e)`` and 1 after a score_mod).
 
 Why a text template and not a ``@triton.jit`` function taking the mask as an argument: the
 predicate must be inlined into the inner loop (no dense mask is ever read), captured tensors
@@ -21,8 +24,11 @@ Algorithm (one program = one tile of ``BLOCK_M`` query rows of one (batch, query
    ``kv_indices``) and applies the predicate; phase 1 walks the *full* blocks
    (``full_kv_num_blocks`` / ``full_kv_indices``) without it. Empty blocks are never visited.
    Each mask block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
-3. Online softmax in base 2: the scale is folded into ``log2(e)`` so each step needs one
-   multiply and ``exp2``; running max / sum / accumulator stay in float32.
+3. Online softmax in base 2 on raw scores: the row max is taken before scaling and the scale
+   (folded into ``log2(e)``) enters once, as one FMA per score before ``exp2``; running max / sum /
+   accumulator stay in float32. The next block index is loaded at the end of each step and
+   carried, so no K/V address depends on a load made in the same step: the software pipeliner
+   then keeps ``num_stages - 1`` K/V tiles in flight in both loops.
 4. Rows that never saw an allowed key end with ``running_sum == 0``: they store 0 and an LSE of
    ``-inf`` instead of 0/0.
 
@@ -40,7 +46,7 @@ Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)``.
 from __future__ import annotations
 
 # Bump when the template changes: it is part of the generated modules' cache key.
-TEMPLATE_VERSION = 3
+TEMPLATE_VERSION = 5
 
 KERNEL_TEMPLATE = '''
 def @@KERNEL_NAME@@(
@@ -63,8 +69,14 @@ def @@KERNEL_NAME@@(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
-    tile_id = tl.program_id(0)
+    if HEAVY_TILES_LAST:
+        # Causal-like masks: the last query tiles see the most keys. Launch them first, so the
+        # light tiles fill the gaps at the end instead of one long tile finishing alone.
+        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
@@ -83,6 +95,13 @@ def @@KERNEL_NAME@@(
     d_valid = offs_d < HEAD_DIM          # all True unless head_dim was padded (80 -> 128)
     dv_valid = offs_dv < HEAD_DIM_V
 
+    if ROW_OFFSETS_64:
+        # The launcher saw that position * row stride can reach 2**31 (a [B, S, H, D] view of a
+        # long sequence): row products in 64 bits. Otherwise 32 bits, which address math prefers.
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_om = stride_om.to(tl.int64)
     # 64-bit base offsets: batch * stride can exceed 2**31 for long sequences.
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -92,6 +111,7 @@ def @@KERNEL_NAME@@(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
 
+    # @@SCORE_UNITS@@
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -108,9 +128,10 @@ def @@KERNEL_NAME@@(
             block_count = tl.load(full_kv_num_blocks + layout_offset)
             block_list = full_kv_indices + index_offset
         # One flat loop over (block, sub-tile) pairs: a single pipelined loop instead of two nested ones.
-        for step in range(0, block_count * KV_TILES_PER_BLOCK):
+        num_steps = block_count * KV_TILES_PER_BLOCK
+        kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
+        for step in range(0, num_steps):
             slot = step // KV_TILES_PER_BLOCK
-            kv_block = tl.load(block_list + slot)
             cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
             kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N]
             kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
@@ -134,16 +155,18 @@ def @@KERNEL_NAME@@(
                 # @@MASK_PREDICATE@@
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
-                logits = tl.where(mask_keep, logits, float("-inf"))
+                scores = tl.where(mask_keep, scores, float("-inf"))
             elif CHECK_KV_BOUNDS:
-                logits = tl.where(kv_valid[None, :], logits, float("-inf"))
+                scores = tl.where(kv_valid[None, :], scores, float("-inf"))
 
-            # Online softmax. A row that has only seen masked keys keeps running_max == -inf;
-            # shifting it by 0 instead makes its probabilities exp2(-inf) = 0 rather than NaN.
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            correction = tl.exp2(running_max - shift)
-            probs = tl.exp2(logits - shift[:, None])
+            # Online softmax on the raw scores: the row max is taken before scaling (the factor is
+            # positive, so it commutes with max) and the scale enters once, in one FMA per score.
+            # A row that has only seen masked keys keeps running_max == -inf; shifting it by 0
+            # instead makes its probabilities exp2(-inf) = 0 rather than NaN.
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max * scores_to_log2)
+            correction = tl.exp2(running_max * scores_to_log2 - shift)
+            probs = tl.exp2(scores * scores_to_log2 - shift[:, None])
             running_sum = running_sum * correction + tl.sum(probs, 1)
             accumulator = accumulator * correction[:, None]
 
@@ -158,12 +181,17 @@ def @@KERNEL_NAME@@(
                 v_tile = v_tile.to(tl.float32)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
+            # The next step's block index, loaded now and carried: K/V addresses then depend on no
+            # load inside the step, so the pipeliner keeps num_stages - 1 K/V tiles in flight.
+            kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     attended = running_sum > 0.0
     safe_sum = tl.where(attended, running_sum, 1.0)
     out_tile = accumulator / safe_sum[:, None]
-    # LSE back in natural log: (max + log2(sum)) * ln(2).
-    lse = tl.where(attended, (running_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
+    # LSE in natural log: max * (natural units per raw unit) + ln(sum); the backward subtracts it
+    # from its scores in natural units too (see backward.py), so both passes round alike.
+    lse = tl.where(attended, running_max * scores_to_natural + tl.log2(safe_sum) * 0.6931471805599453,
+                   float("-inf"))
 
     out_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                 + q_pos[:, None] * stride_om + offs_dv[None, :] * stride_od)
@@ -176,7 +204,7 @@ def @@KERNEL_NAME@@(
 CONSTEXPR_NAMES = (
     "HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N",
     "Q_BLOCK_SIZE", "KV_BLOCK_SIZE", "Q_TILES_PER_BLOCK", "KV_TILES_PER_BLOCK",
-    "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT",
+    "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT", "ROW_OFFSETS_64", "HEAVY_TILES_LAST", "FAST_TANH",
 )
 
 # Runtime parameters before the captured tensors, in signature order, with their Triton type

@@ -21,6 +21,11 @@ from . import fallback
 from .configs import KernelConfig, default_config, padded_head_dim
 
 LOG2_E = 1.4426950408889634
+# Passed explicitly to every compile: Triton 3.10 flips its default to off, and the softmax wants
+# ``scores * scale - shift`` as one FMA per score.
+ENABLE_FP_FUSION = True
+# Offsets at or past this need 64 bits.
+INT32_LIMIT = 2 ** 31
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -52,10 +57,21 @@ def plan_mask(block_mask: BlockMask) -> MaskPlan:
     return MaskPlan(codegen.MASK_TRACED, traced, list(traced.captured))
 
 
-def trace_score(score_mod: Optional[Callable]) -> Optional[TracedMod]:
-    """The traced score_mod (None for none); a score_mod has no fallback, so failing raises."""
+def scaled_scores(score, b, h, q_idx, kv_idx):
+    """The identity score_mod: stands in for "no score_mod" when the scale is not positive."""
+    return score
+
+
+def trace_score(score_mod: Optional[Callable], scale: float = 1.0) -> Optional[TracedMod]:
+    """The traced score_mod (None for none); a score_mod has no fallback, so failing raises.
+
+    Without a score_mod the kernels take the row max of the raw ``Q K^T`` and scale afterwards,
+    which needs ``scale > 0``; for ``scale <= 0`` they get the identity score_mod instead (scaled
+    scores, unit factors)."""
     if score_mod is None:
-        return None
+        if scale > 0:
+            return None
+        score_mod = scaled_scores
     try:
         traced = trace_score_mod(score_mod)
         codegen.check_graph(traced)
@@ -100,9 +116,48 @@ def launch_grid(q_len: int, num_q_blocks: int, q_block_size: int, block_m: int, 
     return ((num_q_blocks - 1) * tiles_per_block + min(tiles_per_block, _cdiv(last_rows, block_m)), batch_heads)
 
 
+def needs_64bit_rows(*tensors: torch.Tensor) -> bool:
+    """Whether ``position * row stride`` can reach 2**31 in any of ``tensors`` ([B, H, L, D] views):
+    the largest row offset within one (batch, head) slice, ``(L - 1) * stride(2)``, plus the last
+    column's offset. Batch and head offsets are always 64-bit in the kernels."""
+    for tensor in tensors:
+        if tensor is None or tensor.dim() != 4:
+            continue
+        reach = (tensor.shape[2] - 1) * abs(tensor.stride(2)) + (tensor.shape[3] - 1) * abs(tensor.stride(3))
+        if reach >= INT32_LIMIT:
+            return True
+    return False
+
+
+def heavy_tiles_last(block_mask: BlockMask) -> bool:
+    """Whether later query block rows visit more KV blocks than earlier ones (causal-like masks).
+
+    Read once per BlockMask (a device sync) and remembered on it, like the tuning key's sparsity."""
+    cached = getattr(block_mask, "_heavy_tiles_last", None)
+    if cached is not None:
+        return cached
+    work = (block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).double().flatten(0, -2).mean(0)  # [NQ]
+    half = work.shape[0] // 2
+    result = bool(half > 0 and float(work[-half:].sum()) > 1.25 * float(work[:half].sum()))
+    try:
+        block_mask._heavy_tiles_last = result
+    except AttributeError:
+        pass
+    return result
+
+
+def fast_tanh(dtype: torch.dtype, interpret: bool) -> bool:
+    """The hardware ``tanh.approx.f32`` (NVIDIA only) for 16-bit inputs; float32 keeps the exact form."""
+    return bool(not interpret and dtype in (torch.float16, torch.bfloat16) and torch.version.hip is None)
+
+
 def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                      config: KernelConfig, kv_len: int, interpret: bool) -> dict:
-    """The constexpr arguments of the forward kernel (``forward.CONSTEXPR_NAMES``) for these shapes."""
+                      config: KernelConfig, kv_len: int, interpret: bool, row_offsets_64: bool = False,
+                      reverse_tiles: bool = False) -> dict:
+    """The constexpr arguments of the forward kernel (``forward.CONSTEXPR_NAMES``) for these shapes.
+
+    row_offsets_64: see ``needs_64bit_rows``; reverse_tiles: launch query tiles last-first
+    (``heavy_tiles_last``)."""
     q_bs, kv_bs = block_size
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
@@ -116,6 +171,9 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
         DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
         # Triton 3.9's interpreter returns garbage for tl.dot on two bf16 operands.
         UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),
+        ROW_OFFSETS_64=bool(row_offsets_64),
+        HEAVY_TILES_LAST=bool(reverse_tiles),
+        FAST_TANH=fast_tanh(dtype, interpret),
     )
 
 
@@ -154,7 +212,7 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     num_q_blocks = block_mask.num_blocks[0]
 
     mask_plan = plan_mask(block_mask)
-    score_traced = trace_score(score_mod)
+    score_traced = trace_score(score_mod, scale)
     kernel = codegen.kernel_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
@@ -174,11 +232,14 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             scale * LOG2_E, scale,
             *_captured_args(kernel.captured, captured, device)]
     constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
-                                   block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret)
+                                   block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret,
+                                   row_offsets_64=needs_64bit_rows(query, key, value, out),
+                                   reverse_tiles=heavy_tiles_last(block_mask))
     grid = launch_grid(q_len, num_q_blocks, q_bs, config.BLOCK_M, batch * q_heads)
     if interpret:
         kernel.interpreted()[grid](*args, **constexprs)
     else:
         with torch.cuda.device(device):
-            kernel.jit()[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+            kernel.jit()[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+                               enable_fp_fusion=ENABLE_FP_FUSION)
     return out, lse

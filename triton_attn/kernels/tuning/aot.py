@@ -24,7 +24,7 @@ import torch
 from ..attention import forward
 from ..jit.functions import MASK_BITMASK, GeneratedKernel
 from ..attention.configs import KernelConfig
-from ..attention.forward_launch import kernel_constexprs
+from ..attention.forward_launch import ENABLE_FP_FUSION, kernel_constexprs
 
 ARCHS = (80, 90)
 # Largest shared memory one program may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -54,6 +54,7 @@ class AotResult:
     spill_loads: int
     shared_bytes: int
     sass_has_wgmma: Optional[bool]
+    ttgir: str = ""  # the TTGIR after software pipelining (read with ``tuning/compiled.py``)
 
     @property
     def ptx_has_wgmma(self) -> bool:
@@ -170,12 +171,14 @@ def compile_kernel(kernel: GeneratedKernel, signature: Dict[str, str], constexpr
     from triton.compiler import ASTSource
 
     compiled = triton.compile(ASTSource(kernel.jit(), signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+                                       "enable_fp_fusion": ENABLE_FP_FUSION})
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
     shared = int(getattr(compiled.metadata, "shared", 0))
     wgmma = sass_has_wgmma(compiled.asm["cubin"]) if inspect_sass else None
-    return AotResult(arch, tiles, head_dim, dtype, ptx, registers, spill_stores, spill_loads, shared, wgmma)
+    return AotResult(arch, tiles, head_dim, dtype, ptx, registers, spill_stores, spill_loads, shared, wgmma,
+                     compiled.asm.get("ttgir", ""))
 
 
 def compile_forward(kernel: GeneratedKernel, config: KernelConfig, *, arch: int, dtype: torch.dtype = torch.bfloat16,
