@@ -1,34 +1,27 @@
-"""The forward attention kernel, as a Triton source template that ``codegen`` specializes.
+"""The forward attention kernel: ordinary ``@triton.jit`` source, specialized through constexpr functions.
 
-The kernel is the same for every mask; only three things differ per (mask_mod, score_mod) and
-are pasted in by ``codegen.py`` at the ``# @@...@@`` marker lines:
+What differs per (mask_mod, score_mod) arrives as ``tl.constexpr`` arguments built by
+``kernels/jit/functions.py`` (the only generated source):
 
-- ``# @@CAPTURED_ARGS@@``: one pointer argument (plus sizes and strides) per captured tensor.
-- ``# @@MASK_PREDICATE@@``: statements that end with ``mask_keep = <bool tile>``, the mask_mod
-  evaluated on ``(batch, head, q_idx [BLOCK_M, 1], kv_idx [1, BLOCK_N])``.
-- ``# @@SCORE@@``: statements that define ``scores`` (float32 tile): without a score_mod the raw
-  ``qk`` (unscaled), with one ``score_mod(qk * scale, ...)``.
-- ``# @@SCORE_UNITS@@`` (before the loops): the positive factors ``scores_to_log2`` and
-  ``scores_to_natural`` from ``scores`` to base-2 logits and to natural units (``scale * log2(e)``
-  and ``scale`` for raw scores, ``log2(e)`` and 1 after a score_mod).
+- ``MASK_FN(batch, head, q_idx, kv_idx, *mask_captured) -> keep``: the mask predicate, applied on
+  partial blocks only (``jit.predicates.keep_all`` when there are none, ``bitmask_keep`` for
+  untraceable mask_mods);
+- ``SCORE_FN(score, batch, head, q_idx, kv_idx, *score_captured) -> score``: the score_mod in natural
+  units, or None (then the raw ``qk`` is the score, scaled once inside the softmax's FMA).
 
-Why a text template and not a ``@triton.jit`` function taking the mask as an argument: the
-predicate must be inlined into the inner loop (no dense mask is ever read), captured tensors
-vary in number and rank, and Triton's JIT reads kernel source through ``inspect``, so the
-specialized kernel has to exist as real source in a module file (see ``codegen.py``).
+``mask_captured`` / ``score_captured`` are tuples (pointer, sizes, strides per captured tensor).
 
 Algorithm (one program = one tile of ``BLOCK_M`` query rows of one (batch, query head)):
 
 1. Load the Q tile once ``[BLOCK_M, BLOCK_D]`` (head_dim zero-padded to a power of two).
 2. Phase 0 walks the *partial* KV blocks of this query block row (``kv_num_blocks`` /
    ``kv_indices``) and applies the predicate; phase 1 walks the *full* blocks
-   (``full_kv_num_blocks`` / ``full_kv_indices``) without it. Empty blocks are never visited.
-   Each mask block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
-3. Online softmax in base 2 on raw scores: the row max is taken before scaling and the scale
-   (folded into ``log2(e)``) enters once, as one FMA per score before ``exp2``; running max / sum /
-   accumulator stay in float32. The next block index is loaded at the end of each step and
-   carried, so no K/V address depends on a load made in the same step: the software pipeliner
-   then keeps ``num_stages - 1`` K/V tiles in flight in both loops.
+   (``full_kv_num_blocks`` / ``full_kv_indices``) without it (``blocks.phase_blocks``). Each mask
+   block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
+3. Online softmax in base 2: the row max is taken on the unscaled scores and the scale (folded
+   into ``log2(e)``) enters once per score, as the FMA ``scores * factor - shift`` before ``exp2``;
+   running max / sum / accumulator stay in float32. The next block index is loaded at the end of
+   each step and carried, which keeps ``num_stages - 1`` K/V loads in flight in both phases.
 4. Rows that never saw an allowed key end with ``running_sum == 0``: they store 0 and an LSE of
    ``-inf`` instead of 0/0.
 
@@ -36,21 +29,28 @@ Tensor arguments (all strides in elements; ``Bm``/``Hm`` are the BlockMask's own
 sizes and their strides are 0 when the mask broadcasts):
 
 - ``Q`` [B, Hq, Lq, D], ``K`` [B, Hkv, Lkv, D], ``V`` [B, Hkv, Lkv, Dv], ``Out`` [B, Hq, Lq, Dv]
-  (input dtype), ``Lse`` [B, Hq, Lq] float32, natural log.
+  (input dtype), ``Lse`` [B, Hq, Lq] float32, natural log; ``Stats`` [B, Hq, Lq, 2] float32
+  contiguous (written when ``STORE_STATS``: per row the final base-2 shift and 1 / sum, for the
+  backward's recompute of P).
 - ``kv_num_blocks`` / ``full_kv_num_blocks`` int32 [Bm, Hm, NQ] (strides ``stride_layout_*``),
   ``kv_indices`` / ``full_kv_indices`` int32 [Bm, Hm, NQ, NKV] (strides ``stride_index_*``).
 
-Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)``.
+Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)`` (``forward_launch.launch_grid``).
 """
 
 from __future__ import annotations
 
-# Bump when the template changes: it is part of the generated modules' cache key.
-TEMPLATE_VERSION = 5
+import triton
+import triton.language as tl
 
-KERNEL_TEMPLATE = '''
-def @@KERNEL_NAME@@(
-    Q, K, V, Out, Lse,
+from .blocks import LN_2, LOG2_E_IN_KERNEL, phase_blocks, tile_positions
+
+LN_2_IN_KERNEL = tl.constexpr(LN_2)
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def attention_forward_kernel(
+    Q, K, V, Out, Lse, Stats,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -61,7 +61,8 @@ def @@KERNEL_NAME@@(
     stride_index_b, stride_index_h, stride_index_m,
     q_len, kv_len, num_q_heads, gqa_groups,
     scale_log2, score_scale,
-    # @@CAPTURED_ARGS@@
+    mask_captured, score_captured,
+    MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -69,7 +70,7 @@ def @@KERNEL_NAME@@(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, FAST_TANH: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
 ):
     if HEAVY_TILES_LAST:
         # Causal-like masks: the last query tiles see the most keys. Launch them first, so the
@@ -85,9 +86,8 @@ def @@KERNEL_NAME@@(
 
     # This program's query rows all lie in mask block row ``mask_row``.
     mask_row = tile_id // Q_TILES_PER_BLOCK
-    rows_in_block = (tile_id % Q_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = mask_row * Q_BLOCK_SIZE + rows_in_block                         # [BLOCK_M]
-    row_valid = (q_pos < q_len) & (rows_in_block < Q_BLOCK_SIZE)
+    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
+                                                     q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -111,8 +111,16 @@ def @@KERNEL_NAME@@(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
 
-    # @@SCORE_UNITS@@
+    # Scores are raw qk (no score_mod) or the score_mod's output; these positive factors take them
+    # to base-2 logits and to natural-log units.
+    if SCORE_FN is not None:
+        scores_to_log2 = LOG2_E_IN_KERNEL
+        scores_to_natural = 1.0
+    else:
+        scores_to_log2 = scale_log2
+        scores_to_natural = score_scale
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    running_shift = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # base 2, as applied
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
@@ -121,20 +129,17 @@ def @@KERNEL_NAME@@(
     index_offset = batch * stride_index_b + head * stride_index_h + mask_row * stride_index_m
     for phase in tl.static_range(2):
         # phase 0: partial blocks, predicate applied; phase 1: full blocks, no predicate.
-        if phase == 0:
-            block_count = tl.load(kv_num_blocks + layout_offset)
-            block_list = kv_indices + index_offset
-        else:
-            block_count = tl.load(full_kv_num_blocks + layout_offset)
-            block_list = full_kv_indices + index_offset
+        block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                               full_kv_indices, layout_offset, index_offset)
         # One flat loop over (block, sub-tile) pairs: a single pipelined loop instead of two nested ones.
+        # The block index is loaded one step ahead and carried: no K/V address depends on a load
+        # of its own step, so the pipeliner keeps num_stages - 1 K/V tiles in flight in both phases
+        # (an index loaded in the step makes it treat K/V as indirect loads: one stage, two buffers).
         num_steps = block_count * KV_TILES_PER_BLOCK
         kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
         for step in range(0, num_steps):
-            slot = step // KV_TILES_PER_BLOCK
-            cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N]
-            kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
+            cols_in_block, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE,
+                                                             BLOCK_N, kv_len)
             kv_idx = kv_pos[None, :]                                            # [1, BLOCK_N]
 
             # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for Q @ K^T.
@@ -149,24 +154,31 @@ def @@KERNEL_NAME@@(
                 k_tile = k_tile.to(tl.float32)
             qk = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)        # [BLOCK_M, BLOCK_N] fp32
 
-            # @@SCORE@@
+            if SCORE_FN is not None:
+                # The score_mod sees scores in natural units.
+                scores = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
+            else:
+                scores = qk  # raw: scaled once below, inside the exp2's FMA
 
             if phase == 0:
-                # @@MASK_PREDICATE@@
+                mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
                 scores = tl.where(mask_keep, scores, float("-inf"))
             elif CHECK_KV_BOUNDS:
                 scores = tl.where(kv_valid[None, :], scores, float("-inf"))
 
-            # Online softmax on the raw scores: the row max is taken before scaling (the factor is
-            # positive, so it commutes with max) and the scale enters once, in one FMA per score.
+            # Online softmax in base 2, the row max taken on the unscaled scores (the factor is
+            # positive, so it commutes with max): one explicit FMA per score, scores * factor - shift,
+            # rounded once near 0 rather than at the scores' magnitude (the interpreter's tl.fma is
+            # fused too). The correction uses the previous step's shift as it was applied, so every
+            # probability stays consistent with the final shift whatever its rounding.
             # A row that has only seen masked keys keeps running_max == -inf; shifting it by 0
             # instead makes its probabilities exp2(-inf) = 0 rather than NaN.
             new_max = tl.maximum(running_max, tl.max(scores, 1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max * scores_to_log2)
-            correction = tl.exp2(running_max * scores_to_log2 - shift)
-            probs = tl.exp2(scores * scores_to_log2 - shift[:, None])
+            correction = tl.exp2(running_shift - shift)
+            probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[:, None]))
             running_sum = running_sum * correction + tl.sum(probs, 1)
             accumulator = accumulator * correction[:, None]
 
@@ -181,41 +193,27 @@ def @@KERNEL_NAME@@(
                 v_tile = v_tile.to(tl.float32)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
-            # The next step's block index, loaded now and carried: K/V addresses then depend on no
-            # load inside the step, so the pipeliner keeps num_stages - 1 K/V tiles in flight.
+            running_shift = shift
             kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     attended = running_sum > 0.0
     safe_sum = tl.where(attended, running_sum, 1.0)
     out_tile = accumulator / safe_sum[:, None]
-    # LSE in natural log: max * (natural units per raw unit) + ln(sum); the backward subtracts it
-    # from its scores in natural units too (see backward.py), so both passes round alike.
-    lse = tl.where(attended, running_max * scores_to_natural + tl.log2(safe_sum) * 0.6931471805599453,
-                   float("-inf"))
+    # LSE in natural log: max in natural units + ln(sum).
+    lse = tl.where(attended, running_max * scores_to_natural + tl.log2(safe_sum) * LN_2_IN_KERNEL, float("-inf"))
 
     out_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                 + q_pos[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(out_ptrs, out_tile.to(Out.dtype.element_ty), mask=row_valid[:, None] & dv_valid[None, :])
     lse_ptrs = Lse + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_pos
     tl.store(lse_ptrs, lse, mask=row_valid)
-'''
-
-# Constexpr parameters of the template, in signature order (``launch.py`` fills them).
-CONSTEXPR_NAMES = (
-    "HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N",
-    "Q_BLOCK_SIZE", "KV_BLOCK_SIZE", "Q_TILES_PER_BLOCK", "KV_TILES_PER_BLOCK",
-    "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT", "ROW_OFFSETS_64", "HEAVY_TILES_LAST", "FAST_TANH",
-)
-
-# Runtime parameters before the captured tensors, in signature order, with their Triton type
-# ("ptr:q" = a pointer of the input dtype, "ptr:f32", "ptr:i32", "i32", "fp32"). The ahead-of-time
-# compiler builds its signature from this.
-RUNTIME_PARAMS = (
-    [("Q", "ptr:in"), ("K", "ptr:in"), ("V", "ptr:in"), ("Out", "ptr:in"), ("Lse", "ptr:f32")]
-    + [(f"stride_{t}{d}", "i32") for t in "qkvo" for d in ("b", "h", "m" if t in "qo" else "n", "d")]
-    + [("stride_lse_b", "i32"), ("stride_lse_h", "i32")]
-    + [(name, "ptr:i32") for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
-    + [(f"stride_{kind}_{d}", "i32") for kind in ("layout", "index") for d in "bhm"]
-    + [("q_len", "i32"), ("kv_len", "i32"), ("num_q_heads", "i32"), ("gqa_groups", "i32"),
-       ("scale_log2", "fp32"), ("score_scale", "fp32")]
-)
+    if STORE_STATS:
+        # For the backward: the final base-2 shift and 1 / sum per row, so that it recomputes
+        # P = exp2(scores * factor - shift) / sum exactly as this pass normalized it. Going through
+        # the lse instead rounds at the lse's magnitude (|lse| ~ 40 under an amplifying score_mod,
+        # an error ~ 2e-6 in every P, several times a plain float32 softmax's).
+        final_shift = tl.where(attended, running_shift, 0.0)
+        inverse_sum = tl.where(attended, 1.0 / safe_sum, 0.0)
+        stats_ptrs = Stats + (batch_head.to(tl.int64) * q_len + q_pos) * 2
+        tl.store(stats_ptrs, final_shift, mask=row_valid)
+        tl.store(stats_ptrs + 1, inverse_sum, mask=row_valid)

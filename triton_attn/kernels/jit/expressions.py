@@ -122,8 +122,8 @@ class Emitter:
     def __init__(self, prefix: str, captured_prefix: str, *, fast_tanh: bool = False):
         self.prefix = prefix
         self.captured_prefix = captured_prefix
-        # Score code may use the hardware tanh where the kernel's FAST_TANH constexpr allows; mask
-        # code never does (a predicate must match its dense evaluation exactly).
+        # Score functions built for CUDA with 16-bit inputs use the hardware tanh; mask code never
+        # does (a predicate must match its dense evaluation exactly).
         self.fast_tanh = fast_tanh
         self.lines: List[str] = []
         self._by_key: Dict[str, _Expr] = {}
@@ -233,16 +233,15 @@ class Emitter:
         if op == "to_int":
             return self._bind(f"{x.text}.to(tl.int32)", "int") if x.kind != "int" else x
         if op == "tanh":
-            # FAST_TANH (a kernel constexpr: CUDA with 16-bit inputs): the hardware's tanh.approx.f32,
-            # one instruction (relative error ~2**-11, below a 16-bit input's rounding). Otherwise
-            # (interpreter, float32, ROCm) 1 - 2 / (exp(2x) + 1), which saturates correctly at both
-            # ends and is within ~1e-7 absolute.
             value = self.as_float(x)
-            exact = f"1.0 - 2.0 / (tl.exp(2.0 * {value}) + 1.0)"
-            if not self.fast_tanh:
-                return self._bind(exact, "float")
-            return self._bind(f"(tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [{value}], "
-                              f"dtype=tl.float32, is_pure=True, pack=1) if FAST_TANH else {exact})", "float")
+            if self.fast_tanh:
+                # CUDA with 16-bit inputs: the hardware's tanh.approx.f32, one instruction (relative
+                # error ~2**-11, below the inputs' own rounding) instead of an exp and a division.
+                return self._bind(f"tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [{value}], "
+                                  "dtype=tl.float32, is_pure=True, pack=1)", "float")
+            # Elsewhere (interpreter, float32, ROCm): 1 - 2 / (exp(2x) + 1), which saturates
+            # correctly at both ends and is within ~1e-7 absolute.
+            return self._bind(f"1.0 - 2.0 / (tl.exp(2.0 * {value}) + 1.0)", "float")
         if op in _FLOAT_MATH:
             return self._bind(f"{_FLOAT_MATH[op]}({self.as_float(x)})", "float")
         raise CodegenError(f"the unary operation {op!r}")

@@ -1,192 +1,256 @@
-"""Code generation: a traced mask_mod / score_mod graph -> Triton source -> a loaded kernel.
+"""Generated ``@triton.jit`` functions for a (mask_mod, score_mod) pair: the only generated source.
 
-``forward.KERNEL_TEMPLATE`` is specialized with
+The kernels (``kernels/attention/``, ``kernels/refine.py``, and any new kernel family) are ordinary
+``@triton.jit`` code. What varies per user mod is emitted here from the traced graphs, by the
+``Emitter`` of ``expressions.py``, as small ``@triton.jit`` functions in a module file in the cache
+directory (Triton reads source through ``inspect``), imported, and handed to a kernel as
+``tl.constexpr`` arguments. The interface, for any kernel that wants a user's mods:
 
-- the mask predicate (``mask_keep = ...``) emitted from the mask_mod's graph, or a lookup into
-  per-block bitmasks (the fallback for mask_mods that cannot be traced), or nothing;
-- the score computation (``logits = ...``) with the score_mod's graph inlined;
-- one kernel argument per captured tensor: its pointer, then its sizes and strides, so new
-  values (or new shapes) of the same dtype and rank reuse the compiled kernel.
+Get them: ``mod_functions(mask, score, mask_mode=..., derivative=False) -> ModFunctions``, with
+``mask`` / ``score`` the ``TracedMod`` of ``masks.tracing.trace_mask_mod`` / ``trace_score_mod``
+(or None). Memoized per graph structure (``TracedMod.key``), never per Python callable.
+``ModFunctions`` holds:
 
-Triton's JIT reads a kernel's source through ``inspect``, so the specialized source is written
-to a module file in the cache directory (``$TRITON_ATTN_CACHE_DIR``, default
-``~/.cache/triton_attn``), atomically, and imported from there. Files and the in-memory cache
-are keyed by the graphs' structure hashes (``TracedMod.key``), never by the ``id()`` of the
-Python callables, so the same mask_mod rebuilt in a loop is generated and compiled once.
+- ``mask_fn``: ``MASK_FN(batch, head, q_idx, kv_idx, *mask_captured) -> keep`` (bool; a tile
+  broadcast from the index shapes, or a scalar/literal when the mask ignores them). ``mask_mode``:
+  ``MASK_TRACED`` -- the mask_mod's graph; ``MASK_NONE`` -- ``predicates.keep_all`` (no partial
+  block, the predicate is never needed); ``MASK_BITMASK`` -- ``predicates.bitmask_keep`` for
+  mask_mods that cannot be traced (its captured tuple is built by the launcher from the
+  per-block bits, see ``kernels/attention/fallback.py``).
+- ``score_fn``: ``SCORE_FN(score, batch, head, q_idx, kv_idx, *score_captured) -> modified score``
+  in natural units (float32, shaped like ``score``): the score_mod itself, applied to
+  ``qk * scale``; the kernel multiplies by ``log2(e)`` for its base-2 softmax. None without a
+  score_mod (then a kernel uses ``qk * scale * log2(e)`` directly).
+- with ``derivative=True``: ``score_grad_fn``: ``SCORE_GRAD_FN(score, ...same...) -> (modified
+  score, d modified / d score)``, both float32 tiles, sharing subexpressions; it is None when the
+  derivative does not vary, and then ``score_grad_constant`` is that constant (1.0 without a
+  score_mod). Raises ``derivative.NotDifferentiableError``.
 
-The pieces: ``expressions`` (graph -> Triton expressions), this module (kernel specs, the
-specialized source, ``kernel_for``), ``modules`` (files, import, compiled/interpreted kernels).
+Index arguments: ``batch`` and ``head`` are scalars, ``q_idx`` / ``kv_idx`` int32 tiles that
+broadcast against each other (``[BLOCK_M, 1]`` and ``[1, BLOCK_N]``, or transposed, or ``[1, N]``
+for a single query row); the emitted code only broadcasts. Integer ``//``, ``%`` follow Python
+(floor) semantics; loads from captured tensors are bounds-masked.
+
+Captured tensors: each captured tensor of a mod becomes ``1 + 2 * rank`` arguments -- its
+pointer, then its sizes, then its strides (elements). A launcher passes them as ONE tuple per mod,
+``captured_tuple(traced.captured, device)`` (bool tensors travel as uint8 views), and a kernel
+takes that tuple as an ordinary argument and unpacks it at the call:
+``keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)``. An empty tuple is fine. The
+ahead-of-time signature of the tuple is the tuple of its element types (``captured_signature``).
+Triton specializes the ints inside a tuple like any int argument (value 1, divisibility by 16);
+``do_not_specialize`` does not reach into tuples, so a few compiled variants per shape class exist.
+
+Generated module source (the ``<key>.py`` file in ``jit.modules.cache_dir()``) holds only these
+functions -- ``mask_mod``, ``score_mod``, ``score_mod_and_grad`` -- never a kernel body.
 """
-
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import torch
+
 from ...masks.tracing import TracedMod
-from ..attention import forward
-from .expressions import ARG_NAMES, CodegenError, Emitter  # noqa: F401  (re-exported)
-from .modules import (GeneratedKernel, InterpretedKernel, KernelMemo, cache_dir,  # noqa: F401  (re-exported)
-                      import_file, interpreter_scope, load_module, write_atomically)
+from . import derivative
+from .expressions import CodegenError, Emitter
+from .modules import KernelMemo, load_module
 
+# Bump when the emitted functions change: part of every generated module's cache key.
 CODEGEN_VERSION = 3
-LOG2_E = 1.4426950408889634
+
+MASK_NONE = "none"        # every visited block is full: the predicate never runs
+MASK_TRACED = "traced"    # the mask_mod's graph, emitted as ``mask_mod``
+MASK_BITMASK = "bitmask"  # untraceable mask_mod: per-partial-block bits (``predicates.bitmask_keep``)
+MASK_MODES = (MASK_NONE, MASK_TRACED, MASK_BITMASK)
+
+INDEX_PARAMS = ("batch", "head", "q_idx", "kv_idx")
+CAPTURED_PREFIX = "cap"
+
+# torch dtype -> Triton's type name (for ahead-of-time signatures of captured tensors).
+TRITON_DTYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+    torch.bool: "u8",  # bool tensors travel as uint8 views
+}
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernel specs and source
-# ---------------------------------------------------------------------------------------------
-
-MASK_NONE = "none"        # every visited block is full: no predicate
-MASK_TRACED = "traced"    # the mask_mod's graph, inlined
-MASK_BITMASK = "bitmask"  # untraceable mask_mod: per-partial-block bitmasks (see fallback.py)
-
-
-@dataclass(frozen=True)
-class CapturedParam:
-    """A captured tensor argument of a generated kernel: ``{prefix}{slot}`` and its rank.
-
-    The launcher passes the pointer, then ``rank`` sizes, then ``rank`` strides.
-    """
-
-    name: str
-    rank: int
-
-    def arg_names(self) -> List[str]:
-        return ([self.name] + [f"{self.name}_size{d}" for d in range(self.rank)]
-                + [f"{self.name}_stride{d}" for d in range(self.rank)])
+def captured_params(captured: Sequence[torch.Tensor]) -> List[str]:
+    """Parameter names of the captured tensors, in tuple order: ``cap0, cap0_size0.., cap0_stride0..``."""
+    names = []
+    for slot, tensor in enumerate(captured):
+        pointer = f"{CAPTURED_PREFIX}{slot}"
+        names.append(pointer)
+        names.extend(f"{pointer}_size{d}" for d in range(tensor.dim()))
+        names.extend(f"{pointer}_stride{d}" for d in range(tensor.dim()))
+    return names
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """What a generated forward kernel is specialized on."""
-
-    mask_mode: str
-    mask: Optional[TracedMod] = None
-    score: Optional[TracedMod] = None
-
-    @property
-    def key(self) -> str:
-        parts = [f"v{forward.TEMPLATE_VERSION}.{CODEGEN_VERSION}", self.mask_mode,
-                 self.mask.key if self.mask is not None and self.mask_mode == MASK_TRACED else "-",
-                 self.score.key if self.score is not None else "-"]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+def captured_tuple(captured: Sequence[torch.Tensor], device: torch.device) -> tuple:
+    """The kernel argument for one mod's captured tensors: (pointer, sizes.., strides..) per tensor."""
+    values = []
+    for tensor in captured:
+        if tensor.device != device:
+            tensor = tensor.to(device)
+        if tensor.dtype == torch.bool:
+            tensor = tensor.view(torch.uint8)  # the emitted code compares against 0
+        values.append(tensor)
+        values.extend(int(s) for s in tensor.shape)
+        values.extend(int(s) for s in tensor.stride())
+    return tuple(values)
 
 
-def mask_lines(spec: KernelSpec) -> Tuple[List[str], List[CapturedParam]]:
-    if spec.mask_mode == MASK_NONE:
-        return ["mask_keep = True"], []
-    if spec.mask_mode == MASK_BITMASK:
-        lines = [
-            "# Untraceable mask_mod: read this block's precomputed bits (see kernels/fallback.py).",
-            "fallback_block = tl.load(fallback_offsets + layout_offset) + slot",
-            "fallback_ptrs = (fallback_bits + fallback_block.to(tl.int64) * (Q_BLOCK_SIZE * KV_BLOCK_SIZE)",
-            "                 + rows_in_block[:, None] * KV_BLOCK_SIZE + cols_in_block[None, :])",
-            "mask_keep = tl.load(fallback_ptrs, mask=(rows_in_block[:, None] < Q_BLOCK_SIZE)"
-            " & (cols_in_block[None, :] < KV_BLOCK_SIZE), other=0) != 0",
-        ]
-        return lines, [CapturedParam("fallback_bits", 0), CapturedParam("fallback_offsets", 0)]
-    emitter = Emitter("mask_v", "mask_cap")
-    result = emitter.value(spec.mask.graph)
-    lines = list(emitter.lines) + [f"mask_keep = {result.text}"]
-    params = [CapturedParam(f"mask_cap{i}", t.dim()) for i, t in enumerate(spec.mask.captured)]
-    return lines, params
-
-
-# Score lines without a score_mod: the raw Q K^T tile, scaled later (once, inside the exp2's FMA).
-RAW_SCORE_LINES = ["scores = qk  # raw: the row max is taken before scaling"]
-
-
-def score_unit_lines(score: Optional[TracedMod]) -> List[str]:
-    """``# @@SCORE_UNITS@@`` (before the loops): the positive factors from ``scores`` to base-2 logits
-    and to natural-log units -- ``scale * log2(e)`` and ``scale`` for raw scores, ``log2(e)`` and 1
-    for a score_mod's output."""
-    if score is None:
-        return ["scores_to_log2 = scale_log2", "scores_to_natural = score_scale"]
-    return [f"scores_to_log2 = {LOG2_E!r}", "scores_to_natural = 1.0"]
-
-
-def score_value_lines(score: TracedMod, emitter: Emitter) -> List[str]:
-    """Statements defining ``scores`` = score_mod(qk * scale, ...) (see ``score_unit_lines``)."""
-    result = emitter.value(score.graph)
-    final = emitter.as_float(result)
-    if result.is_const:
-        final = f"tl.full(qk.shape, {final}, tl.float32)"
-    return (["score = qk * score_scale  # the score_mod sees scores in natural units"] + list(emitter.lines)
-            + [f"scores = {final}"])
-
-
-def score_lines(spec: KernelSpec) -> Tuple[List[str], List[CapturedParam]]:
-    """``# @@SCORE@@`` lines of the forward kernel (they define ``scores``), and captured params."""
-    if spec.score is None:
-        return list(RAW_SCORE_LINES), []
-    lines = score_value_lines(spec.score, Emitter("score_v", "score_cap", fast_tanh=True))
-    params = [CapturedParam(f"score_cap{i}", t.dim()) for i, t in enumerate(spec.score.captured)]
-    return lines, params
+def captured_signature(captured: Sequence[torch.Tensor]) -> Tuple[str, ...]:
+    """Ahead-of-time signature of ``captured_tuple(captured)``: ``("*i64", "i32", "i32", ...)``."""
+    types = []
+    for tensor in captured:
+        types.append("*" + TRITON_DTYPES[tensor.dtype])
+        types.extend(["i32"] * (2 * tensor.dim()))
+    return tuple(types)
 
 
 def check_graph(traced: TracedMod) -> None:
     """Raise ``CodegenError`` if ``traced`` cannot be emitted as Triton code."""
-    Emitter("v", "cap").value(traced.graph)
+    Emitter("v", CAPTURED_PREFIX).value(traced.graph)
 
 
-def replace_marker(source: str, marker: str, lines: Sequence[str]) -> str:
-    out = []
-    for line in source.split("\n"):
-        if line.strip() == f"# @@{marker}@@":
-            indent = line[: len(line) - len(line.lstrip())]
-            out.extend(indent + text for text in lines)
-        else:
-            out.append(line)
-    return "\n".join(out)
+# ---------------------------------------------------------------------------------------------
+# Source
+# ---------------------------------------------------------------------------------------------
+
+def _function(name: str, params: Sequence[str], body: Sequence[str], returns: str) -> str:
+    lines = ["@triton.jit", f"def {name}({', '.join(params)}):"]
+    lines += [f"    {line}" for line in body]
+    lines.append(f"    return {returns}")
+    return "\n".join(lines) + "\n"
+
+
+def mask_source(mask: TracedMod) -> str:
+    """``mask_mod(batch, head, q_idx, kv_idx, *captured) -> keep``; raises ``CodegenError``."""
+    emitter = Emitter("v", CAPTURED_PREFIX)
+    result = emitter.value(mask.graph)
+    return _function("mask_mod", list(INDEX_PARAMS) + captured_params(mask.captured), emitter.lines, result.text)
+
+
+def _score_value(emitter: Emitter, score: TracedMod) -> str:
+    value = emitter.value(score.graph)
+    if value.is_const:
+        return f"tl.full(score.shape, {emitter.as_float(value)}, tl.float32)"
+    # A score_mod that ignores ``score`` may give a scalar or a row: widen it to the score tile.
+    return f"tl.broadcast_to({emitter.as_float(value)}, score.shape)"
+
+
+def score_source(score: TracedMod, fast_tanh: bool = False) -> str:
+    """``score_mod(score, batch, head, q_idx, kv_idx, *captured) -> score`` (natural units)."""
+    emitter = Emitter("v", CAPTURED_PREFIX, fast_tanh=fast_tanh)
+    returns = _score_value(emitter, score)
+    params = ["score"] + list(INDEX_PARAMS) + captured_params(score.captured)
+    return _function("score_mod", params, emitter.lines, returns)
+
+
+def score_grad_source(score: TracedMod, fast_tanh: bool = False) -> Optional[str]:
+    """``score_mod_and_grad(...) -> (score, d score / d input score)``; None for a constant derivative."""
+    grad_graph = derivative.score_derivative(score.graph)
+    if derivative.is_constant(grad_graph):
+        return None
+    # One emitter: value and derivative share subexpressions. The value's statements come first and
+    # are those of ``score_source``: forward and backward compute the same scores.
+    emitter = Emitter("v", CAPTURED_PREFIX, fast_tanh=fast_tanh)
+    value = _score_value(emitter, score)
+    grad = emitter.value(grad_graph)
+    params = ["score"] + list(INDEX_PARAMS) + captured_params(score.captured)
+    return _function("score_mod_and_grad", params, emitter.lines, f"{value}, {emitter.as_float(grad)}")
 
 
 @dataclass(frozen=True)
-class GeneratedSource:
-    kernel_name: str
-    source: str
-    captured: Tuple[CapturedParam, ...]
+class ModFunctions:
+    """The ``@triton.jit`` functions of one (mask_mod, score_mod) pair; see the module docstring."""
+
+    key: str
+    mask_mode: str
+    mask_fn: object
+    score_fn: Optional[object]
+    score_grad_fn: Optional[object]
+    score_grad_constant: float
+    path: Optional[Path]
+
+    @property
+    def name(self) -> str:
+        """A short label for kernel names and reports."""
+        return f"{self.mask_mode}_{self.key[:8]}"
 
 
-def generate_source(spec: KernelSpec) -> GeneratedSource:
-    """The module source of the kernel for ``spec``; raises ``CodegenError``."""
-    mask_source, mask_params = mask_lines(spec)
-    score_source, score_params = score_lines(spec)
-    captured = tuple(mask_params + score_params)
-    kernel_name = f"attention_forward_{spec.key}"
-    arg_lines = [", ".join(param.arg_names()) + "," for param in captured]
-    body = forward.KERNEL_TEMPLATE.replace("@@KERNEL_NAME@@", kernel_name)
-    body = replace_marker(body, "CAPTURED_ARGS", arg_lines)
-    body = replace_marker(body, "MASK_PREDICATE", mask_source)
-    body = replace_marker(body, "SCORE", score_source)
-    body = replace_marker(body, "SCORE_UNITS", score_unit_lines(spec.score))
-    mask_name = spec.mask.name if spec.mask is not None else spec.mask_mode
-    score_name = spec.score.name if spec.score is not None else "none"
-    header = (f'"""Generated by triton_attn.kernels.codegen; do not edit.\n\n'
-              f"mask_mod: {mask_name!r} ({spec.mask_mode}); score_mod: {score_name!r}; key {spec.key}\n"
-              f'"""\n\nimport triton\nimport triton.language as tl\n\n')
-    return GeneratedSource(kernel_name, header + body.lstrip("\n"), captured)
+def functions_key(mask_mode: str, mask: Optional[TracedMod], score: Optional[TracedMod], derivative_too: bool,
+                  fast_tanh: bool = False) -> str:
+    parts = [f"fn{CODEGEN_VERSION}", mask_mode, mask.key if mask is not None and mask_mode == MASK_TRACED else "-",
+             score.key if score is not None else "-", "d" if derivative_too else ""]
+    if fast_tanh:
+        parts.append("fast_tanh")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
+def module_source(mask_mode: str, mask: Optional[TracedMod], score: Optional[TracedMod], derivative_too: bool,
+                  fast_tanh: bool = False) -> Tuple[str, float]:
+    """(module source, constant score derivative) for these mods; raises ``CodegenError`` /
+    ``derivative.NotDifferentiableError``. The source holds only the generated functions."""
+    key = functions_key(mask_mode, mask, score, derivative_too, fast_tanh)
+    mask_name = mask.name if mask is not None else mask_mode
+    score_name = score.name if score is not None else "none"
+    parts = [f'"""Generated by triton_attn.kernels.jit.functions; do not edit.\n\n'
+             f"mask_mod: {mask_name!r} ({mask_mode}); score_mod: {score_name!r}; key {key}\n"
+             f'"""\n\nimport triton\nimport triton.language as tl\n']
+    if mask_mode == MASK_TRACED:
+        parts.append(mask_source(mask))
+    grad_constant = 1.0
+    if score is not None:
+        parts.append(score_source(score, fast_tanh))
+        if derivative_too:
+            grad = score_grad_source(score, fast_tanh)
+            if grad is None:
+                grad_constant = float(derivative.score_derivative(score.graph).args[0])
+            else:
+                parts.append(grad)
+    return "\n\n".join(parts), grad_constant
 
 
-
-_KERNELS = KernelMemo()
-
-
-def kernel_for(spec: KernelSpec) -> GeneratedKernel:
-    """The generated kernel for ``spec``, from memory, the cache directory, or freshly written."""
-    def make() -> GeneratedKernel:
-        generated = generate_source(spec)
-        module, path = load_module(generated.kernel_name, generated.source)
-        return GeneratedKernel(spec, generated.kernel_name, path, getattr(module, generated.kernel_name),
-                               generated.captured)
-
-    return _KERNELS.get(spec.key, make)
+_FUNCTIONS = KernelMemo()
 
 
-def generated_kernel_count() -> int:
-    """How many distinct kernels this process has generated and loaded (for recompilation tests)."""
-    return _KERNELS.generated
+def mod_functions(mask: Optional[TracedMod], score: Optional[TracedMod], *, mask_mode: Optional[str] = None,
+                  derivative: bool = False, fast_tanh: bool = False) -> ModFunctions:
+    """The generated functions for (``mask``, ``score``), from memory, the cache directory, or fresh.
+
+    ``mask_mode`` defaults to ``MASK_TRACED`` when ``mask`` is given, else ``MASK_NONE``.
+    ``derivative=True`` also builds ``score_grad_fn`` (the backward kernels need it).
+    ``fast_tanh=True``: score functions use the hardware ``tanh.approx.f32`` (CUDA, 16-bit inputs).
+    """
+    from . import predicates
+
+    mode = mask_mode or (MASK_TRACED if mask is not None else MASK_NONE)
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mode!r}")
+    if mode == MASK_TRACED and mask is None:
+        raise ValueError("mask_mode 'traced' needs the traced mask_mod")
+    key = functions_key(mode, mask, score, derivative, fast_tanh)
+
+    def make() -> ModFunctions:
+        fixed_mask = {MASK_NONE: predicates.keep_all, MASK_BITMASK: predicates.bitmask_keep}.get(mode)
+        if fixed_mask is not None and score is None:
+            return ModFunctions(key, mode, fixed_mask, None, None, 1.0, None)
+        source, grad_constant = module_source(mode, mask, score, derivative, fast_tanh)
+        module, path = load_module(f"mods_{key}", source)
+        return ModFunctions(key, mode, fixed_mask or module.mask_mod, getattr(module, "score_mod", None),
+                            getattr(module, "score_mod_and_grad", None), grad_constant, path)
+
+    return _FUNCTIONS.get(key, make)
+
+
+def generated_count() -> int:
+    """How many distinct function modules this process has built (for recompilation tests)."""
+    return _FUNCTIONS.generated
+
+
+__all__ = ["CodegenError", "ModFunctions", "mod_functions", "captured_tuple", "captured_signature", "check_graph",
+           "MASK_NONE", "MASK_TRACED", "MASK_BITMASK"]

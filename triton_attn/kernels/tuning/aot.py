@@ -24,7 +24,8 @@ import torch
 from ..attention import forward
 from ..jit.functions import MASK_BITMASK, GeneratedKernel
 from ..attention.configs import KernelConfig
-from ..attention.forward_launch import ENABLE_FP_FUSION, kernel_constexprs
+from ..attention.forward_launch import kernel_constexprs
+from ..jit.modules import ENABLE_FP_FUSION
 
 ARCHS = (80, 90)
 # Largest shared memory one program may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
