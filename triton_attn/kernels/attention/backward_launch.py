@@ -86,23 +86,56 @@ BACKWARD_CONFIGS: List[BackwardConfig] = [
     BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 16, 8, 1), max_head_dim=256),
 ]
 MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256: BACKWARD_CONFIGS[2]}
+# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/test_efficiency_aot.py): the dQ
+# program takes 128 query rows x 64 keys on two warpgroups (wgmma m64n64 / m64n128, 229 registers
+# at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV / dK
+# products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,
+# 64 x 64) spill on sm_90 with Triton 3.9; on sm_80 these tiles spill heavily, hence a table per
+# architecture.
+HOPPER_BACKWARD_CONFIGS = {
+    64: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
+    128: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128),
+    256: BACKWARD_CONFIGS[2],
+}
 FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[4], 128: BACKWARD_CONFIGS[5], 256: BACKWARD_CONFIGS[6]}
 # Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
 SPILLING_CONFIGS = (BACKWARD_CONFIGS[6],)
 
 
+def device_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as ``major * 10 + minor`` (0 for CPU tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                            q_len: int, kv_len: int) -> BackwardConfig:
-    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``."""
+                            q_len: int, kv_len: int, capability: int = 0) -> BackwardConfig:
+    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``.
+
+    capability: the GPU's compute capability (90 for sm_90; 0: unknown or the interpreter)."""
     width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
-    table = FLOAT32_BACKWARD_CONFIGS if dtype == torch.float32 else MAIN_BACKWARD_CONFIGS
+    if dtype == torch.float32:
+        table = FLOAT32_BACKWARD_CONFIGS
+    else:
+        table = HOPPER_BACKWARD_CONFIGS if capability >= 90 else MAIN_BACKWARD_CONFIGS
     base = table[min(size for size in table if size >= width)]
     return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
 
+def backward_pair(config: KernelConfig) -> BackwardConfig:
+    """The backward kernels' tiles for one ``bwd`` tuning candidate: the dK/dV program holds ``BLOCK_N``
+    keys and steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over
+    ``BLOCK_N`` keys (the same pair transposed), both on the candidate's warps and stages."""
+    dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+    return BackwardConfig(config, dq, max_head_dim=256)
+
+
 def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
                           autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
-    """The cached ``bwd`` winner for this call's tuning key (as ``autotune.backward_pair``), else ``default``;
+    """The cached ``bwd`` winner for this call's tuning key (as ``backward_pair``), else ``default``;
     with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
     from ..tuning import search as tuning
 
@@ -112,10 +145,10 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
     if tuned is None and tuning.autotune_requested(autotune):
         space = tuning.search_space("bwd", tuning_key.capability, head_dim=query.shape[-1], value_dim=value.shape[-1],
                                     dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=query.shape[2])
-        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(tuning.backward_pair(candidate)),
+        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(backward_pair(candidate)),
                                         device=query.device).best
     # Nothing tuned: the heuristic pair, which need not be a transposed pair like the tuned ones.
-    return default if tuned is None else tuning.backward_pair(tuned)
+    return default if tuned is None else backward_pair(tuned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +296,8 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True,
                                    fast_tanh=fast_tanh(dtype, interpret))
     if config is None:
-        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len)
+        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len,
+                                         capability=device_capability(device))
         if not interpret:
             config = tuned_backward_config(
                 query, key, value, block_mask, score_mod, config, autotune,
