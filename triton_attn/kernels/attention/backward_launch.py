@@ -133,22 +133,47 @@ def backward_pair(config: KernelConfig) -> BackwardConfig:
     return BackwardConfig(config, dq, max_head_dim=256)
 
 
+def transposed_tiles(config: KernelConfig) -> KernelConfig:
+    """The dQ tiles for a ``bwd`` search-space entry (its BLOCK_M / BLOCK_N swapped, same warps and stages)."""
+    return KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+
+
+def _kernel_launch(prepared, name: str):
+    """The launch of one backward kernel from what ``run`` returned (a dict of launches), or None: the
+    autotuner then times the whole ``run`` call."""
+    return prepared.get(name) if isinstance(prepared, dict) else None
+
+
 def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
-                          autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
-    """The cached ``bwd`` winner for this call's tuning key (as ``backward_pair``), else ``default``;
-    with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
+                          autotune: Optional[bool], run: Callable[[BackwardConfig], object],
+                          structure: str = "") -> BackwardConfig:
+    """The tuned dK/dV and dQ tiles for this call (tuning keys ``bwd_dkdv`` / ``bwd_dq``), each falling back
+    to ``default``'s; with tuning on and nothing cached, searches the two kernels independently.
+
+    ``run(pair)`` prepares the backward with a ``BackwardConfig`` and returns its launches by kernel name
+    (``prepare_backward``): each candidate is timed on its own kernel's launch alone, with the other
+    kernel's tiles held at the default. (A ``run`` that returns nothing is timed as a whole.)"""
     from ..tuning import search as tuning
 
-    tuning_key = tuning.make_key(query, key, value, block_mask, kernel="bwd",
-                                 variant="score" if score_mod is not None else "")
-    tuned = tuning.lookup(tuning_key)
-    if tuned is None and tuning.autotune_requested(autotune):
-        space = tuning.search_space("bwd", tuning_key.capability, head_dim=query.shape[-1], value_dim=value.shape[-1],
-                                    dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=query.shape[2])
-        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(backward_pair(candidate)),
-                                        device=query.device).best
-    # Nothing tuned: the heuristic pair, which need not be a transposed pair like the tuned ones.
-    return default if tuned is None else backward_pair(tuned)
+    variant = "score" if score_mod is not None else ""
+    tuner = tuning.autotuner()
+    keys = {name: tuning.make_key(query, key, value, block_mask, kernel=f"bwd_{name}", variant=variant,
+                                  structure=structure) for name in ("dkdv", "dq")}
+    tuned = {name: tuner.lookup(tuning_key) for name, tuning_key in keys.items()}
+    if any(found is None for found in tuned.values()) and tuning.autotune_requested(autotune):
+        space = tuning.search_space("bwd", keys["dkdv"].capability, head_dim=query.shape[-1],
+                                    value_dim=value.shape[-1], dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
+                                    q_len=query.shape[2])
+        pairs = {"dkdv": lambda tiles: replace(default, dkdv=tiles), "dq": lambda tiles: replace(default, dq=tiles)}
+        spaces = {"dkdv": space, "dq": [transposed_tiles(config) for config in space]}
+        for name in ("dkdv", "dq"):
+            if tuned[name] is None:
+                tuned[name] = tuner.tune(keys[name], spaces[name],
+                                         lambda tiles, name=name: _kernel_launch(run(pairs[name](tiles)), name),
+                                         device=query.device).best
+    if tuned["dkdv"] is None and tuned["dq"] is None:
+        return default
+    return replace(default, dkdv=tuned["dkdv"] or default.dkdv, dq=tuned["dq"] or default.dq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +307,23 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (``forward_launch.new_softmax_stats``),
     which recompute P exactly as the forward normalized it; None: derived from ``lse``.
     """
+    launches, grads = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                       score_mod=score_mod, scale=scale, interpret=interpret, config=config,
+                                       autotune=autotune, softmax_stats=softmax_stats)
+    for name in ("preprocess", "dkdv", "dq"):
+        if name in launches:
+            launches[name]()
+    return grads
+
+
+def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+                     block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
+                     config: Optional[BackwardConfig] = None, autotune: Optional[bool] = None,
+                     softmax_stats: Optional[torch.Tensor] = None):
+    """Everything ``attention_backward`` does on the host, once: ``(launches, (dq, dk, dv))`` with
+    ``launches`` the kernels by name ("preprocess", "dkdv", "dq"; none when there is no gradient to
+    propagate), to be run in that order (what the autotuner times, one kernel at a time)."""
     check_backward_supported(score_mod)
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
@@ -299,11 +341,16 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len,
                                          capability=device_capability(device))
         if not interpret:
-            config = tuned_backward_config(
-                query, key, value, block_mask, score_mod, config, autotune,
-                run=lambda candidate: attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
-                                                         score_mod=score_mod, scale=scale, interpret=False,
-                                                         config=candidate, softmax_stats=softmax_stats))
+            def run(candidate: BackwardConfig):
+                launches, _ = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                               score_mod=score_mod, scale=scale, interpret=False, config=candidate,
+                                               softmax_stats=softmax_stats)
+                if "preprocess" in launches:
+                    launches["preprocess"]()  # delta, which both timed kernels read
+                return launches
+
+            config = tuned_backward_config(query, key, value, block_mask, score_mod, config, autotune, run=run,
+                                           structure=mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len, kv_len)
 
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -312,19 +359,24 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if grad_out is None:
         dq.zero_(), dk.zero_(), dv.zero_()
         if grad_lse is None:
-            return dq, dk, dv
+            return {}, (dq, dk, dv)
         grad_out = torch.zeros_like(out)
     stats = stats_from_lse(lse) if softmax_stats is None else softmax_stats.contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()  # often an expanded (stride 0) tensor; the kernel reads rows at stride 1
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
 
+    def launcher(kernel, grid, named: Dict[str, object], tiles: Optional[KernelConfig]) -> Callable[[], None]:
+        options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if tiles is not None else dict(
+            num_warps=4)
+        return lambda: launch(kernel, grid, named, interpret=interpret, device=device, **options)
+
     # 1. delta = rowsum(dO * O) - dLse
     pre_block = 64
-    launch(attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
-           {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
-            "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None},
-           interpret=interpret, device=device, num_warps=4)
+    launches = {"preprocess": launcher(
+        attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
+        {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
+         "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None}, None)}
 
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
                   q_len=q_len, kv_len=kv_len, interpret=interpret,
@@ -339,9 +391,9 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                               block_mask.full_q_indices, device, DKDV_LAYOUT, "n")
     arguments = dkdv_arguments(query, key, value, grad_out, stats, delta, dk, dv, layout, **captured)
     grid = launch_grid(kv_len, block_mask.num_blocks[1], kv_bs, tiles.BLOCK_N, batch * kv_heads)
-    launch(attention_backward_dkdv_kernel, grid,
-           {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
-           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launches["dkdv"] = launcher(attention_backward_dkdv_kernel, grid,
+                                {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
+                                tiles)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
     tiles = config.dq
@@ -349,7 +401,6 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                               block_mask.full_kv_indices, device, DQ_LAYOUT, "m")
     arguments = dq_arguments(query, key, value, grad_out, stats, delta, dq, layout, **captured)
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, tiles.BLOCK_M, batch * q_heads)
-    launch(attention_backward_dq_kernel, grid,
-           {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)},
-           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return dq, dk, dv
+    launches["dq"] = launcher(attention_backward_dq_kernel, grid,
+                              {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)}, tiles)
+    return launches, (dq, dk, dv)

@@ -202,19 +202,33 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
 
 
 def _tuned_config(query, key, value, block_mask: BlockMask, score_mod, scale: float, default: KernelConfig,
-                  autotune: Optional[bool]) -> KernelConfig:
-    """The cached winner for this call's tuning key, or ``default``; searches only when asked."""
+                  autotune: Optional[bool], structure: str, stats: Optional[torch.Tensor]) -> KernelConfig:
+    """The cached winner for this call's tuning key, or ``default``; searches only when asked.
+
+    A search prunes by compiling each candidate once for this GPU (``attention.aot.aot_compile_fn``:
+    configs that spill or do not fit in shared memory are skipped) and times the kernel launch alone
+    (``prepare_forward``): no tracing, layout or allocation inside the timed region."""
     from ..tuning import search as tuning
 
-    tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "")
+    tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "",
+                                 structure=structure)
     head_dim, head_dim_v = query.shape[-1], value.shape[-1]
+
+    def compile_fn(candidate: KernelConfig):
+        from .aot import aot_compile_fn
+
+        return aot_compile_fn(tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v, dtype=query.dtype,
+                              block_size=block_mask.BLOCK_SIZE, kernel="fwd", mask_mod=block_mask.mask_mod,
+                              score_mod=score_mod, kv_len=key.shape[2])(candidate)
+
     return tuning.select_config(
         tuning_key, default, autotune=autotune, device=query.device,
         candidates=lambda: tuning.search_space("fwd", tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v,
                                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
                                                q_len=query.shape[2]),
-        run=lambda candidate: attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                                interpret=False, config=candidate))
+        compile_fn=compile_fn,
+        run=lambda candidate: prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                              interpret=False, config=candidate, stats=stats)[0])
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
@@ -232,6 +246,18 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``stats``: an empty float32 [B, Hq, Lq, 2] the kernel fills with the softmax statistics the
     backward recomputes P from (``new_softmax_stats``); None: not written.
     """
+    run, out, lse = prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, config=config, autotune=autotune, stats=stats)
+    run()
+    return out, lse
+
+
+def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                    score_mod: Optional[Callable], scale: float, interpret: bool,
+                    config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
+                    stats: Optional[torch.Tensor] = None) -> Tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+    """Everything ``attention_forward`` does on the host, once: ``(launch, out, lse)``, where ``launch()``
+    runs the kernel alone into ``out`` / ``lse`` (what the autotuner times)."""
     from .forward import attention_forward_kernel
 
     batch, q_heads, q_len, head_dim = query.shape
@@ -246,7 +272,8 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
         if not interpret:
-            config = _tuned_config(query, key, value, block_mask, score_mod, scale, config, autotune)
+            config = _tuned_config(query, key, value, block_mask, score_mod, scale, config, autotune,
+                                   structure=mods.key[:8], stats=stats)
     config = config.fitted(q_bs, kv_bs, q_len)
 
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=query.dtype, device=device)
@@ -262,7 +289,10 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                                    reverse_tiles=heavy_tiles_last(block_mask))
     constexprs["STORE_STATS"] = stats is not None
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, config.BLOCK_M, batch * q_heads)
-    launch(attention_forward_kernel, grid, {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn,
-                                            **constexprs},
-           interpret=interpret, device=device, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out, lse
+    named = {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn, **constexprs}
+
+    def run() -> None:
+        launch(attention_forward_kernel, grid, named, interpret=interpret, device=device,
+               num_warps=config.num_warps, num_stages=config.num_stages)
+
+    return run, out, lse
