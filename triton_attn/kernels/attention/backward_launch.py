@@ -74,32 +74,32 @@ class BackwardConfig:
 # hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
 # Registers and spills of every entry are checked ahead of time by tests/test_backward_aot.py.
 BACKWARD_CONFIGS: List[BackwardConfig] = [
-    # 16-bit inputs
-    BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
+    # 16-bit inputs. dK/dV steps are narrow: its scores are computed as the forward computes them
+    # (Q K^T, then transposed), which costs registers (see backward.py).
+    BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
     BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
-    BackwardConfig(KernelConfig(32, 32, 8, 1), KernelConfig(32, 16, 4, 1), max_head_dim=256),    # main, D <= 256
-    BackwardConfig(KernelConfig(32, 128, 8, 2), KernelConfig(128, 64, 8, 2), max_head_dim=64),   # larger tiles
+    BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
     # float32 inputs
     BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), max_head_dim=64),     # main fp32, D <= 64
-    BackwardConfig(KernelConfig(32, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
+    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
     # fp32 at D = 256 still spills a few hundred bytes per thread (known; correct, slower).
     BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 16, 8, 1), max_head_dim=256),
 ]
 MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256: BACKWARD_CONFIGS[2]}
+FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
+# Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
+SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
 # Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/test_efficiency_aot.py): the dQ
 # program takes 128 query rows x 64 keys on two warpgroups (wgmma m64n64 / m64n128, 229 registers
-# at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV / dK
+# at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV and dK
 # products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,
 # 64 x 64) spill on sm_90 with Triton 3.9; on sm_80 these tiles spill heavily, hence a table per
-# architecture.
+# architecture (not in BACKWARD_CONFIGS, whose entries must build for sm_80 and sm_90 alike).
 HOPPER_BACKWARD_CONFIGS = {
     64: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
     128: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128),
     256: BACKWARD_CONFIGS[2],
 }
-FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[4], 128: BACKWARD_CONFIGS[5], 256: BACKWARD_CONFIGS[6]}
-# Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
-SPILLING_CONFIGS = (BACKWARD_CONFIGS[6],)
 
 
 def device_capability(device: torch.device) -> int:
