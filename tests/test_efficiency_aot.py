@@ -10,7 +10,8 @@ its TTGIR / PTX / ptxas report with ``kernels/tuning/compiled.py``:
 - the default configs do not spill;
 - row offsets are 64-bit exactly when the launch needs them, and captured-tensor index products
   always are;
-- a softcap score_mod uses the hardware ``tanh.approx.f32`` for 16-bit inputs.
+- a softcap score_mod uses the hardware ``tanh.approx.f32`` for 16-bit inputs;
+- the softmax scales each score once, in one FMA (the row max is taken on raw scores).
 """
 
 from __future__ import annotations
@@ -153,3 +154,18 @@ def test_softcap_uses_the_hardware_tanh_for_16_bit_inputs():
     # The exact form costs a division per score; the hardware tanh adds none.
     assert ptx_instruction_count(capped.ptx, "div.full.f32") == ptx_instruction_count(plain.ptx, "div.full.f32")
     assert not capped.spills, str(capped)
+
+
+def test_one_fma_per_score_and_no_separate_scaling_multiply():
+    """The row max is taken on the raw scores, so the scale enters once, inside the exp2's FMA: per
+    thread and step, BLOCK_M * BLOCK_N / threads FMAs and as many ex2; the remaining multiplies are the
+    accumulator's rescale (BLOCK_M * D / threads per step) plus a few per row. (Before: one extra
+    multiply per score, qk * scale kept for the max next to the fused copy.)"""
+    config, result = _forward(kv_len=4096)
+    threads = 32 * config.num_warps
+    scores_per_step = config.BLOCK_M * config.BLOCK_N // threads
+    rescale_per_step = config.BLOCK_M * 128 // threads
+    loops = len(pipelined_loops(result.ttgir))
+    assert ptx_instruction_count(result.ptx, "fma.rn.f32") >= loops * scores_per_step
+    assert ptx_instruction_count(result.ptx, "ex2.approx.ftz.f32") <= loops * (scores_per_step + 4)
+    assert ptx_instruction_count(result.ptx, "mul.f32") <= loops * (rescale_per_step + 16), result.ptx.count("mul.f32")
