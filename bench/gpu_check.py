@@ -11,7 +11,9 @@ On a CUDA machine (bf16, head_dim 64 and 128):
 Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minutes on one H100.
 ``--dry-run`` runs the same code on CPU through the Triton interpreter at tiny sizes (for tests).
 
-Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``) and
+Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``),
+``efficiency`` (``gpu_check_efficiency.py``: dense, causal, sliding window, document, softcap, GQA 4:1,
+the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention) and
 ``cuda_graph`` (capture + replay of ``attention()`` forward and backward under
 ``torch.cuda.set_sync_debug_mode("error")``, replay compared bit for bit with an eager call).
 
@@ -226,7 +228,18 @@ def run_cuda_graph(args, device, dtype, writer_row) -> bool:
     return all_ok
 
 
-SECTIONS = {"forward": run_forward, "backward": run_backward, "cuda_graph": run_cuda_graph}
+def run_efficiency(args, device, dtype, writer_row) -> bool:
+    """Issue 12's table: fwd + bwd TFLOP/s of triton_attn, SDPA and compiled FlexAttention per case
+    (``gpu_check_efficiency.py``)."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_efficiency import run_efficiency as efficiency_section
+
+    return efficiency_section(args, device, dtype, writer_row)
+
+
+SECTIONS = {"forward": run_forward, "backward": run_backward, "efficiency": run_efficiency,
+            "cuda_graph": run_cuda_graph}
 
 
 def parse_args(argv=None):
@@ -244,6 +257,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=None, help="default 16")
     parser.add_argument("--perf-masks", nargs="+", default=["causal", "sliding_window", "document_causal"])
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
+    parser.add_argument("--efficiency-budget", type=float, default=240.0,
+                        help="seconds for the efficiency section; rows past it are written as skipped")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     tiny = args.dry_run
