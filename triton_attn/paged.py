@@ -96,12 +96,41 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch
     """The first ``length`` logical positions of one sequence as a contiguous ``[1, Hkv, length, D]``.
 
     cache: ``[num_pages, Hkv, page_size, D]``; pages: its physical page ids in logical order ``[n]``.
+    One ``index_select`` of (page, head) rows straight into the ``[Hkv, pages, page_size, D]`` order:
+    no transposed copy afterwards.
     """
-    page_size = cache.shape[2]
+    num_pages, kv_heads, page_size, dim = cache.shape
     used = -(-length // page_size)
-    slab = cache.index_select(0, pages[:used])                     # [used, Hkv, page_size, D]
-    slab = slab.transpose(0, 1).reshape(cache.shape[1], used * page_size, cache.shape[3])
-    return slab[:, :length].unsqueeze(0)
+    heads = torch.arange(kv_heads, dtype=torch.long, device=cache.device).view(-1, 1)
+    rows = pages[:used].long().view(1, -1) * kv_heads + heads                          # [Hkv, used]
+    slab = cache.reshape(num_pages * kv_heads, page_size * dim).index_select(0, rows.view(-1))
+    slab = slab.view(1, kv_heads, used * page_size, dim)
+    return slab if used * page_size == length else slab[:, :, :length]
+
+
+def causal_tail_block_mask(q_len: int, kv_len: int, device, block_size: int = PAGED_KV_BLOCK_SIZE) -> BlockMask:
+    """The BlockMask of the default paged mask for one sequence, in closed form (no mask compile).
+
+    Query rows are the last ``q_len`` of ``kv_len`` tokens, causal, in one query block
+    (``q_len <= block_size``): key block j is full when the first query row sees all of it, partial
+    when only later rows see part of it, empty past the end.
+    """
+    starts = torch.arange(0, kv_len, block_size, device=device)
+    ends = torch.clamp(starts + block_size, max=kv_len) - 1                  # last position of each block
+    first_row = kv_len - q_len
+    full = (ends <= first_row).view(1, 1, 1, -1)
+    partial = ~full
+    return BlockMask.from_block_maps(partial, full, BLOCK_SIZE=(block_size, block_size), seq_lengths=(q_len, kv_len),
+                                     mask_mod=causal_tail_mask(kv_len - q_len))
+
+
+def causal_tail_mask(offset: int) -> Callable:
+    """Causal with the query rows ``offset`` positions later: ``q_idx + offset >= kv_idx``."""
+    def causal_after(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    causal_after.__name__ = f"causal_after_{offset}"
+    return causal_after
 
 
 def _shift_batch(mod: Optional[Callable], batch: int, kind: str) -> Optional[Callable]:
@@ -139,15 +168,18 @@ def paged_attention_torch(query: torch.Tensor, key_cache: torch.Tensor, value_ca
     for batch, length in enumerate(lengths):
         key = gather_pages(key_cache, page_table[batch], length)
         value = gather_pages(value_cache, page_table[batch], length)
-        user_mask = _shift_batch(causal_mask if mask_mod is None else mask_mod, batch, "mask")
-        first = length - q_len
+        first = length - q_len  # logical position of query row 0
+        if mask_mod is None and q_len <= PAGED_KV_BLOCK_SIZE:
+            block_mask = causal_tail_block_mask(q_len, length, query.device)
+        else:
+            user_mask = _shift_batch(causal_mask if mask_mod is None else mask_mod, batch, "mask")
 
-        def sequence_mask(b, h, q_idx, kv_idx, user_mask=user_mask, first=first):
-            return user_mask(b, h, q_idx + first, kv_idx)
+            def sequence_mask(b, h, q_idx, kv_idx, user_mask=user_mask, first=first):
+                return user_mask(b, h, q_idx + first, kv_idx)
 
-        sequence_mask.__name__ = f"paged_{getattr(user_mask, '__name__', 'mask')}"
-        block_mask = create_block_mask(sequence_mask, None, q_heads if head_dependent else None, q_len, length,
-                                       device=query.device, BLOCK_SIZE=128)
+            sequence_mask.__name__ = f"paged_{getattr(user_mask, '__name__', 'mask')}"
+            block_mask = create_block_mask(sequence_mask, None, q_heads if head_dependent else None, q_len, length,
+                                           device=query.device, BLOCK_SIZE=PAGED_KV_BLOCK_SIZE)
         user_score = _shift_batch(score_mod, batch, "score")
         sequence_score = None
         if user_score is not None:
