@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_attn.kernels import aot, codegen  # noqa: E402
-from triton_attn.kernels.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
+from triton_attn.kernels.jit import functions as codegen  # noqa: E402
+from triton_attn.kernels.tuning import aot  # noqa: E402
+from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402

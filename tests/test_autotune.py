@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from triton_attn.kernels import autotune
-from triton_attn.kernels.autotune import Autotuner, KernelConfig, TuningKey
-from triton_attn.kernels.tuning_cache import TuningCache, TuningCacheWarning
+from triton_attn.kernels.tuning import search as autotune
+from triton_attn.kernels.tuning.search import Autotuner, KernelConfig, TuningKey
+from triton_attn.kernels.tuning.cache import TuningCache, TuningCacheWarning
 from triton_attn.masks import causal_mask, create_block_mask, sliding_window_mask
 
 
@@ -172,7 +172,7 @@ def test_corrupt_cache_means_default_with_warning_not_crash(cache):
 def test_tuning_with_the_interpreter_end_to_end(cache):
     """The real launcher as ``run``: every candidate launches under the Triton interpreter on CPU."""
     pytest.importorskip("triton")
-    launch = importlib.import_module("triton_attn.kernels.launch")
+    launch = importlib.import_module("triton_attn.kernels.attention.forward_launch")
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     block_mask = create_block_mask(causal_mask, None, None, 64, 64, BLOCK_SIZE=32)
     key = autotune.make_key(q, k, v, block_mask)
@@ -197,7 +197,7 @@ def test_tuning_with_the_interpreter_end_to_end(cache):
 def _aot_or_skip():
     pytest.importorskip("triton")
     try:
-        importlib.import_module("triton_attn.kernels.aot")
+        importlib.import_module("triton_attn.kernels.tuning.aot")
     except ImportError as error:
         pytest.skip(f"triton_attn/kernels/aot.py is not importable yet ({error}): AOT pruning untested")
 
@@ -237,7 +237,7 @@ def test_aot_pruning_of_the_backward_kernels():
 
 
 def test_backward_launch_uses_the_tuned_bwd_winner_and_searches_only_when_asked(cache):
-    from triton_attn.kernels.backward_launch import default_backward_config, tuned_backward_config
+    from triton_attn.kernels.attention.backward_launch import default_backward_config, tuned_backward_config
 
     q = torch.randn(1, 4, 256, 64, dtype=torch.float16)
     k, v = torch.randn(1, 2, 256, 64, dtype=torch.float16), torch.randn(1, 2, 256, 64, dtype=torch.float16)

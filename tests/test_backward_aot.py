@@ -15,9 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_attn.kernels import aot, backward_aot, codegen  # noqa: E402
-from triton_attn.kernels.backward_codegen import backward_kernels_for  # noqa: E402
-from triton_attn.kernels.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
+from triton_attn.kernels.attention import aot as backward_aot  # noqa: E402
+from triton_attn.kernels.jit import functions as codegen  # noqa: E402
+from triton_attn.kernels.tuning import aot  # noqa: E402
+from triton_attn.kernels.attention.backward_codegen import backward_kernels_for  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
                                                  MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS)
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)

@@ -22,11 +22,13 @@ pytest.importorskip("triton")
 import triton_attn as ta  # noqa: E402
 from mask_cases import composed_masks, document_ids, library_mask_cases
 from numerics import assert_matches_golden, random_qkv  # noqa: E402
-from triton_attn.kernels import derivative  # noqa: E402
-from triton_attn.kernels.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
-                                                 check_backward_supported, transposed_fallback_block_ids)
-from triton_attn.kernels.fallback import UntraceableMaskWarning, partial_block_bits  # noqa: E402
-from triton_attn.kernels.launch import attention_forward  # noqa: E402
+from triton_attn.kernels.jit import derivative  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
+                                                           check_backward_supported)
+from triton_attn.kernels.attention.fallback import (UntraceableMaskWarning, partial_block_bits,  # noqa: E402
+                                                    partial_block_ids)
+from triton_attn.kernels.jit import functions  # noqa: E402
+from triton_attn.kernels.attention.forward_launch import attention_forward  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
@@ -172,13 +174,12 @@ def test_symbolic_derivative_matches_autograd(kind):
 
 
 def test_constant_derivative_emits_no_derivative_code():
-    from triton_attn.kernels.backward_codegen import score_lines
-
     for score_mod in (alibi_score(4), _score_mods(8)["relative_bias"]):
-        lines, grad_lines, _ = score_lines(trace_score_mod(score_mod))
-        assert grad_lines == ["ds = dz"] and not any(line.startswith("dscore") for line in lines)
-    lines, grad_lines, _ = score_lines(trace_score_mod(softcap_score(3.0)))
-    assert any(line.startswith("dscore") for line in lines) and "dscore" in grad_lines[0]
+        mods = functions.mod_functions(None, trace_score_mod(score_mod), derivative=True)
+        assert mods.score_grad_fn is None and mods.score_grad_constant == 1.0
+        assert "score_mod_and_grad" not in mods.path.read_text()
+    mods = functions.mod_functions(None, trace_score_mod(softcap_score(3.0)), derivative=True)
+    assert mods.score_grad_fn is not None and "def score_mod_and_grad(" in mods.path.read_text()
 
 
 # -- semantics: masked rows, lse gradient, determinism ----------------------------------------
@@ -262,19 +263,25 @@ def test_untraceable_mask_uses_transposed_bitmasks():
         check(q, k, v, mask_mod=python_branching, block_size=(24, 16))
 
 
-def test_transposed_fallback_block_ids_point_at_the_same_blocks():
+def test_fallback_block_ids_point_at_each_partial_block():
+    """The dense block-id table the bitmask predicate reads (forward, dQ and the transposed dK/dV walk)."""
     def irregular(b, h, q_idx, kv_idx):
         return ((q_idx * 3 + kv_idx * 5) % 7 != 0) & (kv_idx <= q_idx + 20 * h)
 
     block_mask = ta.create_block_mask(irregular, None, 2, 70, 90, BLOCK_SIZE=16)
-    _, offsets = partial_block_bits(block_mask)
-    ids = transposed_fallback_block_ids(block_mask, offsets)
+    bits, offsets = partial_block_bits(block_mask)
+    ids = partial_block_ids(block_mask, offsets)
+    dense = ta.create_mask(irregular, 1, 2, 70, 90)
+    expected_ids = torch.full(ids.shape, -1, dtype=torch.int32)
     for h in range(2):
-        for column in range(block_mask.num_blocks[1]):
-            for slot in range(int(block_mask.q_num_blocks[0, h, column])):
-                row = int(block_mask.q_indices[0, h, column, slot])
-                forward_slot = block_mask.kv_indices[0, h, row, : int(block_mask.kv_num_blocks[0, h, row])].tolist()
-                assert int(ids[0, h, column, slot]) == int(offsets[0, h, row]) + forward_slot.index(column)
+        for row in range(block_mask.num_blocks[0]):
+            for slot in range(int(block_mask.kv_num_blocks[0, h, row])):
+                column = int(block_mask.kv_indices[0, h, row, slot])
+                expected_ids[0, h, row, column] = int(offsets[0, h, row]) + slot
+                block = dense[0, h, row * 16:(row + 1) * 16, column * 16:(column + 1) * 16]
+                slab = bits[expected_ids[0, h, row, column], :block.shape[0], :block.shape[1]]
+                assert torch.equal(slab.bool(), block)
+    assert torch.equal(ids, expected_ids)
 
 
 def test_learnable_captured_tensor_is_refused_before_any_kernel():
@@ -297,7 +304,7 @@ def test_learnable_captured_tensor_is_refused_before_any_kernel():
 
 def test_learnable_score_tensor_trains_through_recompute_path():
     """A learnable bias table captured by the score_mod gets gradients (recompute path, warned once)."""
-    from triton_attn.kernels.autograd import LearnableScoreTensorWarning
+    from triton_attn.kernels.attention.autograd import LearnableScoreTensorWarning
 
     table = torch.randn(63, requires_grad=True)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from triton_attn import cli
-from triton_attn.kernels.tuning_cache import TuningCache
+from triton_attn.kernels.tuning.cache import TuningCache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Code generation: graph -> Triton source, the module cache, and recompilation behaviour."""
+"""Code generation: graph -> generated ``@triton.jit`` functions, the module cache, recompilation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 import triton_attn as ta
 from numerics import assert_matches_golden, random_qkv
-from triton_attn.kernels import codegen
-from triton_attn.kernels.fallback import UntraceableMaskWarning
+from triton_attn.kernels.jit import functions
+from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
                                padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import Node, TracedMod, trace_mask_mod, trace_score_mod
@@ -26,27 +26,39 @@ def _library():
             and_masks(causal_mask, document_mask(ids)), or_masks(causal_mask, chunked_mask(4)), not_mask(causal_mask)]
 
 
+def _defined_functions(source: str):
+    tree = ast.parse(source)
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
 @pytest.mark.parametrize("index", range(len(_library())))
-def test_library_masks_generate_valid_source(index):
-    mask_mod = _library()[index]
-    traced = trace_mask_mod(mask_mod)
-    generated = codegen.generate_source(codegen.KernelSpec(codegen.MASK_TRACED, traced, None))
-    tree = ast.parse(generated.source)
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
-    assert [f.name for f in functions] == [generated.kernel_name]
-    params = [a.arg for a in functions[0].args.args]
-    for captured in generated.captured:  # every captured tensor is a pointer + sizes + strides argument
-        assert set(captured.arg_names()) <= set(params)
-    assert len(generated.captured) == len(traced.captured)
-    assert "mask_keep = " in generated.source
+def test_library_masks_generate_only_the_predicate(index):
+    """The generated module of a mask_mod holds one ``@triton.jit`` function, the predicate, and no kernel."""
+    traced = trace_mask_mod(_library()[index])
+    source, _ = functions.module_source(functions.MASK_TRACED, traced, None, False)
+    defined = _defined_functions(source)
+    assert list(defined) == ["mask_mod"]
+    params = [a.arg for a in defined["mask_mod"].args.args]
+    # the index arguments, then pointer + sizes + strides of every captured tensor (the tuple's order)
+    assert params == ["batch", "head", "q_idx", "kv_idx"] + functions.captured_params(traced.captured)
+    assert [d.attr for d in defined["mask_mod"].decorator_list] == ["jit"]
+    assert "tl.program_id" not in source and "tl.store" not in source and "tl.dot" not in source
 
 
 @pytest.mark.parametrize("score_mod", [softcap_score(20.0), alibi_score(8)])
-def test_score_mods_generate_valid_source(score_mod):
-    spec = codegen.KernelSpec(codegen.MASK_NONE, None, trace_score_mod(score_mod))
-    source = codegen.generate_source(spec).source
-    ast.parse(source)
-    assert "score = qk * score_scale" in source and "logits = " in source
+def test_generated_module_holds_only_mask_score_and_derivative_functions(score_mod):
+    traced_score = trace_score_mod(score_mod)
+    source, constant = functions.module_source(functions.MASK_TRACED, trace_mask_mod(causal_mask), traced_score, True)
+    defined = _defined_functions(source)
+    expected = ["mask_mod", "score_mod"] + (["score_mod_and_grad"] if score_mod.__name__.startswith("softcap") else [])
+    assert list(defined) == expected
+    assert constant == 1.0  # alibi's derivative; unused (1.0) when the derivative varies
+    tree = ast.parse(source)
+    assert all(isinstance(node, (ast.FunctionDef, ast.Import, ast.Expr)) for node in tree.body)
+    for name in ("score_mod", "score_mod_and_grad"):
+        if name in defined:
+            assert [a.arg for a in defined[name].args.args][:5] == ["score", "batch", "head", "q_idx", "kv_idx"]
+    assert "tl.program_id" not in source and "tl.store" not in source and "tl.dot" not in source
 
 
 def test_constants_are_folded():
@@ -56,10 +68,9 @@ def test_constants_are_folded():
     q_idx, kv_idx = Node("arg", ("q_idx",), "int"), Node("arg", ("kv_idx",), "int")
     condition = Node("eq", (Node("floordiv", (const(-7, "int"), const(2, "int")), "int"), const(-4, "int")), "bool")
     graph = Node("where", (condition, Node("ge", (q_idx, kv_idx), "bool"), Node("lt", (q_idx, kv_idx), "bool")), "bool")
-    source = codegen.generate_source(
-        codegen.KernelSpec(codegen.MASK_TRACED, TracedMod("mask", graph, [], "folded"), None)).source
-    assert "tl.where" not in source.split("# @@")[0].split("mask_keep")[0].split("if phase == 0:")[-1]
-    assert "mask_v0 = (q_idx >= kv_idx)" in source
+    source = functions.mask_source(TracedMod("mask", graph, [], "folded"))
+    assert "tl.where" not in source
+    assert "v0 = (q_idx >= kv_idx)" in source
 
 
 def check_interpreted(mask_mod=None, score_mod=None, q_len=50, kv_len=60, block_size=16, dtype=torch.float32):
@@ -133,37 +144,37 @@ def _attend(mask_mod, length=48):
 
 
 def test_same_mask_mod_rebuilt_in_a_loop_generates_once():
-    before = codegen.generated_kernel_count()
+    before = functions.generated_count()
     for _ in range(3):
         _attend(sliding_window_mask(4099))  # a fresh closure object every time, same graph
-    assert codegen.generated_kernel_count() - before == 1
+    assert functions.generated_count() - before == 1
     keys = {trace_mask_mod(sliding_window_mask(4099)).key for _ in range(3)}
     assert len(keys) == 1
 
 
 def test_new_captured_values_and_sizes_reuse_the_kernel():
-    before = codegen.generated_kernel_count()
+    before = functions.generated_count()
     kernels = set()
     for length, seed in ((48, 0), (48, 1), (40, 2)):
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, 3, (1, length), generator=generator).cumsum(1) * 7 + 12345  # values unique to this test
         mask_mod = and_masks(document_mask(ids), chunked_mask(9973))
-        kernels.add(codegen.kernel_for(codegen.KernelSpec(codegen.MASK_TRACED, trace_mask_mod(mask_mod), None)).path)
+        kernels.add(functions.mod_functions(trace_mask_mod(mask_mod), None).path)
         out, (q, k, v) = _attend(mask_mod, length)
         dense = ta.create_mask(mask_mod, 1, 1, length, length)
         expected = torch.softmax((q @ k.transpose(-1, -2) / 4.0).masked_fill(~dense, float("-inf")), -1) @ v
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # the new values were used
     assert len(kernels) == 1
-    assert codegen.generated_kernel_count() - before == 1
+    assert functions.generated_count() - before == 1
 
 
 def test_module_written_atomically_into_the_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_ATTN_CACHE_DIR", str(tmp_path))
-    spec = codegen.KernelSpec(codegen.MASK_TRACED, trace_mask_mod(chunked_mask(8191)), None)
-    kernel = codegen.kernel_for(spec)
-    assert kernel.path.parent == tmp_path / "kernels"
-    assert kernel.path.read_text() == codegen.generate_source(spec).source
-    assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]  # no temporary left behind
+    traced = trace_mask_mod(chunked_mask(8191))
+    mods = functions.mod_functions(traced, None)
+    assert mods.path.parent == tmp_path / "kernels"
+    assert mods.path.read_text() == functions.module_source(functions.MASK_TRACED, traced, None, False)[0]
+    assert [p.name for p in mods.path.parent.iterdir()] == [mods.path.name]  # no temporary left behind
     import inspect
 
-    assert inspect.getsource(kernel.function).startswith(f"def {kernel.kernel_name}(")
+    assert inspect.getsource(mods.mask_fn.fn).startswith("@triton.jit\ndef mask_mod(")

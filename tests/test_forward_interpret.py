@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import triton_attn as ta
 from mask_cases import composed_masks, library_mask_cases
 from numerics import assert_matches_golden, random_qkv
-from triton_attn.kernels.fallback import UntraceableMaskWarning
+from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, padding_mask, sliding_window_mask,
                                softcap_score)
 

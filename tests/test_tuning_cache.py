@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from triton_attn.kernels import tuning_cache
-from triton_attn.kernels.tuning_cache import FORMAT, VERSION, TuningCache, TuningCacheWarning
+from triton_attn.kernels.tuning import cache as tuning_cache
+from triton_attn.kernels.tuning.cache import FORMAT, VERSION, TuningCache, TuningCacheWarning
 
 CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 

@@ -12,6 +12,6 @@ def nvidia_toolchain_available(*archs: int) -> bool:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         return False
-    from triton_attn.kernels import aot
+    from triton_attn.kernels.tuning import aot
 
     return all(os.path.exists(aot.ptxas_path(arch)) for arch in archs)

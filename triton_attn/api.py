@@ -158,7 +158,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
-        from .kernels.autograd import triton_attention  # Triton is imported only when used
+        from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)

@@ -177,7 +177,7 @@ def _kernels_status() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401  (Triton must import before the kernels can)
 
-        importlib.import_module("triton_attn.kernels.autograd")
+        importlib.import_module("triton_attn.kernels.attention.autograd")
     except Exception as error:  # ImportError, or Triton failing to initialise
         return False, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     return True, ""

@@ -25,7 +25,7 @@ def _version(module: str) -> str:
 def _info(args) -> int:
     import torch
 
-    from ..kernels.tuning_cache import default_cache
+    from ..kernels.tuning.cache import default_cache
 
     from .. import __version__
 

@@ -150,7 +150,7 @@ def _tune(args) -> int:
 
 
 def _candidates(shape: TuneShape, arch: int, args):
-    from ..kernels import autotune
+    from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                   dtype=_dtype(shape.dtype), block_size=shape.block_size,
@@ -159,7 +159,7 @@ def _candidates(shape: TuneShape, arch: int, args):
 
 
 def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
-    from ..kernels import autotune
+    from ..kernels.tuning import search as autotune
 
     print(f"triton-attn tune --dry-run: search space for sm_{arch}, pruned by ahead-of-time compilation "
           f"(shared memory limit {autotune.shared_memory_limit(arch)} B, no register spills); nothing is timed")
@@ -203,9 +203,9 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     (for testing the machinery: its timings say nothing about a GPU, and its entries are keyed to device cpu)."""
     import torch
 
-    from ..kernels import autotune
-    from ..kernels.configs import default_config
-    from ..kernels.launch import attention_forward
+    from ..kernels.tuning import search as autotune
+    from ..kernels.attention.configs import default_config
+    from ..kernels.attention.forward_launch import attention_forward
     from ..masks import create_block_mask
 
     tuner = autotune.autotuner()

@@ -41,8 +41,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..masks.tracing import TracedMod
-from . import codegen
-from .codegen import CapturedParam, CodegenError, GeneratedKernel, KernelSpec
+from .jit import functions as codegen
+from .jit.functions import CapturedParam, CodegenError, GeneratedKernel, KernelSpec
 
 # Bump when the template or its specialization changes: it is part of the cache key.
 TEMPLATE_VERSION = 1
@@ -165,7 +165,7 @@ def tile_counts_triton(traced: TracedMod, b: torch.Tensor, h: torch.Tensor, rows
         raise ValueError("refine_tiles_triton: sequence lengths must fit in int32")
     kernel = refine_kernel_for(traced)
     tiles = [t.to(device=device, dtype=torch.int64).contiguous() for t in (b, h, rows, cols)]
-    from .launch import _captured_args
+    from .attention.forward_launch import _captured_args
 
     args = [*tiles, counts, Q_LEN, KV_LEN, *_captured_args(kernel.captured, list(traced.captured), device)]
     constexprs = refine_constexprs(block_size, interpret=interpret)
@@ -219,7 +219,7 @@ class RefineAotResult:
 
 def build_refine_signature(kernel: GeneratedKernel, constexprs: Dict[str, object]):
     """(signature, constexprs, attrs) for ``ASTSource``, as the JIT specializes contiguous inputs."""
-    from .aot import _TRITON_DTYPES
+    from .tuning.aot import _TRITON_DTYPES
 
     runtime = dict(RUNTIME_PARAMS)
     pointers = {f"mask_cap{i}": "*" + _TRITON_DTYPES[t.dtype] for i, t in enumerate(kernel.spec.mask.captured)}
@@ -240,7 +240,7 @@ def compile_refine(traced: TracedMod, *, arch: int, block_size: Tuple[int, int] 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .aot import ptxas_report
+    from .tuning.aot import ptxas_report
 
     kernel = refine_kernel_for(traced)
     signature, constexprs, attrs = build_refine_signature(kernel, refine_constexprs(block_size, interpret=False))

@@ -1,10 +1,11 @@
-"""Generated kernel modules: the cache directory, atomic writes, import, and the kernel objects.
+"""Generated modules (cache directory, atomic writes, import, memo) and running kernels.
 
-Triton's JIT reads a kernel's source through ``inspect``, so generated source is written to a
-module file in the cache directory (``$TRITON_ATTN_CACHE_DIR``, default ``~/.cache/triton_attn``),
-atomically (a temp file and ``os.replace``, so concurrent processes never see half a file), and
-imported from there. ``GeneratedKernel`` then builds a compiled (``jit()``) or interpreted
-(``interpreted()``) kernel from the same function, so both backends run in one process.
+Triton's JIT reads a function's source through ``inspect``, so generated source is written to a
+module file in the cache directory, atomically (a temp file and ``os.replace``, so concurrent
+processes never see half a file), and imported from there. ``launch`` runs a ``@triton.jit``
+kernel compiled (CUDA) or under the interpreter (CPU tensors) in the same process:
+``interpreter_scope`` keeps the interpreter's patches of ``triton.language`` from leaking into
+later compiled launches.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ import os
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
-
-if TYPE_CHECKING:
-    from .codegen import CapturedParam, KernelSpec
+from typing import Callable, Dict, Optional, Tuple
 
 # ---------------------------------------------------------------------------------------------
 # Cache directory, module loading, kernel objects
@@ -55,52 +52,6 @@ def import_file(module_name: str, path: Path):
     sys.modules[module_name] = module  # inspect.getsource finds the file through the module
     spec.loader.exec_module(module)
     return module
-
-
-@dataclass
-class GeneratedKernel:
-    """One specialized forward kernel, runnable compiled (CUDA) or under the interpreter.
-
-    ``function`` is the plain Python function from the generated module. ``jit()`` wraps it in a
-    ``triton.runtime.jit.JITFunction`` and ``interpreted()`` in an ``InterpretedFunction``; both
-    are built explicitly rather than through ``@triton.jit``, which picks one of the two from
-    ``TRITON_INTERPRET`` at decoration time. So ``backend="interpret"`` and ``backend="triton"``
-    can run in the same process.
-    """
-
-    spec: KernelSpec
-    kernel_name: str
-    path: Path
-    function: Callable
-    captured: Tuple[CapturedParam, ...]
-    _jit: object = field(default=None, repr=False)
-    _interpreted: object = field(default=None, repr=False)
-
-    @property
-    def arg_names(self) -> List[str]:
-        import inspect
-
-        return list(inspect.signature(self.function).parameters)
-
-    def _do_not_specialize(self) -> List[str]:
-        # Lengths and captured sizes/strides change from call to call; specializing on them
-        # (value 1, divisibility by 16) would only multiply compiled variants.
-        names = ["q_len", "kv_len"]
-        for param in self.captured:
-            names.extend(param.arg_names()[1:])
-        return names
-
-    def jit(self):
-        if self._jit is None:
-            from triton.runtime.jit import JITFunction
-
-            self._jit = JITFunction(self.function, do_not_specialize=self._do_not_specialize())
-        return self._jit
-
-    def interpreted(self) -> "InterpretedKernel":
-        if self._interpreted is None:
-            self._interpreted = InterpretedKernel(self.function)
-        return self._interpreted
 
 
 def load_module(file_stem: str, source: str) -> Tuple[object, Path]:
@@ -193,15 +144,45 @@ _MISSING = object()
 
 
 class InterpretedKernel:
-    """``kernel[grid](*args, **constexprs)`` under the Triton interpreter, on CPU tensors."""
+    """``kernel[grid](*args, **constexprs)`` under the Triton interpreter, on CPU tensors.
+
+    ``function``: a ``@triton.jit`` kernel (its plain Python function is interpreted) or a plain
+    function.
+    """
 
     def __init__(self, function: Callable):
         from triton.runtime.interpreter import InterpretedFunction
 
-        self.function = InterpretedFunction(function)
+        self.function = InterpretedFunction(getattr(function, "fn", function))
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             with interpreter_scope():
                 return self.function[grid](*args, **kwargs)
         return launch
+
+
+_INTERPRETED: Dict[int, Tuple[object, InterpretedKernel]] = {}
+
+
+def interpreted(kernel) -> InterpretedKernel:
+    """The interpreted twin of a ``@triton.jit`` kernel (built once per kernel)."""
+    entry = _INTERPRETED.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        entry = _INTERPRETED[id(kernel)] = (kernel, InterpretedKernel(kernel))
+    return entry[1]
+
+
+def launch(kernel, grid, arguments: Dict[str, object], *, interpret: bool, device, num_warps: Optional[int] = None,
+           num_stages: Optional[int] = None) -> None:
+    """Run a ``@triton.jit`` kernel with named ``arguments`` (runtime and constexpr): compiled on
+    ``device`` (CUDA) with these compile options, or under the interpreter (CPU tensors)."""
+    if interpret:
+        interpreted(kernel)[grid](**arguments)
+        return
+    import torch
+
+    options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
+               if value is not None}
+    with torch.cuda.device(device):
+        kernel[grid](**arguments, **options)

@@ -3,7 +3,12 @@
 ``attention_backward`` is the one entry point (``autograd.TritonAttentionFunction.backward``
 calls it). It runs, in order, the preprocessing kernel (``delta = rowsum(dO * O) - dLse``), the
 dK/dV kernel over the transposed block layout and the dQ kernel over the forward layout
-(``backward.py``), compiled on CUDA or under the Triton interpreter on CPU tensors.
+(``backward.py``), compiled on CUDA or under the Triton interpreter on CPU tensors. The kernels get
+the generated functions of ``jit.functions.mod_functions(..., derivative=True)``.
+
+``dkdv_arguments`` / ``dq_arguments`` / ``preprocess_arguments`` are the kernels' signature
+descriptions on the host side: the launch and the ahead-of-time build both take their named
+arguments from them.
 
 ``check_backward_supported`` raises *before any kernel runs* (the autograd wrapper calls it
 ahead of the forward launch) for what the Triton backward cannot do: gradients with respect to
@@ -13,22 +18,20 @@ tensors captured by a score_mod (a learnable bias table), and score_mods without
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.closure import captured_tensors
-from ..masks.evaluate import mod_name
-from ..masks.tracing import UntraceableModError, trace_score_mod
-from . import backward, codegen, derivative
-from .backward_codegen import BackwardKernels, backward_kernels_for
-from .configs import MIN_TILE, KernelConfig, fit_tile, next_power_of_two, padded_head_dim
-from .launch import LOG2_E, _captured_args, kernel_constexprs, launch_grid, plan_mask, trace_score
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from ...masks.block_mask import BlockMask
+from ...masks.closure import captured_tensors
+from ...masks.evaluate import mod_name
+from ...masks.tracing import UntraceableModError, trace_score_mod
+from ..jit import derivative, functions
+from ..jit.modules import launch
+from .blocks import LOG2_E
+from .configs import MIN_TILE, KernelConfig, cdiv, fit_tile, next_power_of_two, padded_head_dim
+from .forward_launch import (kernel_constexprs, launch_grid, layout_arguments, plan_mask, score_captured, strides,
+                             trace_score)
 
 
 class UnsupportedBackwardError(NotImplementedError):
@@ -101,7 +104,7 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
                           autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
     """The cached ``bwd`` winner for this call's tuning key (as ``autotune.backward_pair``), else ``default``;
     with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
-    from . import autotune as tuning
+    from ..tuning import search as tuning
 
     tuning_key = tuning.make_key(query, key, value, block_mask, kernel="bwd",
                                  variant="score" if score_mod is not None else "")
@@ -155,85 +158,68 @@ def check_backward_supported(score_mod: Optional[Callable]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layouts
+# Arguments and launch
 # ---------------------------------------------------------------------------------------------
 
-def _layout(num_blocks: torch.Tensor, indices: torch.Tensor, full_num_blocks: torch.Tensor,
-            full_indices: torch.Tensor, device: torch.device):
-    """Block lists as int32 contiguous tensors, and strides with 0 on broadcast (size-1) dims."""
-    tensors = [t.to(device=device, dtype=torch.int32).contiguous()
-               for t in (num_blocks, indices, full_num_blocks, full_indices)]
-    counts, index = tensors[0], tensors[1]
-    layout_strides = [0 if counts.shape[d] == 1 else counts.stride(d) for d in range(2)] + [counts.stride(2)]
-    index_strides = [0 if index.shape[d] == 1 else index.stride(d) for d in range(2)] + [index.stride(2)]
-    return tensors, layout_strides, index_strides
+DKDV_LAYOUT = ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+DQ_LAYOUT = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
-def transposed_fallback_block_ids(block_mask: BlockMask, offsets: torch.Tensor) -> torch.Tensor:
-    """int32 ``[Bm, Hm, NKV, NQ]`` (like ``q_indices``): for transposed slot ``s`` of column ``c``,
-    the index in the fallback ``bits`` of block (``q_indices[..., c, s]``, ``c``).
-
-    ``offsets`` [Bm, Hm, NQ]: the index in ``bits`` of each row's first partial block (fallback.py).
-    """
-    kv_num, kv_indices = block_mask.kv_num_blocks.long(), block_mask.kv_indices.long()
-    num_q_blocks, num_kv_blocks = block_mask.num_blocks
-    slots = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
-    valid = slots < kv_num.unsqueeze(-1)                                            # [Bm, Hm, NQ, S]
-    block_id = offsets.long().unsqueeze(-1) + slots                                  # bits index per slot
-    dense = torch.zeros(*kv_num.shape, num_kv_blocks + 1, dtype=torch.long, device=kv_indices.device)
-    dense.scatter_(-1, torch.where(valid, kv_indices, num_kv_blocks), torch.where(valid, block_id, 0))
-    by_column = dense[..., :num_kv_blocks].transpose(-1, -2)                         # [Bm, Hm, NKV, NQ]
-    rows = block_mask.q_indices.long().clamp(max=num_q_blocks - 1)
-    return torch.gather(by_column, -1, rows).to(torch.int32).contiguous()
+def preprocess_arguments(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                         delta: torch.Tensor) -> Dict[str, object]:
+    """Runtime arguments of ``attention_backward_preprocess`` by name (``grad_lse`` None: no dLse)."""
+    return dict(Out=out, DOut=grad_out, DLse=grad_lse if grad_lse is not None else delta, Delta=delta,
+                **strides("o", out, "bhmd"), **strides("do", grad_out, "bhmd"),
+                stride_dlse_b=grad_lse.stride(0) if grad_lse is not None else 0,
+                stride_dlse_h=grad_lse.stride(1) if grad_lse is not None else 0,
+                q_len=out.shape[2], num_q_heads=out.shape[1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Launch
-# ---------------------------------------------------------------------------------------------
-
-_PREPROCESS = {}
-
-
-def _preprocess_kernel(interpret: bool):
-    if interpret not in _PREPROCESS:
-        if interpret:
-            _PREPROCESS[interpret] = codegen.InterpretedKernel(backward.attention_backward_preprocess)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _PREPROCESS[interpret] = JITFunction(backward.attention_backward_preprocess,
-                                                 do_not_specialize=["q_len"])
-    return _PREPROCESS[interpret]
+def _common_arguments(query, key, value, grad_out, lse, delta, *, scale: float, mask_captured: tuple,
+                      score_captured: tuple) -> Dict[str, object]:
+    q_heads, kv_heads = query.shape[1], key.shape[1]
+    return dict(Q=query, K=key, V=value, DOut=grad_out, Lse=lse, Delta=delta,
+                **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
+                **strides("do", grad_out, "bhmd"),
+                q_len=query.shape[2], kv_len=key.shape[2], gqa_groups=q_heads // kv_heads,
+                scale_log2=scale * LOG2_E, score_scale=scale,
+                mask_captured=mask_captured, score_captured=score_captured)
 
 
-def _constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                tiles: KernelConfig, q_len: int, kv_len: int, interpret: bool, dkdv: bool) -> dict:
-    """The forward kernel's constexprs for these tiles, plus the dK/dV kernel's query-side bounds check."""
-    values = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
-                               config=tiles, kv_len=kv_len, interpret=interpret)
-    if dkdv:
-        q_bs = block_size[0]
-        values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
+def dkdv_arguments(query, key, value, grad_out, lse, delta, grad_key, grad_value, layout: Dict[str, object], *,
+                   scale: float, mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
+    """Runtime arguments of ``attention_backward_dkdv_kernel`` by name (``layout``: the transposed one)."""
+    return dict(**_common_arguments(query, key, value, grad_out, lse, delta, scale=scale, mask_captured=mask_captured,
+                                    score_captured=score_captured),
+                DK=grad_key, DV=grad_value, **strides("dk", grad_key, "bhnd"), **strides("dv", grad_value, "bhnd"),
+                **layout, num_kv_heads=key.shape[1])
+
+
+def dq_arguments(query, key, value, grad_out, lse, delta, grad_query, layout: Dict[str, object], *, scale: float,
+                 mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
+    """Runtime arguments of ``attention_backward_dq_kernel`` by name (``layout``: the forward one)."""
+    return dict(**_common_arguments(query, key, value, grad_out, lse, delta, scale=scale, mask_captured=mask_captured,
+                                    score_captured=score_captured),
+                DQ=grad_query, **strides("dq", grad_query, "bhmd"), **layout, num_q_heads=query.shape[1])
+
+
+def function_constexprs(mods: functions.ModFunctions) -> Dict[str, object]:
+    """The backward kernels' generated-function constexprs."""
+    return dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, SCORE_GRAD_FN=mods.score_grad_fn,
+                SCORE_GRAD_CONSTANT=mods.score_grad_constant)
+
+
+def dkdv_constexprs(*, tiles: KernelConfig, q_len: int, block_size: Tuple[int, int], **shapes) -> dict:
+    """Shape constexprs of the dK/dV kernel: the forward's plus the query-side bounds check."""
+    values = kernel_constexprs(config=tiles, block_size=block_size, **shapes)
+    q_bs = block_size[0]
+    values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
     return values
 
 
-def dkdv_constexprs(**kwargs) -> dict:
-    """Constexprs of the dK/dV kernel (``backward.DKDV_CONSTEXPR_NAMES``); see ``_constexprs``."""
-    return _constexprs(dkdv=True, **kwargs)
-
-
-def dq_constexprs(**kwargs) -> dict:
-    """Constexprs of the dQ kernel (``backward.DQ_CONSTEXPR_NAMES``); see ``_constexprs``."""
-    return _constexprs(dkdv=False, **kwargs)
-
-
-def _launch(kernel: codegen.GeneratedKernel, grid, args, constexprs, tiles: KernelConfig, interpret: bool,
-            device: torch.device) -> None:
-    if interpret:
-        kernel.interpreted()[grid](*args, **constexprs)
-    else:
-        with torch.cuda.device(device):
-            kernel.jit()[grid](*args, **constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+def dq_constexprs(*, tiles: KernelConfig, q_len: int, **shapes) -> dict:
+    """Shape constexprs of the dQ kernel (the forward's)."""
+    return kernel_constexprs(config=tiles, **shapes)
 
 
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
@@ -257,9 +243,11 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     q_bs, kv_bs = block_mask.BLOCK_SIZE
 
     # Everything that can fail (tracing, code generation, derivative) happens before any launch.
+    from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess
+
     mask_plan = plan_mask(block_mask)
     score_traced = trace_score(score_mod)
-    kernels: BackwardKernels = backward_kernels_for(codegen.KernelSpec(mask_plan.mode, mask_plan.traced, score_traced))
+    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True)
     if config is None:
         config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len)
         if not interpret:
@@ -285,46 +273,33 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     # 1. delta = rowsum(dO * O) - dLse
     pre_block = 64
-    pre_args = [out, grad_out, grad_lse if grad_lse is not None else delta, delta,
-                *out.stride(), *grad_out.stride(),
-                *((grad_lse.stride(0), grad_lse.stride(1)) if grad_lse is not None else (0, 0)),
-                q_len, q_heads]
-    pre_constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), BLOCK_M=pre_block,
-                          HAS_DLSE=grad_lse is not None)
-    pre_grid = (_cdiv(q_len, pre_block), batch * q_heads)
-    if interpret:
-        _preprocess_kernel(True)[pre_grid](*pre_args, **pre_constexprs)
-    else:
-        with torch.cuda.device(device):
-            _preprocess_kernel(False)[pre_grid](*pre_args, **pre_constexprs, num_warps=4)
+    launch(attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
+           {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
+            "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None},
+           interpret=interpret, device=device, num_warps=4)
 
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
                   q_len=q_len, kv_len=kv_len, interpret=interpret)
-    score_captured = list(score_traced.captured) if score_traced is not None else []
-    common = [query, key, value, grad_out, lse, delta]
-    io_strides = [*query.stride(), *key.stride(), *value.stride(), *grad_out.stride()]
+    captured = dict(scale=scale, mask_captured=mask_plan.captured(device),
+                    score_captured=score_captured(score_traced, device))
 
     # 2. dK, dV: one program per key tile per (batch, KV head), over the transposed layout.
-    layout, layout_strides, index_strides = _layout(block_mask.q_num_blocks, block_mask.q_indices,
-                                                    block_mask.full_q_num_blocks, block_mask.full_q_indices, device)
-    dkdv_tensors = list(mask_plan.tensors)
-    if mask_plan.mode == codegen.MASK_BITMASK:
-        bits, offsets = mask_plan.tensors
-        dkdv_tensors = [bits, transposed_fallback_block_ids(block_mask, offsets).to(device)]
     tiles = config.dkdv
-    args = [*common, dk, dv, *io_strides, *dk.stride(), *dv.stride(), *layout, *layout_strides, *index_strides,
-            q_len, kv_len, kv_heads, q_heads // kv_heads, scale * LOG2_E, scale,
-            *_captured_args(kernels.dkdv.captured, dkdv_tensors + score_captured, device)]
+    layout = layout_arguments(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+                              block_mask.full_q_indices, device, DKDV_LAYOUT, "n")
+    arguments = dkdv_arguments(query, key, value, grad_out, lse, delta, dk, dv, layout, **captured)
     grid = launch_grid(kv_len, block_mask.num_blocks[1], kv_bs, tiles.BLOCK_N, batch * kv_heads)
-    _launch(kernels.dkdv, grid, args, dkdv_constexprs(tiles=tiles, **shapes), tiles, interpret, device)
+    launch(attention_backward_dkdv_kernel, grid,
+           {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
+           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
-    layout, layout_strides, index_strides = _layout(block_mask.kv_num_blocks, block_mask.kv_indices,
-                                                    block_mask.full_kv_num_blocks, block_mask.full_kv_indices, device)
     tiles = config.dq
-    args = [*common, dq, *io_strides, *dq.stride(), *layout, *layout_strides, *index_strides,
-            q_len, kv_len, q_heads, q_heads // kv_heads, scale * LOG2_E, scale,
-            *_captured_args(kernels.dq.captured, list(mask_plan.tensors) + score_captured, device)]
+    layout = layout_arguments(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                              block_mask.full_kv_indices, device, DQ_LAYOUT, "m")
+    arguments = dq_arguments(query, key, value, grad_out, lse, delta, dq, layout, **captured)
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, tiles.BLOCK_M, batch * q_heads)
-    _launch(kernels.dq, grid, args, dq_constexprs(tiles=tiles, **shapes), tiles, interpret, device)
+    launch(attention_backward_dq_kernel, grid,
+           {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)},
+           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return dq, dk, dv

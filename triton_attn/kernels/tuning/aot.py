@@ -21,10 +21,10 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from . import forward
-from .codegen import MASK_BITMASK, GeneratedKernel
-from .configs import KernelConfig
-from .launch import kernel_constexprs
+from ..attention import forward
+from ..jit.functions import MASK_BITMASK, GeneratedKernel
+from ..attention.configs import KernelConfig
+from ..attention.forward_launch import kernel_constexprs
 
 ARCHS = (80, 90)
 # Largest shared memory one program may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.

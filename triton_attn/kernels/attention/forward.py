@@ -1,26 +1,23 @@
-"""The forward attention kernel, as a Triton source template that ``codegen`` specializes.
+"""The forward attention kernel: ordinary ``@triton.jit`` source, specialized through constexpr functions.
 
-The kernel is the same for every mask; only three things differ per (mask_mod, score_mod) and
-are pasted in by ``codegen.py`` at the ``# @@...@@`` marker lines:
+What differs per (mask_mod, score_mod) arrives as ``tl.constexpr`` arguments built by
+``kernels/jit/functions.py`` (the only generated source):
 
-- ``# @@CAPTURED_ARGS@@``: one pointer argument (plus sizes and strides) per captured tensor.
-- ``# @@MASK_PREDICATE@@``: statements that end with ``mask_keep = <bool tile>``, the mask_mod
-  evaluated on ``(batch, head, q_idx [BLOCK_M, 1], kv_idx [1, BLOCK_N])``.
-- ``# @@SCORE@@``: statements that end with ``logits = <float32 tile>``, the base-2 logits
-  ``score_mod(qk * scale, ...) * log2(e)`` (or just ``qk * scale * log2(e)`` without a score_mod).
+- ``MASK_FN(batch, head, q_idx, kv_idx, *mask_captured) -> keep``: the mask predicate, applied on
+  partial blocks only (``jit.predicates.keep_all`` when there are none, ``bitmask_keep`` for
+  untraceable mask_mods);
+- ``SCORE_FN(score, batch, head, q_idx, kv_idx, *score_captured) -> score``: the score_mod in natural
+  units, or None (then the logits are ``qk * scale * log2(e)``, one multiply).
 
-Why a text template and not a ``@triton.jit`` function taking the mask as an argument: the
-predicate must be inlined into the inner loop (no dense mask is ever read), captured tensors
-vary in number and rank, and Triton's JIT reads kernel source through ``inspect``, so the
-specialized kernel has to exist as real source in a module file (see ``codegen.py``).
+``mask_captured`` / ``score_captured`` are tuples (pointer, sizes, strides per captured tensor).
 
 Algorithm (one program = one tile of ``BLOCK_M`` query rows of one (batch, query head)):
 
 1. Load the Q tile once ``[BLOCK_M, BLOCK_D]`` (head_dim zero-padded to a power of two).
 2. Phase 0 walks the *partial* KV blocks of this query block row (``kv_num_blocks`` /
    ``kv_indices``) and applies the predicate; phase 1 walks the *full* blocks
-   (``full_kv_num_blocks`` / ``full_kv_indices``) without it. Empty blocks are never visited.
-   Each mask block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
+   (``full_kv_num_blocks`` / ``full_kv_indices``) without it (``blocks.phase_blocks``). Each mask
+   block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
 3. Online softmax in base 2: the scale is folded into ``log2(e)`` so each step needs one
    multiply and ``exp2``; running max / sum / accumulator stay in float32.
 4. Rows that never saw an allowed key end with ``running_sum == 0``: they store 0 and an LSE of
@@ -34,16 +31,21 @@ sizes and their strides are 0 when the mask broadcasts):
 - ``kv_num_blocks`` / ``full_kv_num_blocks`` int32 [Bm, Hm, NQ] (strides ``stride_layout_*``),
   ``kv_indices`` / ``full_kv_indices`` int32 [Bm, Hm, NQ, NKV] (strides ``stride_index_*``).
 
-Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)``.
+Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)`` (``forward_launch.launch_grid``).
 """
 
 from __future__ import annotations
 
-# Bump when the template changes: it is part of the generated modules' cache key.
-TEMPLATE_VERSION = 3
+import triton
+import triton.language as tl
 
-KERNEL_TEMPLATE = '''
-def @@KERNEL_NAME@@(
+from .blocks import LN_2, LOG2_E_IN_KERNEL, phase_blocks, tile_positions
+
+LN_2_IN_KERNEL = tl.constexpr(LN_2)
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def attention_forward_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -55,7 +57,8 @@ def @@KERNEL_NAME@@(
     stride_index_b, stride_index_h, stride_index_m,
     q_len, kv_len, num_q_heads, gqa_groups,
     scale_log2, score_scale,
-    # @@CAPTURED_ARGS@@
+    mask_captured, score_captured,
+    MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,9 +76,8 @@ def @@KERNEL_NAME@@(
 
     # This program's query rows all lie in mask block row ``mask_row``.
     mask_row = tile_id // Q_TILES_PER_BLOCK
-    rows_in_block = (tile_id % Q_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = mask_row * Q_BLOCK_SIZE + rows_in_block                         # [BLOCK_M]
-    row_valid = (q_pos < q_len) & (rows_in_block < Q_BLOCK_SIZE)
+    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
+                                                     q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -101,19 +103,13 @@ def @@KERNEL_NAME@@(
     index_offset = batch * stride_index_b + head * stride_index_h + mask_row * stride_index_m
     for phase in tl.static_range(2):
         # phase 0: partial blocks, predicate applied; phase 1: full blocks, no predicate.
-        if phase == 0:
-            block_count = tl.load(kv_num_blocks + layout_offset)
-            block_list = kv_indices + index_offset
-        else:
-            block_count = tl.load(full_kv_num_blocks + layout_offset)
-            block_list = full_kv_indices + index_offset
+        block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                               full_kv_indices, layout_offset, index_offset)
         # One flat loop over (block, sub-tile) pairs: a single pipelined loop instead of two nested ones.
         for step in range(0, block_count * KV_TILES_PER_BLOCK):
-            slot = step // KV_TILES_PER_BLOCK
-            kv_block = tl.load(block_list + slot)
-            cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N]
-            kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
+            kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
+            cols_in_block, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE,
+                                                             BLOCK_N, kv_len)
             kv_idx = kv_pos[None, :]                                            # [1, BLOCK_N]
 
             # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for Q @ K^T.
@@ -128,10 +124,14 @@ def @@KERNEL_NAME@@(
                 k_tile = k_tile.to(tl.float32)
             qk = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)        # [BLOCK_M, BLOCK_N] fp32
 
-            # @@SCORE@@
+            if SCORE_FN is not None:
+                # The score_mod sees scores in natural units; the softmax runs in base 2.
+                logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+            else:
+                logits = qk * scale_log2  # scale and log2(e) folded into one multiply
 
             if phase == 0:
-                # @@MASK_PREDICATE@@
+                mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
                 logits = tl.where(mask_keep, logits, float("-inf"))
@@ -163,31 +163,10 @@ def @@KERNEL_NAME@@(
     safe_sum = tl.where(attended, running_sum, 1.0)
     out_tile = accumulator / safe_sum[:, None]
     # LSE back in natural log: (max + log2(sum)) * ln(2).
-    lse = tl.where(attended, (running_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(attended, (running_max + tl.log2(safe_sum)) * LN_2_IN_KERNEL, float("-inf"))
 
     out_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                 + q_pos[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(out_ptrs, out_tile.to(Out.dtype.element_ty), mask=row_valid[:, None] & dv_valid[None, :])
     lse_ptrs = Lse + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_pos
     tl.store(lse_ptrs, lse, mask=row_valid)
-'''
-
-# Constexpr parameters of the template, in signature order (``launch.py`` fills them).
-CONSTEXPR_NAMES = (
-    "HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N",
-    "Q_BLOCK_SIZE", "KV_BLOCK_SIZE", "Q_TILES_PER_BLOCK", "KV_TILES_PER_BLOCK",
-    "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT",
-)
-
-# Runtime parameters before the captured tensors, in signature order, with their Triton type
-# ("ptr:q" = a pointer of the input dtype, "ptr:f32", "ptr:i32", "i32", "fp32"). The ahead-of-time
-# compiler builds its signature from this.
-RUNTIME_PARAMS = (
-    [("Q", "ptr:in"), ("K", "ptr:in"), ("V", "ptr:in"), ("Out", "ptr:in"), ("Lse", "ptr:f32")]
-    + [(f"stride_{t}{d}", "i32") for t in "qkvo" for d in ("b", "h", "m" if t in "qo" else "n", "d")]
-    + [("stride_lse_b", "i32"), ("stride_lse_h", "i32")]
-    + [(name, "ptr:i32") for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
-    + [(f"stride_{kind}_{d}", "i32") for kind in ("layout", "index") for d in "bhm"]
-    + [("q_len", "i32"), ("kv_len", "i32"), ("num_q_heads", "i32"), ("gqa_groups", "i32"),
-       ("scale_log2", "fp32"), ("score_scale", "fp32")]
-)

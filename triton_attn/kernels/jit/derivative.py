@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-from ..masks.tracing import Node
+from ...masks.tracing import Node
 
 LN2 = math.log(2.0)
 

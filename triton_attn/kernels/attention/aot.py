@@ -13,10 +13,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backward
-from .aot import _TRITON_DTYPES, AotResult, build_signature, compile_kernel
+from ..tuning.aot import _TRITON_DTYPES, AotResult, build_signature, compile_kernel
 from .backward_codegen import BackwardKernels
 from .backward_launch import BackwardConfig, dkdv_constexprs, dq_constexprs
-from .codegen import GeneratedKernel
+from ..jit.functions import GeneratedKernel
 from .configs import KernelConfig
 
 # Runtime parameters the JIT turns into the constant 1 for contiguous tensors.

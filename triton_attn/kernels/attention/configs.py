@@ -93,7 +93,13 @@ def configs_for(head_dim: int, head_dim_v: Optional[int] = None) -> List[KernelC
 
 
 def next_power_of_two(value: int) -> int:
+    """The smallest power of two >= ``value`` (1 for values <= 1)."""
     return 1 << max(0, int(value) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers."""
+    return -(-a // b)
 
 
 def fit_tile(preferred: int, block_size: int) -> int:

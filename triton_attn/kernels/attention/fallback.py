@@ -10,7 +10,10 @@ Layout handed to the kernel:
 - ``bits``: uint8 ``[P, Q_BS, KV_BS]``, one slab per partial block, in the order
   ``(b, h, row, slot)`` of ``kv_indices``;
 - ``offsets``: int32 ``[Bm, Hm, NQ]`` (same shape as ``kv_num_blocks``), the index in ``bits`` of
-  the row's first partial block; the kernel adds the slot number.
+  the row's first partial block;
+- ``block_ids``: int32 ``[Bm, Hm, NQ, NKV]``, the index in ``bits`` of block (row, column), -1 where
+  the block is not partial. The kernels read bits through ``jit.predicates.bitmask_keep`` with the
+  tuple of ``bitmask_captured``, the same way from every kernel (forward, dQ, transposed dK/dV).
 
 The bits are cached per BlockMask object (weakly), so repeated calls do not re-evaluate.
 """
@@ -23,8 +26,8 @@ from typing import Callable, Set, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.evaluate import call_mask_mod, mod_name
+from ...masks.block_mask import BlockMask
+from ...masks.evaluate import call_mask_mod, mod_name
 
 # Elements evaluated per eager call of the mask_mod (bounds the temporaries, ~256 MB of int64).
 ELEMENT_BUDGET = 1 << 22
@@ -32,6 +35,7 @@ ELEMENT_BUDGET = 1 << 22
 _WARNED: Set[Tuple[str, str]] = set()
 _CACHE: "weakref.WeakKeyDictionary[BlockMask, Tuple[Callable, torch.Tensor, torch.Tensor]]" = (
     weakref.WeakKeyDictionary())
+_IDS: "weakref.WeakKeyDictionary[BlockMask, Tuple[torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 class UntraceableMaskWarning(UserWarning):
@@ -58,6 +62,40 @@ def partial_block_bits(block_mask: BlockMask) -> Tuple[torch.Tensor, torch.Tenso
     bits, offsets = _compute_bits(block_mask)
     _CACHE[block_mask] = (block_mask.mask_mod, bits, offsets)
     return bits, offsets
+
+
+def partial_block_ids(block_mask: BlockMask, offsets: torch.Tensor) -> torch.Tensor:
+    """int32 ``[Bm, Hm, NQ, NKV]``: the index in ``bits`` of each partial block, -1 elsewhere.
+
+    ``offsets`` [Bm, Hm, NQ]: the index in ``bits`` of each row's first partial block.
+    """
+    counts, indices = block_mask.kv_num_blocks.long(), block_mask.kv_indices.long()
+    num_kv_blocks = block_mask.num_blocks[1]
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slots < counts.unsqueeze(-1)                                            # [Bm, Hm, NQ, S]
+    ids = torch.full((*counts.shape, num_kv_blocks + 1), -1, dtype=torch.long, device=indices.device)
+    # Slots past the row's count go to the spare last column, which is dropped.
+    ids.scatter_(-1, torch.where(valid, indices, num_kv_blocks), torch.where(valid, offsets.long().unsqueeze(-1) + slots, -1))
+    return ids[..., :num_kv_blocks].to(torch.int32).contiguous()
+
+
+def bitmask_captured(block_mask: BlockMask, device: torch.device) -> tuple:
+    """The captured tuple of ``jit.predicates.bitmask_keep`` for ``block_mask`` (bits evaluated once)."""
+    bits, offsets = partial_block_bits(block_mask)
+    cached = _IDS.get(block_mask)
+    if cached is None or cached[0] is not bits:
+        cached = (bits, partial_block_ids(block_mask, offsets))
+        _IDS[block_mask] = cached
+    ids = cached[1]
+    bits, ids = bits.to(device), ids.to(device)
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    strides = [0 if ids.shape[d] == 1 else ids.stride(d) for d in range(3)]
+    return (bits, ids, *strides, ids.shape[2], ids.shape[3], q_bs, kv_bs)
+
+
+def bitmask_signature() -> tuple:
+    """Ahead-of-time signature of ``bitmask_captured``'s tuple."""
+    return ("*u8", "*i32") + ("i32",) * 7
 
 
 def _compute_bits(block_mask: BlockMask) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from .configs import KernelConfig
-from .tuning_cache import TuningCache, default_cache
+from ..attention.configs import KernelConfig
+from .cache import TuningCache, default_cache
 
 KERNELS = ("fwd", "bwd", "decode")
 ENV_AUTOTUNE = "TRITON_ATTN_AUTOTUNE"
@@ -304,9 +304,9 @@ def generated_kernel(mask_mod=None, score_mod=None):
     """The generated forward kernel specialized on ``mask_mod`` / ``score_mod`` (None: plain attention), as
     ``launch`` would build it for a BlockMask with partial blocks (an untraceable mask_mod uses the bitmask
     variant)."""
-    from ..masks.tracing import UntraceableModError, trace_mask_mod
-    from . import codegen
-    from .launch import trace_score
+    from ...masks.tracing import UntraceableModError, trace_mask_mod
+    from ..jit import functions as codegen
+    from ..attention.forward_launch import trace_score
 
     if mask_mod is None:
         spec = codegen.KernelSpec(codegen.MASK_NONE, None, trace_score(score_mod))
@@ -324,7 +324,7 @@ def backward_pair(config: KernelConfig):
     """The backward kernels' tiles for one ``bwd`` candidate: the dK/dV program holds ``BLOCK_N`` keys and
     steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over ``BLOCK_N``
     keys (the same pair transposed), both on the candidate's warps and stages."""
-    from .backward_launch import BackwardConfig
+    from ..attention.backward_launch import BackwardConfig
 
     dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
     return BackwardConfig(config, dq, max_head_dim=256)
@@ -343,7 +343,7 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
     """
     if kernel not in ("fwd", "bwd"):
         raise ValueError(f"ahead-of-time compilation covers the fwd and bwd kernels, got kernel={kernel!r}")
-    from . import aot  # raises ImportError when absent
+    from . import aot
 
     value_dim = head_dim if value_dim is None else value_dim
     generated = generated_kernel(mask_mod, score_mod)
@@ -355,8 +355,8 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
                                          head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
             return CompileStats(shared=int(result.shared_bytes), registers=int(result.registers),
                                 spills=int(result.spill_stores) + int(result.spill_loads))
-        from .backward_aot import compile_backward
-        from .backward_codegen import backward_kernels_for
+        from ..attention.aot import compile_backward
+        from ..attention.backward_codegen import backward_kernels_for
 
         results = compile_backward(backward_kernels_for(generated.spec), backward_pair(config), arch=capability,
                                    dtype=dtype, head_dim=head_dim, head_dim_v=value_dim, block_size=block_size,

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
-from ..masks.tracing import Node
+from ...masks.tracing import Node
 
 # Names of the traced arguments inside the kernel template.
 ARG_NAMES = {"b": "batch", "h": "head", "q_idx": "q_idx", "kv_idx": "kv_idx", "score": "score"}

@@ -17,9 +17,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.evaluate import mod_name
-from .launch import attention_forward
+from ...masks.block_mask import BlockMask
+from ...masks.evaluate import mod_name
+from .forward_launch import attention_forward
 
 
 class LearnableScoreTensorWarning(UserWarning):
@@ -70,7 +70,7 @@ class RecomputeBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        from ..reference import blockwise_attention
+        from ...reference import blockwise_attention
 
         query, key, value, *learnable = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -1,4 +1,4 @@
-"""The backward attention kernels, as Triton source templates that ``backward_codegen`` specializes.
+"""The backward attention kernels: ordinary ``@triton.jit`` source, specialized through constexpr functions.
 
 Given the forward's ``Out`` and ``Lse`` and the incoming gradient ``dOut`` (and optionally ``dLse``),
 with ``S = scale * Q K^T``, ``Z = score_mod(S)``, ``P = exp(Z - lse)``:
@@ -9,31 +9,28 @@ with ``S = scale * Q K^T``, ``Z = score_mod(S)``, ``P = exp(Z - lse)``:
 
 Three kernels:
 
-1. ``attention_backward_preprocess`` (plain, not templated): ``delta`` [B, Hq, Lq] float32.
-2. The dK/dV kernel (``DKDV_TEMPLATE``): one program per ``BLOCK_N`` keys of one (batch, KV
+1. ``attention_backward_preprocess``: ``delta`` [B, Hq, Lq] float32.
+2. The dK/dV kernel (``attention_backward_dkdv_kernel``): one program per ``BLOCK_N`` keys of one (batch, KV
    head). It holds its K/V tile and the dK/dV accumulators and walks the *transposed* layout
    (``q_num_blocks``/``q_indices`` partial, with the predicate; ``full_q_*`` without), once per
    query head of its GQA group. So dK/dV are summed over the group inside one program: no
    atomics (deterministic), and K/V are read once, never repeated per query head.
-3. The dQ kernel (``DQ_TEMPLATE``): one program per ``BLOCK_M`` query rows of one (batch, query
+3. The dQ kernel (``attention_backward_dq_kernel``): one program per ``BLOCK_M`` query rows of one (batch, query
    head), walking the forward layout (``kv_num_blocks``/``kv_indices``, ``full_kv_*``), like the
    forward kernel. Each dQ row is owned by exactly one program: no atomics.
 
 Splitting dQ from dK/dV recomputes ``P`` twice (FlashAttention-2's choice for determinism) but
 needs no atomic adds and no dQ accumulator in global memory.
 
-Markers pasted by ``backward_codegen`` (same emitted expressions as the forward kernel):
-
-- ``# @@CAPTURED_ARGS@@``: pointers, sizes and strides of captured tensors.
-- ``# @@MASK_PREDICATE@@``: statements ending with ``mask_keep = <bool tile>``.
-- ``# @@SCORE@@``: statements ending with ``logits = <base-2 logits tile>`` and, when the
-  score_mod's derivative varies, ``dscore = <d score_mod / d score tile>``.
-- ``# @@SCORE_GRAD@@``: ``ds = dz * dscore`` (or ``ds = dz`` with no score_mod).
+Per (mask_mod, score_mod), as for the forward kernel (``kernels/jit/functions.py``): ``MASK_FN``,
+``SCORE_FN`` (None without a score_mod) and ``SCORE_GRAD_FN`` (value and derivative together, so
+they share subexpressions; None when the derivative is the constant ``SCORE_GRAD_CONSTANT``, 1.0
+without a score_mod), with ``mask_captured`` / ``score_captured`` tuples.
 
 Index shapes: in the dQ kernel (query rows x keys) ``q_idx`` is ``[BLOCK_M, 1]`` and ``kv_idx``
 ``[1, BLOCK_N]``, as in the forward; in the dK/dV kernel the tile is transposed (keys x query
-rows): ``kv_idx`` is ``[BLOCK_N, 1]`` and ``q_idx`` ``[1, BLOCK_M]``. The emitted expressions only
-broadcast, so the same text works for both.
+rows): ``kv_idx`` is ``[BLOCK_N, 1]`` and ``q_idx`` ``[1, BLOCK_M]``. The generated functions only
+broadcast, so the same functions serve both.
 
 Rows that attend to nothing have ``lse = -inf``; padding rows past ``q_len`` read no ``lse``. Both
 use ``lse = +inf`` here, so ``P = exp2(logits - inf) = 0`` exactly and their gradients are 0, not NaN.
@@ -41,13 +38,13 @@ use ``lse = +inf`` here, so ``P = exp2(logits - inf) = 0`` exactly and their gra
 
 from __future__ import annotations
 
+import triton
 import triton.language as tl
 
-# Bump when a template changes: it is part of the generated modules' cache key.
-TEMPLATE_VERSION = 1
-LOG2_E = 1.4426950408889634
+from .blocks import LOG2_E_IN_KERNEL, phase_blocks, tile_positions
 
 
+@triton.jit(do_not_specialize=["q_len"])
 def attention_backward_preprocess(
     Out, DOut, DLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -60,7 +57,6 @@ def attention_backward_preprocess(
 
     Out, DOut [B, Hq, Lq, Dv] (input dtype), DLse [B, Hq, Lq] float32 (unused unless HAS_DLSE),
     Delta [B, Hq, Lq] float32, contiguous. Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``.
-    Kept undecorated: ``backward_launch`` wraps it in a JITFunction or an interpreter function.
     """
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
@@ -81,8 +77,8 @@ def attention_backward_preprocess(
     tl.store(Delta + batch_head.to(tl.int64) * q_len + rows, delta, mask=row_valid)
 
 
-DKDV_TEMPLATE = '''
-def @@KERNEL_NAME@@(
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def attention_backward_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -95,7 +91,8 @@ def @@KERNEL_NAME@@(
     stride_index_b, stride_index_h, stride_index_n,
     q_len, kv_len, num_kv_heads, gqa_groups,
     scale_log2, score_scale,
-    # @@CAPTURED_ARGS@@
+    mask_captured, score_captured,
+    MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,9 +111,8 @@ def @@KERNEL_NAME@@(
 
     # This program's keys all lie in mask block column ``mask_col``; keys are the tile's rows.
     mask_col = tile_id // KV_TILES_PER_BLOCK
-    cols_in_block = (tile_id % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kv_pos = mask_col * KV_BLOCK_SIZE + cols_in_block                        # [BLOCK_N]
-    kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
+    cols_in_block, kv_pos, kv_valid = tile_positions(mask_col, tile_id % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE, BLOCK_N,
+                                                     kv_len)                # [BLOCK_N]
     kv_idx = kv_pos[:, None]                                                # [BLOCK_N, 1]
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,18 +142,12 @@ def @@KERNEL_NAME@@(
         index_offset = batch * stride_index_b + head * stride_index_h + mask_col * stride_index_n
         for phase in tl.static_range(2):
             # phase 0: partial query blocks of this column, predicate applied; phase 1: full ones.
-            if phase == 0:
-                block_count = tl.load(q_num_blocks + layout_offset)
-                block_list = q_indices + index_offset
-            else:
-                block_count = tl.load(full_q_num_blocks + layout_offset)
-                block_list = full_q_indices + index_offset
+            block_count, block_list = phase_blocks(phase, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                                                   layout_offset, index_offset)
             for step in range(0, block_count * Q_TILES_PER_BLOCK):
-                slot = step // Q_TILES_PER_BLOCK
-                q_block = tl.load(block_list + slot)
-                rows_in_block = (step % Q_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
-                q_pos = q_block * Q_BLOCK_SIZE + rows_in_block                 # [BLOCK_M]
-                row_valid = (q_pos < q_len) & (rows_in_block < Q_BLOCK_SIZE)
+                q_block = tl.load(block_list + step // Q_TILES_PER_BLOCK)
+                rows_in_block, q_pos, row_valid = tile_positions(q_block, step % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE,
+                                                                 BLOCK_M, q_len)  # [BLOCK_M]
                 q_idx = q_pos[None, :]                                         # [1, BLOCK_M]
 
                 q_ptrs = q_base + q_pos[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -176,14 +166,20 @@ def @@KERNEL_NAME@@(
                     q_tile = q_tile.to(tl.float32)
                     do_tile = do_tile.to(tl.float32)
                 # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-                lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2_E_IN_KERNEL)
 
                 qk = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
 
-                # @@SCORE@@
+                if SCORE_GRAD_FN is not None:
+                    score_value, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
+                    logits = score_value * LOG2_E_IN_KERNEL
+                elif SCORE_FN is not None:
+                    logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+                else:
+                    logits = qk * scale_log2  # scale and log2(e) folded into one multiply
 
                 if phase == 0:
-                    # @@MASK_PREDICATE@@
+                    mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                     if CHECK_KV_BOUNDS:
                         mask_keep = mask_keep & kv_valid[:, None]
                     logits = tl.where(mask_keep, logits, float("-inf"))
@@ -195,7 +191,11 @@ def @@KERNEL_NAME@@(
                 dp = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)  # dP^T
                 dz = probs * (dp - delta[None, :])
 
-                # @@SCORE_GRAD@@
+                if SCORE_GRAD_FN is not None:
+                    # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
+                    ds = tl.where(probs > 0.0, dz * dscore, 0.0)
+                else:
+                    ds = dz * SCORE_GRAD_CONSTANT
 
                 dk_acc = tl.dot(ds.to(q_tile.dtype), q_tile, dk_acc, input_precision=DOT_PRECISION)
 
@@ -207,11 +207,11 @@ def @@KERNEL_NAME@@(
     dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
                + kv_pos[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)
     tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=kv_valid[:, None] & dv_valid[None, :])
-'''
 
 
-DQ_TEMPLATE = '''
-def @@KERNEL_NAME@@(
+
+@triton.jit(do_not_specialize=["q_len", "kv_len"])
+def attention_backward_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -223,7 +223,8 @@ def @@KERNEL_NAME@@(
     stride_index_b, stride_index_h, stride_index_m,
     q_len, kv_len, num_q_heads, gqa_groups,
     scale_log2, score_scale,
-    # @@CAPTURED_ARGS@@
+    mask_captured, score_captured,
+    MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -241,9 +242,8 @@ def @@KERNEL_NAME@@(
     kv_head = head // gqa_groups
 
     mask_row = tile_id // Q_TILES_PER_BLOCK
-    rows_in_block = (tile_id % Q_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = mask_row * Q_BLOCK_SIZE + rows_in_block                         # [BLOCK_M]
-    row_valid = (q_pos < q_len) & (rows_in_block < Q_BLOCK_SIZE)
+    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
+                                                     q_len)                 # [BLOCK_M]
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -264,7 +264,7 @@ def @@KERNEL_NAME@@(
     lse = tl.load(Lse + row_base + q_pos, mask=row_valid, other=float("inf"))
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
     # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2_E_IN_KERNEL)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -272,18 +272,12 @@ def @@KERNEL_NAME@@(
     layout_offset = batch * stride_layout_b + head * stride_layout_h + mask_row * stride_layout_m
     index_offset = batch * stride_index_b + head * stride_index_h + mask_row * stride_index_m
     for phase in tl.static_range(2):
-        if phase == 0:
-            block_count = tl.load(kv_num_blocks + layout_offset)
-            block_list = kv_indices + index_offset
-        else:
-            block_count = tl.load(full_kv_num_blocks + layout_offset)
-            block_list = full_kv_indices + index_offset
+        block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                               layout_offset, index_offset)
         for step in range(0, block_count * KV_TILES_PER_BLOCK):
-            slot = step // KV_TILES_PER_BLOCK
-            kv_block = tl.load(block_list + slot)
-            cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N]
-            kv_valid = (kv_pos < kv_len) & (cols_in_block < KV_BLOCK_SIZE)
+            kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
+            cols_in_block, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE,
+                                                             BLOCK_N, kv_len)  # [BLOCK_N]
             kv_idx = kv_pos[None, :]                                            # [1, BLOCK_N]
 
             k_ptrs = k_base + kv_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -299,10 +293,16 @@ def @@KERNEL_NAME@@(
                 v_tile = v_tile.to(tl.float32)
             qk = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)   # [BLOCK_M, BLOCK_N]
 
-            # @@SCORE@@
+            if SCORE_GRAD_FN is not None:
+                score_value, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
+                logits = score_value * LOG2_E_IN_KERNEL
+            elif SCORE_FN is not None:
+                logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+            else:
+                logits = qk * scale_log2  # scale and log2(e) folded into one multiply
 
             if phase == 0:
-                # @@MASK_PREDICATE@@
+                mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
                 logits = tl.where(mask_keep, logits, float("-inf"))
@@ -313,7 +313,11 @@ def @@KERNEL_NAME@@(
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
             dz = probs * (dp - delta[:, None])
 
-            # @@SCORE_GRAD@@
+            if SCORE_GRAD_FN is not None:
+                # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
+                ds = tl.where(probs > 0.0, dz * dscore, 0.0)
+            else:
+                ds = dz * SCORE_GRAD_CONSTANT
 
             dq_acc = tl.dot(ds.to(k_tile.dtype), k_tile, dq_acc, input_precision=DOT_PRECISION)
 
@@ -321,33 +325,3 @@ def @@KERNEL_NAME@@(
     dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
                + q_pos[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
     tl.store(dq_ptrs, dq_acc.to(DQ.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
-'''
-
-# Constexpr parameters of each template, in signature order (``backward_launch`` fills them).
-DKDV_CONSTEXPR_NAMES = (
-    "HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N",
-    "Q_BLOCK_SIZE", "KV_BLOCK_SIZE", "Q_TILES_PER_BLOCK", "KV_TILES_PER_BLOCK",
-    "CHECK_Q_BOUNDS", "CHECK_KV_BOUNDS", "DOT_PRECISION", "UPCAST_DOT",
-)
-DQ_CONSTEXPR_NAMES = tuple(name for name in DKDV_CONSTEXPR_NAMES if name != "CHECK_Q_BOUNDS")
-
-
-def _strides(tensor: str, dims: str):
-    return [(f"stride_{tensor}{d}", "i32") for d in dims]
-
-
-# Runtime parameters before the captured tensors, with their Triton type ("ptr:in" = a pointer of
-# the input dtype, "ptr:f32", "ptr:i32", "i32", "fp32"): the ahead-of-time compiler builds its
-# signature from these.
-_COMMON_HEAD = [(name, "ptr:in") for name in ("Q", "K", "V", "DOut")] + [("Lse", "ptr:f32"), ("Delta", "ptr:f32")]
-_IO_STRIDES = _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
-_TAIL = [("q_len", "i32"), ("kv_len", "i32"), ("num_kv_heads", "i32"), ("num_q_heads", "i32"),
-         ("gqa_groups", "i32"), ("scale_log2", "fp32"), ("score_scale", "fp32")]
-DKDV_RUNTIME_PARAMS = (
-    _COMMON_HEAD + [("DK", "ptr:in"), ("DV", "ptr:in")] + _IO_STRIDES + _strides("dk", "bhnd") + _strides("dv", "bhnd")
-    + [(name, "ptr:i32") for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")]
-    + [(f"stride_{kind}_{d}", "i32") for kind in ("layout", "index") for d in "bhn"] + _TAIL)
-DQ_RUNTIME_PARAMS = (
-    _COMMON_HEAD + [("DQ", "ptr:in")] + _IO_STRIDES + _strides("dq", "bhmd")
-    + [(name, "ptr:i32") for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
-    + [(f"stride_{kind}_{d}", "i32") for kind in ("layout", "index") for d in "bhm"] + _TAIL)
