@@ -171,6 +171,12 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """
     from .forward import attention_forward_kernel
 
+    if config is None:
+        from ..decode.launch import decode_attention, use_decode
+
+        if use_decode(query, key, block_mask):  # short queries: the split-KV decode kernel (kernels/decode/)
+            return decode_attention(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, autotune=autotune)
     batch, q_heads, q_len, head_dim = query.shape
     kv_len, head_dim_v = key.shape[2], value.shape[3]
     device = query.device

@@ -17,7 +17,7 @@ from typing import List
 
 import torch
 
-from ..configs import KernelConfig, fit_tile, next_power_of_two, padded_head_dim
+from ..attention.configs import KernelConfig, fit_tile, next_power_of_two, padded_head_dim
 
 MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4 x 16, ...)
 MAX_SPLITS = 64
