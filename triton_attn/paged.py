@@ -59,7 +59,10 @@ def logical_mask_mod(mask_mod: Optional[Callable], kv_lens: torch.Tensor, q_len:
     first_position = lengths - q_len  # logical position of query row 0, per sequence
 
     def paged_mask(b, h, q_idx, kv_idx):
-        return (kv_idx < lengths[b]) & user_mask(b, h, q_idx + first_position[b], kv_idx)
+        # Past the end the result is False whatever the user's mask says; clamping the position it sees
+        # keeps a mask that indexes a [B, S] tensor (documents, padding) inside that tensor.
+        inside = torch.minimum(kv_idx, lengths[b] - 1)
+        return (kv_idx < lengths[b]) & user_mask(b, h, q_idx + first_position[b], inside)
 
     paged_mask.__name__ = f"paged_{getattr(user_mask, '__name__', 'mask')}"
     return paged_mask
