@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_attn.kernels.jit import functions as codegen  # noqa: E402
+from triton_attn.kernels.attention.aot import compile_forward  # noqa: E402
+from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
 from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
@@ -25,17 +26,18 @@ pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")
 
 
-def _kernel(mask_mod=causal_mask, score_mod=None, mode=codegen.MASK_TRACED):
-    traced = trace_mask_mod(mask_mod) if mode == codegen.MASK_TRACED else None
+def _kernel(mask_mod=causal_mask, score_mod=None, mode=functions.MASK_TRACED):
+    """The mods of one forward variant, as ``compile_forward`` keywords."""
+    traced = trace_mask_mod(mask_mod) if mode == functions.MASK_TRACED else None
     score = trace_score_mod(score_mod) if score_mod is not None else None
-    return codegen.kernel_for(codegen.KernelSpec(mode, traced, score))
+    return dict(mask=traced, score=score, mask_mode=mode)
 
 
 @pytest.mark.parametrize("config", FORWARD_CONFIGS, ids=lambda c: c.name)
 def test_every_config_compiles_for_sm80_and_sm90_within_budget(config):
     kernel = _kernel()
     for arch in aot.ARCHS:
-        result = aot.compile_forward(kernel, config, arch=arch, head_dim=config.max_head_dim, dtype=torch.bfloat16)
+        result = compile_forward(config, arch=arch, head_dim=config.max_head_dim, dtype=torch.bfloat16, **kernel)
         assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
         assert not result.spills, f"register spills: {result}"
         if arch == 90 and config.BLOCK_M >= 64:  # wgmma needs 64-row warp groups
@@ -48,8 +50,8 @@ def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
     kernel = _kernel()
     config = default_config(head_dim, head_dim, dtype, (128, 128), 4096)
     for arch in aot.ARCHS:
-        result = aot.compile_forward(kernel, config, arch=arch, head_dim=head_dim, dtype=dtype,
-                                     inspect_sass=arch == 90)
+        result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=dtype, inspect_sass=arch == 90,
+                                 **kernel)
         assert not result.spills, str(result)
         assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
         if arch == 90:
@@ -61,7 +63,7 @@ def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
 def test_float32_configs_compile_within_shared_memory(head_dim):
     config = default_config(head_dim, head_dim, torch.float32, (128, 128), 4096)
     for arch in aot.ARCHS:
-        result = aot.compile_forward(_kernel(), config, arch=arch, head_dim=head_dim, dtype=torch.float32)
+        result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=torch.float32, **_kernel())
         assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
         assert result.spill_stores <= 2048, f"float32 spills grew: {result}"
 
@@ -77,12 +79,12 @@ def _variants():
         return ((q_idx - kv_idx) // 7 % 3 != 1) & (torch.abs(q_idx - kv_idx) < 40)
 
     return {
-        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), codegen.MASK_TRACED),
-        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), codegen.MASK_TRACED),
-        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, codegen.MASK_TRACED),
-        "signed_arithmetic": (signed_arithmetic, None, codegen.MASK_TRACED),
-        "window_no_partial": (sliding_window_mask(128), None, codegen.MASK_NONE),
-        "bitmask_fallback": (causal_mask, None, codegen.MASK_BITMASK),
+        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), functions.MASK_TRACED),
+        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), functions.MASK_TRACED),
+        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, functions.MASK_TRACED),
+        "signed_arithmetic": (signed_arithmetic, None, functions.MASK_TRACED),
+        "window_no_partial": (sliding_window_mask(128), None, functions.MASK_NONE),
+        "bitmask_fallback": (causal_mask, None, functions.MASK_BITMASK),
     }
 
 
@@ -92,8 +94,8 @@ def test_generated_variants_compile_for_sm90(name):
     kernel = _kernel(mask_mod, score_mod, mode)
     config = MAIN_CONFIGS[64]
     for block_size, kv_len in (((128, 128), 4096), ((64, 48), 1000)):  # aligned, and ragged sub-tiles
-        result = aot.compile_forward(kernel, config.fitted(*block_size), arch=90, head_dim=64, kv_len=kv_len,
-                                     block_size=block_size)
+        result = compile_forward(config.fitted(*block_size), arch=90, head_dim=64, kv_len=kv_len,
+                                 block_size=block_size, **kernel)
         assert result.ptx_has_wgmma and not result.spills, str(result)
 
 
@@ -109,5 +111,5 @@ def test_interpreter_leaves_triton_ready_to_compile():
                  backend="interpret")
     changed = [name for name, value in vars(tl.core).items() if before.get(name) is not value and name in before]
     assert not changed, f"triton.language.core left patched: {changed[:5]}"
-    result = aot.compile_forward(_kernel(), MAIN_CONFIGS[64], arch=90, head_dim=64)
+    result = compile_forward(MAIN_CONFIGS[64], arch=90, head_dim=64, **_kernel())
     assert result.ptx_has_wgmma

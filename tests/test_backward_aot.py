@@ -16,9 +16,8 @@ import torch
 pytest.importorskip("triton")
 
 from triton_attn.kernels.attention import aot as backward_aot  # noqa: E402
-from triton_attn.kernels.jit import functions as codegen  # noqa: E402
+from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
-from triton_attn.kernels.attention.backward_codegen import backward_kernels_for  # noqa: E402
 from triton_attn.kernels.attention.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
                                                  MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS)
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
@@ -30,10 +29,11 @@ pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")
 
 
-def _kernels(mask_mod=causal_mask, score_mod=None, mode=codegen.MASK_TRACED):
-    traced = trace_mask_mod(mask_mod) if mode == codegen.MASK_TRACED else None
+def _kernels(mask_mod=causal_mask, score_mod=None, mode=functions.MASK_TRACED):
+    """The mods of one backward variant, as ``compile_backward`` keywords."""
+    traced = trace_mask_mod(mask_mod) if mode == functions.MASK_TRACED else None
     score = trace_score_mod(score_mod) if score_mod is not None else None
-    return backward_kernels_for(codegen.KernelSpec(mode, traced, score))
+    return dict(mask=traced, score=score, mask_mode=mode)
 
 
 def _dtype_of(config) -> torch.dtype:
@@ -44,8 +44,8 @@ def _dtype_of(config) -> torch.dtype:
 @pytest.mark.parametrize("arch", aot.ARCHS)
 def test_every_backward_config_compiles_within_budget(config, arch):
     dtype = _dtype_of(config)
-    results = backward_aot.compile_backward(_kernels(), config, arch=arch,
-                                            head_dim=config.max_head_dim, dtype=dtype)
+    results = backward_aot.compile_backward(config, arch=arch, head_dim=config.max_head_dim, dtype=dtype,
+                                            **_kernels())
     for name, result in results.items():
         assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], f"{name}: {result}"
         if config not in SPILLING_CONFIGS:
@@ -62,8 +62,8 @@ def test_every_backward_config_compiles_within_budget(config, arch):
 def test_main_fp16_configs_have_no_spills(head_dim):
     for arch in aot.ARCHS:
         config = MAIN_BACKWARD_CONFIGS[128 if head_dim > 64 else 64]
-        results = backward_aot.compile_backward(_kernels(), config, arch=arch, head_dim=head_dim, dtype=torch.float16,
-                                                inspect_sass=arch == 90)
+        results = backward_aot.compile_backward(config, arch=arch, head_dim=head_dim, dtype=torch.float16,
+                                                inspect_sass=arch == 90, **_kernels())
         for name, result in results.items():
             assert not result.spills, f"{name}: {result}"
             if arch == 90:
@@ -81,12 +81,12 @@ def _variants():
         return torch.where(q_idx > kv_idx, torch.sigmoid(score) * 4.0 + torch.log(score * score + 1.0), score)
 
     return {
-        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), codegen.MASK_TRACED),
-        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), codegen.MASK_TRACED),
-        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, codegen.MASK_TRACED),
-        "window_smooth_score": (sliding_window_mask(100), smooth, codegen.MASK_TRACED),
-        "window_no_partial": (sliding_window_mask(128), None, codegen.MASK_NONE),
-        "bitmask_fallback": (causal_mask, None, codegen.MASK_BITMASK),
+        "document_softcap": (and_masks(causal_mask, document_mask(ids)), softcap_score(30.0), functions.MASK_TRACED),
+        "prefix_per_batch_alibi": (prefix_lm_mask(torch.tensor([3, 9])), alibi_score(8), functions.MASK_TRACED),
+        "padding_bool_relative_bias": (padding_mask(ids > 1), relative_bias, functions.MASK_TRACED),
+        "window_smooth_score": (sliding_window_mask(100), smooth, functions.MASK_TRACED),
+        "window_no_partial": (sliding_window_mask(128), None, functions.MASK_NONE),
+        "bitmask_fallback": (causal_mask, None, functions.MASK_BITMASK),
     }
 
 
@@ -95,13 +95,13 @@ def test_generated_backward_variants_compile_for_sm90(name):
     mask_mod, score_mod, mode = _variants()[name]
     kernels = _kernels(mask_mod, score_mod, mode)
     for block_size, q_len, kv_len in (((128, 128), 4096, 4096), ((64, 48), 1000, 999)):  # aligned; ragged
-        results = backward_aot.compile_backward(kernels, MAIN_BACKWARD_CONFIGS[64], arch=90, head_dim=64,
-                                                block_size=block_size, q_len=q_len, kv_len=kv_len)
+        results = backward_aot.compile_backward(MAIN_BACKWARD_CONFIGS[64], arch=90, head_dim=64,
+                                                block_size=block_size, q_len=q_len, kv_len=kv_len, **kernels)
         for kernel_name, result in results.items():
             assert not result.spills, f"{name} {kernel_name}: {result}"
 
 
 def test_preprocess_kernel_compiles():
     for arch in aot.ARCHS:
-        ptx = backward_aot.compile_preprocess(arch=arch, head_dim_v=80)
-        assert ".entry" in ptx
+        result = backward_aot.compile_preprocess(arch=arch, head_dim_v=80)
+        assert ".entry" in result.ptx and not result.spills

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
 from triton_attn.kernels import refine  # noqa: E402
+from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.masks import (and_masks, causal_mask, chunked_mask, compiler, document_mask,  # noqa: E402
                                full_mask, not_mask, or_masks, padding_mask, prefix_lm_mask, sliding_window_mask)
 from triton_attn.masks.tracing import trace_mask_mod  # noqa: E402
@@ -169,17 +170,21 @@ def test_kernel_is_reused_for_new_captured_values():
     """Cache key = graph structure (+ dtype and rank of captured tensors), never the values."""
     ids_a = torch.tensor([0] * 30 + [1] * 20)
     ids_b = torch.tensor([0] * 5 + [1] * 45)
-    kernel_a = refine.refine_kernel_for(trace_mask_mod(document_mask(ids_a)))
-    kernel_b = refine.refine_kernel_for(trace_mask_mod(document_mask(ids_b)))
-    assert kernel_a is kernel_b
+    predicate_a = functions.mod_functions(trace_mask_mod(document_mask(ids_a)), None).mask_fn
+    predicate_b = functions.mod_functions(trace_mask_mod(document_mask(ids_b)), None).mask_fn
+    assert predicate_a is predicate_b
     tiles = tile_list(1, 1, 4, 4, 16, 0)
     assert_same_refinement(document_mask(ids_b), 1, 1, 50, 50, 16, tiles)
 
 
-def test_generated_source_inlines_the_predicate():
-    source = refine.generate_refine_source(trace_mask_mod(and_masks(causal_mask, sliding_window_mask(7)))).source
-    assert "mask_keep = " in source and "# @@" not in source
-    assert "tl.sum(allowed)" in source
+def test_refine_kernel_calls_the_generated_predicate():
+    """The kernel is real source; only the mask_mod's function is generated, and it is the one called."""
+    import inspect
+
+    traced = trace_mask_mod(and_masks(causal_mask, sliding_window_mask(7)))
+    source = functions.mod_functions(traced, None).path.read_text()
+    assert "def mask_mod(" in source and "tl.sum" not in source
+    assert "MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)" in inspect.getsource(refine.refine_tiles_kernel.fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,5 +291,5 @@ def test_refine_kernel_compiles_for_sm80(block_size):
     mod = and_masks(sliding_window_mask(100), document_mask(ids), padding_mask(ids > 0),
                     prefix_lm_mask(torch.tensor([3, 9])))
     result = refine.compile_refine(trace_mask_mod(mod), arch=80, block_size=block_size)
-    assert ".visible .entry refine_tiles_" in result.ptx
+    assert ".visible .entry refine_tiles_kernel" in result.ptx
     assert not result.spills, str(result)

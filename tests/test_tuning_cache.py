@@ -22,11 +22,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_cache_dir_follows_env_var(cache_dir, monkeypatch):
-    assert tuning_cache.cache_dir() == cache_dir
     assert TuningCache().path == cache_dir / "autotune.json"
     monkeypatch.delenv("TRITON_ATTN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent / "xdg"))
-    assert tuning_cache.cache_dir() == cache_dir.parent / "xdg" / "triton_attn"
+    assert tuning_cache.default_path() == cache_dir.parent / "xdg" / "triton_attn" / "autotune.json"
 
 
 def test_put_get_roundtrip_and_file_format(cache_dir):

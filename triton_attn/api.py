@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from . import settings
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
@@ -94,9 +94,9 @@ def _validate_mod_devices(mod: Optional[Callable], what: str, device: torch.devi
 
 def choose_backend(backend: Optional[str], device: torch.device) -> str:
     """``backend`` if given, else ``TRITON_ATTN_BACKEND``, else triton on CUDA and torch elsewhere."""
-    chosen = backend or os.environ.get("TRITON_ATTN_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    chosen = backend or settings.backend() or ("triton" if device.type == "cuda" else "torch")
     if chosen not in BACKENDS:
-        source = "backend" if backend else "TRITON_ATTN_BACKEND"
+        source = "backend" if backend else settings.BACKEND
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
     if chosen == "triton" and device.type != "cuda":
         raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {device}; "
@@ -169,8 +169,10 @@ def _cuda_tile_refiner(*args):
     """The mask compiler's refiner for CUDA tiles: the Triton kernel of ``kernels/refine.py``.
 
     Imported on first use, so ``import triton_attn`` does not import Triton; None (eager
-    refinement) when Triton is not usable here.
+    refinement) when Triton is not usable here or ``TRITON_ATTN_GPU_REFINE=0`` (read per call).
     """
+    if not settings.gpu_refine():
+        return None
     try:
         from .kernels import refine
     except ImportError:
@@ -183,8 +185,7 @@ def _install_gpu_tile_refiner() -> None:
     Triton, so the choice is made here (``TRITON_ATTN_GPU_REFINE=0`` keeps the eager refinement)."""
     from .masks import compiler
 
-    if os.environ.get("TRITON_ATTN_GPU_REFINE", "1") != "0":
-        compiler.TILE_REFINERS.setdefault("cuda", _cuda_tile_refiner)
+    compiler.TILE_REFINERS.setdefault("cuda", _cuda_tile_refiner)
 
 
 _install_gpu_tile_refiner()

@@ -42,7 +42,9 @@ def _info(args) -> int:
               f"torch threads {torch.get_num_threads()}); no CUDA GPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = "triton" if device.type == "cuda" else "torch"
-    env = os.environ.get("TRITON_ATTN_BACKEND")
+    from .. import settings
+
+    env = settings.backend()
     print(f"backends on {device.type} (default {env or default}{' from TRITON_ATTN_BACKEND' if env else ''}):")
     for name, ok, why in available_backends(device):
         print(f"  {name:<10} {'yes' if ok else 'no'}{'' if ok else f'  ({why})'}")

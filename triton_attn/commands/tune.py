@@ -150,6 +150,7 @@ def _tune(args) -> int:
 
 
 def _candidates(shape: TuneShape, arch: int, args):
+    from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
@@ -159,6 +160,7 @@ def _candidates(shape: TuneShape, arch: int, args):
 
 
 def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
+    from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.tuning import search as autotune
 
     print(f"triton-attn tune --dry-run: search space for sm_{arch}, pruned by ahead-of-time compilation "
@@ -166,7 +168,7 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
     total = sum(len(_candidates(s, arch, args)) for s in shapes)
     aot_ok = True
     try:
-        autotune.aot_compile_fn(arch)
+        aot_compile_fn(arch)
     except ImportError as error:
         aot_ok = False
         print(f"note: ahead-of-time pruning unavailable ({error}); listing the search space only")
@@ -180,7 +182,7 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
                     print(f"  {config.name}")
                 continue
             named = library_mask(shape.mask, shape.seq_len, **shape.mask_args)
-            compile_fn = autotune.aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
+            compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                                  dtype=_dtype(shape.dtype), block_size=shape.block_size,
                                                  mask_mod=named.mask_mod, score_mod=named.score_mod)
             result = autotune.prune(candidates, compile_fn, capability=arch,
@@ -203,6 +205,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     (for testing the machinery: its timings say nothing about a GPU, and its entries are keyed to device cpu)."""
     import torch
 
+    from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.tuning import search as autotune
     from ..kernels.attention.configs import default_config
     from ..kernels.attention.forward_launch import attention_forward
@@ -212,7 +215,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     aot = False
     if not interpret:
         try:
-            autotune.aot_compile_fn(arch)
+            aot_compile_fn(arch)
             aot = True
         except ImportError:
             aot = False
@@ -250,7 +253,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
                 return attention_forward(q, k, v, block_mask, score_mod=named.score_mod, scale=scale,
                                          interpret=interpret, config=config)
 
-            compile_fn = autotune.aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
+            compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                                  dtype=dtype, block_size=shape.block_size, mask_mod=named.mask_mod,
                                                  score_mod=named.score_mod) if aot else None
             result = tuner.tune(key, candidates, run, device=device, compile_fn=compile_fn,

@@ -1,75 +1,188 @@
-"""Ahead-of-time compilation of the backward kernels for sm_80 / sm_90, without a GPU.
+"""Ahead-of-time builds of the attention kernels for sm_80 / sm_90, without a GPU.
 
-The backward counterpart of ``aot.compile_forward``: same pipeline (``triton.compile`` of an
-``ASTSource`` for ``GPUTarget("cuda", arch, 32)``, then the bundled ``ptxas -v`` for registers
-and spills), same ``AotResult``. Only the signatures differ: they come from
-``backward.DKDV_RUNTIME_PARAMS`` / ``DQ_RUNTIME_PARAMS`` and the kernels' captured parameters.
+Each build takes its arguments from the launcher's own argument builders
+(``forward_launch.forward_arguments``, ``backward_launch.dkdv_arguments`` / ``dq_arguments`` /
+``preprocess_arguments``) applied to example tensors on the ``meta`` device, so a kernel's
+signature is described once; ``tuning.aot.compile_kernel`` turns the named arguments into the
+``ASTSource`` signature the way the JIT specializes a launch. Example shapes: batch 2, 8 query
+heads on 2 KV heads (GQA 4), contiguous tensors -- so strides divide by 16, unit strides are
+constants, and head counts and lengths stay runtime values, as in a real launch.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import backward
-from ..tuning.aot import _TRITON_DTYPES, AotResult, build_signature, compile_kernel
-from .backward_codegen import BackwardKernels
-from .backward_launch import BackwardConfig, dkdv_constexprs, dq_constexprs
-from ..jit.functions import GeneratedKernel
-from .configs import KernelConfig
+from ...masks.tracing import TracedMod
+from ..jit import functions
+from ..tuning.aot import AotResult, compile_kernel
+from ..tuning.search import CompileStats
+from . import fallback
+from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_pair, dkdv_arguments, dkdv_constexprs,
+                              dq_arguments, dq_constexprs, function_constexprs, preprocess_arguments)
+from .configs import KernelConfig, cdiv, padded_head_dim
+from .forward_launch import FORWARD_LAYOUT, forward_arguments, kernel_constexprs, layout_arguments
 
-# Runtime parameters the JIT turns into the constant 1 for contiguous tensors.
-_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_dkd", "stride_dvd", "stride_dqd",
-                 "stride_layout_m", "stride_layout_n"}
-_NOT_DIVISIBLE = {"q_len", "kv_len", "num_q_heads", "num_kv_heads", "gqa_groups", "scale_log2", "score_scale"}
-
-
-def _compile(kernel: GeneratedKernel, runtime_params, constexprs: dict, tiles: KernelConfig, *, arch: int,
-             dtype: torch.dtype, head_dim: int, inspect_sass: bool) -> AotResult:
-    signature, all_constexprs, attrs = build_signature(kernel, dtype, constexprs, runtime_params=runtime_params,
-                                                       unit_strides=_UNIT_STRIDES, not_divisible=_NOT_DIVISIBLE)
-    return compile_kernel(kernel, signature, all_constexprs, attrs, tiles, arch=arch, dtype=dtype, head_dim=head_dim,
-                          inspect_sass=inspect_sass)
+META = torch.device("meta")
+EXAMPLE_BATCH, EXAMPLE_Q_HEADS, EXAMPLE_KV_HEADS = 2, 8, 2
 
 
-def compile_backward(kernels: BackwardKernels, config: BackwardConfig, *, arch: int,
+def _empty(*shape, dtype) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+def _example_layout(rows: int, columns: int, names, row: str) -> Dict[str, object]:
+    """A broadcast (``[1, 1, ...]``) block layout of ``rows`` x ``columns`` blocks, as a BlockMask has."""
+    counts, indices = _empty(1, 1, rows, dtype=torch.int32), _empty(1, 1, rows, columns, dtype=torch.int32)
+    return layout_arguments(counts, indices, counts, indices, META, names, row)
+
+
+def _mask_captured(mask_mode: str, mask: Optional[TracedMod], block_size: Tuple[int, int], q_len: int,
+                   kv_len: int) -> tuple:
+    if mask_mode == functions.MASK_TRACED:
+        return functions.captured_tuple(mask.captured, META)
+    if mask_mode == functions.MASK_BITMASK:
+        rows, columns = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
+        return fallback.example_bitmask_captured(rows, columns, block_size, META)
+    return ()
+
+
+def _score_captured(score: Optional[TracedMod]) -> tuple:
+    return functions.captured_tuple(score.captured, META) if score is not None else ()
+
+
+def _mode(mask: Optional[TracedMod], mask_mode: Optional[str]) -> str:
+    return mask_mode or (functions.MASK_TRACED if mask is not None else functions.MASK_NONE)
+
+
+def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod] = None,
+                    score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
+                    dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
+                    block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
+                    inspect_sass: bool = False) -> AotResult:
+    """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for ``sm_{arch}``.
+
+    ``mask_mode``: ``functions.MASK_*`` (default: traced when ``mask`` is given, else none).
+    """
+    from .forward import attention_forward_kernel
+
+    mode = _mode(mask, mask_mode)
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode)
+    query = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim, dtype=dtype)
+    key = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim, dtype=dtype)
+    value = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim_v, dtype=dtype)
+    out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
+    lse = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
+    layout = _example_layout(cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1]), FORWARD_LAYOUT, "m")
+    arguments = forward_arguments(query, key, value, out, lse, layout, scale=0.125,
+                                  mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
+                                  score_captured=_score_captured(score))
+    constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn,
+                      **kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
+                                          block_size=block_size, config=config, kv_len=kv_len, interpret=False))
+    return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=arch, num_warps=config.num_warps,
+                          num_stages=config.num_stages, inspect_sass=inspect_sass,
+                          label=f"forward {mods.name} {config.name} D={head_dim} {dtype}")
+
+
+def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[TracedMod] = None,
+                     score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
                      inspect_sass: bool = False) -> Dict[str, AotResult]:
-    """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: {"dkdv": ..., "dq": ...}.
+    """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: ``{"dkdv": ..., "dq": ...}``.
 
     ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would.
     """
+    from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel
+
+    mode = _mode(mask, mask_mode)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = config.fitted(block_size[0], block_size[1], q_len, kv_len)
-    shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size,
-                  q_len=q_len, kv_len=kv_len, interpret=False)
-    options = dict(arch=arch, dtype=dtype, head_dim=head_dim, inspect_sass=inspect_sass)
-    return {
-        "dkdv": _compile(kernels.dkdv, backward.DKDV_RUNTIME_PARAMS, dkdv_constexprs(tiles=config.dkdv, **shapes),
-                         config.dkdv, **options),
-        "dq": _compile(kernels.dq, backward.DQ_RUNTIME_PARAMS, dq_constexprs(tiles=config.dq, **shapes),
-                       config.dq, **options),
-    }
+    mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode,
+                                   derivative=True)
+    query = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim, dtype=dtype)
+    key = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim, dtype=dtype)
+    value = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim_v, dtype=dtype)
+    grad_out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
+    lse = delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
+    captured = dict(scale=0.125, mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
+                    score_captured=_score_captured(score))
+    rows, columns = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
+    shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size, q_len=q_len,
+                  kv_len=kv_len, interpret=False)
+    label = f"{mods.name} D={head_dim} {dtype}"
+    dkdv = compile_kernel(
+        attention_backward_dkdv_kernel,
+        dkdv_arguments(query, key, value, grad_out, lse, delta, key, value, _example_layout(columns, rows, DKDV_LAYOUT, "n"),
+                       **captured),
+        {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, **shapes)},
+        arch=arch, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
+        label=f"dkdv {config.dkdv.name} {label}")
+    dq = compile_kernel(
+        attention_backward_dq_kernel,
+        dq_arguments(query, key, value, grad_out, lse, delta, query, _example_layout(rows, columns, DQ_LAYOUT, "m"),
+                     **captured),
+        {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
+        arch=arch, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
+        label=f"dq {config.dq.name} {label}")
+    return {"dkdv": dkdv, "dq": dq}
 
 
-def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128) -> str:
-    """PTX of the delta preprocessing kernel for ``sm_{arch}`` (it has no config to vary)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128,
+                       q_len: int = 4096) -> AotResult:
+    """The delta preprocessing kernel for ``sm_{arch}`` (it has no config to vary)."""
+    from .backward import attention_backward_preprocess
 
-    from .configs import padded_head_dim
-
-    element = "*" + _TRITON_DTYPES[dtype]
-    signature = {"Out": element, "DOut": element, "DLse": "*fp32", "Delta": "*fp32"}
-    for name in ("ob", "oh", "om", "od", "dob", "doh", "dom", "dod", "dlse_b", "dlse_h"):
-        signature[f"stride_{name}"] = "i32"
-    signature.update(q_len="i32", num_q_heads="i32", HEAD_DIM_V="constexpr", BLOCK_DV="constexpr",
-                     BLOCK_M="constexpr", HAS_DLSE="constexpr")
+    out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
+    grad_lse = delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
     constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), BLOCK_M=64, HAS_DLSE=True)
-    compiled = triton.compile(ASTSource(JITFunction(backward.attention_backward_preprocess), signature, constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    return compiled.asm["ptx"]
+    return compile_kernel(attention_backward_preprocess, preprocess_arguments(out, out, grad_lse, delta), constexprs,
+                          arch=arch, num_warps=4, num_stages=None, label=f"preprocess Dv={head_dim_v} {dtype}")
+
+
+def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[int] = None, dtype=torch.float16,
+                   block_size: Tuple[int, int] = (128, 128), kernel: str = "fwd", mask_mod=None, score_mod=None,
+                   kv_len: int = 4096) -> Callable[[KernelConfig], CompileStats]:
+    """A ``compile_fn`` for ``tuning.search.prune``: compiles the kernels specialized on
+    ``mask_mod``/``score_mod`` for ``GPUTarget("cuda", capability, 32)`` with one candidate config
+    (``kernel="bwd"``: both backward kernels, see ``backward_launch.backward_pair``) and reports shared
+    memory, registers and spill bytes (for the backward pair: the larger shared memory and register
+    count and the sum of the spills). Works without a GPU; raises ImportError without Triton."""
+    import triton.compiler  # noqa: F401  (raises ImportError here, not per candidate, without Triton)
+
+    from ...masks.tracing import UntraceableModError, trace_mask_mod
+    from .forward_launch import trace_score
+
+    if kernel not in ("fwd", "bwd"):
+        raise ValueError(f"ahead-of-time compilation covers the fwd and bwd kernels, got kernel={kernel!r}")
+    value_dim = head_dim if value_dim is None else value_dim
+    block_size = tuple(block_size)
+    mask, mode = None, functions.MASK_NONE
+    if mask_mod is not None:
+        try:
+            mask = trace_mask_mod(mask_mod)
+            functions.check_graph(mask)
+            mode = functions.MASK_TRACED
+        except (UntraceableModError, functions.CodegenError):
+            mask, mode = None, functions.MASK_BITMASK
+    score = trace_score(score_mod)
+    shapes = dict(arch=capability, mask=mask, score=score, mask_mode=mode, dtype=dtype, head_dim=head_dim,
+                  head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
+    memo: Dict[KernelConfig, CompileStats] = {}
+
+    def compile_fn(config: KernelConfig) -> CompileStats:
+        if config not in memo:
+            if kernel == "fwd":
+                results = [compile_forward(config, **shapes)]
+            else:
+                results = list(compile_backward(backward_pair(config), **shapes).values())
+            memo[config] = CompileStats(shared=max(r.shared_bytes for r in results),
+                                        registers=max(r.registers for r in results),
+                                        spills=sum(r.spill_stores + r.spill_loads for r in results))
+        return memo[config]
+
+    return compile_fn

@@ -100,9 +100,17 @@ def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, 
     return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
 
+def backward_pair(config: KernelConfig) -> BackwardConfig:
+    """The backward kernels' tiles for one ``bwd`` tuning candidate: the dK/dV program holds ``BLOCK_N``
+    keys and steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over
+    ``BLOCK_N`` keys (the same pair transposed), both on the candidate's warps and stages."""
+    dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+    return BackwardConfig(config, dq, max_head_dim=256)
+
+
 def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
                           autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
-    """The cached ``bwd`` winner for this call's tuning key (as ``autotune.backward_pair``), else ``default``;
+    """The cached ``bwd`` winner for this call's tuning key (as ``backward_pair``), else ``default``;
     with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
     from ..tuning import search as tuning
 
@@ -112,10 +120,10 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
     if tuned is None and tuning.autotune_requested(autotune):
         space = tuning.search_space("bwd", tuning_key.capability, head_dim=query.shape[-1], value_dim=value.shape[-1],
                                     dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=query.shape[2])
-        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(tuning.backward_pair(candidate)),
+        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(backward_pair(candidate)),
                                         device=query.device).best
     # Nothing tuned: the heuristic pair, which need not be a transposed pair like the tuned ones.
-    return default if tuned is None else tuning.backward_pair(tuned)
+    return default if tuned is None else backward_pair(tuned)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,9 +93,13 @@ def bitmask_captured(block_mask: BlockMask, device: torch.device) -> tuple:
     return (bits, ids, *strides, ids.shape[2], ids.shape[3], q_bs, kv_bs)
 
 
-def bitmask_signature() -> tuple:
-    """Ahead-of-time signature of ``bitmask_captured``'s tuple."""
-    return ("*u8", "*i32") + ("i32",) * 7
+def example_bitmask_captured(num_q_blocks: int, num_kv_blocks: int, block_size: Tuple[int, int],
+                             device: torch.device) -> tuple:
+    """A tuple shaped like ``bitmask_captured``'s for a broadcast mask (ahead-of-time builds, ``meta`` tensors)."""
+    q_bs, kv_bs = block_size
+    bits = torch.empty(num_q_blocks, q_bs, kv_bs, dtype=torch.uint8, device=device)
+    ids = torch.empty(1, 1, num_q_blocks, num_kv_blocks, dtype=torch.int32, device=device)
+    return (bits, ids, 0, 0, ids.stride(2), num_q_blocks, num_kv_blocks, q_bs, kv_bs)
 
 
 def _compute_bits(block_mask: BlockMask) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -24,21 +23,34 @@ from typing import Callable, Dict, Optional, Tuple
 # ---------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    """Where generated kernel modules live: ``$TRITON_ATTN_CACHE_DIR`` or ``~/.cache/triton_attn``."""
-    root = os.environ.get("TRITON_ATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "triton_attn")
-    path = Path(root) / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where generated modules live: ``<settings.cache_dir()>/kernels``, created (a private temporary
+    directory, with one warning, when that cannot be written)."""
+    from ... import settings
+
+    return settings.writable_cache_dir("kernels")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace`` so another process never sees half a module."""
-    if path.exists() and path.read_text() == text:
-        return
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+def write_atomically(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` (UTF-8) via a temporary file and ``os.replace``: another process never sees half a file.
+
+    A file that already holds exactly these bytes is left alone; anything else -- other text,
+    undecodable bytes, an unreadable file -- is replaced. The file is created like ``open()`` creates
+    files, so its mode follows the umask (a cache shared between users stays readable).
+    """
+    data = text.encode("utf-8")
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp")
+    handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            if fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,7 +67,8 @@ def import_file(module_name: str, path: Path):
 
 
 def load_module(file_stem: str, source: str) -> Tuple[object, Path]:
-    """Write ``source`` to ``<cache_dir>/<file_stem>.py`` (atomically) and import it: (module, path)."""
+    """Write ``source`` to ``<cache_dir>/<file_stem>.py`` (atomically; a stale or corrupt file is
+    rewritten) and import it: (module, path)."""
     path = cache_dir() / f"{file_stem}.py"
     write_atomically(path, source)
     return import_file(f"triton_attn_generated_{file_stem}", path), path

@@ -1,7 +1,7 @@
 """The on-disk cache of autotuning winners: one JSON file, shared by every process of a user.
 
-Where: ``$TRITON_ATTN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/triton_attn`` (``~/.cache/triton_attn``), the
-folder ``codegen`` keeps its generated kernel modules in.
+Where: ``settings.cache_dir()`` -- ``$TRITON_ATTN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/triton_attn``
+(``~/.cache/triton_attn``), the folder that also holds the generated modules (``<dir>/kernels``).
 File: ``autotune.json``::
 
     {"format": "triton-attn-autotune", "version": 1,
@@ -12,8 +12,9 @@ Rules:
 - Writes are atomic: the new content goes to a temporary file in the same folder, is flushed to
   disk, then ``os.replace``-d over the old file. A reader sees the old file or the new one, never a
   half-written one.
-- Writers take an exclusive ``fcntl.flock`` on a sidecar ``autotune.json.lock`` and *read, merge,
+- Writers take an exclusive ``filelock.FileLock`` on a sidecar ``autotune.json.lock`` and *read, merge,
   write* under it, so concurrent tuning processes lose no entries. Readers need no lock.
+- Files are created with the process's umask, so a cache directory shared between users works.
 - A corrupt file (not JSON, not the expected shape) or one of another format version is ignored
   with one warning, never an exception; the next write moves it aside (``autotune.json.corrupt`` /
   ``autotune.json.v<N>``) and starts afresh. Malformed entries are dropped one by one.
@@ -26,22 +27,22 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
-try:  # POSIX; Triton itself is Linux-only, elsewhere we fall back to atomic replace without a lock
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+import filelock
+
+from ... import settings
+from ..jit.modules import write_atomically
 
 FORMAT = "triton-attn-autotune"
 VERSION = 1
 FILE_NAME = "autotune.json"
-ENV_CACHE_DIR = "TRITON_ATTN_CACHE_DIR"
+# Seconds a writer waits for another process's lock before giving up (with a warning).
+LOCK_TIMEOUT = 60.0
 
 
 class TuningCacheWarning(UserWarning):
@@ -49,17 +50,9 @@ class TuningCacheWarning(UserWarning):
     from memory, and calls go on with defaults."""
 
 
-def cache_dir() -> Path:
-    """The user's triton-attn cache folder (not created here)."""
-    override = os.environ.get(ENV_CACHE_DIR)
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "triton_attn"
-
-
 def default_path() -> Path:
-    return cache_dir() / FILE_NAME
+    """``autotune.json`` in ``settings.cache_dir()`` (read at call time)."""
+    return settings.cache_dir() / FILE_NAME
 
 
 def _valid_entry(value: Any) -> bool:
@@ -92,7 +85,7 @@ class TuningCache:
     # -- location -----------------------------------------------------------------------------------------
     @property
     def path(self) -> Path:
-        """The cache file; follows ``TRITON_ATTN_CACHE_DIR`` at call time unless a path was given."""
+        """The cache file; follows ``settings.cache_dir()`` at call time unless a path was given."""
         return self._explicit if self._explicit is not None else default_path()
 
     @property
@@ -176,29 +169,12 @@ class TuningCache:
     def _locked(self) -> Iterator[None]:
         lock_path = self.lock_path
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+b") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with filelock.FileLock(str(lock_path), timeout=LOCK_TIMEOUT):
+            yield
 
     def _write_atomic(self, path: Path, entries: Mapping[str, dict]) -> None:
         payload = {"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}
-        text = json.dumps(payload, indent=1, sort_keys=False, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, json.dumps(payload, indent=1, sort_keys=False, allow_nan=False), fsync=True)
 
     def update(self, new_entries: Mapping[str, dict]) -> None:
         """Merge ``new_entries`` into the file (read-merge-write under the lock; later writes win per key).
@@ -249,7 +225,7 @@ _DEFAULT: Optional[TuningCache] = None
 
 
 def default_cache() -> TuningCache:
-    """The process-wide cache object (its path follows ``TRITON_ATTN_CACHE_DIR`` at call time)."""
+    """The process-wide cache object (its path follows ``settings.cache_dir()`` at call time)."""
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = TuningCache()

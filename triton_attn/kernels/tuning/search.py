@@ -2,7 +2,7 @@
 
 Three pieces, each usable without a GPU except the timing itself:
 
-- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``/``decode``), device name and
+- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``), device name and
   compute capability, dtype, head dims (D, Dv), GQA ratio, a sequence-length bucket (next power of two of
   Lq and of Lkv) and the mask's sparsity class (share of blocks computed: dense / half / sparse / tiny).
 - **Search space** (``search_space``): tile sizes x num_warps x num_stages per kernel, plus on Hopper
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import statistics
 import time
 import warnings
@@ -31,11 +30,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from ..attention.configs import KernelConfig
+from ..attention.configs import KernelConfig, next_power_of_two
+from ... import settings
 from .cache import TuningCache, default_cache
 
-KERNELS = ("fwd", "bwd", "decode")
-ENV_AUTOTUNE = "TRITON_ATTN_AUTOTUNE"
+KERNELS = ("fwd", "bwd")
 
 # Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, table of
 # compute capabilities). Used when no GPU can be asked (ahead-of-time pruning for another machine).
@@ -52,13 +51,9 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _next_power_of_two(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
 def seq_bucket(length: int) -> int:
     """The bucket of a sequence length: the next power of two, at least 16 and at most 2**17."""
-    return min(1 << 17, max(16, _next_power_of_two(max(1, int(length)))))
+    return min(1 << 17, max(16, next_power_of_two(max(1, int(length)))))
 
 
 def sparsity_class(computed_fraction: float) -> str:
@@ -170,23 +165,21 @@ def search_space(kernel: str = "fwd", capability: int = 80, *, head_dim: int = 1
     Forward: BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} (sm_8x), stages
     {2, 3, 4} plus the Hopper variants on sm_90+ (128x128 and 128x64 tiles on 8 warps = two warpgroups of
     wgmma, with 4-5 stage pipelines that TMA-less loads still profit from on 228 KB of shared memory).
-    Backward: smaller query tiles (BLOCK_M {32, 64}), BLOCK_N {64, 128}. Decode: BLOCK_M 16, long key tiles.
+    Backward: smaller query tiles (BLOCK_M {32, 64}), BLOCK_N {64, 128}.
     Large head dims (> 128) and float32 drop the 128x128 tiles, which cannot fit in registers there.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     value_dim = head_dim if value_dim is None else value_dim
-    width = max(_next_power_of_two(max(16, head_dim)), _next_power_of_two(max(16, value_dim)))
+    width = max(next_power_of_two(max(16, head_dim)), next_power_of_two(max(16, value_dim)))
     hopper = capability >= 90
     if kernel == "fwd":
         stages = (2, 3, 4) if hopper else (2, 3)
         space = _grid((64, 128), (32, 64, 128), (4, 8), stages)
         if hopper:
             space += _grid((128,), (64, 128), (8,), (5,))
-    elif kernel == "bwd":
-        space = _grid((32, 64), (64, 128), (4, 8), (1, 2, 3) if hopper else (1, 2))
     else:
-        space = _grid((16,), (64, 128, 256), (2, 4, 8), (2, 3, 4) if hopper else (2, 3))
+        space = _grid((32, 64), (64, 128), (4, 8), (1, 2, 3) if hopper else (1, 2))
     if width > 128 or dtype == torch.float32:
         space = [c for c in space if c.BLOCK_M * c.BLOCK_N <= 128 * 64]
     seen, fitted = set(), []
@@ -300,86 +293,6 @@ def prune(configs: Sequence[KernelConfig], compile_fn: Callable[[KernelConfig], 
     return PruneResult(kept, dropped, all_stats)
 
 
-def generated_kernel(mask_mod=None, score_mod=None):
-    """The generated forward kernel specialized on ``mask_mod`` / ``score_mod`` (None: plain attention), as
-    ``launch`` would build it for a BlockMask with partial blocks (an untraceable mask_mod uses the bitmask
-    variant)."""
-    from ...masks.tracing import UntraceableModError, trace_mask_mod
-    from ..jit import functions as codegen
-    from ..attention.forward_launch import trace_score
-
-    if mask_mod is None:
-        spec = codegen.KernelSpec(codegen.MASK_NONE, None, trace_score(score_mod))
-    else:
-        try:
-            traced = trace_mask_mod(mask_mod)
-            codegen.check_graph(traced)
-            spec = codegen.KernelSpec(codegen.MASK_TRACED, traced, trace_score(score_mod))
-        except (UntraceableModError, codegen.CodegenError):
-            spec = codegen.KernelSpec(codegen.MASK_BITMASK, None, trace_score(score_mod))
-    return codegen.kernel_for(spec)
-
-
-def backward_pair(config: KernelConfig):
-    """The backward kernels' tiles for one ``bwd`` candidate: the dK/dV program holds ``BLOCK_N`` keys and
-    steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over ``BLOCK_N``
-    keys (the same pair transposed), both on the candidate's warps and stages."""
-    from ..attention.backward_launch import BackwardConfig
-
-    dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
-    return BackwardConfig(config, dq, max_head_dim=256)
-
-
-def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[int] = None, dtype=torch.float16,
-                   block_size: Tuple[int, int] = (128, 128), kernel: str = "fwd", mask_mod=None, score_mod=None,
-                   kv_len: int = 4096) -> Callable[[KernelConfig], CompileStats]:
-    """A ``compile_fn`` for ``prune`` built on ``kernels/aot.py`` (forward) and ``kernels/backward_aot.py``
-    (``kernel="bwd"``: both backward kernels, see ``backward_pair``): compiles the kernels specialized on
-    ``mask_mod``/``score_mod`` for ``GPUTarget("cuda", capability, 32)`` and reads shared memory (Triton's
-    metadata) and registers / spill bytes (``ptxas -v``); for the backward pair, the larger shared memory
-    and register count and the sum of the spills. Works without a GPU.
-
-    Raises ImportError when the AOT helper (or Triton) is not there, ValueError for the decode kernel.
-    """
-    if kernel not in ("fwd", "bwd"):
-        raise ValueError(f"ahead-of-time compilation covers the fwd and bwd kernels, got kernel={kernel!r}")
-    from . import aot
-
-    value_dim = head_dim if value_dim is None else value_dim
-    generated = generated_kernel(mask_mod, score_mod)
-    block_size = tuple(block_size)
-
-    def compile_one(config: KernelConfig) -> CompileStats:
-        if kernel == "fwd":
-            result = aot.compile_forward(generated, config, arch=capability, dtype=dtype, head_dim=head_dim,
-                                         head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
-            return CompileStats(shared=int(result.shared_bytes), registers=int(result.registers),
-                                spills=int(result.spill_stores) + int(result.spill_loads))
-        from ..attention.aot import compile_backward
-        from ..attention.backward_codegen import backward_kernels_for
-
-        results = compile_backward(backward_kernels_for(generated.spec), backward_pair(config), arch=capability,
-                                   dtype=dtype, head_dim=head_dim, head_dim_v=value_dim, block_size=block_size,
-                                   kv_len=kv_len).values()
-        return CompileStats(shared=max(int(r.shared_bytes) for r in results),
-                            registers=max(int(r.registers) for r in results),
-                            spills=sum(int(r.spill_stores) + int(r.spill_loads) for r in results))
-
-    def compile_fn(config: KernelConfig) -> CompileStats:
-        # The build depends on the kernel's specialization, not on the sequence length (beyond whether the
-        # last key block is ragged): shapes that differ only in length share one compile per config.
-        memo_key = (kernel, generated.kernel_name, capability, str(dtype), head_dim, value_dim, block_size,
-                    kv_len % block_size[1] != 0, config)
-        if memo_key not in _AOT_MEMO:
-            _AOT_MEMO[memo_key] = compile_one(config)
-        return _AOT_MEMO[memo_key]
-
-    return compile_fn
-
-
-_AOT_MEMO: Dict[tuple, CompileStats] = {}
-
-
 # -- timing and the search ----------------------------------------------------------------------------------
 
 def time_ms(fn: Callable[[], Any], device=None, *, warmup: int = 1, repeats: int = 5) -> float:
@@ -426,7 +339,7 @@ def config_from_dict(data: Mapping[str, Any]) -> KernelConfig:
 def autotune_requested(autotune: Optional[bool]) -> bool:
     """``autotune`` when given, else whether ``TRITON_ATTN_AUTOTUNE`` asks for searches."""
     if autotune is None:
-        return os.environ.get(ENV_AUTOTUNE, "").strip().lower() in ("1", "true", "yes", "on")
+        return settings.autotune()
     return bool(autotune)
 
 
