@@ -115,6 +115,60 @@ def decode_key(query: torch.Tensor, kv_heads: int, kv_len: int, head_dim_v: int,
                             sparsity=tuning.block_mask_sparsity_class(block_mask), variant=variant)
 
 
+def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, block_mask: BlockMask, plan: DecodePlan, *,
+                           scale: float, page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor],
+                           mask_captured: tuple, score_captured: tuple, mods, interpret: bool):
+    """(runtime arguments, constexprs) of ``decode_split_kernel`` by name, for a launch or an AOT build.
+
+    K/V are ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` with ``page_table``."""
+    q_len, q_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
+    head_dim_v = value.shape[3]
+    paged = page_table is not None
+    kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    config = plan.config
+    layout = layout_arguments(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                              block_mask.full_kv_indices, block_mask.kv_num_blocks.device, DECODE_LAYOUT, "m")
+    arguments = dict(
+        Q=query, K=key, V=value, Out=out, Lse=lse, PartOut=part_out, PartLse=part_lse,
+        page_table=page_table if paged else lse, kv_lens=kv_lens if paged else lse,
+        **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
+        **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
+        stride_page_b=page_table.stride(0) if paged else 0,
+        **layout,
+        q_len=q_len, kv_len=kv_len, num_q_heads=q_heads, gqa_groups=q_heads // key.shape[1],
+        scale_log2=scale * LOG2_E, score_scale=scale,
+        mask_captured=mask_captured, score_captured=score_captured,
+    )
+    constexprs = dict(
+        MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
+        KV_TILES_PER_BLOCK=cdiv(kv_bs, config.BLOCK_N), ROW_TILES_PER_BLOCK=plan.row_tiles,
+        HEADS_PER_TILE=plan.heads_per_tile, NUM_SPLITS=plan.num_splits,
+        PAGED=paged, PAGE_SIZE=key.shape[2] if paged else 1,
+        # Paged: the last page of a sequence is ragged (kv_lens), so keys are always bounds-checked.
+        CHECK_KV_BOUNDS=paged or (kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
+        DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=bool(interpret and query.dtype == torch.bfloat16),
+    )
+    return arguments, constexprs
+
+
+def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+    """(runtime arguments, constexprs, num_warps) of ``decode_combine_kernel``; part_out float32
+    [S, B, Hq, Lq, Dv] and part_lse [S, B, Hq, Lq], contiguous."""
+    splits, batch, q_heads, q_len, head_dim_v = part_out.shape
+    arguments = dict(PartOut=part_out, PartLse=part_lse, Out=out, Lse=lse,
+                     **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
+                     num_rows=batch * q_heads * q_len, q_len=q_len, num_q_heads=q_heads)
+    constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), NUM_SPLITS=splits,
+                      BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()))
+    return arguments, constexprs, 4 if head_dim_v >= 128 else 2
+
+
 def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, interpret: bool,
          page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], config: Optional[KernelConfig],
          autotune: Optional[bool], num_splits: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +181,6 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
     paged = page_table is not None
     kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
     device = query.device
-    q_bs, kv_bs = block_mask.BLOCK_SIZE
 
     mask_plan = plan_mask(block_mask)
     score_traced = trace_score(score_mod)
@@ -160,42 +213,17 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
         part_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=device)
     else:
         part_out, part_lse = out, lse  # unused by the kernel when NUM_SPLITS == 1
-    layout = layout_arguments(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-                              block_mask.full_kv_indices, device, DECODE_LAYOUT, "m")
-    arguments = dict(
-        Q=query, K=key, V=value, Out=out, Lse=lse, PartOut=part_out, PartLse=part_lse,
-        page_table=page_table if paged else lse, kv_lens=kv_lens if paged else lse,
-        **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
-        **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
-        stride_page_b=page_table.stride(0) if paged else 0,
-        **layout,
-        q_len=q_len, kv_len=kv_len, num_q_heads=q_heads, gqa_groups=q_heads // kv_heads,
-        scale_log2=scale * LOG2_E, score_scale=scale,
-        mask_captured=mask_plan.captured(device), score_captured=score_captured(score_traced, device),
-        MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
-        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
-        KV_TILES_PER_BLOCK=cdiv(kv_bs, config.BLOCK_N), ROW_TILES_PER_BLOCK=plan.row_tiles,
-        HEADS_PER_TILE=plan.heads_per_tile, NUM_SPLITS=splits,
-        PAGED=paged, PAGE_SIZE=key.shape[2] if paged else 1,
-        # Paged: the last page of a sequence is ragged (kv_lens), so keys are always bounds-checked.
-        CHECK_KV_BOUNDS=paged or (kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
-        DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=bool(interpret and query.dtype == torch.bfloat16),
-    )
+    arguments, constexprs = split_kernel_arguments(
+        query, key, value, out, lse, part_out, part_lse, block_mask, plan, scale=scale, page_table=page_table,
+        kv_lens=kv_lens, mask_captured=mask_plan.captured(device), score_captured=score_captured(score_traced, device),
+        mods=mods, interpret=interpret)
     grid = plan.grid(block_mask.num_blocks[0], batch, q_heads)
-    launch(decode_split_kernel, grid, arguments, interpret=interpret, device=device,
+    launch(decode_split_kernel, grid, {**arguments, **constexprs}, interpret=interpret, device=device,
            num_warps=config.num_warps, num_stages=config.num_stages)
     if splits > 1:
-        combine = dict(PartOut=part_out, PartLse=part_lse, Out=out, Lse=lse,
-                       **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
-                       num_rows=batch * q_heads * q_len, q_len=q_len, num_q_heads=q_heads,
-                       HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), NUM_SPLITS=splits,
-                       BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()))
-        launch(decode_combine_kernel, (batch * q_heads * q_len,), combine, interpret=interpret, device=device,
-               num_warps=4 if head_dim_v >= 128 else 2, num_stages=1)
+        arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse)
+        launch(decode_combine_kernel, (batch * q_heads * q_len,), {**arguments, **constexprs}, interpret=interpret,
+               device=device, num_warps=num_warps, num_stages=1)
     return out, lse
 
 
