@@ -88,3 +88,16 @@ def compile_combine(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_
     arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse)
     return compile_kernel(decode_combine_kernel, arguments, constexprs, arch=arch, num_warps=num_warps, num_stages=1,
                           label=f"decode combine splits={num_splits} Dv={head_dim_v}")
+
+
+def decode_compile_fn(capability: int, **shape) -> Callable[[KernelConfig], "CompileStats"]:
+    """A ``compile_fn`` for ``tuning.search.prune``: ``compile_decode(config, arch=capability, **shape)``
+    reported as shared memory, registers and spilled bytes."""
+    from ..tuning.search import CompileStats
+
+    def compile_fn(config: KernelConfig) -> CompileStats:
+        result = compile_decode(config, arch=capability, **shape)
+        return CompileStats(shared=result.shared_bytes, registers=result.registers,
+                            spills=result.spill_stores + result.spill_loads)
+
+    return compile_fn

@@ -76,11 +76,13 @@ def use_decode(query: torch.Tensor, key: torch.Tensor, block_mask: BlockMask) ->
 
 def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask: BlockMask, *,
                 config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
-                tuned: Optional[Callable[[KernelConfig, int], KernelConfig]] = None) -> DecodePlan:
+                tuned: Optional[Callable[[KernelConfig, int], KernelConfig]] = None,
+                sm_count: Optional[int] = None) -> DecodePlan:
     """The launch decisions for ``query`` [B, Hq, Lq, D] over ``block_mask`` (see ``DecodePlan``).
 
     num_splits: force a split count (None: ``configs.choose_splits`` from the SM count and the
-    mask's non-empty blocks). tuned(default, splits): the tuning cache's winner, if any.
+    mask's non-empty blocks). tuned(default, splits): the tuning cache's winner, if any. sm_count:
+    the SMs to fill (default: the query's device; ``configs.NOMINAL_SMS`` for another target).
     """
     batch, q_heads, q_len, head_dim = query.shape
     groups = q_heads // kv_heads
@@ -92,12 +94,24 @@ def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask:
     row_tiles = cdiv(rows, fitted.BLOCK_M)
     programs = block_mask.num_blocks[0] * row_tiles * batch * q_heads // heads_per_tile
     if num_splits is None:
-        num_splits = choose_splits(programs, max(1, max_visits(block_mask)),
-                                   _sm_count(query.device.type, query.device.index))
+        sm_count = sm_count or _sm_count(query.device.type, query.device.index)
+        num_splits = choose_splits(programs, max(1, max_visits(block_mask)), sm_count)
     if config is None and tuned is not None:
         fitted = fit_decode(tuned(chosen, num_splits), rows, kv_bs)
         row_tiles = cdiv(rows, fitted.BLOCK_M)
     return DecodePlan(heads_per_tile, rows, row_tiles, num_splits, fitted)
+
+
+def decode_candidates(capability: int, query: torch.Tensor, head_dim_v: int, block_mask: BlockMask, *,
+                      groups: int) -> list:
+    """The decode search space (``tuning.search_space("decode")``) fitted to this call's packed rows, deduplicated."""
+    from ..tuning import search as tuning
+
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    rows = min(q_bs, query.shape[2]) * (groups if block_mask.shape[1] == 1 else 1)
+    space = tuning.search_space("decode", capability, head_dim=query.shape[-1], value_dim=head_dim_v,
+                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=None)
+    return list(dict.fromkeys(fit_decode(config, rows, kv_bs) for config in space))
 
 
 def decode_key(query: torch.Tensor, kv_heads: int, kv_len: int, head_dim_v: int, block_mask: BlockMask,
@@ -195,9 +209,7 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
                           score=score_mod is not None)
         return tuning.select_config(
             key_, default, autotune=autotune, device=device,
-            candidates=lambda: tuning.search_space("decode", key_.capability, head_dim=head_dim, value_dim=head_dim_v,
-                                                   dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
-                                                   q_len=q_len),
+            candidates=lambda: decode_candidates(key_.capability, query, head_dim_v, block_mask, groups=q_heads // kv_heads),
             run=lambda candidate: _run(query, key, value, block_mask, score_mod=score_mod, scale=scale,
                                        interpret=False, page_table=page_table, kv_lens=kv_lens, config=candidate,
                                        autotune=False, num_splits=splits))
