@@ -253,3 +253,15 @@ def test_reference_decoder_paged_logits_match_each_step():
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cache must be 'contiguous' or 'paged'"):
         model.generate(ids, cache="pages")
+
+
+@pytest.mark.parametrize("q_len", [1, 5, 128])
+def test_closed_form_causal_layout_equals_the_mask_compiler(q_len):
+    from triton_attn.paged import causal_paged_block_mask, logical_mask_mod
+
+    kv_lens = torch.tensor([q_len, 128, 129, 1000, 1024 + q_len - 1, 2048], dtype=torch.int32)
+    closed = causal_paged_block_mask(kv_lens, q_len, 2048)
+    compiled = ta.create_block_mask(logical_mask_mod(None, kv_lens, q_len), 6, None, q_len, 2048, BLOCK_SIZE=128)
+    assert torch.equal(closed.to_dense(), compiled.to_dense())
+    assert torch.equal(closed.partial_blocks(), compiled.partial_blocks())
+    assert torch.equal(closed.full_blocks(), compiled.full_blocks())

@@ -88,6 +88,8 @@ def paged_block_mask(mask_mod: Optional[Callable], kv_lens: torch.Tensor, q_len:
     H is ``q_heads`` only when the mask reads ``h`` (else it broadcasts, which lets the decode kernel
     pack all query heads of a GQA group into one program). The query block covers every row up to 128.
     """
+    if mask_mod is None and q_len <= kv_block_size:
+        return causal_paged_block_mask(kv_lens, q_len, kv_capacity, kv_block_size)
     logical = logical_mask_mod(mask_mod, kv_lens, q_len)
     heads = q_heads if depends_on_head(mask_mod) else None
     q_block = 128 if q_len <= 128 else 64
@@ -111,29 +113,35 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch
     return slab if used * page_size == length else slab[:, :, :length]
 
 
-def causal_tail_block_mask(q_len: int, kv_len: int, device, block_size: int = PAGED_KV_BLOCK_SIZE) -> BlockMask:
-    """The BlockMask of the default paged mask for one sequence, in closed form (no mask compile).
+def causal_paged_block_mask(kv_lens: torch.Tensor, q_len: int, kv_capacity: int,
+                            block_size: int = PAGED_KV_BLOCK_SIZE) -> BlockMask:
+    """The BlockMask of the default (causal) paged mask in closed form: no mask compile, no device sync.
 
-    Query rows are the last ``q_len`` of ``kv_len`` tokens, causal, in one query block
-    (``q_len <= block_size``): key block j is full when the first query row sees all of it, partial
-    when only later rows see part of it, empty past the end.
+    kv_lens: int32 ``[B]``; the ``q_len <= block_size`` query rows of sequence b are its last tokens,
+    in one query block. Key block j is full when the first query row (position ``kv_lens[b] - q_len``)
+    sees all of it, partial when only later rows see part of it (at most two blocks), empty from
+    ``kv_lens[b]`` on. The q-side fields describe the same single query-block row.
     """
-    starts = torch.arange(0, kv_len, block_size, device=device)
-    ends = torch.clamp(starts + block_size, max=kv_len) - 1                  # last position of each block
-    first_row = kv_len - q_len
-    full = (ends <= first_row).view(1, 1, 1, -1)
-    partial = ~full
-    return BlockMask.from_block_maps(partial, full, BLOCK_SIZE=(block_size, block_size), seq_lengths=(q_len, kv_len),
-                                     mask_mod=causal_tail_mask(kv_len - q_len))
-
-
-def causal_tail_mask(offset: int) -> Callable:
-    """Causal with the query rows ``offset`` positions later: ``q_idx + offset >= kv_idx``."""
-    def causal_after(b, h, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
-
-    causal_after.__name__ = f"causal_after_{offset}"
-    return causal_after
+    if q_len > block_size:
+        raise ValueError(f"causal_paged_block_mask needs q_len <= block_size, got {q_len} > {block_size}")
+    lengths = kv_lens.long().view(-1, 1, 1)                                           # [B, 1, 1]
+    num_blocks = -(-kv_capacity // block_size)
+    blocks = torch.arange(num_blocks, device=kv_lens.device).view(1, 1, -1)           # [1, 1, NKV]
+    full_count = (lengths - q_len + 1) // block_size                                  # blocks 0 .. f-1 are full
+    used = (lengths + block_size - 1) // block_size
+    partial_count = used - full_count
+    full = blocks < full_count                                                        # [B, 1, NKV]
+    partial = (blocks >= full_count) & (blocks < used)
+    last = num_blocks - 1
+    return BlockMask(
+        kv_num_blocks=partial_count.to(torch.int32), kv_indices=(blocks + full_count).clamp(max=last).to(torch.int32).unsqueeze(2),
+        full_kv_num_blocks=full_count.to(torch.int32), full_kv_indices=blocks.expand_as(full).to(torch.int32).unsqueeze(2),
+        q_num_blocks=partial.to(torch.int32), q_indices=torch.zeros(*partial.shape, 1, dtype=torch.int32,
+                                                                    device=kv_lens.device),
+        full_q_num_blocks=full.to(torch.int32), full_q_indices=torch.zeros(*full.shape, 1, dtype=torch.int32,
+                                                                           device=kv_lens.device),
+        BLOCK_SIZE=(block_size, block_size), seq_lengths=(q_len, kv_capacity),
+        mask_mod=logical_mask_mod(None, kv_lens, q_len))
 
 
 def _shift_batch(mod: Optional[Callable], batch: int, kind: str) -> Optional[Callable]:
@@ -173,7 +181,7 @@ def paged_attention_torch(query: torch.Tensor, key_cache: torch.Tensor, value_ca
         value = gather_pages(value_cache, page_table[batch], length)
         first = length - q_len  # logical position of query row 0
         if mask_mod is None and q_len <= PAGED_KV_BLOCK_SIZE:
-            block_mask = causal_tail_block_mask(q_len, length, query.device)
+            block_mask = causal_paged_block_mask(kv_lens[batch:batch + 1], q_len, length)
         else:
             user_mask = _shift_batch(causal_mask if mask_mod is None else mask_mod, batch, "mask")
 

@@ -22,7 +22,7 @@ import torch
 
 from ...masks.block_mask import BlockMask
 from ..attention.configs import KernelConfig, cdiv, padded_head_dim
-from ..attention.forward_launch import layout_arguments, plan_mask, score_captured, strides, trace_score
+from ..attention.forward_launch import MaskPlan, layout_arguments, plan_mask, score_captured, strides, trace_score
 from ..attention.blocks import LOG2_E
 from ..jit import functions
 from ..jit.modules import launch
@@ -185,9 +185,11 @@ def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out
 
 def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, interpret: bool,
          page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], config: Optional[KernelConfig],
-         autotune: Optional[bool], num_splits: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+         autotune: Optional[bool], num_splits: Optional[int],
+         mask_plan: Optional[MaskPlan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode launch (split kernel, then combine when split). K/V contiguous-by-sequence
-    ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` when ``page_table`` is given."""
+    ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` when ``page_table`` is given.
+    mask_plan: how the predicate reaches the kernel, when the caller knows (default ``plan_mask``)."""
     from .kernel import decode_combine_kernel, decode_split_kernel
 
     batch, q_heads, q_len, head_dim = query.shape
@@ -196,7 +198,7 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
     kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
     device = query.device
 
-    mask_plan = plan_mask(block_mask)
+    mask_plan = mask_plan or plan_mask(block_mask)
     score_traced = trace_score(score_mod)
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
 
@@ -249,24 +251,27 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 page_table=None, kv_lens=None, config=config, autotune=autotune, num_splits=num_splits)
 
 
-def paged_block_mask_for(query: torch.Tensor, page_table: torch.Tensor, page_size: int, kv_lens: torch.Tensor,
-                         mask_mod: Optional[Callable]) -> BlockMask:
-    """The BlockMask of a paged call over logical positions ``[0, max_pages * page_size)``."""
-    from ...paged import paged_block_mask
-
-    return paged_block_mask(mask_mod, kv_lens, query.shape[2], query.shape[1], page_table.shape[1] * page_size)
-
-
 def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, page_table: torch.Tensor,
                  kv_lens: torch.Tensor, *, mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float,
                  interpret: bool, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
                  num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``paged_attention`` on the Triton kernels (inputs validated by the API); see ``paged.py`` for
-    the logical positions. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32."""
-    from ...paged import logical_score_mod
+    the logical positions. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
 
-    block_mask = paged_block_mask_for(query, page_table, key_cache.shape[2], kv_lens, mask_mod)
+    The default causal mask takes the closed-form BlockMask (``paged.causal_paged_block_mask``) and
+    needs no device sync: its split count is planned from the page table's capacity."""
+    from ...masks.tracing import trace_mask_mod
+    from ...paged import logical_score_mod, paged_block_mask
+
+    q_len, capacity = query.shape[2], page_table.shape[1] * key_cache.shape[2]
+    block_mask = paged_block_mask(mask_mod, kv_lens, q_len, query.shape[1], capacity)
+    mask_plan = None
+    if mask_mod is None and q_len <= block_mask.BLOCK_SIZE[0]:
+        traced = trace_mask_mod(block_mask.mask_mod)
+        mask_plan = MaskPlan(functions.MASK_TRACED, traced,
+                             lambda device: functions.captured_tuple(traced.captured, device))
+        _MAX_VISITS[block_mask] = block_mask.num_blocks[1]
     return _run(query, key_cache, value_cache, block_mask,
-                score_mod=logical_score_mod(score_mod, kv_lens, query.shape[2]), scale=scale, interpret=interpret,
+                score_mod=logical_score_mod(score_mod, kv_lens, q_len), scale=scale, interpret=interpret,
                 page_table=page_table.contiguous(), kv_lens=kv_lens.contiguous(), config=config, autotune=autotune,
-                num_splits=num_splits)
+                num_splits=num_splits, mask_plan=mask_plan)
