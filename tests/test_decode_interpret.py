@@ -165,3 +165,24 @@ def test_untraceable_mask_uses_the_bitmask():
                                     enable_gqa=True, return_lse=True, backend="torch")
     torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+def test_gpu_check_decode_and_paged_sections_dry_run(tmp_path):
+    """bench/gpu_check.py's decode and paged sections run end to end on CPU through the interpreter."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_for_decode", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "decode", "paged"]) == 0
+    (written,) = tmp_path.glob("gpu_check_*.csv")
+    rows = list(csv.DictReader(written.open()))
+    sections = {row["section"] for row in rows}
+    assert sections == {"decode_correctness", "decode_speed", "paged_correctness", "paged_speed", "paged_ratio"}
+    assert all(row["ok"] == "True" for row in rows if row["section"].endswith("correctness"))
+    assert {row["impl"] for row in rows if row["section"] == "decode_speed"} == {
+        "triton_attn", "triton_attn_kernel", "sdpa"}
+    assert any(row["impl"] == "paged_ragged" for row in rows)
