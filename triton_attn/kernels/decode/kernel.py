@@ -37,9 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
-LOG2_E_IN_KERNEL = tl.constexpr(LOG2_E)
+from ..attention.blocks import LN_2, LOG2_E_IN_KERNEL, load_tile, online_softmax_step, tile_positions
+
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
 
 
@@ -128,9 +127,8 @@ def decode_split_kernel(
             block_list = full_kv_indices + index_offset
         for step in range(slot_start * KV_TILES_PER_BLOCK, slot_end * KV_TILES_PER_BLOCK):
             kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
-            cols_in_block = (step % KV_TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_pos = kv_block * KV_BLOCK_SIZE + cols_in_block                   # [BLOCK_N] logical
-            kv_valid = (kv_pos < seq_len) & (cols_in_block < KV_BLOCK_SIZE)
+            _, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE, BLOCK_N,
+                                                 seq_len)                       # [BLOCK_N] logical positions
             kv_idx = kv_pos[None, :]
             if PAGED:
                 page = tl.load(pages + kv_pos // PAGE_SIZE, mask=kv_valid, other=0)
@@ -141,14 +139,8 @@ def decode_split_kernel(
                 v_rows = kv_pos.to(tl.int64) * stride_vn
 
             k_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd      # [BLOCK_D, BLOCK_N]
-            if CHECK_KV_BOUNDS:
-                k_tile = tl.load(k_ptrs, mask=kv_valid[None, :] & d_valid[:, None], other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                k_tile = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
-            else:
-                k_tile = tl.load(k_ptrs)
-            if UPCAST_DOT:
-                k_tile = k_tile.to(tl.float32)
+            k_tile = load_tile(k_ptrs, kv_valid[None, :], d_valid[:, None], CHECK_KV_BOUNDS, BLOCK_D != HEAD_DIM,
+                               UPCAST_DOT)
             qk = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)        # [BLOCK_M, BLOCK_N] fp32
 
             if SCORE_FN is not None:
@@ -163,23 +155,11 @@ def decode_split_kernel(
             elif CHECK_KV_BOUNDS:
                 logits = tl.where(kv_valid[None, :], logits, float("-inf"))
 
-            # Online softmax in base 2; a row that has seen only masked keys shifts by 0, not -inf.
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            correction = tl.exp2(running_max - shift)
-            probs = tl.exp2(logits - shift[:, None])
-            running_sum = running_sum * correction + tl.sum(probs, 1)
-            accumulator = accumulator * correction[:, None]
-
+            probs, new_max, running_sum, accumulator = online_softmax_step(logits, running_max, running_sum,
+                                                                           accumulator)
             v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd
-            if CHECK_KV_BOUNDS:
-                v_tile = tl.load(v_ptrs, mask=kv_valid[:, None] & dv_valid[None, :], other=0.0)
-            elif BLOCK_DV != HEAD_DIM_V:
-                v_tile = tl.load(v_ptrs, mask=dv_valid[None, :], other=0.0)
-            else:
-                v_tile = tl.load(v_ptrs)
-            if UPCAST_DOT:
-                v_tile = v_tile.to(tl.float32)
+            v_tile = load_tile(v_ptrs, kv_valid[:, None], dv_valid[None, :], CHECK_KV_BOUNDS, BLOCK_DV != HEAD_DIM_V,
+                               UPCAST_DOT)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
 
