@@ -62,3 +62,19 @@ def restore_registries():
     for cls, mapping in zip((AttentionInterface, AttentionMaskInterface), saved):
         cls._global_mapping.clear()
         cls._global_mapping.update(mapping)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory):
+    """The whole session writes generated modules and tuning results into one temporary folder,
+    never into ``~/.cache`` (tests that need another folder point ``TRITON_ATTN_CACHE_DIR`` elsewhere)."""
+    root = tmp_path_factory.mktemp("caches")
+    saved = {name: os.environ.get(name) for name in ("TRITON_ATTN_CACHE_DIR", "XDG_CACHE_HOME")}
+    os.environ["TRITON_ATTN_CACHE_DIR"] = str(root / "triton_attn")
+    os.environ["XDG_CACHE_HOME"] = str(root / "xdg")
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from triton_attn.kernels.attention.aot import compile_forward  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
+from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
@@ -38,7 +39,7 @@ def test_every_config_compiles_for_sm80_and_sm90_within_budget(config):
     kernel = _kernel()
     for arch in aot.ARCHS:
         result = compile_forward(config, arch=arch, head_dim=config.max_head_dim, dtype=torch.bfloat16, **kernel)
-        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.shared_bytes <= shared_memory_limit(arch), str(result)
         assert not result.spills, f"register spills: {result}"
         if arch == 90 and config.BLOCK_M >= 64:  # wgmma needs 64-row warp groups
             assert result.ptx_has_wgmma, f"no wgmma in the sm_90 PTX: {result}"
@@ -53,7 +54,7 @@ def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
         result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=dtype, inspect_sass=arch == 90,
                                  **kernel)
         assert not result.spills, str(result)
-        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.shared_bytes <= shared_memory_limit(arch), str(result)
         if arch == 90:
             assert result.ptx_has_wgmma, str(result)
             assert result.sass_has_wgmma in (True, None), f"no HGMMA in the SASS: {result}"
@@ -64,7 +65,7 @@ def test_float32_configs_compile_within_shared_memory(head_dim):
     config = default_config(head_dim, head_dim, torch.float32, (128, 128), 4096)
     for arch in aot.ARCHS:
         result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=torch.float32, **_kernel())
-        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.shared_bytes <= shared_memory_limit(arch), str(result)
         assert result.spill_stores <= 2048, f"float32 spills grew: {result}"
 
 

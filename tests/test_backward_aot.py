@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from triton_attn.kernels.attention import aot as backward_aot  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
+from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.kernels.attention.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
                                                  MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS)
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
@@ -47,7 +48,7 @@ def test_every_backward_config_compiles_within_budget(config, arch):
     results = backward_aot.compile_backward(config, arch=arch, head_dim=config.max_head_dim, dtype=dtype,
                                             **_kernels())
     for name, result in results.items():
-        assert result.shared_bytes <= aot.SHARED_MEMORY_LIMIT[arch], f"{name}: {result}"
+        assert result.shared_bytes <= shared_memory_limit(arch), f"{name}: {result}"
         if config not in SPILLING_CONFIGS:
             assert not result.spills, f"{name} register spills: {result}"
     if arch == 90 and dtype != torch.float32:

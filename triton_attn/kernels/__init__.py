@@ -1,14 +1,17 @@
-"""The Triton side: code generation, the forward kernel, its launcher and autograd wrapper.
+"""The Triton side, by kernel family. Importing this package (or its subpackages) does not import Triton;
+the modules holding ``@triton.jit`` code do, and they are imported lazily by the launchers.
 
-Importing this package does not import Triton; the modules that need it import it lazily, so
-``triton_attn`` stays importable (and the ``torch`` backend usable) without a working Triton.
-
-- ``configs``: ``KernelConfig``, the ``FORWARD_CONFIGS`` table, ``default_config``.
-- ``forward``: the kernel source template. ``codegen``: graph -> specialized module -> kernel.
-- ``launch``: grid, strides, allocation. ``autograd``: ``triton_attention`` (what ``attention`` calls).
-- ``fallback``: bitmasks for untraceable mask_mods. ``aot``: ahead-of-time compilation checks.
-- ``backward``: the backward kernel templates (delta, dK/dV, dQ); ``derivative``: d score_mod / d score;
-  ``backward_codegen`` / ``backward_launch``: their specialization and launch; ``backward_aot``.
-- ``refine``: the mask compiler's tile refinement on CUDA (per-tile counts of the inlined predicate).
-- ``autotune`` / ``tuning_cache``: the config search and its JSON cache on disk.
+- ``jit/``: from a traced mod to Triton -- ``expressions`` (graph -> Triton expressions), ``derivative``
+  (d score_mod / d score), ``functions`` (the generated ``@triton.jit`` mask/score functions every kernel
+  takes as constexpr arguments: the only generated source), ``predicates`` (the fixed ones: no mask,
+  bitmask fallback), ``modules`` (module files in the cache dir, import, memo, running a kernel compiled
+  or under the interpreter).
+- ``attention/``: the prefill kernels -- ``forward.py`` and ``backward.py`` (real ``@triton.jit`` source),
+  ``blocks.py`` (the shared block walk), launchers (``forward_launch``, ``backward_launch``: mask plan,
+  named arguments, grid), ``autograd`` (``triton_attention``), ``configs``, ``fallback`` (bitmasks for
+  untraceable mask_mods), ``aot`` (ahead-of-time builds of these kernels).
+- ``decode/``: the split-KV decode and paged kernels.
+- ``refine.py``: the mask compiler's tile-refinement kernel (CUDA).
+- ``tuning/``: ``search`` (key, space, pruning, timing; imports no kernel), ``cache`` (the JSON cache),
+  ``aot`` (compile for sm_80/sm_90 without a GPU + the ptxas report).
 """

@@ -74,7 +74,7 @@ def _index_map(positions: torch.Tensor):
     return lambda local: positions[local]
 
 
-def _sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch.Tensor) -> Callable:
+def sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch.Tensor) -> Callable:
     """The mask_mod of a sliced BlockMask: local (b, h) map back to the original ones."""
     batch_of, head_of = _index_map(batch_map), _index_map(head_map)
 
@@ -302,7 +302,7 @@ class BlockMask:
             value = getattr(self, name)
             fields[name] = value[batch_map.to(value.device)][:, head_map.to(value.device)].contiguous()
         return BlockMask(**fields, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
-                         mask_mod=_sliced_mask_mod(self.mask_mod, batch_map, head_map))
+                         mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
 
     def as_tuple(self) -> Tuple:
         """Every field in a fixed order, for passing to kernels."""

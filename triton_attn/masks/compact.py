@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import (BlockMask, _sliced_mask_mod, batch_head_maps, normalize_block_size, picture_grid,
+from .block_mask import (BlockMask, sliced_mask_mod, batch_head_maps, normalize_block_size, picture_grid,
                          render_block_pictures)
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
@@ -368,4 +368,4 @@ class CompactBlockMask(BlockMask):
         return CompactBlockMask(csr=csr, layout_shape=(new_bl, new_hl),
                                 batch_heads=(batch_map.numel(), head_map.numel()), num_blocks=self._num_blocks,
                                 BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
-                                mask_mod=_sliced_mask_mod(self.mask_mod, batch_map, head_map))
+                                mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))

@@ -86,12 +86,6 @@ FLOAT32_CONFIGS = {64: KernelConfig(64, 32, 4, 2, max_head_dim=64),
                    256: KernelConfig(16, 32, 4, 1, max_head_dim=256)}
 
 
-def configs_for(head_dim: int, head_dim_v: Optional[int] = None) -> List[KernelConfig]:
-    """The table entries meant for this head_dim (the autotuner's search space)."""
-    width = max(padded_head_dim(head_dim), padded_head_dim(head_dim if head_dim_v is None else head_dim_v))
-    return [config for config in FORWARD_CONFIGS if width <= config.max_head_dim]
-
-
 def next_power_of_two(value: int) -> int:
     """The smallest power of two >= ``value`` (1 for values <= 1)."""
     return 1 << max(0, int(value) - 1).bit_length()

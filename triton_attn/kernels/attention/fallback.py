@@ -87,7 +87,8 @@ def bitmask_captured(block_mask: BlockMask, device: torch.device) -> tuple:
         cached = (bits, partial_block_ids(block_mask, offsets))
         _IDS[block_mask] = cached
     ids = cached[1]
-    bits, ids = bits.to(device), ids.to(device)
+    # int8 view of the 0/1 bits: Triton 3.4's compiler rejects a uint8 pointer inside a tuple argument.
+    bits, ids = bits.view(torch.int8).to(device), ids.to(device)
     q_bs, kv_bs = block_mask.BLOCK_SIZE
     strides = [0 if ids.shape[d] == 1 else ids.stride(d) for d in range(3)]
     return (bits, ids, *strides, ids.shape[2], ids.shape[3], q_bs, kv_bs)
@@ -97,7 +98,7 @@ def example_bitmask_captured(num_q_blocks: int, num_kv_blocks: int, block_size: 
                              device: torch.device) -> tuple:
     """A tuple shaped like ``bitmask_captured``'s for a broadcast mask (ahead-of-time builds, ``meta`` tensors)."""
     q_bs, kv_bs = block_size
-    bits = torch.empty(num_q_blocks, q_bs, kv_bs, dtype=torch.uint8, device=device)
+    bits = torch.empty(num_q_blocks, q_bs, kv_bs, dtype=torch.int8, device=device)
     ids = torch.empty(1, 1, num_q_blocks, num_kv_blocks, dtype=torch.int32, device=device)
     return (bits, ids, 0, 0, ids.stride(2), num_q_blocks, num_kv_blocks, q_bs, kv_bs)
 

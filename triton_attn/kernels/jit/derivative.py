@@ -3,7 +3,7 @@
 The backward kernels need ``d score_mod(score, b, h, q_idx, kv_idx) / d score`` elementwise on
 every score tile, to apply the chain rule ``dS = dZ * g'(S)`` (``Z = g(S)`` the modified score).
 ``score_derivative`` builds it as a new graph of the same ``Node`` vocabulary
-(``masks/tracing.py``), so ``codegen``'s expression emitter turns it into Triton code exactly like
+(``masks/tracing.py``), so the expression emitter (``expressions.py``) turns it into Triton code exactly like
 the score_mod itself, and shares common subexpressions with it when both go through one emitter
 (softcap's ``tanh(score / c)`` is then computed once for the value and its derivative).
 

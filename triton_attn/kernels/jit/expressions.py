@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence
 
 from ...masks.tracing import Node
 
-# Names of the traced arguments inside the kernel template.
+# Names of the traced arguments inside the generated functions (their parameters).
 ARG_NAMES = {"b": "batch", "h": "head", "q_idx": "q_idx", "kv_idx": "kv_idx", "score": "score"}
 _NONNEGATIVE_ARGS = {"b", "h", "q_idx", "kv_idx"}
 

@@ -33,10 +33,11 @@ for a single query row); the emitted code only broadcasts. Integer ``//``, ``%``
 
 Captured tensors: each captured tensor of a mod becomes ``1 + 2 * rank`` arguments -- its
 pointer, then its sizes, then its strides (elements). A launcher passes them as ONE tuple per mod,
-``captured_tuple(traced.captured, device)`` (bool tensors travel as uint8 views), and a kernel
+``captured_tuple(traced.captured, device)`` (bool tensors travel as int8 views), and a kernel
 takes that tuple as an ordinary argument and unpacks it at the call:
 ``keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)``. An empty tuple is fine. The
-ahead-of-time signature of the tuple is the tuple of its element types (``captured_signature``).
+ahead-of-time signature of the tuple is the tuple of its element types (``("*i64", "i32", "i32")``;
+``tuning.aot.build_signature`` derives it from the values).
 Triton specializes the ints inside a tuple like any int argument (value 1, divisibility by 16);
 ``do_not_specialize`` does not reach into tuples, so a few compiled variants per shape class exist.
 
@@ -73,7 +74,7 @@ CAPTURED_PREFIX = "cap"
 TRITON_DTYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
     torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
-    torch.bool: "u8",  # bool tensors travel as uint8 views
+    torch.bool: "i8",  # bool tensors travel as int8 views (0/1)
 }
 
 
@@ -95,20 +96,13 @@ def captured_tuple(captured: Sequence[torch.Tensor], device: torch.device) -> tu
         if tensor.device != device:
             tensor = tensor.to(device)
         if tensor.dtype == torch.bool:
-            tensor = tensor.view(torch.uint8)  # the emitted code compares against 0
+            # The emitted code compares against 0. int8, not uint8: Triton 3.4's compiler rejects a
+            # uint8 pointer inside a tuple argument.
+            tensor = tensor.view(torch.int8)
         values.append(tensor)
         values.extend(int(s) for s in tensor.shape)
         values.extend(int(s) for s in tensor.stride())
     return tuple(values)
-
-
-def captured_signature(captured: Sequence[torch.Tensor]) -> Tuple[str, ...]:
-    """Ahead-of-time signature of ``captured_tuple(captured)``: ``("*i64", "i32", "i32", ...)``."""
-    types = []
-    for tensor in captured:
-        types.append("*" + TRITON_DTYPES[tensor.dtype])
-        types.extend(["i32"] * (2 * tensor.dim()))
-    return tuple(types)
 
 
 def check_graph(traced: TracedMod) -> None:
@@ -246,5 +240,5 @@ def generated_count() -> int:
     return _FUNCTIONS.generated
 
 
-__all__ = ["CodegenError", "ModFunctions", "mod_functions", "captured_tuple", "captured_signature", "check_graph",
+__all__ = ["CodegenError", "ModFunctions", "mod_functions", "captured_tuple", "captured_params", "check_graph",
            "MASK_NONE", "MASK_TRACED", "MASK_BITMASK"]

@@ -9,7 +9,7 @@
   (forward, dQ, the transposed dK/dV walk) calls it exactly like a generated ``mask_mod``.
   Its captured tuple (built by ``fallback.bitmask_captured``):
   ``(bits, block_ids, ids_stride_b, ids_stride_h, ids_stride_row, num_q_blocks, num_kv_blocks,
-  q_block_size, kv_block_size)`` with ``bits`` uint8 ``[P, Q_BS, KV_BS]`` and ``block_ids`` int32
+  q_block_size, kv_block_size)`` with ``bits`` 0/1 int8 ``[P, Q_BS, KV_BS]`` and ``block_ids`` int32
   ``[Bm, Hm, NQ, NKV]`` (index into ``bits``, -1 for blocks that are not partial).
 """
 

@@ -28,8 +28,6 @@ import torch
 from ..jit.functions import TRITON_DTYPES
 
 ARCHS = (80, 90)
-# Largest shared memory one program may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 
 @dataclass

@@ -13,7 +13,7 @@ Three pieces, each usable without a GPU except the timing itself:
   limit, when ptxas reports register spills, or when it fails to compile. Nothing runs before this.
 
 At call time ``select_config`` returns, in order: a winner already in this process's memory, a winner from
-the JSON cache on disk (``tuning_cache``), or -- only when tuning was asked for (``autotune=True`` or
+the JSON cache on disk (``cache``), or -- only when tuning was asked for (``autotune=True`` or
 ``TRITON_ATTN_AUTOTUNE=1``) and the caller passed a way to run the kernel -- the winner of a search run now.
 Otherwise it returns the default config immediately: a first call never stalls.
 """
