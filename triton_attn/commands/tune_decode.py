@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import List
 
-from .common import Progress, _dtype, library_mask
+from .common import DTYPES, Progress, library_mask
 
 
 def _decode_problem(shape, q_len: int, device):
@@ -22,7 +22,7 @@ def _decode_problem(shape, q_len: int, device):
     from ..api import full_block_mask
     from ..masks import create_block_mask
 
-    dtype = _dtype(shape.dtype)
+    dtype = getattr(torch, DTYPES[str(shape.dtype).lower().replace("torch.", "")])  # validated by tune_shapes
     kv_len = shape.kv_len or shape.seq_len
     kv_heads = shape.kv_heads or shape.heads
     generator = torch.Generator(device=device).manual_seed(0)
