@@ -50,6 +50,12 @@ class PagedKVCache:
     def free_pages(self) -> int:
         return len(self._free)
 
+    def shuffle_free_pages(self, generator: Optional[torch.Generator] = None) -> None:
+        """Put the free list in random order, so that sequences get scattered pages (as after many
+        allocations and frees): for tests and benchmarks."""
+        order = torch.randperm(len(self._free), generator=generator).tolist()
+        self._free = [self._free[i] for i in order]
+
     def allocate(self, count: int = 1) -> List[int]:
         """``count`` new empty sequences; returns their ids."""
         ids = list(range(self._next_id, self._next_id + count))
