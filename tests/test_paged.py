@@ -163,6 +163,17 @@ def test_page_size_must_be_a_multiple_of_16():
                            inputs.kv_lens.clamp(max=8))
 
 
+def test_no_silent_missing_gradient_on_the_kernel_backends():
+    pytest.importorskip("triton")
+    inputs = _good()
+    query = inputs.query.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="no backward pass on backend 'interpret'"):
+        ta.paged_attention(query, *inputs.args[1:], backend="interpret")
+    out = ta.paged_attention(query, *inputs.args[1:], backend="torch")  # the reference differentiates
+    out.sum().backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
 def test_bad_backend_and_device():
     inputs = _good()
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA"):

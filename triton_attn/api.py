@@ -287,6 +287,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                         "got float64")
     _validate_mod_devices(mask_mod, "mask_mod", query.device)
     _validate_mod_devices(score_mod, "score_mod", query.device)
+    if chosen != "torch" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key_cache, value_cache)):
+        raise NotImplementedError(f"paged_attention has no backward pass on backend {chosen!r} (it serves inference); "
+                                  "call it under torch.no_grad(), detach the inputs, or use backend='torch'")
     if chosen == "torch":
         from .paged import paged_attention_torch
 
