@@ -158,8 +158,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-generate", action="store_true")
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine a parallel region stalls whenever the "
+                             "other core is busy, which times the machine's load, not the code)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = []
     print(" | ".join(FIELDS))
     for dtype_name in args.dtypes:
