@@ -1,4 +1,4 @@
-"""The numerics rule of DESIGN.md, as reusable test helpers.
+"""The numerics rule of docs/design.md, as reusable test helpers.
 
 A backend is compared against a float64 *golden* result computed from the same (already
 low-precision) inputs. The yardstick is the *baseline*: plain eager PyTorch

@@ -1,4 +1,4 @@
-"""``attention()`` on the torch backend against the float64 golden result (numerics rule, DESIGN.md).
+"""``attention()`` on the torch backend against the float64 golden result (numerics rule, docs/design.md).
 
 Forward and backward across the mask library, GQA ratios, Lq != Lkv, odd lengths, head dims,
 dtypes and non-contiguous layouts; fully masked rows; every validation error by its message.
@@ -406,6 +406,7 @@ def test_import_does_not_import_triton():
     import sys
     from pathlib import Path
     code = ("import sys, triton_attn\n"
+            "triton_attn.attention  # the first public name loads the API, which wires the refiner\n"
             "from triton_attn.masks import compiler\n"
             "print('triton' in sys.modules, sorted(compiler.TILE_REFINERS))\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}

@@ -323,6 +323,7 @@ def test_slicing_errors():
 # ---------------------------------------------------------------------------------------------
 def _recording(mod, seen):
     def recording(b, h, q_idx, kv_idx):
+        kv_idx.shape[-1]  # a traced value is one element (0-d): this raises, so the mod stays untraceable
         seen.append(torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape).numel())
         return mod(b, h, q_idx, kv_idx)
     return recording
@@ -338,7 +339,7 @@ def test_element_budget_bounds_every_mask_mod_call(monkeypatch, block_size):
     budget = 4096  # >= one tile (q_bs * kv_bs), so the bound is the budget itself
     monkeypatch.setattr(compiler, "ELEMENT_BUDGET", budget)
     seen = []
-    with pytest.warns(UserWarning, match="cannot be traced"):  # .shape on a symbol: the exact compiler runs
+    with pytest.warns(UserWarning, match="cannot be traced"):  # shape[-1] on a symbol: the exact compiler runs
         bm = ta.create_block_mask(_recording(mod, seen), 2, 3, 200, 150, BLOCK_SIZE=block_size)
     assert len(seen) > 1 and max(seen) <= budget, \
         f"create_block_mask called the mask_mod on up to {max(seen)} elements with ELEMENT_BUDGET={budget}"

@@ -70,6 +70,11 @@ def test_show_png_and_every_library_mask(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, fragment", [
     (("show", "diagonal"), "invalid choice"),
+    (("show", "causal", "--grid", "-3"), "--grid must be an integer from 0"),
+    (("show", "causal", "--grid", "100000"), "--grid must be an integer from 0"),
+    (("show", "causal", "--seq-len", "99999999999"), "show builds at most"),
+    (("show", "document", "--seq-len", "100000000", "--block-size", "16"), "show builds at most"),
+    (("show", "causal", "--seq-len", "65536", "--grid", "0"), "--grid 0 prints one character per block"),
     (("show", "causal", "--seq-len", "0"), "--seq-len must be a positive integer"),
     (("show", "sliding_window", "--window", "-4"), "--window must be a positive integer"),
     (("show", "causal", "--block-size", "big"), "--block-size"),
@@ -114,9 +119,32 @@ def test_info_with_corrupt_cache_warns_and_works(capsys, tmp_path):
     assert any("corrupt" in str(w.message) for w in caught)
 
 
-def test_info_bad_flag_is_one_line(capsys):
-    code, _, err = run(capsys, "info", "--limit", "many")
-    assert_one_line_error(code, err, "--limit")
+@pytest.mark.parametrize("value, fragment", [("many", "invalid int value"), ("-1", "non-negative")])
+def test_info_bad_limit_is_one_line(capsys, value, fragment):
+    code, _, err = run(capsys, "info", "--limit", value)
+    assert_one_line_error(code, err, "--limit", fragment)
+
+
+def test_info_and_check_say_when_the_interpreter_cannot_run(capsys, monkeypatch):
+    """Triton < 3.7 with numpy >= 2.4: the interpreter fails on every kernel; info/check name the fix."""
+    from triton_attn import versions
+
+    fake = {"triton": "3.4.0", "numpy": "2.4.1"}
+    monkeypatch.setattr(versions, "installed_version", lambda name: fake.get(name))
+    versions.require_triton.cache_clear()
+    try:
+        code, out, _ = run(capsys, "info")
+        assert code == 0 and "triton 3.4.0" in out and "numpy<2.4" in out
+        assert "interpret  no" in out
+        code, _, err = run(capsys, "check", "--backend", "interpret")
+        assert_one_line_error(code, err, "numpy<2.4")
+        fake["numpy"] = "2.3.5"
+        assert versions.interpreter_problem() is None
+        fake["triton"], fake["numpy"] = "3.3.1", "2.2.0"
+        code, out, _ = run(capsys, "info")
+        assert "Triton 3.3.1 is too old" in out and "triton>=3.4" in out
+    finally:
+        versions.require_triton.cache_clear()
 
 
 # -- check --------------------------------------------------------------------------------------------------
@@ -247,6 +275,47 @@ def test_tune_errors_are_one_line(capsys, argv, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+def test_tune_into_an_unwritable_cache_fails_before_tuning(capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("TRITON_ATTN_CACHE_DIR", str(blocker / "cache"))
+    code, out, err = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                         "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "1", "--quiet")
+    assert_one_line_error(code, err, "cannot write the autotune cache", "TRITON_ATTN_CACHE_DIR")
+    assert "winners stored" not in out
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root ignores permission bits")
+def test_tune_into_a_read_only_cache_dir_fails(capsys, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o500)
+    try:
+        code, out, err = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                             "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "1", "--quiet")
+    finally:
+        cache.chmod(0o700)
+    assert_one_line_error(code, err, "cannot write the autotune cache")
+    assert "winners stored" not in out
+
+
+def test_tune_whose_write_is_lost_exits_1(capsys, monkeypatch):
+    """A write that fails after the up-front check (disk full, folder removed) is detected by reading back."""
+    pytest.importorskip("triton")
+    cache_type = type(TuningCache())
+
+    def failing_write(self, path, entries):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_type, "_write_atomic", failing_write)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, out, err = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                             "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "1", "--quiet")
+    assert code == 1 and "winners stored" not in out
+    assert err.strip().splitlines()[-1].startswith("triton-attn tune: error: 1 of 1 winners were not stored")
+
+
 # -- bench --------------------------------------------------------------------------------------------------
 
 def test_bench_tiny_run_writes_csv_png_and_summary(capsys, tmp_path):
@@ -294,6 +363,115 @@ def test_bench_flex_timeout_is_recorded_not_fatal(capsys, tmp_path):
 def test_bench_errors_are_one_line(capsys, argv, fragment):
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, fragment)
+
+
+def test_bench_out_under_a_file_fails_before_running(capsys, tmp_path, monkeypatch):
+    import triton_attn.commands.bench as bench
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ran = []
+    monkeypatch.setattr(bench, "_run_in_process", lambda *a: ran.append(a) or 0)
+    for argv in (("bench", "--quick", "--out", str(blocker / "results")), ("bench", f"--out={blocker}")):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, "--out")
+    assert not ran
+
+
+def test_bench_lists_and_runs_any_script_by_name(capfd, tmp_path):
+    (tmp_path / "bench_attention.py").write_text('"""The attention suite (stand-in)."""\n')
+    (tmp_path / "bench_hello.py").write_text(
+        '"""Say hello: a plain script run in a child process."""\n'
+        "import sys\nprint('hello', sys.argv[1:])\nsys.exit(3 if '--fail' in sys.argv else 0)\n")
+    (tmp_path / "_helper.py").write_text("raise SystemExit('never listed, never run')\n")
+    code = cli.main(["bench", "--dir", str(tmp_path), "--list"])
+    out = capfd.readouterr().out
+    assert code == 0 and "hello" in out and "Say hello: a plain script" in out and "attention" in out
+    assert "_helper" not in out
+    assert cli.main(["bench", "--dir", str(tmp_path), "hello", "--n", "2"]) == 0
+    assert "hello ['--n', '2']" in capfd.readouterr().out
+    assert cli.main(["bench", "--dir", str(tmp_path), "bench_hello.py", "--fail"]) == 3
+    assert cli.main(["bench", "--dir", str(tmp_path), "nope"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "no benchmark script 'nope'" in err and "hello" in err
+
+
+def test_bench_checkout_scripts_are_listed(capsys):
+    code, out, _ = run(capsys, "bench", "--list")
+    assert code == 0
+    for name in ("attention", "block_mask", "gpu_check"):
+        assert f"  {name} " in out
+
+
+def test_bench_from_an_installed_wheel_says_what_to_do(capsys, monkeypatch, tmp_path):
+    import triton_attn.commands.bench as bench
+
+    monkeypatch.setattr(bench, "bench_dir", lambda explicit=None: None)
+    code, _, err = run(capsys, "bench", "--quick")
+    assert_one_line_error(code, err, "git clone", "pip install -e '.[bench]'", "--dir")
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == 0 and "git clone" in out
+
+
+# -- help, version, defaults ---------------------------------------------------------------------------------
+
+def test_version(capsys):
+    import triton_attn
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"triton-attn {triton_attn.__version__}"
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_help_shows_its_default():
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.help == __import__("argparse").SUPPRESS:
+                continue  # positionals, flags (store_true), --help
+            text = sub.formatter_class(prog="x")._get_help_string(action)
+            assert "default" in text, f"triton-attn {name} {action.option_strings[0]}: {text!r}"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter that imports this checkout."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_import_is_lazy_and_public_names_resolve():
+    result = run_python("import sys, triton_attn\n"
+                        "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'import loaded torch'\n"
+                        "assert callable(triton_attn.attention) and triton_attn.BlockMask.__name__ == 'BlockMask'\n"
+                        "assert set(triton_attn.__all__) <= set(dir(triton_attn))\n"
+                        "from triton_attn import CompactBlockMask, create_block_mask, create_mask\n"
+                        "print('triton' in sys.modules)\n")
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+def test_help_and_version_import_neither_torch_nor_triton():
+    result = run_python("import sys\nfrom triton_attn import cli\n"
+                        "for argv in (['--help'], ['--version'], *([c, '--help'] for c in ('demo', 'tune', 'show', "
+                        "'info', 'check', 'bench')), ['bench', '--list']):\n"
+                        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+                        "print('\\nloaded:', sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "loaded: []", result.stdout[-500:]
+    assert "usage: triton-attn tune" in result.stdout and "(default: 4096)" in result.stdout
+
+
+def test_demo_device_errors_are_one_line(capsys):
+    if torch.cuda.is_available():
+        argvs = [("demo", "--device", "xyz")]
+    else:
+        argvs = [("demo", "--device", "xyz"), ("demo", "--device", "cuda")]
+    for argv in argvs:
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, "--device")
 
 
 # -- the installed entry point ------------------------------------------------------------------------------

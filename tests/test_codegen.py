@@ -118,13 +118,16 @@ def test_bool_captured_tensor_and_min_max():
     check_interpreted(clamped)
 
 
-def test_untraceable_score_mod_is_a_clear_error():
+def test_untraceable_score_mod_runs_on_the_blockwise_backend_with_a_warning():
+    from triton_attn.api import ScoreModFallbackWarning
+
     def bad_score(score, b, h, q_idx, kv_idx):
         return torch.special.erfcx(score)
 
     q, k, v = random_qkv(1, 1, 1, 16, 16, 16)
-    with pytest.raises(TypeError, match="bad_score.*backend='torch'"):
-        ta.attention(q, k, v, score_mod=bad_score, backend="interpret")
+    with pytest.warns(ScoreModFallbackWarning, match="bad_score.*erfcx"):
+        out = ta.attention(q, k, v, score_mod=bad_score, backend="interpret")
+    torch.testing.assert_close(out, ta.attention(q, k, v, score_mod=bad_score, backend="torch"))
 
 
 def test_mask_that_codegen_cannot_express_falls_back():

@@ -1,4 +1,4 @@
-"""The mask library against hand-written dense definitions (DESIGN.md "Semantics (pinned)").
+"""The mask library against hand-written dense definitions (docs/design.md "Semantics (pinned)").
 
 Each reference below is written with plain Python loops over (b, h, q, kv), independent of the
 library's broadcasting code, on small odd shapes.

@@ -2,12 +2,39 @@
 
 Write a ``mask_mod(b, h, q_idx, kv_idx)`` (and optionally a ``score_mod``), build a
 ``BlockMask`` with ``create_block_mask``, and call ``attention``.
+
+The public names load on first use (PEP 562), so ``import triton_attn`` -- and the
+``triton-attn --help`` / ``--version`` command -- imports neither torch nor Triton.
 """
 
-from .api import attention, paged_attention
-from .masks import BlockMask, CompactBlockMask, create_block_mask, create_mask
-from .paged_cache import PagedKVCache
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "paged_attention", "PagedKVCache", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+# public name -> the module that defines it
+_PUBLIC = {
+    "attention": ".api",
+    "flex_attention": ".api",
+    "paged_attention": ".api",
+    "PagedKVCache": ".paged_cache",
+    "create_block_mask": ".masks",
+    "create_mask": ".masks",
+    "BlockMask": ".masks",
+    "CompactBlockMask": ".masks",
+}
+
+__all__ = ["attention", "flex_attention", "paged_attention", "PagedKVCache", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'triton_attn' has no attribute {name!r}")
+    # The API module first: importing it wires the GPU tile refiner into the mask compiler.
+    importlib.import_module(".api", __name__)
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -12,6 +14,7 @@ from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
 from .reference import blockwise_attention
+from .versions import require_triton
 
 BACKENDS = ("torch", "triton", "interpret")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,6 +150,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if autotune is not None and not isinstance(autotune, bool):
         raise TypeError(f"autotune must be True, False or None, got {autotune!r}")
     chosen = choose_backend(backend, query.device)
+    if chosen != "torch" and score_mod is not None:
+        chosen = score_mod_backend(score_mod, chosen, (query, key, value))
     if chosen != "torch" and query.dtype == torch.float64:
         raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
     if block_mask is None:
@@ -158,6 +163,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if chosen == "torch":
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
     else:
+        require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
@@ -174,6 +180,7 @@ def _cuda_tile_refiner(*args):
     if not settings.gpu_refine():
         return None
     try:
+        require_triton()
         from .kernels import refine
     except ImportError:
         return None
@@ -189,6 +196,199 @@ def _install_gpu_tile_refiner() -> None:
 
 
 _install_gpu_tile_refiner()
+
+
+# ---------------------------------------------------------------------------------------------
+# Score mods the Triton kernels cannot compile, and the FlexAttention drop-in
+# ---------------------------------------------------------------------------------------------
+
+class ScoreModFallbackWarning(UserWarning):
+    """A score_mod the Triton kernels cannot compile runs on the PyTorch blockwise backend instead."""
+
+
+_FALLBACK_WARNED: set = set()
+
+
+# score_mod -> {needs_grad: reason or None}: the verdict depends on the traced graph's structure, which a
+# score_mod keeps across calls, so a decode loop does not re-trace it for this check on every step.
+_FALLBACK_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def score_mod_fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
+    """Why the Triton kernels cannot run ``score_mod`` (its value, and its derivative when
+    ``needs_grad``); None when they can."""
+    try:
+        verdicts = _FALLBACK_VERDICTS.setdefault(score_mod, {})
+    except TypeError:  # not weakly referenceable: decide every time
+        verdicts = {}
+    if needs_grad not in verdicts:
+        verdicts[needs_grad] = _fallback_reason(score_mod, needs_grad)
+    return verdicts[needs_grad]
+
+
+def _fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
+    from .kernels.jit import derivative
+    from .kernels.jit.expressions import CodegenError, Emitter
+    from .masks.tracing import UntraceableModError, trace_score_mod
+
+    try:
+        graph = trace_score_mod(score_mod).graph
+        Emitter("v", "cap").value(graph)
+        if needs_grad:
+            Emitter("d", "cap").value(derivative.score_derivative(graph))
+    except (UntraceableModError, CodegenError, derivative.NotDifferentiableError) as error:
+        return str(error)
+    return None
+
+
+def score_mod_backend(score_mod: Callable, chosen: str, tensors) -> str:
+    """``chosen``, or "torch" (warning once per score_mod name) when the kernels cannot compile the score_mod.
+
+    The blockwise backend is plain PyTorch, so it runs on the same (CUDA or CPU) tensors, exactly."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    reason = score_mod_fallback_reason(score_mod, needs_grad)
+    if reason is None:
+        return chosen
+    name = mod_name(score_mod)
+    if name not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(name)
+        warnings.warn(f"score_mod {name!r} cannot be compiled into the Triton kernel ({reason}); running it on "
+                      "the PyTorch blockwise backend instead (exact, slower).", ScoreModFallbackWarning, stacklevel=3)
+    return "torch"
+
+
+# kernel_options keys of FlexAttention, by what they become here.
+FLEX_TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+# Hints about the mask or the hardware that need no action here: the kernels always handle empty
+# rows, any block order, and take the log-sum-exp from the same pass.
+FLEX_NO_EFFECT_OPTIONS = ("ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION",
+                          "PRESCALE_QK", "USE_TMA", "OUTPUT_LOGSUMEXP", "kpack", "matrix_instr_nonkdim",
+                          "waves_per_eu")
+FLEX_BACKENDS = {"AUTO": None, "TRITON": "triton", "TRITON_DECODE": "triton"}
+
+
+def flex_kernel_options(kernel_options: Optional[dict]) -> Tuple[Optional[str], dict]:
+    """(backend or None, tile settings ``{BLOCK_M: .., ...}``) from FlexAttention's ``kernel_options``.
+
+    ``fwd_`` prefixes apply (this is the forward kernel); keys that would need the backward kernel's
+    tiles or another kernel are rejected with an error naming the key."""
+    if kernel_options is None:
+        return None, {}
+    if not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    backend, tiles = None, {}
+    for key, value in kernel_options.items():
+        name = key[4:] if isinstance(key, str) and key.startswith("fwd_") else key
+        if name in FLEX_TILE_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
+            _check_tile_option(key, name, value)
+            tiles[name] = value
+        elif name == "BACKEND":
+            if value not in FLEX_BACKENDS:
+                raise ValueError(f"kernel_options['BACKEND']={value!r} is not available here; "
+                                 f"use one of {', '.join(FLEX_BACKENDS)}")
+            backend = FLEX_BACKENDS[value]
+        elif name not in FLEX_NO_EFFECT_OPTIONS:
+            raise ValueError(
+                f"kernel_options key {key!r} is not supported by triton_attn.flex_attention (supported: "
+                f"{', '.join(FLEX_TILE_OPTIONS)} with an optional 'fwd_' prefix, BACKEND, and the hints "
+                f"{', '.join(FLEX_NO_EFFECT_OPTIONS)}, which need no action here); backward tile sizes are "
+                "chosen by the library's own backward configs")
+    return backend, tiles
+
+
+def _check_tile_option(key: str, name: str, value: int) -> None:
+    """The value's own check (``KernelConfig``'s), reported with the kernel_options key, whatever the backend."""
+    from dataclasses import replace
+
+    from .kernels.attention.configs import FORWARD_CONFIGS
+
+    try:
+        replace(FORWARD_CONFIGS[0], **{name: value})
+    except ValueError as error:
+        raise ValueError(f"kernel_options[{key!r}]={value!r}: {error}") from error
+
+
+def _flex_config(tiles: dict, query: torch.Tensor, value: torch.Tensor, block_mask: BlockMask):
+    """The forward ``KernelConfig``: the heuristic's, with the requested tile settings."""
+    from dataclasses import replace
+
+    from .kernels.attention.configs import default_config
+
+    base = default_config(query.shape[-1], value.shape[-1], query.dtype, block_mask.BLOCK_SIZE, query.shape[2])
+    try:
+        return replace(base, **tiles)
+    except ValueError as error:
+        raise ValueError(f"kernel_options {tiles}: {error}") from error
+
+
+_TILES_WARNED: set = set()
+
+
+def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Optional[Callable] = None,
+                   block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
+                   return_lse: bool = False, kernel_options: Optional[dict] = None, *, return_aux=None):
+    """``torch.nn.attention.flex_attention.flex_attention`` on this library's kernels.
+
+    Same positional order, defaults and returns: ``out [B, Hq, Lq, Dv]``; ``(out, lse)`` with
+    ``return_lse=True``; ``(out, AuxOutput(lse, max_scores))`` with ``return_aux=AuxRequest(...)``
+    (``lse [B, Hq, Lq]`` float32, natural log). ``block_mask`` may be ours or FlexAttention's.
+    ``kernel_options``: ``BLOCK_M``/``BLOCK_N``/``num_warps``/``num_stages`` set the forward
+    kernel's config (calls that need no gradient), ``BACKEND`` picks the kernel, the remaining
+    Flex hints need no action; anything else is rejected by name. The backend is chosen as in
+    ``attention`` (Triton on CUDA, PyTorch on CPU, ``TRITON_ATTN_BACKEND`` overrides).
+    """
+    if return_lse and return_aux is not None:
+        raise ValueError("pass either return_lse or return_aux, not both (return_aux=AuxRequest(lse=True) "
+                         "replaces return_lse)")
+    if return_aux is not None and getattr(return_aux, "max_scores", False):
+        raise ValueError("return_aux=AuxRequest(max_scores=True) is not supported by triton_attn.flex_attention; "
+                         "request lse only")
+    backend, tiles = flex_kernel_options(kernel_options)
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, backend=backend)
+    out, lse = _flex_forward(query, key, value, tiles, **kwargs) if tiles else (None, None)
+    if out is None:
+        out, lse = attention(query, key, value, return_lse=True, **kwargs)
+    if return_aux is not None:
+        try:
+            from torch.nn.attention.flex_attention import AuxOutput
+        except ImportError:  # an older torch without AuxOutput: the same two fields
+            from collections import namedtuple
+
+            AuxOutput = namedtuple("AuxOutput", ["lse", "max_scores"])
+        return out, AuxOutput(lse=lse if getattr(return_aux, "lse", False) else None, max_scores=None)
+    return (out, lse) if return_lse else out
+
+
+def _flex_forward(query, key, value, tiles: dict, *, score_mod, block_mask, scale, enable_gqa, backend):
+    """The forward kernel with the requested tiles, or (None, None) where ``attention`` should run instead:
+    on the torch backend (no tiles there), for score_mods the kernels cannot compile, and for calls
+    that need gradients (the autograd path uses the tuned or heuristic config; warned once)."""
+    _validate_tensors(query, key, value, enable_gqa)
+    chosen = choose_backend(backend, query.device)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if chosen == "torch" or query.dtype == torch.float64 or (
+            score_mod is not None and score_mod_fallback_reason(score_mod, False) is not None):
+        return None, None  # attention() runs it (or raises its error for float64 on a Triton backend)
+    if needs_grad:
+        if "grad" not in _TILES_WARNED:
+            _TILES_WARNED.add("grad")
+            warnings.warn("kernel_options tile settings apply to calls that need no gradient; this call uses the "
+                          "tuned or heuristic forward config", UserWarning, stacklevel=3)
+        return None, None
+    if block_mask is None:
+        block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
+    block_mask = _validate_block_mask(block_mask, query, key)
+    config = _flex_config(tiles, query, value, block_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    _validate_mod_devices(score_mod, "score_mod", query.device)
+    _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
+    from .kernels.attention.forward_launch import attention_forward
+
+    return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
+                             interpret=chosen == "interpret", config=config)
 
 
 # -- paged attention -------------------------------------------------------------------------------------

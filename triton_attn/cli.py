@@ -8,98 +8,78 @@ fails exits with code 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import sys
-from pathlib import Path
 from typing import List, Optional
 
+from . import __version__
+from .commands.check import check_command
+from .commands.common import (LIBRARY_MASKS, CommandError, DefaultsHelpFormatter, OneLineErrorParser,  # noqa: F401
+                              Progress, add_mask_options, available_backends, library_mask)
+from .commands.info import info_command
+from .commands.show import show_command
+from .commands.tune import SHAPE_FIELDS, tune_command, tune_shapes  # noqa: F401  (re-exported)
 
-from .commands.check import _check
-from .commands.common import (LIBRARY_MASKS, CommandError, Progress, _add_mask_options,  # noqa: F401  (re-exported)
-                              available_backends, library_mask)
-from .commands.info import _info
-from .commands.show import _show
-from .commands.tune import SHAPE_FIELDS, _tune, tune_shapes  # noqa: F401  (re-exported)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``triton-attn <cmd>: error: ...``) and exit code 2."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+# The command modules import torch (and Triton) inside their handlers, never at module level, so
+# `triton-attn --help` and `--version` import neither.
 
 
-# -- named library masks (shared by show, tune, bench and check) -------------------------------------------
-
-
-
-# -- demo ---------------------------------------------------------------------------------------------------
-
-def _demo(args) -> int:
+def demo_command(args) -> int:
+    from .commands.common import parse_device
     from .demo import run_demo
 
-    rows = run_demo(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, device=args.device,
+    device = parse_device(args.device)
+    rows = run_demo(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, device=str(device),
                     backend=args.backend, repeats=args.repeats)
     return 0 if all(row.ok for row in rows) else 1
 
 
+def bench_command(args) -> int:
+    from .commands.bench import run_bench
 
-# -- bench --------------------------------------------------------------------------------------------------
-
-def _bench_module():
-    """The benchmark harness ``bench/bench_attention.py`` of the source checkout (None when not there)."""
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_attention.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("triton_attn_bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench(args) -> int:
-    module = args.bench_module
-    if module is None:
-        raise CommandError("the benchmark suite lives in bench/bench_attention.py of the source checkout, "
-                           "which is not next to this installation; run it from a git checkout")
-    return module.run_from_args(args, progress_factory=lambda total, text: Progress(total, text, enabled=not args.quiet))
+    return run_bench(args.bench_args, lambda total, text, enabled=True: Progress(total, text, enabled=enabled))
 
 
 # -- the parser ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="triton-attn", description="Fused block-sparse attention kernels in Triton.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineErrorParser(prog="triton-attn", description="Fused block-sparse attention kernels in Triton.",
+                                formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"triton-attn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
-    demo = commands.add_parser("demo", help="run causal, sliding-window, document and prefix-LM attention, "
-                                            "check them against the float64 golden result, and time them")
+    def command(name: str, help: str, handler, **kwargs) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter, **kwargs)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = command("demo", "run causal, sliding-window, document and prefix-LM attention, check them against the "
+                           "float64 golden result, and time them", demo_command)
     demo.add_argument("--seq-len", type=int, default=None, help="sequence length (default 1024 on CPU, 4096 on GPU)")
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--heads", type=int, default=4, help="attention heads")
+    demo.add_argument("--head-dim", type=int, default=64, help="head dimension")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"])
+    demo.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"],
+                      help="torch, triton or interpret (default: triton on CUDA, torch on CPU)")
     demo.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
-    demo.set_defaults(handler=_demo)
 
-    tune = commands.add_parser("tune", help="autotune the forward kernel for shapes and masks on this GPU and "
-                                            "store the winners in the autotune cache")
+    tune = command("tune", "autotune the forward kernel for shapes and masks on this GPU and store the winners in "
+                           "the autotune cache", tune_command)
     tune.add_argument("--config", default=None, metavar="FILE",
                       help="JSON (or YAML, with PyYAML) file: a list of shapes, each an object with keys "
                            + ", ".join(sorted(SHAPE_FIELDS)) + "; list values expand to a cross product; "
-                           "flags give the defaults")
+                           "flags give the defaults (default: the flags alone)")
     tune.add_argument("--mask", nargs="+", default=["causal"], choices=LIBRARY_MASKS, metavar="MASK",
                       help=f"library masks ({', '.join(LIBRARY_MASKS)}; default causal)")
-    tune.add_argument("--seq-len", nargs="+", type=int, default=[4096], metavar="L")
-    tune.add_argument("--head-dim", nargs="+", type=int, default=[128], metavar="D")
+    tune.add_argument("--seq-len", nargs="+", type=int, default=[4096], metavar="L", help="sequence lengths")
+    tune.add_argument("--head-dim", nargs="+", type=int, default=[128], metavar="D", help="head dimensions")
     tune.add_argument("--dtype", nargs="+", default=["bf16"], metavar="DTYPE", help="bf16, fp16, fp32")
-    tune.add_argument("--batch", type=int, default=1)
-    tune.add_argument("--heads", type=int, default=16)
-    tune.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
+    tune.add_argument("--batch", type=int, default=1, help="batch size")
+    tune.add_argument("--heads", type=int, default=16, help="query heads")
+    tune.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
     tune.add_argument("--block-size", default="128", help="BlockMask block size: 128 or Q,KV")
-    _add_mask_options(tune)
-    tune.add_argument("--max-configs", type=int, default=None, help="tune only the first N candidates")
+    add_mask_options(tune)
+    tune.add_argument("--max-configs", type=int, default=None,
+                      help="tune only the first N candidates (default: all)")
     tune.add_argument("--force", action="store_true", help="re-tune shapes already in the cache")
     tune.add_argument("--dry-run", action="store_true",
                       help="no GPU needed: list the search space and prune it by ahead-of-time compilation")
@@ -112,53 +92,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fwd: the prefill forward kernel; decode: the split-KV decode kernel (--q-len query rows "
                            "at the end of a --seq-len cache)")
     tune.add_argument("--q-len", type=int, default=1, help="with --kind decode: query rows per step (1..16)")
-    tune.set_defaults(handler=_tune)
 
-    module = None
-    with contextlib.suppress(Exception):
-        module = _bench_module()
-    bench = commands.add_parser("bench", help="run the benchmark suite (forward and backward; ours, SDPA, "
-                                              "FlexAttention, flash-attn) and write CSV + PNG under bench/results/")
-    if module is not None:
-        module.add_arguments(bench)
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench.set_defaults(handler=_bench, bench_module=module)
+    # `bench` passes its words through to a script of bench/ (main() routes them); this entry is for --help.
+    command("bench", "run a benchmark script of bench/ by name (default: attention, forward + backward vs SDPA, "
+                     "FlexAttention, flash-attn; CSV + PNG under bench/results/); `triton-attn bench --help` lists "
+                     "the scripts", bench_command, add_help=False)
 
-    show = commands.add_parser("show", help="print a library mask's block picture (or save it as a PNG)")
+    show = command("show", "print a library mask's block picture (or save it as a PNG)", show_command)
     show.add_argument("mask", choices=LIBRARY_MASKS, metavar="MASK", help=", ".join(LIBRARY_MASKS))
-    show.add_argument("--seq-len", type=int, default=4096)
-    show.add_argument("--kv-len", type=int, default=None, help="default: --seq-len")
+    show.add_argument("--seq-len", type=int, default=4096, help="query length")
+    show.add_argument("--kv-len", type=int, default=None, help="key/value length (default: --seq-len)")
     show.add_argument("--block-size", default="128", help="128 or Q,KV")
     show.add_argument("--grid", type=int, default=32, help="characters per side at most (0: one per block)")
-    show.add_argument("--png", default=None, metavar="PATH", help="also save the block picture as a PNG")
-    _add_mask_options(show)
-    show.set_defaults(handler=_show)
+    show.add_argument("--png", default=None, metavar="PATH", help="also save the block picture as a PNG (default: no PNG)")
+    add_mask_options(show)
 
-    info = commands.add_parser("info", help="device, versions, available backends, autotune cache")
+    info = command("info", "device, versions, available backends, autotune cache", info_command)
     info.add_argument("--limit", type=int, default=20, help="cache entries to list")
-    info.set_defaults(handler=_info)
 
-    check = commands.add_parser("check", help="quick correctness check of every available backend against "
-                                              "the float64 golden result, at tiny sizes")
+    check = command("check", "quick correctness check of every available backend against the float64 golden "
+                             "result, at tiny sizes", check_command)
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    check.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"])
-    check.add_argument("--dtype", nargs="+", default=None, help="default: fp32 on CPU; bf16 fp16 on GPU")
-    check.add_argument("--seq-len", type=int, default=80)
+    check.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"],
+                       help="check only this backend (default: every available one)")
+    check.add_argument("--dtype", nargs="+", default=None, help="bf16, fp16, fp32 (default: fp32 on CPU; bf16 fp16 on GPU)")
+    check.add_argument("--seq-len", type=int, default=80, help="sequence length")
     check.add_argument("--no-backward", action="store_true", help="forward only")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
-    check.set_defaults(handler=_check)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] == "bench":
+        args = argparse.Namespace(command="bench", handler=bench_command, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except (CommandError, ValueError, TypeError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"triton-attn {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"triton-attn {args.command}: interrupted", file=sys.stderr)
         return 130

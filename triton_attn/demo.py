@@ -69,7 +69,12 @@ def run_demo(seq_len: Optional[int] = None, heads: int = 4, head_dim: int = 64, 
             raise ValueError(f"{name} must be a positive integer, got {value}")
     if seq_len is not None and seq_len < 8:
         raise ValueError(f"--seq-len must be at least 8 so that every mask family has structure, got {seq_len}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available on this machine")
     chosen = choose_backend(backend, dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     seq_len = seq_len or (4096 if dev.type == "cuda" else 1024)
@@ -90,7 +95,7 @@ def run_demo(seq_len: Optional[int] = None, heads: int = 4, head_dim: int = 64, 
         plain, _ = dense_attention(query, key, value, mask_mod=mask_mod)
         error = (out.double() - golden).abs().max().item()
         plain_error = (plain.double() - golden).abs().max().item()
-        # The numerics rule of DESIGN.md: within 2x the error of plain same-dtype PyTorch, plus a floor.
+        # The numerics rule of docs/design.md: within 2x the error of plain same-dtype PyTorch, plus a floor.
         bound = 2 * plain_error + (1e-5 if dtype == torch.float32 else 1e-2)
         dense_mask = create_mask(mask_mod, 1, 1, seq_len, seq_len, device=dev)
         ours_ms = _median_ms(lambda: attention(query, key, value, block_mask=block_mask, backend=chosen), dev, repeats)

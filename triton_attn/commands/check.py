@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .common import CommandError, NamedMask, Progress, available_backends, library_mask, _device, _dtype, _positive
+from .common import CommandError, NamedMask, Progress, available_backends, library_mask, parse_device, parse_dtype, positive_int
 
 
 FLOOR = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
@@ -51,7 +51,7 @@ def _floor(dtype_name: str, golden) -> float:
 def check_case(backend: str, named: NamedMask, dtype, device, *, seq_len: int = 80, heads: int = 2, kv_heads: int = 1,
                head_dim: int = 32, block_size: int = 32, backward: bool = True) -> CheckRow:
     """Forward (out, lse) and backward (dq, dk, dv) of ``backend`` against the float64 golden result, with the
-    numerics rule of DESIGN.md (2x / 3x the error of plain same-dtype PyTorch, plus a floor)."""
+    numerics rule of docs/design.md (2x / 3x the error of plain same-dtype PyTorch, plus a floor)."""
     import torch
 
     from ..api import attention
@@ -103,10 +103,10 @@ def check_case(backend: str, named: NamedMask, dtype, device, *, seq_len: int = 
 CHECK_MASKS = ("none", "causal", "sliding_window", "document", "prefix_lm", "softcap")
 
 
-def _check(args) -> int:
+def check_command(args) -> int:
     import torch
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     backends = available_backends(device)
     names = [name for name, ok, _ in backends if ok]
     if args.backend:
@@ -118,9 +118,9 @@ def _check(args) -> int:
             raise CommandError(f"backend {args.backend!r} is not available on {device.type}: {why}")
         names = [args.backend]
     skipped = [(name, why) for name, ok, why in backends if not ok and name not in names]
-    dtypes = [_dtype(d) for d in args.dtype] if args.dtype else (
+    dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else (
         [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32])
-    seq_len = _positive(args.seq_len, "--seq-len")
+    seq_len = positive_int(args.seq_len, "--seq-len")
     cases = [(b, m, d) for b in names for m in CHECK_MASKS for d in dtypes]
     print(f"triton-attn check on {device}: B=1, Hq=2, Hkv=1 (GQA), L={seq_len}, D=32, BLOCK_SIZE=32; "
           f"against the float64 golden result")

@@ -15,6 +15,24 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``triton-attn <cmd>: error: ...``) and exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
 
 LIBRARY_MASKS = ("none", "causal", "sliding_window", "chunked", "prefix_lm", "document", "softcap")
 
@@ -85,7 +103,7 @@ def library_mask(name: str, seq_len: int, *, window: Optional[int] = None, chunk
     return NamedMask(name, f"softcap {cap:g} (causal)", causal_mask, softcap_score(cap))
 
 
-def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+def add_mask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=None, help="sliding_window: window in tokens (default L/8)")
     parser.add_argument("--chunk", type=int, default=None, help="chunked: chunk size (default L/4)")
     parser.add_argument("--prefix", type=int, default=None, help="prefix_lm: prefix length (default L/4)")
@@ -93,7 +111,7 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap", type=float, default=20.0, help="softcap: the cap (default 20)")
 
 
-def _mask_kwargs(args) -> Dict[str, Any]:
+def mask_kwargs(args) -> Dict[str, Any]:
     return dict(window=args.window, chunk=args.chunk, prefix=args.prefix, documents=args.documents, cap=args.cap)
 
 
@@ -103,7 +121,7 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
-def _dtype(name: str):
+def parse_dtype(name: str):
     import torch
 
     key = str(name).lower().replace("torch.", "")
@@ -112,7 +130,7 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[key])
 
 
-def _positive(value, flag: str) -> int:
+def positive_int(value, flag: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CommandError(f"{flag} must be a positive integer, got {value!r}")
     return value
@@ -172,9 +190,12 @@ class Progress:
             self._bar.close()
 
 
-def _kernels_status() -> Tuple[bool, str]:
-    """(importable, reason): whether the Triton kernels import on this machine."""
+def kernels_status(interpret: bool = False) -> Tuple[bool, str]:
+    """(usable, reason): whether the Triton kernels (under the interpreter: ``interpret``) run on this machine."""
+    from ..versions import require_triton
+
     try:
+        require_triton(interpret=interpret)
         import triton  # noqa: F401  (Triton must import before the kernels can)
 
         importlib.import_module("triton_attn.kernels.attention.autograd")
@@ -188,15 +209,16 @@ def available_backends(device) -> List[Tuple[str, bool, str]]:
     import torch
 
     device = torch.device(device)
-    kernels_ok, reason = _kernels_status()
     if device.type == "cuda":
+        kernels_ok, reason = kernels_status()
         return [("triton", kernels_ok, reason), ("torch", True, ""),
                 ("interpret", False, "the interpreter runs on CPU tensors")]
-    return [("torch", True, ""), ("interpret", kernels_ok, reason),
+    interpret_ok, reason = kernels_status(interpret=True)
+    return [("torch", True, ""), ("interpret", interpret_ok, reason),
             ("triton", False, "needs a CUDA GPU" if not torch.cuda.is_available() else "needs CUDA tensors (--device cuda)")]
 
 
-def _device(name: Optional[str]):
+def parse_device(name: Optional[str]):
     import torch
 
     if name is None:

@@ -7,7 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-from .common import available_backends
+from ..versions import MIN_TORCH, MIN_TRITON, interpreter_problem, triton_problem, triton_version
+from .common import CommandError, available_backends
 
 
 def _version(module: str) -> str:
@@ -22,7 +23,9 @@ def _version(module: str) -> str:
             return "not installed"
 
 
-def _info(args) -> int:
+def info_command(args) -> int:
+    if isinstance(args.limit, bool) or not isinstance(args.limit, int) or args.limit < 0:
+        raise CommandError(f"--limit must be a non-negative integer, got {args.limit!r}")
     import torch
 
     from ..kernels.tuning.cache import default_cache
@@ -30,8 +33,12 @@ def _info(args) -> int:
     from .. import __version__
 
     print(f"triton-attn {__version__} ({Path(__file__).resolve().parent.parent})")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, "
-          f"transformers {_version('transformers')}, flash-attn {_version('flash-attn')}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version() or 'not installed'}, "
+          f"numpy {_version('numpy')}, transformers {_version('transformers')}, flash-attn {_version('flash-attn')}")
+    print(f"supported: torch>={'.'.join(map(str, MIN_TORCH))}, triton>={'.'.join(map(str, MIN_TRITON))}")
+    for problem in (triton_problem(), interpreter_problem()):
+        if problem:
+            print(f"warning: {problem}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Tuple
 
-from .common import CommandError, _mask_kwargs, _positive, library_mask
+from .common import CommandError, mask_kwargs, positive_int, library_mask
 
 
-def _block_size(text: str) -> Tuple[int, int]:
+def parse_block_size(text: str) -> Tuple[int, int]:
     parts = str(text).lower().replace("x", ",").split(",")
     try:
         sizes = tuple(int(p) for p in parts if p.strip())
@@ -21,14 +21,35 @@ def _block_size(text: str) -> Tuple[int, int]:
     return sizes
 
 
-def _show(args) -> int:
+# The largest mask `show` builds: 4096 x 4096 blocks (512k tokens at block size 128) take ~5 s and ~0.4 GB
+# on a 2-core machine; beyond that the command would run for minutes or exhaust memory.
+MAX_BLOCKS = 4096 * 4096
+MAX_GRID = 256  # characters per side of the printed picture (each block is two characters wide)
+
+
+def check_picture_size(seq_len: int, kv_len: int, block_size: Tuple[int, int], grid: int) -> None:
+    """Refuse, before anything is allocated, a mask or a picture that would not fit."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 0 <= grid <= MAX_GRID:
+        raise CommandError(f"--grid must be an integer from 0 (one character per block) to {MAX_GRID}, got {grid!r}")
+    nq, nkv = -(-seq_len // block_size[0]), -(-kv_len // block_size[1])
+    if nq * nkv > MAX_BLOCKS:
+        raise CommandError(f"--seq-len {seq_len} / --kv-len {kv_len} at block size {block_size} make {nq}x{nkv} "
+                           f"blocks; show builds at most {MAX_BLOCKS:,} blocks (4096x4096): use a larger "
+                           "--block-size or shorter lengths")
+    if grid == 0 and max(nq, nkv) > MAX_GRID:
+        raise CommandError(f"--grid 0 prints one character per block, and this mask has {nq}x{nkv} blocks; "
+                           f"it prints at most {MAX_GRID} per side: use --grid N (N <= {MAX_GRID})")
+
+
+def show_command(args) -> int:
     from ..api import full_block_mask
     from ..masks import create_block_mask
 
-    seq_len = _positive(args.seq_len, "--seq-len")
-    kv_len = _positive(args.kv_len, "--kv-len") if args.kv_len is not None else seq_len
-    block_size = _block_size(args.block_size)
-    named = library_mask(args.mask, seq_len, **_mask_kwargs(args))
+    seq_len = positive_int(args.seq_len, "--seq-len")
+    kv_len = positive_int(args.kv_len, "--kv-len") if args.kv_len is not None else seq_len
+    block_size = parse_block_size(args.block_size)
+    check_picture_size(seq_len, kv_len, block_size, args.grid)
+    named = library_mask(args.mask, seq_len, **mask_kwargs(args))
     if named.mask_mod is None:
         block_mask = full_block_mask(1, 1, seq_len, kv_len, "cpu", block_size)
     else:

@@ -6,13 +6,15 @@ import contextlib
 import itertools
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import (DTYPES, LIBRARY_MASKS, CommandError, Progress, library_mask, _dtype,
-                     _mask_kwargs, _positive)
-from .show import _block_size
+from .common import (DTYPES, LIBRARY_MASKS, CommandError, Progress, library_mask, parse_dtype,
+                     mask_kwargs, positive_int)
+from .show import parse_block_size
 
 
 @dataclass
@@ -79,19 +81,19 @@ def _expand(spec: Dict[str, Any], defaults: Dict[str, Any], where: str) -> List[
         item = dict(merged)
         item.update(zip(list_keys, values))
         for name in ("seq_len", "head_dim", "batch", "heads"):
-            _positive(item.get(name), f"{where}: {name}")
+            positive_int(item.get(name), f"{where}: {name}")
         for name in ("kv_heads", "kv_len", "value_dim", "window", "chunk", "prefix", "documents"):
             if item.get(name) is not None:
-                _positive(item[name], f"{where}: {name}")
+                positive_int(item[name], f"{where}: {name}")
         if item["mask"] not in LIBRARY_MASKS:
             raise CommandError(f"{where}: unknown mask {item['mask']!r}; the library masks are {', '.join(LIBRARY_MASKS)}")
         block = item.get("block_size", 128)
-        block = _block_size(",".join(str(b) for b in block) if isinstance(block, (list, tuple)) else str(block))
+        block = parse_block_size(",".join(str(b) for b in block) if isinstance(block, (list, tuple)) else str(block))
         kv_heads = item.get("kv_heads")
         if kv_heads and item["heads"] % kv_heads:
             raise CommandError(f"{where}: heads={item['heads']} is not a multiple of kv_heads={kv_heads}")
         shapes.append(TuneShape(mask=item["mask"], seq_len=item["seq_len"], head_dim=item["head_dim"],
-                                dtype=DTYPES.get(str(item["dtype"]).lower()) or str(_dtype(item["dtype"])),
+                                dtype=DTYPES.get(str(item["dtype"]).lower()) or str(parse_dtype(item["dtype"])),
                                 batch=item["batch"], heads=item["heads"], kv_heads=kv_heads,
                                 kv_len=item.get("kv_len"), value_dim=item.get("value_dim"), block_size=block,
                                 mask_args={k: item[k] for k in ("window", "chunk", "prefix", "documents", "cap")
@@ -103,7 +105,7 @@ def tune_shapes(args) -> List[TuneShape]:
     """The shapes to tune: the cross product of the flags, or each entry of --config (flags as defaults)."""
     defaults = dict(mask=args.mask, seq_len=args.seq_len, head_dim=args.head_dim, dtype=args.dtype,
                     batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, block_size=args.block_size)
-    defaults.update({k: v for k, v in _mask_kwargs(args).items() if v is not None and k != "cap"})
+    defaults.update({k: v for k, v in mask_kwargs(args).items() if v is not None and k != "cap"})
     if args.cap != 20.0:
         defaults["cap"] = args.cap
     if args.config:
@@ -123,7 +125,7 @@ def _parse_arch(text: Optional[str]) -> Optional[int]:
     return int(digits)
 
 
-def _tune(args) -> int:
+def tune_command(args) -> int:
     import torch
 
     shapes = tune_shapes(args)
@@ -159,7 +161,7 @@ def _candidates(shape: TuneShape, arch: int, args):
     from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
-                                  dtype=_dtype(shape.dtype), block_size=shape.block_size,
+                                  dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
                                   q_len=shape.seq_len)
     return space[:args.max_configs] if args.max_configs else space
 
@@ -188,7 +190,7 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
                 continue
             named = library_mask(shape.mask, shape.seq_len, **shape.mask_args)
             compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
-                                                 dtype=_dtype(shape.dtype), block_size=shape.block_size,
+                                        dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
                                                  mask_mod=named.mask_mod, score_mod=named.score_mod)
             result = autotune.prune(candidates, compile_fn, capability=arch,
                                     progress=lambda c, r: progress.advance(c.name))
@@ -217,6 +219,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     from ..masks import create_block_mask
 
     tuner = autotune.autotuner()
+    check_cache_writable(tuner.cache.path)
     aot = False
     if not interpret:
         try:
@@ -228,7 +231,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     winners = []
     with Progress(sum(len(c) * (2 if aot else 1) for _, c in plans), "tune", enabled=not args.quiet) as progress:
         for shape, candidates in plans:
-            dtype = _dtype(shape.dtype)
+            dtype = parse_dtype(shape.dtype)
             kv_len = shape.kv_len or shape.seq_len
             kv_heads = shape.kv_heads or shape.heads
             generator = torch.Generator(device=device).manual_seed(0)
@@ -279,5 +282,31 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
         speedup = f"{default_ms / result.best_ms:.2f}x" if default_ms else "-"
         print(f"{shape.label:<48} {result.best.name:<18} {result.best_ms:>9.4f} {default.name:<18} "
               f"{default_ms if default_ms else float('nan'):>9.4f} {speedup:>8}  {len(result.pruned)}/{len(result.failures)}")
+    tuned = [str(key) for _, key, result, _, _ in winners if result.best is not None]
+    stored = type(tuner.cache)(tuner.cache.path).entries()  # read back from disk, not from memory
+    lost = [key for key in tuned if key not in stored]
+    if lost:
+        raise TuningNotStoredError(f"{len(lost)} of {len(tuned)} winners were not stored in {tuner.cache.path} "
+                                   "(see the warning above); set TRITON_ATTN_CACHE_DIR to a writable folder")
     print(f"winners stored in {tuner.cache.path}")
     return 0 if all(w[2].best is not None for w in winners) else 1
+
+
+class TuningNotStoredError(CommandError):
+    """Tuning ran but its winners are not in the cache file (exit code 1: the work was done, the result lost)."""
+
+    exit_code = 1
+
+
+def check_cache_writable(path: Path) -> None:
+    """Fail before tuning when the autotune cache file ``path`` cannot be written (read-only folder, a file in
+    the way): otherwise the winners of a long search would be lost."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-check-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as error:
+        raise CommandError(f"cannot write the autotune cache {path} ({error.strerror or error}); "
+                           "set TRITON_ATTN_CACHE_DIR to a writable folder") from None

@@ -400,8 +400,9 @@ def _compiler_threads():
         torch.set_num_threads(before)
 
 
-def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, *,
-                      device=None, BLOCK_SIZE: BlockSize = 128, layout: str = "auto") -> BlockMask:
+def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
+                      device=None, BLOCK_SIZE: BlockSize = 128, _compile: bool = False, *,
+                      layout: str = "auto") -> BlockMask:
     """Build the ``BlockMask`` of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]``.
 
     ``B``/``H`` None: the mask does not depend on them and broadcasts. ``BLOCK_SIZE``: an int or a
@@ -413,6 +414,9 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     Traceable mask_mods are classified by interval analysis, and only the tiles it cannot decide
     are evaluated elementwise; others fall back to ``create_block_mask_exact`` with a warning.
     Either way the result is the exact compiler's.
+
+    FlexAttention's argument forms work unchanged: ``device`` and ``BLOCK_SIZE`` positional, a
+    device string (``"cuda"``), and ``_compile``, which is accepted and ignored (nothing to compile).
     """
     _check_mask_mod(mask_mod)
     _check_layout(layout)

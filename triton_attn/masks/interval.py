@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .graph import FLOAT_UNARY, graph_nodes
 from .load_summary import LoadSummary
 from .tracing import Node, TracedMod
 
@@ -51,7 +52,9 @@ __all__ = ["Num", "Truth", "UNKNOWN", "IntervalEvaluator", "graph_args"]
 _INT64_SAFE = 1 << 62
 _INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
-_ARITH = {"add", "sub", "mul", "floordiv", "mod", "pow", "neg", "abs", "invert", "min", "max"}
+_ARITH = {"add", "sub", "mul", "floordiv", "mod", "pow", "neg", "abs", "invert", "min", "max", "lshift", "rshift"}
+# Shift amounts eager PyTorch defines on int64 (beyond them the tile is poisoned).
+_MAX_SHIFT = 62
 
 
 @dataclass
@@ -92,23 +95,6 @@ def graph_args(node: Node) -> set:
     return found
 
 
-def _nodes(graph: Node) -> List[Node]:
-    """Every node once, children before parents."""
-    order, seen = [], set()
-    stack = [(graph, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if id(node) in seen:
-            continue
-        if expanded:
-            seen.add(id(node))
-            order.append(node)
-            continue
-        stack.append((node, True))
-        stack.extend((a, False) for a in node.args if isinstance(a, Node) and id(a) not in seen)
-    return order
-
-
 def eager_dtypes(traced: TracedMod) -> Dict[int, Optional[torch.dtype]]:
     """``id(node) -> dtype`` eager PyTorch computes the node in (None for a Python constant).
 
@@ -118,7 +104,7 @@ def eager_dtypes(traced: TracedMod) -> Dict[int, Optional[torch.dtype]]:
     """
     stand_in: Dict[int, object] = {}
     dtypes: Dict[int, Optional[torch.dtype]] = {}
-    for node in _nodes(traced.graph):
+    for node in graph_nodes(traced.graph):
         op = node.op
         args = [stand_in[id(a)] for a in node.args if isinstance(a, Node)]
         dims = any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args)
@@ -132,7 +118,7 @@ def eager_dtypes(traced: TracedMod) -> Dict[int, Optional[torch.dtype]]:
             dtype, dims = traced.captured[node.args[0]].dtype, len(node.args) > 1
         elif op in _COMPARE or op == "not":
             dtype = torch.bool
-        elif op == "to_float" or op in ("truediv", "tanh", "exp", "exp2", "log", "log2", "sqrt", "sigmoid"):
+        elif op == "to_float" or op == "truediv" or op in FLOAT_UNARY:
             dtype = torch.float32 if not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64
                                              for a in args) else torch.float64
         elif op == "to_int":
@@ -339,6 +325,9 @@ class IntervalEvaluator:
             exponent = nums[1]
             self._poison_where((exponent.lo < 0) if exponent.known else True)
             return UNKNOWN
+        if op in ("lshift", "rshift"):
+            amount = nums[1]
+            self._poison_where(((amount.lo < 0) | (amount.hi > _MAX_SHIFT)) if amount.known else True)
         if not all(n.known for n in nums):
             if op == "mod" and nums[1].known:
                 return self._mod_unknown_dividend(nums[1])
@@ -379,6 +368,8 @@ class IntervalEvaluator:
             return Num(_reduce(torch.minimum, corners), _reduce(torch.maximum, corners))
         if op == "mod":
             return self._mod(a, b)
+        if op in ("lshift", "rshift"):
+            return self._shift(op, a, b)
         if op == "and":  # bitwise on integers: with a non-negative operand x, 0 <= result <= x
             a_pos, b_pos = a.lo >= 0, b.lo >= 0
             if not bool((a_pos | b_pos).all()):
@@ -391,6 +382,21 @@ class IntervalEvaluator:
             top = int(torch.maximum(a.hi, b.hi).max())
             return Num(self._int(0), self._int((1 << max(top, 1).bit_length()) - 1))
         return UNKNOWN
+
+    def _shift(self, op: str, a: Num, b: Num) -> Num:
+        """``a << b`` / ``a >> b``: monotone in ``a``, and in ``b`` for each sign of ``a``, so the
+        corners bound it. Shift amounts outside [0, 62] are poisoned (by ``_int_op``) and clamped here."""
+        amounts = (b.lo.clamp(0, _MAX_SHIFT), b.hi.clamp(0, _MAX_SHIFT))
+        values = (a.lo.clamp(-_INT64_SAFE, _INT64_SAFE), a.hi.clamp(-_INT64_SAFE, _INT64_SAFE))
+        if op == "lshift":
+            # Poison where the result may leave the safe range (our corners would wrap there too).
+            size = torch.maximum(values[0].abs(), values[1].abs()).to(torch.float64)
+            self._poison_where(size * torch.exp2(amounts[1].to(torch.float64)) > float(_INT64_SAFE))
+            shift = torch.bitwise_left_shift
+        else:
+            shift = torch.bitwise_right_shift
+        corners = [shift(x, y) for x in values for y in amounts]
+        return Num(_reduce(torch.minimum, corners), _reduce(torch.maximum, corners))
 
     def _mod(self, a: Num, b: Num) -> Num:
         """Python-semantics remainder (sign of the divisor); tiles with 0 in the divisor range are poisoned."""

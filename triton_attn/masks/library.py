@@ -1,4 +1,4 @@
-"""The mask library: mask_mods and score_mods with the semantics pinned in DESIGN.md.
+"""The mask library: mask_mods and score_mods with the semantics pinned in docs/design.md.
 
 Every mod takes index tensors that broadcast against each other (``b``, ``h``, ``q_idx``,
 ``kv_idx``; any shapes) and returns a tensor of that broadcast shape. The same functions are

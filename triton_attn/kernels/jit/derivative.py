@@ -15,7 +15,9 @@ that the many index-only subgraphs, ALiBi slopes, bias-table loads, vanish witho
   comparisons and float ``floordiv`` -> 0 (piecewise constant: derivative 0 almost everywhere).
 - add/sub/neg/mul/truediv: the usual rules. ``abs``: ``where(x < 0, -dx, dx)``.
 - tanh ``(1 - t^2) dx``, exp ``e^x dx``, exp2 ``2^x ln2 dx``, log ``dx / x``, log2 ``dx / (x ln2)``,
-  sqrt ``dx / (2 sqrt x)``, sigmoid ``s (1 - s) dx``.
+  sqrt ``dx / (2 sqrt x)``, sigmoid ``s (1 - s) dx``, sin ``cos x dx``, cos ``-sin x dx``,
+  erf ``2 / sqrt(pi) exp(-x^2) dx``, log1p ``dx / (1 + x)``, expm1 ``(expm1 x + 1) dx``. (gelu, silu,
+  softplus and the other composites are traced into these, so their derivatives follow.)
 - pow: constant exponent ``n x^(n-1) dx``; positive constant base ``c^x ln(c) dx``; otherwise
   ``x^y (dy ln x + y dx / x)``.
 - where(c, a, b) -> where(c, da, db); min/max pick the derivative of the chosen operand
@@ -157,6 +159,17 @@ def _derive_uncached(node: Node, memo: Dict[int, Optional[Node]]) -> Optional[No
         return _div(d[0], _mul(_const(2.0), node))
     if op == "sigmoid":
         return _mul(_mul(node, _sub(_const(1.0), node)), d[0])
+    if op == "sin":
+        return _mul(_unary("cos", x), d[0])
+    if op == "cos":
+        return _mul(_neg(_unary("sin", x)), d[0])
+    if op == "erf":
+        gaussian = _unary("exp", _neg(_mul(x, x)))
+        return _mul(_mul(_const(2.0 / math.sqrt(math.pi)), gaussian), d[0])
+    if op == "log1p":
+        return _div(d[0], _add(_const(1.0), x))
+    if op == "expm1":
+        return _mul(_add(node, _const(1.0)), d[0])
     if op in ("min", "max"):
         comparison = "le" if op == "min" else "ge"
         pick_first = Node(comparison, (args[0], args[1]), "bool")

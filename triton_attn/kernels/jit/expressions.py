@@ -78,6 +78,7 @@ _FOLD_BINARY: Dict[str, Callable] = {
     "truediv": lambda a, b: a / b, "floordiv": _py_floordiv, "mod": lambda a, b: a % b,
     "pow": lambda a, b: a ** b, "min": min, "max": max,
     "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
+    "lshift": lambda a, b: a << b, "rshift": lambda a, b: a >> b,
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
 }
@@ -85,11 +86,14 @@ _FOLD_UNARY: Dict[str, Callable] = {
     "neg": lambda a: -a, "abs": abs, "not": lambda a: not a, "invert": lambda a: ~a,
     "tanh": math.tanh, "exp": math.exp, "exp2": lambda a: 2.0 ** a, "log": math.log, "log2": math.log2,
     "sqrt": math.sqrt, "sigmoid": lambda a: 1.0 / (1.0 + math.exp(-a)), "floor": math.floor,
-    "ceil": math.ceil, "to_float": float, "to_int": int,
+    "ceil": math.ceil, "to_float": float, "to_int": int, "sin": math.sin, "cos": math.cos, "erf": math.erf,
+    "log1p": math.log1p, "expm1": math.expm1,
 }
 _COMPARE_OPS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _FLOAT_MATH = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
-               "sigmoid": "tl.sigmoid"}
+               "sigmoid": "tl.sigmoid", "sin": "tl.sin", "cos": "tl.cos", "erf": "tl.erf"}
+# Integer exponents up to this size are computed by repeated multiplication (exact for ints).
+_MAX_UNROLLED_POWER = 8
 
 
 def is_nonnegative(node: Node) -> bool:
@@ -101,9 +105,9 @@ def is_nonnegative(node: Node) -> bool:
     if node.kind == "bool":
         return True
     children = [a for a in node.args if isinstance(a, Node)]
-    if node.op in ("add", "mul", "floordiv", "mod", "min", "to_int", "floor", "ceil"):
+    if node.op in ("add", "mul", "floordiv", "mod", "min", "to_int", "floor", "ceil", "rshift"):
         return all(is_nonnegative(c) for c in children)
-    if node.op == "max":
+    if node.op in ("max", "and"):
         return any(is_nonnegative(c) for c in children)
     if node.op == "abs":
         return True
@@ -235,6 +239,21 @@ class Emitter:
             return self._bind(f"1.0 - 2.0 / (tl.exp(2.0 * {self.as_float(x)}) + 1.0)", "float")
         if op in _FLOAT_MATH:
             return self._bind(f"{_FLOAT_MATH[op]}({self.as_float(x)})", "float")
+        if op == "log1p":
+            # tl has no portable log1p: log(u) * x / (u - 1) with u = 1 + x cancels the rounding of u
+            # (accurate to a few ulp even where x is tiny); u == 1 means log1p(x) == x to float precision.
+            u = self._bind(f"(1.0 + {self.as_float(x)})", "float")
+            return self._bind(f"tl.where({u.text} == 1.0, {self.as_float(x)}, tl.log({u.text}) * "
+                              f"({self.as_float(x)} / tl.where({u.text} == 1.0, 1.0, {u.text} - 1.0)))", "float")
+        if op == "expm1":
+            # The same correction: (u - 1) * x / log(u) with u = exp(x); exp(x) - 1 where u - 1 is exact
+            # enough (|x| large) or would divide 0 / 0.
+            value = self.as_float(x)
+            u = self._bind(f"tl.exp({value})", "float")
+            log_u = self._bind(f"tl.log({u.text})", "float")
+            corrected = f"({u.text} - 1.0) * ({value} / tl.where({log_u.text} == 0.0, 1.0, {log_u.text}))"
+            return self._bind(f"tl.where(({u.text} == 1.0) | (tl.abs({value}) > 0.5), "
+                              f"tl.where({u.text} == 1.0, {value}, {u.text} - 1.0), {corrected})", "float")
         raise CodegenError(f"the unary operation {op!r}")
 
     def _binary(self, node: Node, left: _Expr, right: _Expr) -> _Expr:
@@ -244,8 +263,8 @@ class Emitter:
                 "int" if "int" in (left.kind, right.kind) else "bool")
             a, b = self._operands(operand_kind, left, right)
             return self._bind(f"({a} {_COMPARE_OPS[op]} {b})", "bool")
-        if op in ("and", "or", "xor"):
-            symbol = {"and": "&", "or": "|", "xor": "^"}[op]
+        if op in ("and", "or", "xor", "lshift", "rshift"):
+            symbol = {"and": "&", "or": "|", "xor": "^", "lshift": "<<", "rshift": ">>"}[op]
             a, b = self._operands(kind, left, right)
             return self._bind(f"({a} {symbol} {b})", kind)
         if op in ("add", "sub", "mul"):
@@ -284,16 +303,29 @@ class Emitter:
         return self._bind(f"({a} // {b}) - {adjust.text}.to(tl.int32)", "int")
 
     def _pow(self, node: Node, base: _Expr, exponent: _Expr) -> _Expr:
-        if exponent.is_const and float(exponent.const).is_integer() and 0 <= exponent.const <= 8:
+        if exponent.is_const and float(exponent.const).is_integer() and abs(exponent.const) <= _MAX_UNROLLED_POWER:
             count = int(exponent.const)
             if count == 0:
                 return _const_expr(1, node.kind)
+            if count < 0 and node.kind != "float":
+                raise CodegenError("an integer raised to a negative power")
             (a,) = self._operands(node.kind, base)
-            return self._bind("(" + " * ".join([a] * count) + ")", node.kind)
+            product = "(" + " * ".join([a] * abs(count)) + ")"
+            return self._bind(product if count > 0 else f"(1.0 / {product})", node.kind)
         if base.is_const and float(base.const) > 0:
             # c ** x = exp2(x * log2(c)) for a positive constant base (ALiBi-style slopes).
             return self._bind(f"tl.exp2({self.as_float(exponent)} * {_literal(math.log2(float(base.const)))})",
                               "float")
+        if exponent.is_const and node.kind == "float":
+            # x ** c = exp2(c * log2(|x|)), negative x: NaN for a fractional c, the sign of an odd c.
+            power = float(exponent.const)
+            x = self.as_float(base)
+            magnitude = self._bind(f"tl.exp2({_literal(power)} * tl.log2(tl.abs({x})))", "float")
+            if not power.is_integer():
+                return self._bind(f"tl.where({x} < 0.0, float(\"nan\"), {magnitude.text})", "float")
+            if power % 2 == 0:
+                return magnitude
+            return self._bind(f"tl.where({x} < 0.0, -{magnitude.text}, {magnitude.text})", "float")
         raise CodegenError("pow with a non-constant exponent and a base that may be negative")
 
     def _load(self, node: Node) -> _Expr:
