@@ -191,7 +191,7 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
             named = library_mask(shape.mask, shape.seq_len, **shape.mask_args)
             compile_fn = aot_compile_fn(arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
                                         dtype=parse_dtype(shape.dtype), block_size=shape.block_size,
-                                                 mask_mod=named.mask_mod, score_mod=named.score_mod)
+                                        mask_mod=named.mask_mod, score_mod=named.score_mod)
             result = autotune.prune(candidates, compile_fn, capability=arch,
                                     progress=lambda c, r: progress.advance(c.name))
             kept_total += len(result.kept)

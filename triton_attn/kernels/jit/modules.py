@@ -75,11 +75,9 @@ def load_module(file_stem: str, source: str) -> Tuple[object, Path]:
 
 
 class KernelMemo:
-    """Process-wide memo of generated kernels by structure key; ``make()`` runs once per key.
-
-    A lock makes concurrent first calls generate (and compile) a kernel once. ``generated``
-    counts the kernels made, which the recompilation tests read.
-    """
+    """Process-wide memo of generated objects (function modules) by structure key; ``make()`` runs
+    once per key. A lock makes concurrent first calls generate once. ``generated`` counts the
+    objects made, which the recompilation tests read."""
 
     def __init__(self):
         self._items: Dict[str, object] = {}
