@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 
 from triton_attn.kernels.decode.aot import compile_combine, compile_decode  # noqa: E402
 from triton_attn.kernels.decode.configs import DECODE_CONFIGS, MAIN_DECODE_CONFIGS  # noqa: E402
-from triton_attn.kernels.tuning.aot import ARCHS, SHARED_MEMORY_LIMIT  # noqa: E402
+from triton_attn.kernels.tuning.aot import ARCHS  # noqa: E402
+from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.masks import causal_mask, document_mask, softcap_score  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
@@ -33,7 +34,7 @@ def test_every_decode_config_compiles_for_sm80_and_sm90(config):
     for arch in ARCHS:
         result = compile_decode(config, arch=arch, dtype=dtype, head_dim=config.max_head_dim, q_heads=8 * groups,
                                 kv_heads=8, q_len=1 if groups == 1 else 16, mask_mod=causal_at_end)
-        assert result.shared_bytes <= SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.shared_bytes <= shared_memory_limit(arch), str(result)
         if config in MAIN_DECODE_CONFIGS:
             assert not result.spills, f"register spills: {result}"
 
@@ -47,13 +48,13 @@ def test_main_configs_paged_with_mods_do_not_spill(config):
                                 q_len=8 if groups > 1 else 1, paged=True, page_size=16, kv_len=4096,
                                 mask_mod=document_mask(ids), score_mod=softcap_score(30.0))
         assert not result.spills, str(result)
-        assert result.shared_bytes <= SHARED_MEMORY_LIMIT[arch], str(result)
+        assert result.shared_bytes <= shared_memory_limit(arch), str(result)
 
 
 def test_float32_and_unsplit_builds():
     result = compile_decode(DECODE_CONFIGS[4], arch=80, dtype=torch.float32, head_dim=64, q_heads=4, kv_heads=4,
                             num_splits=1, mask_mod=causal_mask)
-    assert result.shared_bytes <= SHARED_MEMORY_LIMIT[80], str(result)
+    assert result.shared_bytes <= shared_memory_limit(80), str(result)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
