@@ -23,9 +23,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..api import paged_attention
+from .. import PagedBatch, PagedKVCache, paged_attention
 from ..masks import and_masks, causal_mask, document_mask, full_mask, padding_mask, sliding_window_mask, softcap_score
-from ..paged_cache import PagedBatch, PagedKVCache
 from .attention_functions import eager_attention_function
 from .interface import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface, AttentionMaskInterface
 
