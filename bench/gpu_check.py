@@ -11,7 +11,9 @@ On a CUDA machine (bf16, head_dim 64 and 128):
 Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minutes on one H100.
 ``--dry-run`` runs the same code on CPU through the Triton interpreter at tiny sizes (for tests).
 
-Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``), ``decode`` and
+Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``),
+``efficiency`` (``gpu_check_efficiency.py``: dense, causal, sliding window, document, softcap, GQA 4:1,
+the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention), ``decode`` and
 ``paged`` (``gpu_check_decode.py``: one decode step at B 1/16, caches 4k/32k, Hq 32 / Hkv 8, D 128; us per call and
 GB/s against the copy bandwidth, vs SDPA and FlexAttention; paged_attention vs the contiguous decode).
 
@@ -161,6 +163,18 @@ def run_backward(args, device, dtype, writer_row) -> bool:
     return all_ok
 
 
+def run_efficiency(args, device, dtype, writer_row) -> bool:
+    """Issue 12's table: fwd + bwd TFLOP/s of triton_attn, SDPA and compiled FlexAttention per case
+    (``gpu_check_efficiency.py``)."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_efficiency import run_efficiency as efficiency_section
+
+    return efficiency_section(args, device, dtype, writer_row)
+
+
+
+
 def _decode_rows(section: str, rows, writer_row) -> bool:
     all_ok = True
     for row in rows:
@@ -206,7 +220,8 @@ def run_paged(args, device, dtype, writer_row) -> bool:
     return _decode_rows("paged", rows, writer_row)
 
 
-SECTIONS = {"forward": run_forward, "backward": run_backward, "decode": run_decode, "paged": run_paged}
+SECTIONS = {"forward": run_forward, "backward": run_backward, "efficiency": run_efficiency,
+            "decode": run_decode, "paged": run_paged}
 
 
 def parse_args(argv=None):
@@ -228,6 +243,8 @@ def parse_args(argv=None):
     parser.add_argument("--decode-caches", type=int, nargs="+", default=[4096, 32768], help="decode/paged cache lengths")
     parser.add_argument("--copy-bandwidth", type=float, default=4300.0,
                         help="GB/s the decode rows are compared with (H200 copy bandwidth)")
+    parser.add_argument("--efficiency-budget", type=float, default=240.0,
+                        help="seconds for the efficiency section; rows past it are written as skipped")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     tiny = args.dry_run

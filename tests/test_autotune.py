@@ -239,22 +239,59 @@ def test_aot_pruning_of_the_backward_kernels():
     assert backward_pair(fits).dq == KernelConfig(64, 32, 8, 2)
 
 
-def test_backward_launch_uses_the_tuned_bwd_winner_and_searches_only_when_asked(cache):
+def test_backward_launch_searches_the_two_kernels_independently_and_only_when_asked(cache):
     from triton_attn.kernels.attention.backward_launch import default_backward_config, tuned_backward_config
 
     q = torch.randn(1, 4, 256, 64, dtype=torch.float16)
     k, v = torch.randn(1, 2, 256, 64, dtype=torch.float16), torch.randn(1, 2, 256, 64, dtype=torch.float16)
     block_mask = create_block_mask(causal_mask, None, None, 256, 256)
     default = default_backward_config(64, 64, torch.float16, (128, 128), 256, 256)
-    runs = []
+    runs, timed = [], []
+
+    def run(pair):
+        runs.append(pair)
+        return {"dkdv": lambda: timed.append(("dkdv", pair)), "dq": lambda: timed.append(("dq", pair))}
+
     # Nothing cached, tuning off: the heuristic config at once, nothing run.
-    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=runs.append) is default and not runs
-    # Tuning on: every candidate of the bwd space is run (as a dK/dV + dQ pair) and the winner is stored...
-    chosen = tuned_backward_config(q, k, v, block_mask, None, default, True, run=runs.append)
-    assert runs and all(hasattr(config, "dkdv") and hasattr(config, "dq") for config in runs)
-    assert chosen in runs
-    # ...and the next call (a fresh process, same cache file) uses it with no search.
+    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=run) is default and not runs
+    # Tuning on: dK/dV candidates run with the default dQ tiles and only the dK/dV launch is timed, and
+    # the other way round; each kernel's winner is stored under its own key.
+    chosen = tuned_backward_config(q, k, v, block_mask, None, default, True, run=run)
+    assert runs and all(pair.dq == default.dq or pair.dkdv == default.dkdv for pair in runs)
+    assert {name for name, _ in timed} == {"dkdv", "dq"}
+    assert all((pair.dq == default.dq) if name == "dkdv" else (pair.dkdv == default.dkdv) for name, pair in timed)
+    assert chosen.dkdv in {pair.dkdv for pair in runs} and chosen.dq in {pair.dq for pair in runs}
+    # ...and the next call (a fresh process, same cache file) uses them with no search.
     count = len(runs)
     autotune.autotuner().forget_memory()
-    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=runs.append) == chosen
+    assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=run) == chosen
     assert len(runs) == count
+
+def test_key_separates_occupancy_block_size_ragged_tail_and_structure():
+    q = torch.randn(2, 4, 300, 64)
+    k, v = torch.randn(2, 4, 300, 64), torch.randn(2, 4, 300, 64)
+    key = autotune.make_key(q, k, v, create_block_mask(causal_mask, None, None, 300, 300, BLOCK_SIZE=64),
+                            structure="abcd1234")
+    assert (key.occupancy, key.block, key.ragged, key.structure) == (8, "64x64", True, "abcd1234")
+    assert TuningKey.parse(str(key)) == key
+    even = autotune.make_key(q[:, :, :256], k[:, :, :256], v[:, :, :256],
+                             create_block_mask(causal_mask, None, None, 256, 256, BLOCK_SIZE=64), structure="abcd1234")
+    assert not even.ragged and str(even) != str(key)
+    wide = autotune.make_key(q[:1].expand(64, 4, 300, 64), k, v, create_block_mask(causal_mask, None, None, 300, 300))
+    assert wide.occupancy == 256 and wide.block == "128x128" and str(wide) != str(key)
+    # Keys written before these fields existed still parse (and simply never match a new key).
+    assert TuningKey.parse(str(_key())).occupancy == 0
+
+
+def test_tune_times_the_prepared_launch_alone(cache):
+    """``run`` may prepare the call (tracing, layouts, allocation) and hand back the launch: only the
+    launch is timed, the host work runs once per candidate."""
+    counts = {"prepared": 0, "launched": 0}
+
+    def run(config):
+        counts["prepared"] += 1
+        return lambda: counts.__setitem__("launched", counts["launched"] + 1)
+
+    result = Autotuner().tune(_key(capability=0, device="cpu"), [KernelConfig(64, 64, 4, 2)], run, store=False)
+    assert result.best == KernelConfig(64, 64, 4, 2)
+    assert counts["prepared"] == 1 and counts["launched"] > 1

@@ -43,6 +43,7 @@ def test_key_holds_split_count_paging_and_score():
     key = decode_key(query, 8, 4096, 128, block_mask, 6, paged=True, score=True)
     assert str(key).startswith("decode|cpu|sm0|float16|d128|dv128|gqa4|q16|kv4096|")
     assert key.variant == "splits6.paged.score" and TuningKey.parse(str(key)) == key
+    assert key.block == "128x128" and key.ragged and key.occupancy == 64
 
 
 def test_split_count_follows_sms_and_non_empty_blocks():

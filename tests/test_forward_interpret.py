@@ -210,3 +210,36 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert {row["impl"] for row in rows if row["section"] == "forward_speed"} == {"triton_attn", "sdpa"}
     backward = [row for row in rows if row["section"] == "backward" and row["impl"] == "ours"]
     assert backward and all(row["ok"] == "True" for row in backward), backward
+
+
+# -- launch decisions of the efficiency work (issue 12) ------------------------------------------
+
+def test_heavy_query_tiles_first_only_for_causal_like_masks():
+    from triton_attn.kernels.attention.forward_launch import heavy_tiles_last
+
+    def block_mask(mask_mod):
+        return ta.create_block_mask(mask_mod, None, None, 256, 256, BLOCK_SIZE=32)
+
+    assert heavy_tiles_last(block_mask(causal_mask))
+    assert heavy_tiles_last(block_mask(ta.masks.prefix_lm_mask(64)))
+    assert not heavy_tiles_last(block_mask(and_masks(causal_mask, chunked_mask(128))))  # equal halves
+    assert not heavy_tiles_last(block_mask(ta.masks.library.full_mask))
+    assert not heavy_tiles_last(block_mask(sliding_window_mask(32)))
+    # Launched last-first, the causal result is unchanged (the rule against the golden result).
+    q, k, v = random_qkv(1, 2, 2, 150, 150, 32, dtype=torch.float16)
+    check(q, k, v, mask_mod=causal_mask, block_size=32)
+
+
+def test_64bit_rows_chosen_from_row_strides_not_sizes():
+    from triton_attn.kernels.attention.forward_launch import needs_64bit_rows
+
+    meta = torch.device("meta")
+    bshd = torch.empty(1, 600_000, 32, 128, dtype=torch.bfloat16, device=meta).transpose(1, 2)  # stride 4096
+    bhsd = torch.empty(1, 32, 600_000, 128, dtype=torch.bfloat16, device=meta)                 # stride 128
+    assert needs_64bit_rows(bshd)
+    assert not needs_64bit_rows(bhsd)      # batch / head offsets are 64-bit already
+    assert needs_64bit_rows(bhsd, bshd) and not needs_64bit_rows(None, bhsd)
+    # The largest row offset, (L - 1) * stride + (D - 1), decides: 2**31 - 1 still fits.
+    edge = torch.empty(1, 1, 2 ** 24, 128, dtype=torch.float16, device=meta)
+    assert not needs_64bit_rows(edge)
+    assert needs_64bit_rows(torch.empty(1, 1, 2 ** 24 + 1, 128, dtype=torch.float16, device=meta))

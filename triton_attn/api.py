@@ -13,6 +13,8 @@ from . import settings
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
 from .masks.evaluate import mod_name
+from .masks.safety import check_mods, check_score_result_type
+from .masks.scalars import as_float
 from .reference import blockwise_attention
 from .versions import require_triton
 
@@ -81,7 +83,7 @@ def _validate_block_mask(block_mask, query, key) -> BlockMask:
         raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or query's Hq={query.shape[1]}")
     if block_mask.device != query.device:
         block_mask = block_mask.to(query.device)
-    return block_mask
+    return block_mask.validate()  # once per mask (cached on it): lists inside the tile grid
 
 
 def _validate_mod_devices(mod: Optional[Callable], what: str, device: torch.device) -> None:
@@ -122,8 +124,10 @@ def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
         return create_block_mask(full_mask, None, None, q_len, kv_len, device=device, BLOCK_SIZE=(q_bs, kv_bs),
                                  layout="compact")
     full = torch.ones(batch, heads, nq, nkv, dtype=torch.bool, device=device)
-    return BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
-                                     seq_lengths=(q_len, kv_len), mask_mod=None)
+    block_mask = BlockMask.from_block_maps(torch.zeros_like(full), full, BLOCK_SIZE=(q_bs, kv_bs),
+                                           seq_lengths=(q_len, kv_len), mask_mod=None)
+    block_mask.visits_every_tile = True  # lets mod checks be cached across calls (masks/safety.py)
+    return block_mask
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -141,12 +145,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     config table now and remember the winner on disk (default: off, unless TRITON_ATTN_AUTOTUNE=1).
     Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
     float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
+    float64 inputs run on the torch backend only, computed in float64.
+    Raises ValueError / TypeError naming the bad argument (README, "Errors and guarantees"); the
+    Triton backends raise what the torch backend raises for a mod that indexes a captured tensor
+    out of range, divides an integer by zero, or returns a bool or integer score.
     """
     _validate_tensors(query, key, value, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    else:
+        scale = as_float(scale, "scale", expected="a finite float or None")
     if autotune is not None and not isinstance(autotune, bool):
         raise TypeError(f"autotune must be True, False or None, got {autotune!r}")
     chosen = choose_backend(backend, query.device)
@@ -158,6 +166,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
     block_mask = _validate_block_mask(block_mask, query, key)
     _validate_mod_devices(score_mod, "score_mod", query.device)
+    if score_mod is not None:
+        # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
+        score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        check_score_result_type(score_mod, query.device, score_dtype)
     _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
     if chosen == "torch":
@@ -165,6 +177,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     else:
         require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
+
+        # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
+        check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)

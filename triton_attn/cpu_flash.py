@@ -33,7 +33,9 @@ def applicable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
     """Whether ``fused_attention`` may serve this call (see the module docstring)."""
     return (not needs_grad and score_mod is None and query.device.type == "cpu"
             and query.dtype == torch.float32 and key.shape[-1] == value.shape[-1]
-            and tuple(block_mask.shape[:2]) == (1, 1) and _flash_op() is not None)
+            and tuple(block_mask.shape[:2]) == (1, 1) and _flash_op() is not None
+            # The op reads a head dim with stride != 1 wrongly (torch 2.13); SDPA copies such inputs first.
+            and all(t.stride(-1) == 1 for t in (query, key, value)))
 
 
 def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block: int):

@@ -6,9 +6,9 @@ Two implementations live here:
   the golden result the kernels are checked against; run in the input dtype it is the
   "plain PyTorch" baseline of the numerics rule.
 - ``blockwise_attention``: the ``torch`` backend. It walks a ``BlockMask`` tile by tile with an
-  online softmax in float32, skips empty tiles, evaluates the mask_mod on partial tiles only,
-  and never holds more than a bounded slab of scores. Autograd works through it, recomputing
-  one query-block row at a time in the backward pass.
+  online softmax in float32 (float64 for float64 inputs), skips empty tiles, evaluates the mask_mod
+  on partial tiles only, and never holds more than a bounded slab of scores. Autograd works
+  through it, recomputing one query-block row at a time in the backward pass.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, lse.squeeze(-1).float()
 
 
+def accumulation_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """What the torch backend accumulates in: float64 for float64 inputs, else float32."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
 class _TileFetcher:
     """Loads the K/V tiles of a run of blocks, and multiplies queries against them.
 
@@ -87,6 +92,7 @@ class _TileFetcher:
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor, q_heads: int, shared: bool):
         self.key, self.value = key, value
+        self.compute_dtype = accumulation_dtype(key.dtype)
         self.batch, self.kv_heads, self.kv_len = key.shape[0], key.shape[1], key.shape[2]
         self.groups = q_heads // self.kv_heads
         self.q_heads = q_heads
@@ -114,20 +120,22 @@ class _TileFetcher:
         return positions.unsqueeze(2), valid.unsqueeze(2), k_tile, v_tile
 
     def scores(self, q_float: torch.Tensor, k_tile: torch.Tensor) -> torch.Tensor:
-        """q_float ``[B, Hq, rows, D]`` against the tile: ``[B, Hq, rows, L]`` float32."""
+        """q_float ``[B, Hq, rows, D]`` against the tile: ``[B, Hq, rows, L]`` in the accumulation dtype."""
         batch, _, rows, dim = q_float.shape
+        k_tile = k_tile.to(self.compute_dtype)
         if self.shared:
             grouped = q_float.reshape(batch, self.kv_heads, self.groups * rows, dim)
-            return (grouped @ k_tile.float().transpose(-1, -2)).view(batch, self.q_heads, rows, -1)
-        return q_float @ k_tile.float().transpose(-1, -2)
+            return (grouped @ k_tile.transpose(-1, -2)).view(batch, self.q_heads, rows, -1)
+        return q_float @ k_tile.transpose(-1, -2)
 
     def weighted_values(self, weights: torch.Tensor, v_tile: torch.Tensor) -> torch.Tensor:
-        """weights ``[B, Hq, rows, L]`` times the V tile: ``[B, Hq, rows, Dv]`` float32."""
+        """weights ``[B, Hq, rows, L]`` times the V tile: ``[B, Hq, rows, Dv]`` in the accumulation dtype."""
         batch, _, rows, length = weights.shape
+        v_tile = v_tile.to(self.compute_dtype)
         if self.shared:
             grouped = weights.reshape(batch, self.kv_heads, self.groups * rows, length)
-            return (grouped @ v_tile.float()).view(batch, self.q_heads, rows, -1)
-        return weights @ v_tile.float()
+            return (grouped @ v_tile).view(batch, self.q_heads, rows, -1)
+        return weights @ v_tile
 
 
 def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_start: int,
@@ -136,7 +144,8 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """Attention of one query block row over its non-empty KV tiles.
 
     q_tile: [B, Hq, rows, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
-    Returns out [B, Hq, rows, Dv] float32 and lse [B, Hq, rows] float32.
+    Returns out [B, Hq, rows, Dv] and lse [B, Hq, rows] in the accumulation dtype (float32, or
+    float64 for float64 inputs).
     """
     batch, q_heads, rows, _ = q_tile.shape
     value_dim = value.shape[-1]
@@ -146,10 +155,11 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     fetcher = _TileFetcher(key, value, q_heads, shared)
     b, h = _index_grids(batch, q_heads, device)
     q_idx = torch.arange(q_start, q_start + rows, device=device).view(1, 1, -1, 1)
-    q_float = q_tile.float()
-    running_max = torch.full((batch, q_heads, rows, 1), float("-inf"), device=device)
-    running_sum = torch.zeros((batch, q_heads, rows, 1), device=device)
-    accumulator = torch.zeros((batch, q_heads, rows, value_dim), device=device)
+    compute_dtype = accumulation_dtype(q_tile.dtype)
+    q_float = q_tile.to(compute_dtype)
+    running_max = torch.full((batch, q_heads, rows, 1), float("-inf"), dtype=compute_dtype, device=device)
+    running_sum = torch.zeros((batch, q_heads, rows, 1), dtype=compute_dtype, device=device)
+    accumulator = torch.zeros((batch, q_heads, rows, value_dim), dtype=compute_dtype, device=device)
     blocks_per_step = max(1, SCORE_BUDGET // (batch * q_heads * rows * kv_block))
     for (num_blocks, indices), is_partial in zip(layout, (True, False)):
         most = int(num_blocks.max()) if num_blocks.numel() else 0
@@ -262,4 +272,4 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     out = torch.cat(outs, dim=2).to(query.dtype)
     if needs_grad and not out.requires_grad:
         out = _AttachToInputs.apply(out, query, key, value)
-    return out, torch.cat(lses, dim=2)
+    return out, torch.cat(lses, dim=2).float()

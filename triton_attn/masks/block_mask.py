@@ -18,27 +18,31 @@ mask_mod is True on all of its in-bounds elements; kernels always bound-check th
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional, Tuple, Union
+import numbers
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
 from .library import full_mask
+from .scalars import as_int
 
 BlockSize = Union[int, Tuple[int, int]]
 
 
 def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
     """``128 -> (128, 128)``; a ``(Q_BS, KV_BS)`` pair is checked and returned."""
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
-        pair = (block_size, block_size)
-    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
-        pair = (block_size[0], block_size[1])
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}")
+        pair = tuple(block_size)
     else:
-        raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}")
-    for value in pair:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"BLOCK_SIZE entries must be positive ints, got {block_size!r}")
-    return int(pair[0]), int(pair[1])
+        pair = (block_size, block_size)
+    try:
+        q_bs, kv_bs = (as_int(value, "BLOCK_SIZE") for value in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair of them, "
+                         f"got {block_size!r}") from None
+    return q_bs, kv_bs
 
 
 def ordered_from_dense(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +68,63 @@ def dense_from_ordered(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols
     return dense[..., :num_cols]
 
 
+def block_list_problems(what: str, num_blocks: torch.Tensor, indices: torch.Tensor, batch_heads: Tuple[int, int],
+                        num_rows: int, num_cols: int) -> Tuple[List[Tuple[torch.Tensor, str]], Optional[torch.Tensor]]:
+    """Check one (counts, indices) pair of block lists against the tile grid.
+
+    num_blocks ``[B, H, rows]``, indices ``[B, H, rows, width]``. Shape and dtype problems raise
+    ``ValueError`` at once (no device sync). Returns (problems, listed): value problems as (bad flag,
+    message) pairs, so a caller reads all of them with one sync -- a count outside ``[0, width]``, a
+    valid entry outside ``[0, num_cols)``, one block listed twice in a row -- and the bool map
+    ``[B, H, rows, num_cols]`` of the blocks listed (entries outside the grid left out), or None
+    where there is nothing to read (meta tensors, empty lists).
+    """
+    for name, t, rank in ((f"{what}_num_blocks", num_blocks, 3), (f"{what}_indices", indices, 4)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"block_mask.{name} must be a {rank}-D integer tensor, got {got}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"block_mask.{name} must hold integers, got dtype {t.dtype}")
+    expected = tuple(batch_heads) + (num_rows,)
+    if tuple(num_blocks.shape) != expected or tuple(indices.shape[:3]) != expected:
+        raise ValueError(f"block_mask.{what}_num_blocks {tuple(num_blocks.shape)} and {what}_indices "
+                         f"{tuple(indices.shape)} must be [B, H, {num_rows}] and [B, H, {num_rows}, n] with "
+                         f"[B, H] = {list(batch_heads)}: {num_rows} block rows cover the mask's seq_lengths")
+    width = indices.shape[-1]
+    if num_blocks.numel() == 0 or num_blocks.device.type == "meta":
+        return [], None
+    valid = torch.arange(width, device=indices.device, dtype=num_blocks.dtype) < num_blocks.unsqueeze(-1)
+    outside = valid & ((indices < 0) | (indices >= num_cols))
+    # Padding and entries outside the grid scatter into an extra column, dropped afterwards.
+    target = torch.where(valid & ~outside, indices, num_cols).long()
+    listed = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
+    listed = listed.scatter_(-1, target, True)[..., :num_cols]
+    any_outside = outside.any()
+    problems = [
+        ((num_blocks < 0) | (num_blocks > width)).any(),
+        any_outside,
+        # A block listed twice would be computed twice: each row's distinct entries must match its count.
+        (listed.sum(-1) != num_blocks.clamp(0, width)).any() & ~any_outside,
+    ]
+    messages = [
+        f"block_mask.{what}_num_blocks must be between 0 and {width} (the width of {what}_indices)",
+        f"block_mask.{what}_indices lists a block outside [0, {num_cols}), the blocks of that dimension of the "
+        "mask's seq_lengths / BLOCK_SIZE (it would read outside the tensors)",
+        f"block_mask.{what}_indices lists a block twice in one row (each block may appear once)",
+    ]
+    return list(zip(problems, messages)), listed
+
+
+def raise_problems(problems: List[Tuple[torch.Tensor, str]]) -> None:
+    """Raise ``ValueError`` with the first problem found; one device sync for all of them."""
+    if not problems:
+        return
+    flags = torch.stack([flag.reshape(()).to(torch.bool) for flag, _ in problems]).tolist()
+    for flag, (_, message) in zip(flags, problems):
+        if flag:
+            raise ValueError(message)
+
+
 def _index_map(positions: torch.Tensor):
     """A function local index -> original index: affine when ``positions`` is an arithmetic run
     (so it traces and runs on any device), else a lookup in ``positions``."""
@@ -85,33 +146,63 @@ def sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch
     return sliced
 
 
+def _describe_index(position) -> str:
+    if isinstance(position, slice):
+        parts = (position.start, position.stop) + ((position.step,) if position.step is not None else ())
+        return ":".join("" if part is None else str(part) for part in parts)
+    return repr(position)
+
+
 def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``mask[index]`` over (batch, head) as two position maps; an int keeps its dimension (size 1)."""
+    """``mask[index]`` over (batch, head) as two position maps; an int keeps its dimension (size 1).
+
+    Semantics are a tensor's: ints (negative from the end) and index tensors must be in range,
+    slices are clipped to the dimension. A selection that would leave a dimension empty is an
+    ``IndexError`` naming the index and the valid range (an empty BlockMask cannot be used).
+    """
     index = index if isinstance(index, tuple) else (index,)
     if len(index) > 2:
         raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
     index = tuple(index) + (slice(None),) * (2 - len(index))
     maps = []
-    for position, size in zip(index, sizes):
+    for position, size, dim in zip(index, sizes, ("batch", "head")):
         all_positions = torch.arange(size)
-        if isinstance(position, int) and not isinstance(position, bool):
+        valid = f"valid {dim} indices are 0..{size - 1} (or -{size}..-1)"
+        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
+            position = int(position)
             if not -size <= position < size:
-                raise IndexError(f"index {position} is out of range for a BlockMask dimension of size {size}")
+                raise IndexError(f"BlockMask {dim} index {position} is out of range: {valid}")
             maps.append(all_positions[position:position + 1] if position >= 0 else all_positions[position:][:1])
-        else:
-            maps.append(all_positions[position].reshape(-1))
+            continue
+        if not isinstance(position, (slice, torch.Tensor, list, range)):
+            raise IndexError(f"BlockMask {dim} index must be an int, a slice, or an index tensor/list, "
+                             f"got {type(position).__name__}")
+        try:
+            picked = all_positions[position].reshape(-1)
+        except (IndexError, RuntimeError, ValueError, TypeError) as error:
+            raise IndexError(f"BlockMask {dim} index {_describe_index(position)} is invalid ({error}): "
+                             f"{valid}") from None
+        if picked.numel() == 0:
+            raise IndexError(f"BlockMask {dim} index {_describe_index(position)} selects nothing from {size} "
+                             f"{dim} entr{'y' if size == 1 else 'ies'} ({valid}); an empty BlockMask cannot be used")
+        maps.append(picked)
     return maps[0], maps[1]
 
 
 def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
     """How ``to_string`` groups blocks: (row_step, col_step, blocks per group [grid_rows, grid_cols])."""
     nq, nkv = num_blocks
-    if grid_size == -1:
+    if isinstance(grid_size, numbers.Integral) and not isinstance(grid_size, bool) and grid_size == -1:
         max_rows, max_cols = nq, nkv
-    elif isinstance(grid_size, int):
-        max_rows = max_cols = grid_size
     else:
-        max_rows, max_cols = grid_size
+        pair = tuple(grid_size) if isinstance(grid_size, (tuple, list)) else (grid_size, grid_size)
+        try:
+            if len(pair) != 2:
+                raise ValueError
+            max_rows, max_cols = (as_int(value, "grid_size") for value in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid_size must be -1 (every block), a positive int or a (rows, cols) pair of them, "
+                             f"got {grid_size!r}") from None
     row_step, col_step = max(1, -(-nq // max_rows)), max(1, -(-nkv // max_cols))
     grid_rows, grid_cols = -(-nq // row_step), -(-nkv // col_step)
     rows_in = torch.clamp(nq - torch.arange(grid_rows) * row_step, max=row_step)  # edge groups are smaller
@@ -122,6 +213,7 @@ def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, i
 def render_block_pictures(counts: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]], group_size: torch.Tensor,
                           batch: int, heads: int, limit: int) -> str:
     """One picture per (b, h); ``counts(b, h)`` gives full and partial block counts per group."""
+    limit = as_int(limit, "limit", minimum=0, expected="a non-negative int (pictures to show)")
     pictures = []
     for count, (b, h) in enumerate(itertools.product(range(batch), range(heads))):
         if count == limit:
@@ -178,24 +270,41 @@ class BlockMask:
         full_kv_num, full_kv_idx = ordered_from_dense(full)
         q_num, q_idx = ordered_from_dense(partial.transpose(-2, -1))
         full_q_num, full_q_idx = ordered_from_dense(full.transpose(-2, -1))
-        return cls(kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_kv_num,
+        made = cls(kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_kv_num,
                    full_kv_indices=full_kv_idx, q_num_blocks=q_num, q_indices=q_idx,
                    full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
                    BLOCK_SIZE=BLOCK_SIZE, seq_lengths=seq_lengths, mask_mod=mask_mod)
+        return made.trusted()
 
     @classmethod
     def from_flex(cls, flex_block_mask) -> "BlockMask":
-        """From a ``torch.nn.attention.flex_attention.BlockMask`` (same fields, same meaning)."""
-        num_cols = flex_block_mask.kv_indices.shape[-1]
-        partial = dense_from_ordered(flex_block_mask.kv_num_blocks, flex_block_mask.kv_indices, num_cols)
+        """From a ``torch.nn.attention.flex_attention.BlockMask`` (same fields, same meaning).
+
+        Its kv block lists are checked first (``ValueError`` naming the field): rows must cover
+        ``seq_lengths``, counts fit the index width, no entry lies outside the index width.
+        """
+        q_len, kv_len = (int(n) for n in flex_block_mask.seq_lengths)
+        q_bs, kv_bs = normalize_block_size(tuple(flex_block_mask.BLOCK_SIZE))
+        # Flex pads its index tensors to whole blocks of a possibly longer length; keep ours tight.
+        nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+        kv_indices = flex_block_mask.kv_indices
+        rows, num_cols = (kv_indices.shape[-2], kv_indices.shape[-1]) if kv_indices.dim() == 4 else (0, 0)
+        if rows < nq:
+            raise ValueError(f"block_mask has {rows} query block rows of {q_bs}, which do not cover its "
+                             f"seq_lengths Q_LEN={q_len} ({nq} rows needed); rebuild it with create_block_mask")
+        lists = [("kv", flex_block_mask.kv_num_blocks, kv_indices)]
+        if flex_block_mask.full_kv_num_blocks is not None:
+            lists.append(("full_kv", flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices))
+        batch_heads = tuple(kv_indices.shape[:2])
+        raise_problems([p for what, num, idx in lists
+                        for p in block_list_problems(what, num, idx, batch_heads, rows, max(num_cols, nkv))[0]])
+        num_cols = max(num_cols, nkv)
+        partial = dense_from_ordered(flex_block_mask.kv_num_blocks, kv_indices, num_cols)
         if flex_block_mask.full_kv_num_blocks is not None:
             full = dense_from_ordered(flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices, num_cols)
         else:
             full = torch.zeros_like(partial)
-        q_len, kv_len = flex_block_mask.seq_lengths
-        q_bs, kv_bs = flex_block_mask.BLOCK_SIZE
-        # Flex pads its index tensors to whole blocks of a possibly longer length; keep ours tight.
-        nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+        # Blocks past the sequence hold no key: dropping them changes nothing.
         partial, full = partial[..., :nq, :nkv], full[..., :nq, :nkv]
         return cls.from_block_maps(partial, full & ~partial, BLOCK_SIZE=(q_bs, kv_bs),
                                    seq_lengths=(q_len, kv_len), mask_mod=flex_block_mask.mask_mod)
@@ -207,6 +316,72 @@ class BlockMask:
         return FlexBlockMask.from_kv_blocks(
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+
+    # -- validation ---------------------------------------------------------------------------
+    def trusted(self) -> "BlockMask":
+        """Mark the current fields as consistent by construction (derived from block maps, or a
+        slice / copy of a validated mask): ``validate`` then checks shapes only, with no device
+        sync. Replacing or modifying a field drops the mark. Returns ``self``."""
+        self._trusted = self.layout_signature()
+        return self
+
+    def layout_signature(self) -> tuple:
+        """Identity and in-place version of every field: changes when a field is replaced or modified."""
+        return tuple((id(t), getattr(t, "_version", 0)) for t in (getattr(self, n) for n in self._TENSOR_FIELDS))
+
+    def validate(self) -> "BlockMask":
+        """Check the block lists against ``seq_lengths`` and ``BLOCK_SIZE`` before a kernel reads them.
+
+        Rows must cover the sequence (``ceil(Q_LEN / Q_BLOCK_SIZE)`` query block rows, KV likewise
+        for the transposed lists), counts must fit the index width, indices must name blocks inside
+        the sequence, no block may be listed twice or as both partial and full, and the transposed
+        (``q_*``) lists must match the ``kv_*`` ones. Raises ``ValueError`` naming the field. The
+        value checks cost one device sync, once per mask: the result is cached on the mask until
+        a field is replaced or modified in place. Returns ``self``.
+        """
+        signature = self.layout_signature()
+        if getattr(self, "_validated", None) == signature:
+            return self
+        self._check_block_lists()
+        self._validated = signature
+        return self
+
+    def _check_block_lists(self) -> None:
+        (q_len, kv_len), (q_bs, kv_bs) = self.seq_lengths, self.BLOCK_SIZE
+        nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+        batch_heads = tuple(self.kv_num_blocks.shape[:2]) if self.kv_num_blocks.dim() == 3 else ()
+        for what, rows, cols, rows_of in (("kv", nq, nkv, "Q_LEN"), ("q", nkv, nq, "KV_LEN")):
+            for prefix in ("", "full_"):
+                indices = getattr(self, f"{prefix}{what}_indices")
+                if indices.dim() == 4 and indices.shape[-2] != rows:
+                    raise ValueError(
+                        f"block_mask.{prefix}{what}_indices has {indices.shape[-2]} block rows but seq_lengths "
+                        f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {rows} (one per block of "
+                        f"{rows_of}); rebuild the mask with create_block_mask")
+                if indices.dim() == 4 and indices.shape[-1] != cols:
+                    raise ValueError(f"block_mask.{prefix}{what}_indices has width {indices.shape[-1]}, expected "
+                                     f"{cols} (the number of blocks across); use BlockMask.from_flex for "
+                                     "FlexAttention-style lists")
+        if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
+            return
+        problems, maps = [], {}
+        for what, rows, cols in (("kv", nq, nkv), ("q", nkv, nq)):
+            for prefix in ("", "full_"):
+                name = prefix + what
+                found, maps[name] = block_list_problems(name, getattr(self, f"{name}_num_blocks"),
+                                                        getattr(self, f"{name}_indices"), batch_heads, rows, cols)
+                problems += found
+        if maps["kv"] is not None:
+            problems += [
+                ((maps["kv"] & maps["full_kv"]).any(), "block_mask lists a block as both partial (kv_indices) and "
+                                                       "full (full_kv_indices)"),
+                ((maps["q"].transpose(-1, -2) != maps["kv"]).any(),
+                 "block_mask.q_num_blocks / q_indices are not the transpose of kv_num_blocks / kv_indices"),
+                ((maps["full_q"].transpose(-1, -2) != maps["full_kv"]).any(),
+                 "block_mask.full_q_num_blocks / full_q_indices are not the transpose of full_kv_num_blocks / "
+                 "full_kv_indices"),
+            ]
+        raise_problems(problems)  # in order: a list's own problems come before cross-list ones
 
     # -- views --------------------------------------------------------------------------------
     @property
@@ -288,7 +463,13 @@ class BlockMask:
     def to(self, device: Union[str, torch.device]) -> "BlockMask":
         """A copy with every index tensor on ``device`` (the mask_mod is shared)."""
         moved = {name: getattr(self, name).to(device) for name in self._TENSOR_FIELDS}
-        return BlockMask(**moved, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+        copy = BlockMask(**moved, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+        return copy.trusted() if self.is_trusted() else copy
+
+    def is_trusted(self) -> bool:
+        """Whether the fields were validated (or built consistent) and not changed since."""
+        signature = self.layout_signature()
+        return signature in (getattr(self, "_trusted", None), getattr(self, "_validated", None))
 
     def __getitem__(self, index) -> "BlockMask":
         """Select batches / heads: ``mask[b]``, ``mask[b, h]``, slices or index tensors.
@@ -301,8 +482,9 @@ class BlockMask:
         for name in self._TENSOR_FIELDS:
             value = getattr(self, name)
             fields[name] = value[batch_map.to(value.device)][:, head_map.to(value.device)].contiguous()
-        return BlockMask(**fields, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
-                         mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
+        sliced = BlockMask(**fields, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
+                           mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
+        return sliced.trusted() if self.is_trusted() else sliced
 
     def as_tuple(self) -> Tuple:
         """Every field in a fixed order, for passing to kernels."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Callable, Iterator, List
 
 import torch
@@ -45,3 +46,31 @@ def _walk(fn, seen: set) -> Iterator:
 def captured_tensors(fn: Callable) -> List[torch.Tensor]:
     """Tensors captured by ``fn`` (closure cells, defaults, nested mods), in a stable order."""
     return [value for value in _walk(fn, set()) if isinstance(value, torch.Tensor)]
+
+
+def mod_fingerprint(fn: Callable, include_tensor_values: bool = True) -> str:
+    """A hash of ``fn``'s code and everything it captured (used to cache per-mod plans).
+
+    With ``include_tensor_values=False`` captured tensors contribute only dtype and rank, so
+    the same mod over different data (document ids of another batch) shares the key. With
+    values included, a CUDA tensor is copied to the host: call it once per plan, not per launch.
+    """
+    digest = hashlib.sha256()
+    for value in _walk(fn, set()):
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None:
+            digest.update(code.co_code)
+            digest.update(repr(code.co_consts).encode())
+            digest.update(repr(code.co_names).encode())
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"tensor:{value.dtype}:{value.dim()}".encode())
+            if include_tensor_values:
+                digest.update(f"{tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, (int, float, bool, str, type(None))):
+            digest.update(f"{type(value).__name__}:{value!r}".encode())
+        elif isinstance(value, (list, tuple, dict, functools.partial)):
+            digest.update(f"{type(value).__name__}:{len(value) if hasattr(value, '__len__') else ''}".encode())
+        else:
+            digest.update(f"{type(value).__qualname__}".encode())
+    return digest.hexdigest()[:32]

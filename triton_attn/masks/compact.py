@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from .block_mask import (BlockMask, sliced_mask_mod, batch_head_maps, normalize_block_size, picture_grid,
-                         render_block_pictures)
+                         raise_problems, render_block_pictures)
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 
@@ -186,7 +186,7 @@ class CompactBlockMask(BlockMask):
         batch, heads, nq, nkv = partial.shape
         return cls(csr={"partial": _csr_from_map(partial), "full": _csr_from_map(full)},
                    layout_shape=(batch, heads), batch_heads=(batch, heads), num_blocks=(nq, nkv),
-                   BLOCK_SIZE=BLOCK_SIZE, seq_lengths=seq_lengths, mask_mod=mask_mod)
+                   BLOCK_SIZE=BLOCK_SIZE, seq_lengths=seq_lengths, mask_mod=mask_mod).trusted()
 
     @classmethod
     def from_block_mask(cls, block_mask: BlockMask) -> "CompactBlockMask":
@@ -201,6 +201,44 @@ class CompactBlockMask(BlockMask):
         """A plain ``BlockMask`` with the dense FlexAttention fields (``[B, H, NQ, NKV]`` each)."""
         return BlockMask(**{name: getattr(self, name) for name in self._TENSOR_FIELDS},
                          BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+
+    # -- validation -----------------------------------------------------------------------------
+    def layout_signature(self) -> tuple:
+        return tuple((id(t), t._version) for pair in self._csr.values() for t in pair)
+
+    def _check_block_lists(self) -> None:
+        """``BlockMask.validate`` for compressed rows: the grid covers ``seq_lengths``, each
+        ``ptr`` runs from 0 to ``len(cols)`` without decreasing, every column is inside the grid and
+        ascending within its row, and no tile is both partial and full. O(nnz), no dense field."""
+        (q_len, kv_len), (q_bs, kv_bs) = self.seq_lengths, self.BLOCK_SIZE
+        nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+        if self._num_blocks != (nq, nkv):
+            raise ValueError(f"block_mask has a {self._num_blocks[0]} x {self._num_blocks[1]} block grid but "
+                             f"seq_lengths {self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {nq} x {nkv}; "
+                             "rebuild it with create_block_mask")
+        if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
+            return
+        problems, keys = [], []
+        for kind in self._KINDS:
+            ptr, cols = self._csr[kind]
+            counts = ptr.diff()
+            row_of = torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts.clamp(min=0))
+            same_row = row_of[1:] == row_of[:-1] if row_of.numel() == cols.numel() else None
+            problems += [
+                ((ptr[0] != 0) | (ptr[-1] != cols.numel()) | (counts < 0).any(),
+                 f"block_mask {kind} CSR ptr must start at 0, never decrease, and end at len(cols)={cols.numel()}"),
+                (((cols < 0) | (cols >= nkv)).any() if cols.numel() else torch.tensor(False),
+                 f"block_mask {kind} CSR lists a KV block outside [0, {nkv}) (it would read outside K/V)"),
+            ]
+            if same_row is not None and cols.numel() > 1:
+                problems.append((((cols[1:] <= cols[:-1]) & same_row).any(),
+                                 f"block_mask {kind} CSR columns must be ascending and distinct within a row"))
+            if row_of.numel() == cols.numel():
+                keys.append(row_of * nkv + cols.long())
+        if len(keys) == 2 and keys[0].numel() and keys[1].numel():
+            problems.append((torch.isin(keys[0], keys[1]).any(),
+                             "block_mask lists a block as both partial and full"))
+        raise_problems(problems)
 
     # -- CSR access -----------------------------------------------------------------------------
     @property
@@ -340,9 +378,10 @@ class CompactBlockMask(BlockMask):
 
     def to(self, device: Union[str, torch.device]) -> "CompactBlockMask":
         csr = {kind: (ptr.to(device), cols.to(device)) for kind, (ptr, cols) in self._csr.items()}
-        return CompactBlockMask(csr=csr, layout_shape=self.layout_shape, batch_heads=self._batch_heads,
+        copy = CompactBlockMask(csr=csr, layout_shape=self.layout_shape, batch_heads=self._batch_heads,
                                 num_blocks=self._num_blocks, BLOCK_SIZE=self.BLOCK_SIZE,
                                 seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+        return copy.trusted() if self.is_trusted() else copy
 
     def __getitem__(self, index) -> "CompactBlockMask":
         """Select batches / heads like ``BlockMask.__getitem__``; stays compact."""
@@ -365,7 +404,8 @@ class CompactBlockMask(BlockMask):
             within = torch.arange(total, device=ptr.device) - torch.repeat_interleave(new_ptr[:-1], counts)
             gather = torch.repeat_interleave(start, counts) + within
             csr[kind] = (new_ptr, cols[gather])
-        return CompactBlockMask(csr=csr, layout_shape=(new_bl, new_hl),
-                                batch_heads=(batch_map.numel(), head_map.numel()), num_blocks=self._num_blocks,
-                                BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
-                                mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
+        sliced = CompactBlockMask(csr=csr, layout_shape=(new_bl, new_hl),
+                                  batch_heads=(batch_map.numel(), head_map.numel()), num_blocks=self._num_blocks,
+                                  BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
+                                  mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
+        return sliced.trusted() if self.is_trusted() else sliced

@@ -26,6 +26,7 @@ import contextlib
 import warnings
 
 from .block_mask import BlockMask, BlockSize, normalize_block_size
+from .scalars import as_int
 from .closure import captured_tensors
 from .compact import CSRBuilder, CompactBlockMask, dense_fields_from_maps
 from .evaluate import call_mask_mod, mod_name
@@ -57,17 +58,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check_length(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
+    return as_int(value, what)
 
 
 def _check_count(value, what: str) -> int:
     if value is None:
         return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int or None (broadcast), got {value!r}")
-    return value
+    return as_int(value, what, expected="a positive int or None (broadcast)")
 
 
 def resolve_device(mask_mod: Callable, device) -> torch.device:
@@ -376,14 +373,15 @@ def _compile_traced(traced, mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_L
             builders["full"].add(full)
         return CompactBlockMask(csr={kind: builder.finish() for kind, builder in builders.items()},
                                 layout_shape=(bl, hl), batch_heads=(B, H), num_blocks=(nq, nkv),
-                                BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod)
+                                BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod).trusted()
     partial_map = torch.zeros(bl * hl, nq, nkv, dtype=torch.bool, device=device)
     full_map = torch.zeros(bl * hl, nq, nkv, dtype=torch.bool, device=device)
     for p0, p1, r0, r1, partial, full in chunks:
         partial_map[p0:p1, r0:r1] = partial
         full_map[p0:p1, r0:r1] = full
     fields = dense_fields_from_maps(partial_map.view(bl, hl, nq, nkv), full_map.view(bl, hl, nq, nkv), B, H)
-    return BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod)
+    # Lists derived from block maps are consistent by construction: validate() checks shapes only.
+    return BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod).trusted()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .scalars import as_float, as_int
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,9 +31,7 @@ def _named(fn, name: str):
 
 
 def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
+    return as_int(value, what)
 
 
 def causal_mask(b, h, q_idx, kv_idx):
@@ -88,9 +88,8 @@ def prefix_lm_mask(prefix_length) -> MaskMod:
 
         return _named(prefix_lm_per_batch, "prefix_lm_per_batch")
 
-    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 0:
-        raise ValueError(f"prefix_lm_mask: prefix_length must be a non-negative int or a [B] tensor, got {prefix_length!r}")
-    prefix_int = prefix_length
+    prefix_int = as_int(prefix_length, "prefix_lm_mask: prefix_length", minimum=0,
+                        expected="a non-negative int or a [B] tensor")
 
     def prefix_lm(b, h, q_idx, kv_idx):
         return (kv_idx < prefix_int) | (q_idx >= kv_idx)
@@ -193,9 +192,12 @@ def not_mask(mask_mod: MaskMod) -> MaskMod:
 
 def softcap_score(cap: float) -> ScoreMod:
     """Gemma-2 style logit soft-capping: ``cap * tanh(score / cap)``."""
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+    try:
+        cap = as_float(cap, "softcap_score: cap", expected="a positive number")
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    if not cap > 0:
         raise ValueError(f"softcap_score: cap must be a positive number, got {cap!r}")
-    cap = float(cap)
 
     def softcap(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap

@@ -11,8 +11,9 @@ so a model may pass its own keywords through to a custom attention function.
 
 ``attention_mask`` may be a ``BlockMask`` (ours, from ``make_mask_function``, or FlexAttention's),
 None (the pattern comes from ``is_causal``/``sliding_window``, aligned to the last query: queries are
-the last ``Lq`` positions of the keys), a bool tensor ``[B or 1, 1 or Hq, Lq, >= Lkv]`` (True = attend),
-or a float tensor of that shape that is added to the scores (0 / large negative, as in eager masks).
+the last ``Lq`` positions of the keys), a bool tensor ``[B or 1, 1 or Hq, Lq, >= Lkv]`` (True = attend;
+a 0/1 integer tensor means the same, as in transformers' mask utilities), or a float tensor of that
+shape that is added to the scores (0 / large negative, as in eager masks).
 """
 
 from __future__ import annotations
@@ -73,15 +74,30 @@ def _default_mask_mod(causal: bool, sliding_window: Optional[int], q_offset: int
     return aligned
 
 
+def as_bool_if_integer(mask: torch.Tensor) -> torch.Tensor:
+    """An integer 4-D ``attention_mask`` as bool (nonzero = attend), as transformers treats integer
+    masks (its mask utilities turn the 0/1 padding mask into bool); float masks stay additive biases.
+
+    Integer values other than 0 and 1 would be ambiguous (a bias written in integers?): refused.
+    """
+    if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex:
+        return mask
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"attention_mask of integer dtype {mask.dtype} must hold only 0 (masked) and 1 (attend); "
+                         "pass a bool mask, or a float mask for an additive bias")
+    return mask.bool()
+
+
 def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
-    """A 4-D bool or additive-float mask as (mask_mod or None, bias score_mod or None, mask batch, mask heads)."""
+    """A 4-D bool / 0-1 integer or additive-float mask as (mask_mod or None, bias score_mod or None,
+    mask batch, mask heads)."""
     if mask.dim() != 4:
         raise ValueError(f"attention_mask must be a BlockMask, None, or a 4-D tensor [B, 1 or H, Lq, Lkv], "
                          f"got a {mask.dim()}-D tensor of shape {tuple(mask.shape)}")
     if mask.shape[-1] < kv_len or mask.shape[-2] not in (1, q_len):
         raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not cover Lq={q_len} queries and "
                          f"Lkv={kv_len} keys")
-    mask = mask[..., :kv_len].expand(-1, -1, q_len, -1)
+    mask = as_bool_if_integer(mask[..., :kv_len]).expand(-1, -1, q_len, -1)
     batch, heads = mask.shape[:2]
     pick_b = (lambda b: b) if batch > 1 else (lambda b: b * 0)
     pick_h = (lambda h: h) if heads > 1 else (lambda h: h * 0)
@@ -215,7 +231,7 @@ def _dense_bias(attention_mask, q_len: int, kv_len: int, dtype) -> Optional[torc
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         raise TypeError(f"reference attention functions take a 4-D tensor mask or None, got "
                         f"{type(attention_mask).__name__}")
-    mask = attention_mask[..., :kv_len]
+    mask = as_bool_if_integer(attention_mask[..., :kv_len])
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)

@@ -10,14 +10,17 @@ imported inside these calls, never when ``triton_attn`` is imported.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple
 
+from .. import api
+from ..masks import block_mask as block_masks
 from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
 from .interface import AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning, check_name
 from .masking import check_combine, dense_mask_function, make_mask_function
 
-__all__ = ["register_attention", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
+__all__ = ["register_attention", "check_options", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
            "TRANSFORMERS_BUILTIN_NAMES", "transformers_available"]
 
 DEFAULT_NAME = "triton_attn"
@@ -58,6 +61,23 @@ def _want_transformers(transformers: Optional[bool]) -> bool:
     return transformers
 
 
+def check_options(backend, block_size, mask_heads=None):
+    """``register_attention``'s kernel options, checked now rather than on the first model call:
+    (backend, block_size, mask_heads) normalized (numpy ints become ints), or a ValueError naming
+    the option."""
+    if backend is not None and backend not in api.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, api.BACKENDS))} or None (pick by device), "
+                         f"got {backend!r}")
+    try:
+        block_size = block_masks.normalize_block_size(block_size)
+    except ValueError:
+        raise ValueError(f"block_size must be a positive int or a (q_block_size, kv_block_size) pair of them, "
+                         f"got {block_size!r}") from None
+    if mask_heads is not None and not isinstance(mask_heads, bool) and isinstance(mask_heads, numbers.Integral):
+        mask_heads = int(mask_heads)  # make_mask_function checks the value
+    return backend, block_size, mask_heads
+
+
 def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = None, *,
                        combine: str = "and", backend: Optional[str] = None, block_size=128,
                        mask_heads: Optional[int] = None, transformers: Optional[bool] = None) -> RegisteredAttention:
@@ -80,6 +100,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
         raise ValueError(f"name {name!r} is one of transformers' own implementations; pick another name "
                          f"(reserved: {', '.join(sorted(TRANSFORMERS_BUILTIN_NAMES))}, and any 'paged|' name)")
     check_combine(combine)
+    backend, block_size, mask_heads = check_options(backend, block_size, mask_heads)
     in_transformers = _want_transformers(transformers)
     attention_function = make_attention_function(score_mod, backend=backend)
     mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)

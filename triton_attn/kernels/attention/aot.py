@@ -23,7 +23,8 @@ from . import fallback
 from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_pair, dkdv_arguments, dkdv_constexprs,
                               dq_arguments, dq_constexprs, function_constexprs, preprocess_arguments)
 from .configs import KernelConfig, cdiv, padded_head_dim
-from .forward_launch import FORWARD_LAYOUT, forward_arguments, kernel_constexprs, layout_arguments
+from .forward_launch import (FORWARD_LAYOUT, fast_tanh, forward_arguments, kernel_constexprs, layout_arguments,
+                             needs_64bit_rows)
 
 META = torch.device("meta")
 EXAMPLE_BATCH, EXAMPLE_Q_HEADS, EXAMPLE_KV_HEADS = 2, 8, 2
@@ -57,32 +58,48 @@ def _mode(mask: Optional[TracedMod], mask_mode: Optional[str]) -> str:
     return mask_mode or (functions.MASK_TRACED if mask is not None else functions.MASK_NONE)
 
 
+def _example_inputs(q_len: int, kv_len: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                    transposed: bool) -> Tuple[torch.Tensor, ...]:
+    """Example query, key, value [B, H, L, D] on the meta device: contiguous, or (``transposed``) views of
+    [B, L, H, D] storage, as transformers passes them."""
+    def make(heads: int, length: int, dim: int) -> torch.Tensor:
+        if transposed:
+            return _empty(EXAMPLE_BATCH, length, heads, dim, dtype=dtype).transpose(1, 2)
+        return _empty(EXAMPLE_BATCH, heads, length, dim, dtype=dtype)
+
+    return (make(EXAMPLE_Q_HEADS, q_len, head_dim), make(EXAMPLE_KV_HEADS, kv_len, head_dim),
+            make(EXAMPLE_KV_HEADS, kv_len, head_dim_v))
+
+
 def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod] = None,
                     score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                     dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                     block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                    inspect_sass: bool = False) -> AotResult:
+                    inspect_sass: bool = False, transposed: bool = False) -> AotResult:
     """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for ``sm_{arch}``.
 
     ``mask_mode``: ``functions.MASK_*`` (default: traced when ``mask`` is given, else none).
+    ``transposed``: inputs are [B, L, H, D] views, as from transformers. The build is the one a
+    training launch makes (softmax statistics stored), with the launch's own 64-bit decision.
     """
     from .forward import attention_forward_kernel
 
     mode = _mode(mask, mask_mode)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode)
-    query = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim, dtype=dtype)
-    key = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim, dtype=dtype)
-    value = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim_v, dtype=dtype)
+    mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode,
+                                   fast_tanh=fast_tanh(dtype, interpret=False))
+    query, key, value = _example_inputs(q_len, kv_len, head_dim, head_dim_v, dtype, transposed)
     out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
     lse = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
+    stats = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, 2, dtype=torch.float32)
     layout = _example_layout(cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1]), FORWARD_LAYOUT, "m")
     arguments = forward_arguments(query, key, value, out, lse, layout, scale=0.125,
                                   mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
-                                  score_captured=_score_captured(score))
-    constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn,
+                                  score_captured=_score_captured(score), stats=stats)
+    constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, STORE_STATS=True,
                       **kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
-                                          block_size=block_size, config=config, kv_len=kv_len, interpret=False))
+                                          block_size=block_size, config=config, kv_len=kv_len, interpret=False,
+                                          row_offsets_64=needs_64bit_rows(query, key, value, out)))
     return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=arch, num_warps=config.num_warps,
                           num_stages=config.num_stages, inspect_sass=inspect_sass,
                           label=f"forward {mods.name} {config.name} D={head_dim} {dtype}")
@@ -92,10 +109,11 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                      score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                     inspect_sass: bool = False) -> Dict[str, AotResult]:
+                     inspect_sass: bool = False, transposed: bool = False) -> Dict[str, AotResult]:
     """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: ``{"dkdv": ..., "dq": ...}``.
 
-    ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would.
+    ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would;
+    ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them).
     """
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel
 
@@ -103,28 +121,29 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = config.fitted(block_size[0], block_size[1], q_len, kv_len)
     mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode,
-                                   derivative=True)
-    query = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim, dtype=dtype)
-    key = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim, dtype=dtype)
-    value = _empty(EXAMPLE_BATCH, EXAMPLE_KV_HEADS, kv_len, head_dim_v, dtype=dtype)
+                                   derivative=True, fast_tanh=fast_tanh(dtype, interpret=False))
+    query, key, value = _example_inputs(q_len, kv_len, head_dim, head_dim_v, dtype, transposed)
     grad_out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
-    lse = delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
+    grad_query, grad_key, grad_value = (_empty(*t.shape, dtype=dtype) for t in (query, key, value))
+    stats = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, 2, dtype=torch.float32)
+    delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
     captured = dict(scale=0.125, mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
                     score_captured=_score_captured(score))
     rows, columns = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size, q_len=q_len,
-                  kv_len=kv_len, interpret=False)
+                  kv_len=kv_len, interpret=False,
+                  row_offsets_64=needs_64bit_rows(query, key, value, grad_out, grad_query, grad_key, grad_value))
     label = f"{mods.name} D={head_dim} {dtype}"
     dkdv = compile_kernel(
         attention_backward_dkdv_kernel,
-        dkdv_arguments(query, key, value, grad_out, lse, delta, key, value, _example_layout(columns, rows, DKDV_LAYOUT, "n"),
-                       **captured),
+        dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value,
+                       _example_layout(columns, rows, DKDV_LAYOUT, "n"), **captured),
         {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, **shapes)},
         arch=arch, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
         label=f"dkdv {config.dkdv.name} {label}")
     dq = compile_kernel(
         attention_backward_dq_kernel,
-        dq_arguments(query, key, value, grad_out, lse, delta, query, _example_layout(rows, columns, DQ_LAYOUT, "m"),
+        dq_arguments(query, key, value, grad_out, stats, delta, grad_query, _example_layout(rows, columns, DQ_LAYOUT, "m"),
                      **captured),
         {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
         arch=arch, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,

@@ -19,7 +19,7 @@ import torch
 
 from ...masks.block_mask import BlockMask
 from ...masks.evaluate import mod_name
-from .forward_launch import attention_forward
+from .forward_launch import attention_forward, new_softmax_stats
 
 
 class LearnableScoreTensorWarning(UserWarning):
@@ -34,9 +34,10 @@ class TritonAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, block_mask, score_mod, scale, interpret, autotune):
+        stats = new_softmax_stats(query)  # the backward recomputes P from these, not from the rounded lse
         out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                     interpret=interpret, autotune=autotune)
-        ctx.save_for_backward(query, key, value, out, lse)
+                                     interpret=interpret, autotune=autotune, stats=stats)
+        ctx.save_for_backward(query, key, value, out, lse, stats)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.interpret = block_mask, score_mod, scale, interpret
         ctx.autotune = autotune
         ctx.set_materialize_grads(False)  # an unused lse (or out) gradient arrives as None: no zeros launched
@@ -46,10 +47,10 @@ class TritonAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         from .backward_launch import attention_backward
 
-        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value, out, lse, stats = ctx.saved_tensors
         grad_query, grad_key, grad_value = attention_backward(
             query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask, score_mod=ctx.score_mod,
-            scale=ctx.scale, interpret=ctx.interpret, autotune=ctx.autotune)
+            scale=ctx.scale, interpret=ctx.interpret, autotune=ctx.autotune, softmax_stats=stats)
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 

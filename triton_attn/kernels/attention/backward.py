@@ -32,8 +32,15 @@ Index shapes: in the dQ kernel (query rows x keys) ``q_idx`` is ``[BLOCK_M, 1]``
 rows): ``kv_idx`` is ``[BLOCK_N, 1]`` and ``q_idx`` ``[1, BLOCK_M]``. The generated functions only
 broadcast, so the same functions serve both.
 
-Rows that attend to nothing have ``lse = -inf``; padding rows past ``q_len`` read no ``lse``. Both
-use ``lse = +inf`` here, so ``P = exp2(logits - inf) = 0`` exactly and their gradients are 0, not NaN.
+P is recomputed from the forward's softmax statistics ``Stats`` [B, Hq, Lq, 2] (per row the final
+base-2 shift and 1 / sum): ``P = exp2(scores * factor - shift) * (1 / sum)``, the same scores (the
+same generated function, one FMA) and the same normalization as the forward, never through the
+rounded lse (whose float32 rounding at |lse| ~ 40, under an amplifying score_mod like ``s * 8``,
+alone puts several times a plain float32 softmax's error into every P). The launcher builds the
+statistics from the lse when the forward did not keep them (``shift = lse * log2(e)``, 1 / sum = 1).
+Rows that attend to nothing and padding rows past ``q_len`` have 1 / sum = 0: P = 0 and their
+gradients are 0, not NaN. The next query/key block index is loaded one step ahead and carried, as
+in the forward kernel, so every loop keeps ``num_stages - 1`` tile loads in flight.
 """
 
 from __future__ import annotations
@@ -42,6 +49,16 @@ import triton
 import triton.language as tl
 
 from .blocks import LOG2_E_IN_KERNEL, phase_blocks, tile_positions
+
+
+@triton.jit
+def scores_log2_factor(SCORE_FN: tl.constexpr, scale_log2):
+    """The positive factor from the kernels' ``scores`` to base-2 logits: ``scale * log2(e)`` for the
+    raw ``qk`` (no score_mod), ``log2(e)`` for a score_mod's output (already scaled)."""
+    if SCORE_FN is not None:
+        return LOG2_E_IN_KERNEL
+    else:
+        return scale_log2
 
 
 @triton.jit(do_not_specialize=["q_len"])
@@ -79,7 +96,7 @@ def attention_backward_preprocess(
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
 def attention_backward_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV,
+    Q, K, V, DOut, Stats, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -100,9 +117,11 @@ def attention_backward_dkdv_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_Q_BOUNDS: tl.constexpr, CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr,
 ):
     # Q [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv]; K, DK [B, Hkv, Lkv, D]; V, DV [B, Hkv, Lkv, Dv];
-    # Lse, Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv).
+    # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv), key
+    # tiles in order (under a causal-like mask the first key tiles are the heaviest already).
     tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
@@ -119,10 +138,21 @@ def attention_backward_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
+    if ROW_OFFSETS_64:
+        # position * row stride can reach 2**31 (see the forward kernel).
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_dom = stride_dom.to(tl.int64)
+        stride_dkn = stride_dkn.to(tl.int64)
+        stride_dvn = stride_dvn.to(tl.int64)
+    scores_to_log2 = scores_log2_factor(SCORE_FN, scale_log2)
 
+    # K loaded transposed, [BLOCK_D, BLOCK_N], exactly as the forward loads it: the scores are then
+    # the forward's product Q @ K^T, with its rounding (see below).
     k_tile = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-                     + kv_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     mask=kv_valid[:, None] & d_valid[None, :], other=0.0)        # [BLOCK_N, BLOCK_D]
+                     + kv_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=kv_valid[None, :] & d_valid[:, None], other=0.0)        # [BLOCK_D, BLOCK_N]
     v_tile = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
                      + kv_pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=kv_valid[:, None] & dv_valid[None, :], other=0.0)       # [BLOCK_N, BLOCK_DV]
@@ -137,56 +167,63 @@ def attention_backward_dkdv_kernel(
         head = kv_head * gqa_groups + group_member
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        row_base = (batch * num_q_heads + head).to(tl.int64) * q_len     # Lse / Delta are contiguous
+        row_base = (batch * num_q_heads + head).to(tl.int64) * q_len     # Stats / Delta are contiguous
         layout_offset = batch * stride_layout_b + head * stride_layout_h + mask_col * stride_layout_n
         index_offset = batch * stride_index_b + head * stride_index_h + mask_col * stride_index_n
         for phase in tl.static_range(2):
             # phase 0: partial query blocks of this column, predicate applied; phase 1: full ones.
             block_count, block_list = phase_blocks(phase, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
                                                    layout_offset, index_offset)
-            for step in range(0, block_count * Q_TILES_PER_BLOCK):
-                q_block = tl.load(block_list + step // Q_TILES_PER_BLOCK)
+            # The block index is loaded one step ahead and carried (see the forward kernel), so the
+            # Q / dO loads pipeline num_stages - 1 deep.
+            num_steps = block_count * Q_TILES_PER_BLOCK
+            q_block = tl.load(block_list, mask=num_steps > 0, other=0)
+            for step in range(0, num_steps):
                 rows_in_block, q_pos, row_valid = tile_positions(q_block, step % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE,
                                                                  BLOCK_M, q_len)  # [BLOCK_M]
                 q_idx = q_pos[None, :]                                         # [1, BLOCK_M]
 
                 q_ptrs = q_base + q_pos[:, None] * stride_qm + offs_d[None, :] * stride_qd
                 do_ptrs = do_base + q_pos[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+                stats_ptrs = Stats + (row_base + q_pos) * 2
                 if CHECK_Q_BOUNDS:
                     q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
                     do_tile = tl.load(do_ptrs, mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
-                    lse = tl.load(Lse + row_base + q_pos, mask=row_valid, other=float("inf"))
+                    shift = tl.load(stats_ptrs, mask=row_valid, other=0.0)
+                    inverse_sum = tl.load(stats_ptrs + 1, mask=row_valid, other=0.0)
                     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
                 else:
                     q_tile = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
                     do_tile = tl.load(do_ptrs, mask=dv_valid[None, :], other=0.0)
-                    lse = tl.load(Lse + row_base + q_pos)
+                    shift = tl.load(stats_ptrs)
+                    inverse_sum = tl.load(stats_ptrs + 1)
                     delta = tl.load(Delta + row_base + q_pos)
                 if UPCAST_DOT:
                     q_tile = q_tile.to(tl.float32)
                     do_tile = do_tile.to(tl.float32)
-                # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-                lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2_E_IN_KERNEL)
 
-                qk = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+                # Q K^T in the forward's operand order (Q first, reduced along the whole head_dim),
+                # then transposed: the same rounding as the forward, whose shift and 1 / sum it meets
+                # (K Q^T rounds differently, an error that amplifying score_mods multiply).
+                qk = tl.trans(tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION))  # [BLOCK_N, BLOCK_M]
 
                 if SCORE_GRAD_FN is not None:
-                    score_value, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
-                    logits = score_value * LOG2_E_IN_KERNEL
+                    scores, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
                 elif SCORE_FN is not None:
-                    logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+                    scores = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
                 else:
-                    logits = qk * scale_log2  # scale and log2(e) folded into one multiply
+                    scores = qk
 
                 if phase == 0:
                     mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                     if CHECK_KV_BOUNDS:
                         mask_keep = mask_keep & kv_valid[:, None]
-                    logits = tl.where(mask_keep, logits, float("-inf"))
+                    scores = tl.where(mask_keep, scores, float("-inf"))
                 elif CHECK_KV_BOUNDS:
-                    logits = tl.where(kv_valid[:, None], logits, float("-inf"))
+                    scores = tl.where(kv_valid[:, None], scores, float("-inf"))
 
-                probs = tl.exp2(logits - lse_log2[None, :])                    # P^T [BLOCK_N, BLOCK_M]
+                # P exactly as the forward normalized it: its final shift and 1 / sum per row.
+                probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[None, :])) * inverse_sum[None, :]  # P^T
                 dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
                 dp = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)  # dP^T
                 dz = probs * (dp - delta[None, :])
@@ -198,6 +235,7 @@ def attention_backward_dkdv_kernel(
                     ds = dz * SCORE_GRAD_CONSTANT
 
                 dk_acc = tl.dot(ds.to(q_tile.dtype), q_tile, dk_acc, input_precision=DOT_PRECISION)
+                q_block = tl.load(block_list + (step + 1) // Q_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     # dK = scale * dS^T Q: the scale is applied once here, not per tile.
     dk_acc = dk_acc * score_scale
@@ -212,7 +250,7 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
 def attention_backward_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ,
+    Q, K, V, DOut, Stats, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -232,10 +270,15 @@ def attention_backward_dq_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr,
 ):
     # Q, DQ [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv], K [B, Hkv, Lkv, D], V [B, Hkv, Lkv, Dv];
-    # Lse, Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as the forward.
-    tile_id = tl.program_id(0)
+    # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as
+    # the forward, and like it heaviest tiles first under causal-like masks.
+    if HEAVY_TILES_LAST:
+        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
@@ -250,6 +293,13 @@ def attention_backward_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
+    if ROW_OFFSETS_64:
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_dom = stride_dom.to(tl.int64)
+        stride_dqm = stride_dqm.to(tl.int64)
+    scores_to_log2 = scores_log2_factor(SCORE_FN, scale_log2)
 
     q_tile = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                      + q_pos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -260,11 +310,11 @@ def attention_backward_dq_kernel(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
         do_tile = do_tile.to(tl.float32)
-    row_base = batch_head.to(tl.int64) * q_len                              # Lse / Delta are contiguous
-    lse = tl.load(Lse + row_base + q_pos, mask=row_valid, other=float("inf"))
+    row_base = batch_head.to(tl.int64) * q_len                              # Stats / Delta are contiguous
+    # Padding rows and rows that attended to nothing have 1 / sum = 0: P = 0, not NaN.
+    shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=0.0)
+    inverse_sum = tl.load(Stats + (row_base + q_pos) * 2 + 1, mask=row_valid, other=0.0)
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
-    # Rows that attended to nothing (lse = -inf) get lse = +inf: P = 0, not NaN.
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2_E_IN_KERNEL)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -274,42 +324,43 @@ def attention_backward_dq_kernel(
     for phase in tl.static_range(2):
         block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                                layout_offset, index_offset)
-        for step in range(0, block_count * KV_TILES_PER_BLOCK):
-            kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
+        num_steps = block_count * KV_TILES_PER_BLOCK
+        kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
+        for step in range(0, num_steps):
             cols_in_block, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE,
                                                              BLOCK_N, kv_len)  # [BLOCK_N]
             kv_idx = kv_pos[None, :]                                            # [1, BLOCK_N]
 
-            k_ptrs = k_base + kv_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            # K loaded transposed, [BLOCK_D, BLOCK_N], as the forward loads it (same scores, same rounding).
+            k_ptrs = k_base + kv_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd
             v_ptrs = v_base + kv_pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd
             if CHECK_KV_BOUNDS:
-                k_tile = tl.load(k_ptrs, mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
+                k_tile = tl.load(k_ptrs, mask=kv_valid[None, :] & d_valid[:, None], other=0.0)
                 v_tile = tl.load(v_ptrs, mask=kv_valid[:, None] & dv_valid[None, :], other=0.0)
             else:
-                k_tile = tl.load(k_ptrs, mask=d_valid[None, :], other=0.0)
+                k_tile = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
                 v_tile = tl.load(v_ptrs, mask=dv_valid[None, :], other=0.0)
             if UPCAST_DOT:
                 k_tile = k_tile.to(tl.float32)
                 v_tile = v_tile.to(tl.float32)
-            qk = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)   # [BLOCK_M, BLOCK_N]
+            qk = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)   # [BLOCK_M, BLOCK_N], as the forward
 
             if SCORE_GRAD_FN is not None:
-                score_value, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
-                logits = score_value * LOG2_E_IN_KERNEL
+                scores, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
             elif SCORE_FN is not None:
-                logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+                scores = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
             else:
-                logits = qk * scale_log2  # scale and log2(e) folded into one multiply
+                scores = qk
 
             if phase == 0:
                 mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
-                logits = tl.where(mask_keep, logits, float("-inf"))
+                scores = tl.where(mask_keep, scores, float("-inf"))
             elif CHECK_KV_BOUNDS:
-                logits = tl.where(kv_valid[None, :], logits, float("-inf"))
+                scores = tl.where(kv_valid[None, :], scores, float("-inf"))
 
-            probs = tl.exp2(logits - lse_log2[:, None])                         # [BLOCK_M, BLOCK_N]
+            probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[:, None])) * inverse_sum[:, None]  # [M, N]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
             dz = probs * (dp - delta[:, None])
 
@@ -319,7 +370,8 @@ def attention_backward_dq_kernel(
             else:
                 ds = dz * SCORE_GRAD_CONSTANT
 
-            dq_acc = tl.dot(ds.to(k_tile.dtype), k_tile, dq_acc, input_precision=DOT_PRECISION)
+            dq_acc = tl.dot(ds.to(k_tile.dtype), tl.trans(k_tile), dq_acc, input_precision=DOT_PRECISION)
+            kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     dq_acc = dq_acc * score_scale
     dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh

@@ -30,8 +30,8 @@ from ..jit import derivative, functions
 from ..jit.modules import launch
 from .blocks import LOG2_E
 from .configs import MIN_TILE, KernelConfig, cdiv, fit_tile, next_power_of_two, padded_head_dim
-from .forward_launch import (kernel_constexprs, launch_grid, layout_arguments, plan_mask, score_captured, strides,
-                             trace_score)
+from .forward_launch import (fast_tanh, heavy_tiles_last, kernel_constexprs, launch_grid, layout_arguments,
+                             needs_64bit_rows, plan_mask, score_captured, strides, trace_score)
 
 
 class UnsupportedBackwardError(NotImplementedError):
@@ -74,28 +74,53 @@ class BackwardConfig:
 # hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
 # Registers and spills of every entry are checked ahead of time by tests/test_backward_aot.py.
 BACKWARD_CONFIGS: List[BackwardConfig] = [
-    # 16-bit inputs
-    BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
+    # 16-bit inputs. dK/dV steps are narrow: its scores are computed as the forward computes them
+    # (Q K^T, then transposed), which costs registers (see backward.py).
+    BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
     BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
-    BackwardConfig(KernelConfig(32, 32, 8, 1), KernelConfig(32, 16, 4, 1), max_head_dim=256),    # main, D <= 256
-    BackwardConfig(KernelConfig(32, 128, 8, 2), KernelConfig(128, 64, 8, 2), max_head_dim=64),   # larger tiles
+    BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
     # float32 inputs
     BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), max_head_dim=64),     # main fp32, D <= 64
-    BackwardConfig(KernelConfig(32, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
+    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
     # fp32 at D = 256 still spills a few hundred bytes per thread (known; correct, slower).
     BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 16, 8, 1), max_head_dim=256),
 ]
 MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256: BACKWARD_CONFIGS[2]}
-FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[4], 128: BACKWARD_CONFIGS[5], 256: BACKWARD_CONFIGS[6]}
+FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
 # Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
-SPILLING_CONFIGS = (BACKWARD_CONFIGS[6],)
+SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
+# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/test_efficiency_aot.py): the dQ
+# program takes 128 query rows x 64 keys on two warpgroups (wgmma m64n64 / m64n128, 229 registers
+# at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV and dK
+# products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,
+# 64 x 64) spill on sm_90 with Triton 3.9; on sm_80 these tiles spill heavily, hence a table per
+# architecture (not in BACKWARD_CONFIGS, whose entries must build for sm_80 and sm_90 alike).
+HOPPER_BACKWARD_CONFIGS = {
+    64: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
+    128: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128),
+    256: BACKWARD_CONFIGS[2],
+}
+
+
+def device_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as ``major * 10 + minor`` (0 for CPU tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                            q_len: int, kv_len: int) -> BackwardConfig:
-    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``."""
+                            q_len: int, kv_len: int, capability: int = 0) -> BackwardConfig:
+    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``.
+
+    capability: the GPU's compute capability (90 for sm_90; 0: unknown or the interpreter)."""
     width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
-    table = FLOAT32_BACKWARD_CONFIGS if dtype == torch.float32 else MAIN_BACKWARD_CONFIGS
+    if dtype == torch.float32:
+        table = FLOAT32_BACKWARD_CONFIGS
+    else:
+        table = HOPPER_BACKWARD_CONFIGS if capability >= 90 else MAIN_BACKWARD_CONFIGS
     base = table[min(size for size in table if size >= width)]
     return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
@@ -108,22 +133,47 @@ def backward_pair(config: KernelConfig) -> BackwardConfig:
     return BackwardConfig(config, dq, max_head_dim=256)
 
 
+def transposed_tiles(config: KernelConfig) -> KernelConfig:
+    """The dQ tiles for a ``bwd`` search-space entry (its BLOCK_M / BLOCK_N swapped, same warps and stages)."""
+    return KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+
+
+def _kernel_launch(prepared, name: str):
+    """The launch of one backward kernel from what ``run`` returned (a dict of launches), or None: the
+    autotuner then times the whole ``run`` call."""
+    return prepared.get(name) if isinstance(prepared, dict) else None
+
+
 def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
-                          autotune: Optional[bool], run: Callable[[BackwardConfig], object]) -> BackwardConfig:
-    """The cached ``bwd`` winner for this call's tuning key (as ``backward_pair``), else ``default``;
-    with tuning on and nothing cached, times the ``bwd`` search space with ``run`` and remembers the winner."""
+                          autotune: Optional[bool], run: Callable[[BackwardConfig], object],
+                          structure: str = "") -> BackwardConfig:
+    """The tuned dK/dV and dQ tiles for this call (tuning keys ``bwd_dkdv`` / ``bwd_dq``), each falling back
+    to ``default``'s; with tuning on and nothing cached, searches the two kernels independently.
+
+    ``run(pair)`` prepares the backward with a ``BackwardConfig`` and returns its launches by kernel name
+    (``prepare_backward``): each candidate is timed on its own kernel's launch alone, with the other
+    kernel's tiles held at the default. (A ``run`` that returns nothing is timed as a whole.)"""
     from ..tuning import search as tuning
 
-    tuning_key = tuning.make_key(query, key, value, block_mask, kernel="bwd",
-                                 variant="score" if score_mod is not None else "")
-    tuned = tuning.lookup(tuning_key)
-    if tuned is None and tuning.autotune_requested(autotune):
-        space = tuning.search_space("bwd", tuning_key.capability, head_dim=query.shape[-1], value_dim=value.shape[-1],
-                                    dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=query.shape[2])
-        tuned = tuning.autotuner().tune(tuning_key, space, lambda candidate: run(backward_pair(candidate)),
-                                        device=query.device).best
-    # Nothing tuned: the heuristic pair, which need not be a transposed pair like the tuned ones.
-    return default if tuned is None else backward_pair(tuned)
+    variant = "score" if score_mod is not None else ""
+    tuner = tuning.autotuner()
+    keys = {name: tuning.make_key(query, key, value, block_mask, kernel=f"bwd_{name}", variant=variant,
+                                  structure=structure) for name in ("dkdv", "dq")}
+    tuned = {name: tuner.lookup(tuning_key) for name, tuning_key in keys.items()}
+    if any(found is None for found in tuned.values()) and tuning.autotune_requested(autotune):
+        space = tuning.search_space("bwd", keys["dkdv"].capability, head_dim=query.shape[-1],
+                                    value_dim=value.shape[-1], dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
+                                    q_len=query.shape[2])
+        pairs = {"dkdv": lambda tiles: replace(default, dkdv=tiles), "dq": lambda tiles: replace(default, dq=tiles)}
+        spaces = {"dkdv": space, "dq": [transposed_tiles(config) for config in space]}
+        for name in ("dkdv", "dq"):
+            if tuned[name] is None:
+                tuned[name] = tuner.tune(keys[name], spaces[name],
+                                         lambda tiles, name=name: _kernel_launch(run(pairs[name](tiles)), name),
+                                         device=query.device).best
+    if tuned["dkdv"] is None and tuned["dq"] is None:
+        return default
+    return replace(default, dkdv=tuned["dkdv"] or default.dkdv, dq=tuned["dq"] or default.dq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +233,19 @@ def preprocess_arguments(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: Op
                 q_len=out.shape[2], num_q_heads=out.shape[1])
 
 
-def _common_arguments(query, key, value, grad_out, lse, delta, *, scale: float, mask_captured: tuple,
+def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """Softmax statistics [B, Hq, Lq, 2] (base-2 shift, 1 / sum) equivalent to ``lse`` [B, Hq, Lq], for a
+    backward whose forward did not keep its own (``P = exp(scores - lse)``; rows with lse = -inf get
+    1 / sum = 0, so P = 0)."""
+    empty = torch.isneginf(lse)
+    shift = torch.where(empty, torch.zeros_like(lse), lse * LOG2_E)
+    return torch.stack([shift, (~empty).to(lse.dtype)], dim=-1).contiguous()
+
+
+def _common_arguments(query, key, value, grad_out, stats, delta, *, scale: float, mask_captured: tuple,
                       score_captured: tuple) -> Dict[str, object]:
     q_heads, kv_heads = query.shape[1], key.shape[1]
-    return dict(Q=query, K=key, V=value, DOut=grad_out, Lse=lse, Delta=delta,
+    return dict(Q=query, K=key, V=value, DOut=grad_out, Stats=stats, Delta=delta,
                 **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
                 **strides("do", grad_out, "bhmd"),
                 q_len=query.shape[2], kv_len=key.shape[2], gqa_groups=q_heads // kv_heads,
@@ -194,19 +253,20 @@ def _common_arguments(query, key, value, grad_out, lse, delta, *, scale: float, 
                 mask_captured=mask_captured, score_captured=score_captured)
 
 
-def dkdv_arguments(query, key, value, grad_out, lse, delta, grad_key, grad_value, layout: Dict[str, object], *,
+def dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value, layout: Dict[str, object], *,
                    scale: float, mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
-    """Runtime arguments of ``attention_backward_dkdv_kernel`` by name (``layout``: the transposed one)."""
-    return dict(**_common_arguments(query, key, value, grad_out, lse, delta, scale=scale, mask_captured=mask_captured,
+    """Runtime arguments of ``attention_backward_dkdv_kernel`` by name (``layout``: the transposed one;
+    ``stats``: [B, Hq, Lq, 2] float32 softmax statistics, ``stats_from_lse``)."""
+    return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
                                     score_captured=score_captured),
                 DK=grad_key, DV=grad_value, **strides("dk", grad_key, "bhnd"), **strides("dv", grad_value, "bhnd"),
                 **layout, num_kv_heads=key.shape[1])
 
 
-def dq_arguments(query, key, value, grad_out, lse, delta, grad_query, layout: Dict[str, object], *, scale: float,
+def dq_arguments(query, key, value, grad_out, stats, delta, grad_query, layout: Dict[str, object], *, scale: float,
                  mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
     """Runtime arguments of ``attention_backward_dq_kernel`` by name (``layout``: the forward one)."""
-    return dict(**_common_arguments(query, key, value, grad_out, lse, delta, scale=scale, mask_captured=mask_captured,
+    return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
                                     score_captured=score_captured),
                 DQ=grad_query, **strides("dq", grad_query, "bhmd"), **layout, num_q_heads=query.shape[1])
 
@@ -234,7 +294,8 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                        block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
                        config: Optional[BackwardConfig] = None,
-                       autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       autotune: Optional[bool] = None,
+                       softmax_stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused attention.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]; out [B, Hq, Lq, Dv] and
@@ -243,7 +304,26 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     Deterministic: every gradient element is summed by one program in a fixed order.
     ``config``: default the tuned winner for this problem (tuning cache, kernel "bwd"), else the
     heuristic table; ``autotune=True`` (or TRITON_ATTN_AUTOTUNE=1) searches when nothing is cached.
+    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (``forward_launch.new_softmax_stats``),
+    which recompute P exactly as the forward normalized it; None: derived from ``lse``.
     """
+    launches, grads = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                       score_mod=score_mod, scale=scale, interpret=interpret, config=config,
+                                       autotune=autotune, softmax_stats=softmax_stats)
+    for name in ("preprocess", "dkdv", "dq"):
+        if name in launches:
+            launches[name]()
+    return grads
+
+
+def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+                     block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
+                     config: Optional[BackwardConfig] = None, autotune: Optional[bool] = None,
+                     softmax_stats: Optional[torch.Tensor] = None):
+    """Everything ``attention_backward`` does on the host, once: ``(launches, (dq, dk, dv))`` with
+    ``launches`` the kernels by name ("preprocess", "dkdv", "dq"; none when there is no gradient to
+    propagate), to be run in that order (what the autotuner times, one kernel at a time)."""
     check_backward_supported(score_mod)
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
@@ -254,16 +334,23 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess
 
     mask_plan = plan_mask(block_mask)
-    score_traced = trace_score(score_mod)
-    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True)
+    score_traced = trace_score(score_mod, scale)
+    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True,
+                                   fast_tanh=fast_tanh(dtype, interpret))
     if config is None:
-        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len)
+        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len,
+                                         capability=device_capability(device))
         if not interpret:
-            config = tuned_backward_config(
-                query, key, value, block_mask, score_mod, config, autotune,
-                run=lambda candidate: attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
-                                                         score_mod=score_mod, scale=scale, interpret=False,
-                                                         config=candidate))
+            def run(candidate: BackwardConfig):
+                launches, _ = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                               score_mod=score_mod, scale=scale, interpret=False, config=candidate,
+                                               softmax_stats=softmax_stats)
+                if "preprocess" in launches:
+                    launches["preprocess"]()  # delta, which both timed kernels read
+                return launches
+
+            config = tuned_backward_config(query, key, value, block_mask, score_mod, config, autotune, run=run,
+                                           structure=mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len, kv_len)
 
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -272,22 +359,29 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if grad_out is None:
         dq.zero_(), dk.zero_(), dv.zero_()
         if grad_lse is None:
-            return dq, dk, dv
+            return {}, (dq, dk, dv)
         grad_out = torch.zeros_like(out)
-    lse = lse.contiguous()
+    stats = stats_from_lse(lse) if softmax_stats is None else softmax_stats.contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()  # often an expanded (stride 0) tensor; the kernel reads rows at stride 1
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
 
+    def launcher(kernel, grid, named: Dict[str, object], tiles: Optional[KernelConfig]) -> Callable[[], None]:
+        options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if tiles is not None else dict(
+            num_warps=4)
+        return lambda: launch(kernel, grid, named, interpret=interpret, device=device, **options)
+
     # 1. delta = rowsum(dO * O) - dLse
     pre_block = 64
-    launch(attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
-           {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
-            "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None},
-           interpret=interpret, device=device, num_warps=4)
+    launches = {"preprocess": launcher(
+        attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
+        {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
+         "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None}, None)}
 
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
-                  q_len=q_len, kv_len=kv_len, interpret=interpret)
+                  q_len=q_len, kv_len=kv_len, interpret=interpret,
+                  row_offsets_64=needs_64bit_rows(query, key, value, grad_out, dq, dk, dv),
+                  reverse_tiles=heavy_tiles_last(block_mask))
     captured = dict(scale=scale, mask_captured=mask_plan.captured(device),
                     score_captured=score_captured(score_traced, device))
 
@@ -295,19 +389,18 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     tiles = config.dkdv
     layout = layout_arguments(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
                               block_mask.full_q_indices, device, DKDV_LAYOUT, "n")
-    arguments = dkdv_arguments(query, key, value, grad_out, lse, delta, dk, dv, layout, **captured)
+    arguments = dkdv_arguments(query, key, value, grad_out, stats, delta, dk, dv, layout, **captured)
     grid = launch_grid(kv_len, block_mask.num_blocks[1], kv_bs, tiles.BLOCK_N, batch * kv_heads)
-    launch(attention_backward_dkdv_kernel, grid,
-           {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
-           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launches["dkdv"] = launcher(attention_backward_dkdv_kernel, grid,
+                                {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
+                                tiles)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
     tiles = config.dq
     layout = layout_arguments(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
                               block_mask.full_kv_indices, device, DQ_LAYOUT, "m")
-    arguments = dq_arguments(query, key, value, grad_out, lse, delta, dq, layout, **captured)
+    arguments = dq_arguments(query, key, value, grad_out, stats, delta, dq, layout, **captured)
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, tiles.BLOCK_M, batch * q_heads)
-    launch(attention_backward_dq_kernel, grid,
-           {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)},
-           interpret=interpret, device=device, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return dq, dk, dv
+    launches["dq"] = launcher(attention_backward_dq_kernel, grid,
+                              {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)}, tiles)
+    return launches, (dq, dk, dv)

@@ -7,7 +7,7 @@ What differs per (mask_mod, score_mod) arrives as ``tl.constexpr`` arguments bui
   partial blocks only (``jit.predicates.keep_all`` when there are none, ``bitmask_keep`` for
   untraceable mask_mods);
 - ``SCORE_FN(score, batch, head, q_idx, kv_idx, *score_captured) -> score``: the score_mod in natural
-  units, or None (then the logits are ``qk * scale * log2(e)``, one multiply).
+  units, or None (then the raw ``qk`` is the score, scaled once inside the softmax's FMA).
 
 ``mask_captured`` / ``score_captured`` are tuples (pointer, sizes, strides per captured tensor).
 
@@ -18,8 +18,10 @@ Algorithm (one program = one tile of ``BLOCK_M`` query rows of one (batch, query
    ``kv_indices``) and applies the predicate; phase 1 walks the *full* blocks
    (``full_kv_num_blocks`` / ``full_kv_indices``) without it (``blocks.phase_blocks``). Each mask
    block is walked in ``KV_TILES_PER_BLOCK`` steps of ``BLOCK_N`` keys.
-3. Online softmax in base 2: the scale is folded into ``log2(e)`` so each step needs one
-   multiply and ``exp2``; running max / sum / accumulator stay in float32.
+3. Online softmax in base 2: the row max is taken on the unscaled scores and the scale (folded
+   into ``log2(e)``) enters once per score, as the FMA ``scores * factor - shift`` before ``exp2``;
+   running max / sum / accumulator stay in float32. The next block index is loaded at the end of
+   each step and carried, which keeps ``num_stages - 1`` K/V loads in flight in both phases.
 4. Rows that never saw an allowed key end with ``running_sum == 0``: they store 0 and an LSE of
    ``-inf`` instead of 0/0.
 
@@ -27,7 +29,9 @@ Tensor arguments (all strides in elements; ``Bm``/``Hm`` are the BlockMask's own
 sizes and their strides are 0 when the mask broadcasts):
 
 - ``Q`` [B, Hq, Lq, D], ``K`` [B, Hkv, Lkv, D], ``V`` [B, Hkv, Lkv, Dv], ``Out`` [B, Hq, Lq, Dv]
-  (input dtype), ``Lse`` [B, Hq, Lq] float32, natural log.
+  (input dtype), ``Lse`` [B, Hq, Lq] float32, natural log; ``Stats`` [B, Hq, Lq, 2] float32
+  contiguous (written when ``STORE_STATS``: per row the final base-2 shift and 1 / sum, for the
+  backward's recompute of P).
 - ``kv_num_blocks`` / ``full_kv_num_blocks`` int32 [Bm, Hm, NQ] (strides ``stride_layout_*``),
   ``kv_indices`` / ``full_kv_indices`` int32 [Bm, Hm, NQ, NKV] (strides ``stride_index_*``).
 
@@ -46,7 +50,7 @@ LN_2_IN_KERNEL = tl.constexpr(LN_2)
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Stats,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -66,8 +70,14 @@ def attention_forward_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
 ):
-    tile_id = tl.program_id(0)
+    if HEAVY_TILES_LAST:
+        # Causal-like masks: the last query tiles see the most keys. Launch them first, so the
+        # light tiles fill the gaps at the end instead of one long tile finishing alone.
+        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile_id = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
@@ -85,6 +95,13 @@ def attention_forward_kernel(
     d_valid = offs_d < HEAD_DIM          # all True unless head_dim was padded (80 -> 128)
     dv_valid = offs_dv < HEAD_DIM_V
 
+    if ROW_OFFSETS_64:
+        # The launcher saw that position * row stride can reach 2**31 (a [B, S, H, D] view of a
+        # long sequence): row products in 64 bits. Otherwise 32 bits, which address math prefers.
+        stride_qm = stride_qm.to(tl.int64)
+        stride_kn = stride_kn.to(tl.int64)
+        stride_vn = stride_vn.to(tl.int64)
+        stride_om = stride_om.to(tl.int64)
     # 64-bit base offsets: batch * stride can exceed 2**31 for long sequences.
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -94,7 +111,16 @@ def attention_forward_kernel(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
 
+    # Scores are raw qk (no score_mod) or the score_mod's output; these positive factors take them
+    # to base-2 logits and to natural-log units.
+    if SCORE_FN is not None:
+        scores_to_log2 = LOG2_E_IN_KERNEL
+        scores_to_natural = 1.0
+    else:
+        scores_to_log2 = scale_log2
+        scores_to_natural = score_scale
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    running_shift = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # base 2, as applied
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
@@ -106,8 +132,12 @@ def attention_forward_kernel(
         block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks,
                                                full_kv_indices, layout_offset, index_offset)
         # One flat loop over (block, sub-tile) pairs: a single pipelined loop instead of two nested ones.
-        for step in range(0, block_count * KV_TILES_PER_BLOCK):
-            kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
+        # The block index is loaded one step ahead and carried: no K/V address depends on a load
+        # of its own step, so the pipeliner keeps num_stages - 1 K/V tiles in flight in both phases
+        # (an index loaded in the step makes it treat K/V as indirect loads: one stage, two buffers).
+        num_steps = block_count * KV_TILES_PER_BLOCK
+        kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
+        for step in range(0, num_steps):
             cols_in_block, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE,
                                                              BLOCK_N, kv_len)
             kv_idx = kv_pos[None, :]                                            # [1, BLOCK_N]
@@ -125,25 +155,30 @@ def attention_forward_kernel(
             qk = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)        # [BLOCK_M, BLOCK_N] fp32
 
             if SCORE_FN is not None:
-                # The score_mod sees scores in natural units; the softmax runs in base 2.
-                logits = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured) * LOG2_E_IN_KERNEL
+                # The score_mod sees scores in natural units.
+                scores = SCORE_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
             else:
-                logits = qk * scale_log2  # scale and log2(e) folded into one multiply
+                scores = qk  # raw: scaled once below, inside the exp2's FMA
 
             if phase == 0:
                 mask_keep = MASK_FN(batch, head, q_idx, kv_idx, *mask_captured)
                 if CHECK_KV_BOUNDS:
                     mask_keep = mask_keep & kv_valid[None, :]
-                logits = tl.where(mask_keep, logits, float("-inf"))
+                scores = tl.where(mask_keep, scores, float("-inf"))
             elif CHECK_KV_BOUNDS:
-                logits = tl.where(kv_valid[None, :], logits, float("-inf"))
+                scores = tl.where(kv_valid[None, :], scores, float("-inf"))
 
-            # Online softmax. A row that has only seen masked keys keeps running_max == -inf;
-            # shifting it by 0 instead makes its probabilities exp2(-inf) = 0 rather than NaN.
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            correction = tl.exp2(running_max - shift)
-            probs = tl.exp2(logits - shift[:, None])
+            # Online softmax in base 2, the row max taken on the unscaled scores (the factor is
+            # positive, so it commutes with max): one explicit FMA per score, scores * factor - shift,
+            # rounded once near 0 rather than at the scores' magnitude (the interpreter's tl.fma is
+            # fused too). The correction uses the previous step's shift as it was applied, so every
+            # probability stays consistent with the final shift whatever its rounding.
+            # A row that has only seen masked keys keeps running_max == -inf; shifting it by 0
+            # instead makes its probabilities exp2(-inf) = 0 rather than NaN.
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max * scores_to_log2)
+            correction = tl.exp2(running_shift - shift)
+            probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[:, None]))
             running_sum = running_sum * correction + tl.sum(probs, 1)
             accumulator = accumulator * correction[:, None]
 
@@ -158,15 +193,27 @@ def attention_forward_kernel(
                 v_tile = v_tile.to(tl.float32)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
+            running_shift = shift
+            kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
     attended = running_sum > 0.0
     safe_sum = tl.where(attended, running_sum, 1.0)
     out_tile = accumulator / safe_sum[:, None]
-    # LSE back in natural log: (max + log2(sum)) * ln(2).
-    lse = tl.where(attended, (running_max + tl.log2(safe_sum)) * LN_2_IN_KERNEL, float("-inf"))
+    # LSE in natural log: max in natural units + ln(sum).
+    lse = tl.where(attended, running_max * scores_to_natural + tl.log2(safe_sum) * LN_2_IN_KERNEL, float("-inf"))
 
     out_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                 + q_pos[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(out_ptrs, out_tile.to(Out.dtype.element_ty), mask=row_valid[:, None] & dv_valid[None, :])
     lse_ptrs = Lse + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_pos
     tl.store(lse_ptrs, lse, mask=row_valid)
+    if STORE_STATS:
+        # For the backward: the final base-2 shift and 1 / sum per row, so that it recomputes
+        # P = exp2(scores * factor - shift) / sum exactly as this pass normalized it. Going through
+        # the lse instead rounds at the lse's magnitude (|lse| ~ 40 under an amplifying score_mod,
+        # an error ~ 2e-6 in every P, several times a plain float32 softmax's).
+        final_shift = tl.where(attended, running_shift, 0.0)
+        inverse_sum = tl.where(attended, 1.0 / safe_sum, 0.0)
+        stats_ptrs = Stats + (batch_head.to(tl.int64) * q_len + q_pos) * 2
+        tl.store(stats_ptrs, final_shift, mask=row_valid)
+        tl.store(stats_ptrs + 1, inverse_sum, mask=row_valid)

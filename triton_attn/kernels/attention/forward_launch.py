@@ -27,6 +27,14 @@ from . import fallback
 from .blocks import LOG2_E
 from .configs import KernelConfig, cdiv, default_config, padded_head_dim
 
+# Offsets at or past this need 64 bits.
+INT32_LIMIT = 2 ** 31
+
+
+def new_softmax_stats(query: torch.Tensor) -> torch.Tensor:
+    """An empty float32 [B, Hq, Lq, 2] for the forward's softmax statistics (shift, 1 / sum per row)."""
+    return torch.empty(*query.shape[:3], 2, dtype=torch.float32, device=query.device)
+
 
 @dataclass
 class MaskPlan:
@@ -54,10 +62,20 @@ def plan_mask(block_mask: BlockMask) -> MaskPlan:
                     lambda device: functions.captured_tuple(traced.captured, device))
 
 
-def trace_score(score_mod: Optional[Callable]) -> Optional[TracedMod]:
-    """The traced score_mod (None for none); a score_mod has no fallback, so failing raises."""
+def scaled_scores(score, b, h, q_idx, kv_idx):
+    """The identity score_mod: stands in for "no score_mod" when the scale is not positive."""
+    return score
+
+
+def trace_score(score_mod: Optional[Callable], scale: float = 1.0) -> Optional[TracedMod]:
+    """The traced score_mod (None for none); a score_mod has no fallback, so failing raises.
+
+    Without a score_mod the kernels take the row max of the raw ``Q K^T`` and scale afterwards,
+    which needs ``scale > 0``; for ``scale <= 0`` they get the identity score_mod instead."""
     if score_mod is None:
-        return None
+        if scale > 0:
+            return None
+        score_mod = scaled_scores
     try:
         traced = trace_score_mod(score_mod)
         functions.check_graph(traced)
@@ -98,11 +116,13 @@ def strides(prefix: str, tensor: torch.Tensor, dims: str) -> Dict[str, int]:
 
 def forward_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, layout: Dict[str, object], *, scale: float, mask_captured: tuple,
-                      score_captured: tuple) -> Dict[str, object]:
-    """Every runtime argument of ``attention_forward_kernel`` by name (``layout``: ``layout_arguments``)."""
+                      score_captured: tuple, stats: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """Every runtime argument of ``attention_forward_kernel`` by name (``layout``: ``layout_arguments``;
+    ``stats``: the optional [B, Hq, Lq, 2] float32 softmax statistics for the backward; the lse
+    stands in as an unused pointer without it)."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
     return dict(
-        Q=query, K=key, V=value, Out=out, Lse=lse,
+        Q=query, K=key, V=value, Out=out, Lse=lse, Stats=lse if stats is None else stats,
         **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
         **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         **layout,
@@ -122,9 +142,47 @@ def launch_grid(q_len: int, num_q_blocks: int, q_block_size: int, block_m: int, 
     return ((num_q_blocks - 1) * tiles_per_block + min(tiles_per_block, cdiv(last_rows, block_m)), batch_heads)
 
 
+def needs_64bit_rows(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``position * row stride`` can reach 2**31 in any of these [B, H, L, D] tensors: the
+    largest offset inside one (batch, head) slice. Batch and head offsets are always 64-bit."""
+    for tensor in tensors:
+        if tensor is None or tensor.dim() != 4:
+            continue
+        reach = (tensor.shape[2] - 1) * abs(tensor.stride(2)) + (tensor.shape[3] - 1) * abs(tensor.stride(3))
+        if reach >= INT32_LIMIT:
+            return True
+    return False
+
+
+def heavy_tiles_last(block_mask: BlockMask) -> bool:
+    """Whether later query block rows visit clearly more KV blocks than earlier ones (causal-like).
+
+    Read once per BlockMask (a device sync) and remembered on it, like the tuning key's sparsity."""
+    cached = getattr(block_mask, "_heavy_tiles_last", None)
+    if cached is not None:
+        return cached
+    work = (block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).double().flatten(0, -2).mean(0)  # [NQ]
+    half = work.shape[0] // 2
+    result = bool(half > 0 and float(work[-half:].sum()) > 1.25 * float(work[:half].sum()))
+    try:
+        block_mask._heavy_tiles_last = result
+    except AttributeError:  # a class with __slots__: recompute next time
+        pass
+    return result
+
+
+def fast_tanh(dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether score functions use the hardware ``tanh.approx.f32``: compiled for NVIDIA, 16-bit inputs."""
+    return bool(not interpret and dtype in (torch.float16, torch.bfloat16) and torch.version.hip is None)
+
+
 def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                      config: KernelConfig, kv_len: int, interpret: bool) -> dict:
-    """The shape constexprs of the forward kernel (and of the dQ / dK/dV kernels) for these shapes."""
+                      config: KernelConfig, kv_len: int, interpret: bool, row_offsets_64: bool = False,
+                      reverse_tiles: bool = False) -> dict:
+    """The shape constexprs of the forward kernel (and of the dQ / dK/dV kernels) for these shapes.
+
+    row_offsets_64: ``needs_64bit_rows``; reverse_tiles: launch query tiles last-first
+    (``heavy_tiles_last``)."""
     q_bs, kv_bs = block_size
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
@@ -138,29 +196,46 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
         DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
         # Triton 3.9's interpreter returns garbage for tl.dot on two bf16 operands.
         UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),
+        ROW_OFFSETS_64=bool(row_offsets_64),
+        HEAVY_TILES_LAST=bool(reverse_tiles),
     )
 
 
 def _tuned_config(query, key, value, block_mask: BlockMask, score_mod, scale: float, default: KernelConfig,
-                  autotune: Optional[bool]) -> KernelConfig:
-    """The cached winner for this call's tuning key, or ``default``; searches only when asked."""
+                  autotune: Optional[bool], structure: str, stats: Optional[torch.Tensor]) -> KernelConfig:
+    """The cached winner for this call's tuning key, or ``default``; searches only when asked.
+
+    A search prunes by compiling each candidate once for this GPU (``attention.aot.aot_compile_fn``:
+    configs that spill or do not fit in shared memory are skipped) and times the kernel launch alone
+    (``prepare_forward``): no tracing, layout or allocation inside the timed region."""
     from ..tuning import search as tuning
 
-    tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "")
+    tuning_key = tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "",
+                                 structure=structure)
     head_dim, head_dim_v = query.shape[-1], value.shape[-1]
+
+    def compile_fn(candidate: KernelConfig):
+        from .aot import aot_compile_fn
+
+        return aot_compile_fn(tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v, dtype=query.dtype,
+                              block_size=block_mask.BLOCK_SIZE, kernel="fwd", mask_mod=block_mask.mask_mod,
+                              score_mod=score_mod, kv_len=key.shape[2])(candidate)
+
     return tuning.select_config(
         tuning_key, default, autotune=autotune, device=query.device,
         candidates=lambda: tuning.search_space("fwd", tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v,
                                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
                                                q_len=query.shape[2]),
-        run=lambda candidate: attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                                interpret=False, config=candidate))
+        compile_fn=compile_fn,
+        run=lambda candidate: prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                              interpret=False, config=candidate, stats=stats)[0])
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                       score_mod: Optional[Callable], scale: float, interpret: bool,
                       config: Optional[KernelConfig] = None,
-                      autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      autotune: Optional[bool] = None,
+                      stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] (validated by ``attention``).
@@ -168,7 +243,21 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``config``: a ``KernelConfig`` (fitted to the BlockMask here). Without one: the tuned winner
     for this problem's key from the tuning cache, else ``default_config`` at once; a search runs
     only when ``autotune=True`` (or ``TRITON_ATTN_AUTOTUNE=1``), so a first call never stalls.
+    ``stats``: an empty float32 [B, Hq, Lq, 2] the kernel fills with the softmax statistics the
+    backward recomputes P from (``new_softmax_stats``); None: not written.
     """
+    run, out, lse = prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, config=config, autotune=autotune, stats=stats)
+    run()
+    return out, lse
+
+
+def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                    score_mod: Optional[Callable], scale: float, interpret: bool,
+                    config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
+                    stats: Optional[torch.Tensor] = None) -> Tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+    """Everything ``attention_forward`` does on the host, once: ``(launch, out, lse)``, where ``launch()``
+    runs the kernel alone into ``out`` / ``lse`` (what the autotuner times)."""
     from .forward import attention_forward_kernel
 
     if config is None:
@@ -183,12 +272,14 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     q_bs, kv_bs = block_mask.BLOCK_SIZE
 
     mask_plan = plan_mask(block_mask)
-    score_traced = trace_score(score_mod)
-    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
+    score_traced = trace_score(score_mod, scale)
+    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode,
+                                   fast_tanh=fast_tanh(query.dtype, interpret))
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
         if not interpret:
-            config = _tuned_config(query, key, value, block_mask, score_mod, scale, config, autotune)
+            config = _tuned_config(query, key, value, block_mask, score_mod, scale, config, autotune,
+                                   structure=mods.key[:8], stats=stats)
     config = config.fitted(q_bs, kv_bs, q_len)
 
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=query.dtype, device=device)
@@ -197,11 +288,17 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                               block_mask.full_kv_indices, device, FORWARD_LAYOUT, "m")
     arguments = forward_arguments(query, key, value, out, lse, layout, scale=scale,
                                   mask_captured=mask_plan.captured(device),
-                                  score_captured=score_captured(score_traced, device))
+                                  score_captured=score_captured(score_traced, device), stats=stats)
     constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
-                                   block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret)
+                                   block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret,
+                                   row_offsets_64=needs_64bit_rows(query, key, value, out),
+                                   reverse_tiles=heavy_tiles_last(block_mask))
+    constexprs["STORE_STATS"] = stats is not None
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, config.BLOCK_M, batch * q_heads)
-    launch(attention_forward_kernel, grid, {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn,
-                                            **constexprs},
-           interpret=interpret, device=device, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out, lse
+    named = {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn, **constexprs}
+
+    def run() -> None:
+        launch(attention_forward_kernel, grid, named, interpret=interpret, device=device,
+               num_warps=config.num_warps, num_stages=config.num_stages)
+
+    return run, out, lse

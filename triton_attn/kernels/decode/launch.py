@@ -114,19 +114,31 @@ def decode_candidates(capability: int, query: torch.Tensor, head_dim_v: int, blo
     return list(dict.fromkeys(fit_decode(config, rows, kv_bs) for config in space))
 
 
+def decode_mods(block_mask: BlockMask, score_mod: Optional[Callable], mask_plan: Optional[MaskPlan] = None):
+    """(mask plan, traced score_mod, generated functions) of a decode launch; ``mods.key`` is the
+    structure class in its tuning key."""
+    mask_plan = mask_plan or plan_mask(block_mask)
+    score_traced = trace_score(score_mod)
+    return mask_plan, score_traced, functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
+
+
 def decode_key(query: torch.Tensor, kv_heads: int, kv_len: int, head_dim_v: int, block_mask: BlockMask,
-               num_splits: int, *, paged: bool, score: bool):
+               num_splits: int, *, paged: bool, score: bool, structure: str = ""):
     """The tuning key of a decode launch: device, dtype, head dims, GQA ratio, Lq and cache-length
-    buckets, the mask's sparsity class, and (as the variant) the split count, paging and score_mod."""
+    buckets, the mask's sparsity class, B * Hq, block size, bounds checks, the mods' structure class
+    (``ModFunctions.key``), and (as the variant) the split count, paging and score_mod."""
     from ..tuning import search as tuning
 
     name, capability = tuning.device_identity(query.device)
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
     variant = ".".join([f"splits{num_splits}"] + (["paged"] if paged else []) + (["score"] if score else []))
     return tuning.TuningKey(kernel="decode", device=name, capability=capability,
                             dtype=str(query.dtype).replace("torch.", ""), head_dim=int(query.shape[-1]),
                             value_dim=int(head_dim_v), gqa=int(query.shape[1]) // kv_heads,
                             q_bucket=tuning.seq_bucket(query.shape[2]), kv_bucket=tuning.seq_bucket(kv_len),
-                            sparsity=tuning.block_mask_sparsity_class(block_mask), variant=variant)
+                            sparsity=tuning.block_mask_sparsity_class(block_mask), variant=variant,
+                            occupancy=tuning.occupancy_bucket(query.shape[0] * query.shape[1]),
+                            block=f"{q_bs}x{kv_bs}", ragged=paged or bool(kv_len % kv_bs), structure=structure)
 
 
 def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, block_mask: BlockMask, plan: DecodePlan, *,
@@ -198,9 +210,7 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
     kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
     device = query.device
 
-    mask_plan = mask_plan or plan_mask(block_mask)
-    score_traced = trace_score(score_mod)
-    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
+    mask_plan, score_traced, mods = decode_mods(block_mask, score_mod, mask_plan)
 
     def tuned(default: KernelConfig, splits: int) -> KernelConfig:
         if interpret:
@@ -208,7 +218,7 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
         from ..tuning import search as tuning
 
         key_ = decode_key(query, kv_heads, kv_len, head_dim_v, block_mask, splits, paged=paged,
-                          score=score_mod is not None)
+                          score=score_mod is not None, structure=mods.key)
         return tuning.select_config(
             key_, default, autotune=autotune, device=device,
             candidates=lambda: decode_candidates(key_.capability, query, head_dim_v, block_mask, groups=q_heads // kv_heads),

@@ -123,9 +123,12 @@ class Emitter:
     arguments (``mask_cap0``, ``mask_cap0_size1``, ``mask_cap0_stride1``).
     """
 
-    def __init__(self, prefix: str, captured_prefix: str):
+    def __init__(self, prefix: str, captured_prefix: str, *, fast_tanh: bool = False):
         self.prefix = prefix
         self.captured_prefix = captured_prefix
+        # Score functions built for CUDA with 16-bit inputs use the hardware tanh; mask code never
+        # does (a predicate must match its dense evaluation exactly).
+        self.fast_tanh = fast_tanh
         self.lines: List[str] = []
         self._by_key: Dict[str, _Expr] = {}
         self._key_of: Dict[int, str] = {}
@@ -234,9 +237,15 @@ class Emitter:
         if op == "to_int":
             return self._bind(f"{x.text}.to(tl.int32)", "int") if x.kind != "int" else x
         if op == "tanh":
-            # tl has no portable tanh (libdevice is CUDA-only and absent from the interpreter);
-            # 1 - 2 / (exp(2x) + 1) saturates correctly at both ends and is within ~1e-7 absolute.
-            return self._bind(f"1.0 - 2.0 / (tl.exp(2.0 * {self.as_float(x)}) + 1.0)", "float")
+            value = self.as_float(x)
+            if self.fast_tanh:
+                # CUDA with 16-bit inputs: the hardware's tanh.approx.f32, one instruction (relative
+                # error ~2**-11, below the inputs' own rounding) instead of an exp and a division.
+                return self._bind(f"tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [{value}], "
+                                  "dtype=tl.float32, is_pure=True, pack=1)", "float")
+            # Elsewhere (interpreter, float32, ROCm): 1 - 2 / (exp(2x) + 1), which saturates
+            # correctly at both ends and is within ~1e-7 absolute.
+            return self._bind(f"1.0 - 2.0 / (tl.exp(2.0 * {value}) + 1.0)", "float")
         if op in _FLOAT_MATH:
             return self._bind(f"{_FLOAT_MATH[op]}({self.as_float(x)})", "float")
         if op == "log1p":
@@ -347,7 +356,10 @@ class Emitter:
                 # Out-of-range positions (the padded tail of a tile) read 0 instead of faulting;
                 # the kernel masks those positions out anyway.
                 checks.append(f"({index_text} < {size})")
-                offsets.append(f"{index_text} * {stride}")
+                # 64-bit products: index x stride reaches 2**31 in a [H, L, L] bias table past L ~ 8k.
+                # Pointer math is 64-bit anyway, so this costs a widening, not a second multiply.
+                literal = index_text.lstrip("-").isdigit()
+                offsets.append(f"{index_text} * {stride}" if literal else f"{index_text}.to(tl.int64) * {stride}")
             # "!= 0": the interpreter rejects a load mask made of a scalar & a block bool otherwise.
             text = f"tl.load({pointer} + {' + '.join(offsets)}, mask=({' & '.join(checks)}) != 0, other=0)"
         if node.kind == "bool":

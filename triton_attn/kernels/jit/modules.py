@@ -184,6 +184,11 @@ def interpreted(kernel) -> InterpretedKernel:
     return entry[1]
 
 
+# Passed explicitly to every compile: Triton 3.10 flips its default to off, and the softmax wants
+# ``scores * scale - shift`` as one FMA per score.
+ENABLE_FP_FUSION = True
+
+
 def launch(kernel, grid, arguments: Dict[str, object], *, interpret: bool, device, num_warps: Optional[int] = None,
            num_stages: Optional[int] = None) -> None:
     """Run a ``@triton.jit`` kernel with named ``arguments`` (runtime and constexpr): compiled on
@@ -196,6 +201,6 @@ def launch(kernel, grid, arguments: Dict[str, object], *, interpret: bool, devic
     # FP fusion stated explicitly: Triton 3.9 warns that its default flips in 3.10.
     options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
                if value is not None}
-    options["enable_fp_fusion"] = True
+    options["enable_fp_fusion"] = ENABLE_FP_FUSION
     with torch.cuda.device(device):
         kernel[grid](**arguments, **options)

@@ -2,9 +2,12 @@
 
 Three pieces, each usable without a GPU except the timing itself:
 
-- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``/``decode``), device name and
+- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``/``decode``, and ``bwd_dkdv`` /
+  ``bwd_dq`` for the backward pair's kernels searched one at a time), device name and
   compute capability, dtype, head dims (D, Dv), GQA ratio, a sequence-length bucket (next power of two of
-  Lq and of Lkv) and the mask's sparsity class (share of blocks computed: dense / half / sparse / tiny).
+  Lq and of Lkv), the mask's sparsity class (share of blocks computed: dense / half / sparse / tiny),
+  the B * H occupancy bucket, the BlockMask's block size, whether the last block is ragged, and the
+  (mask_mod, score_mod) structure class (they change register pressure and bounds checks).
 - **Search space** (``search_space``): tile sizes x num_warps x num_stages per kernel, plus on Hopper
   (sm_90+) the variants that pay off there (deeper pipelines, 128x128 tiles on two warpgroups). Every
   candidate is fitted to the BlockMask's block size with ``KernelConfig.fitted``.
@@ -34,7 +37,7 @@ from ..attention.configs import KernelConfig, next_power_of_two
 from ... import settings
 from .cache import TuningCache, default_cache
 
-KERNELS = ("fwd", "bwd", "decode")
+KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq", "decode")
 
 # Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, table of
 # compute capabilities). Used when no GPU can be asked (ahead-of-time pruning for another machine).
@@ -100,6 +103,11 @@ class TuningKey:
     kv_bucket: int
     sparsity: str
     variant: str = ""        # free-form extra specialization the launcher wants separate (e.g. "score_mod")
+    # What changes the best tiles beyond the shapes above (register pressure, waves, bounds checks):
+    occupancy: int = 0       # B * H bucket (``occupancy_bucket``): how many programs fill the GPU's SMs
+    block: str = ""          # the BlockMask's block size, "128x128"
+    ragged: bool = False     # the last KV (or query) block is partial: bounds checks compiled in
+    structure: str = ""      # structure class of the (mask_mod, score_mod) pair (generated functions' key)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -110,6 +118,9 @@ class TuningKey:
     def __str__(self) -> str:
         parts = [self.kernel, self.device, f"sm{self.capability}", self.dtype, f"d{self.head_dim}",
                  f"dv{self.value_dim}", f"gqa{self.gqa}", f"q{self.q_bucket}", f"kv{self.kv_bucket}", self.sparsity]
+        if self.occupancy or self.block or self.ragged or self.structure:
+            parts += [f"bh{self.occupancy}", f"bs{self.block}", "ragged" if self.ragged else "even",
+                      f"st{self.structure}"]
         if self.variant:
             parts.append(self.variant)
         return "|".join(parts)
@@ -117,8 +128,17 @@ class TuningKey:
     @classmethod
     def parse(cls, text: str) -> "TuningKey":
         parts = text.split("|")
-        if len(parts) not in (10, 11):
+        if len(parts) not in (10, 11, 14, 15):
             raise ValueError(f"not a tuning key: {text!r}")
+        extra = {}
+        if len(parts) >= 14:
+            occupancy, block, ragged, structure = parts[10:14]
+            if not (occupancy.startswith("bh") and block.startswith("bs") and ragged in ("ragged", "even")
+                    and structure.startswith("st")):
+                raise ValueError(f"not a tuning key: {text!r}")
+            extra = dict(occupancy=int(occupancy[2:]), block=block[2:], ragged=ragged == "ragged",
+                         structure=structure[2:])
+            parts = parts[:10] + parts[14:]
 
         def number(part, prefix):
             if not part.startswith(prefix):
@@ -128,7 +148,7 @@ class TuningKey:
         return cls(kernel=parts[0], device=parts[1], capability=number(parts[2], "sm"), dtype=parts[3],
                    head_dim=number(parts[4], "d"), value_dim=number(parts[5], "dv"), gqa=number(parts[6], "gqa"),
                    q_bucket=number(parts[7], "q"), kv_bucket=number(parts[8], "kv"), sparsity=parts[9],
-                   variant=parts[10] if len(parts) == 11 else "")
+                   variant=parts[10] if len(parts) == 11 else "", **extra)
 
 
 def device_identity(device) -> Tuple[str, int]:
@@ -140,15 +160,27 @@ def device_identity(device) -> Tuple[str, int]:
     return torch.cuda.get_device_name(device), major * 10 + minor
 
 
+def occupancy_bucket(batch_heads: int) -> int:
+    """B * H rounded up to a power of two, at most 1024: few (batch, head) pairs leave SMs idle unless
+    the tiles are small; many fill every SM several times over with any tile."""
+    return min(1024, next_power_of_two(max(1, int(batch_heads))))
+
+
 def make_key(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask=None, *, kernel: str = "fwd",
-             variant: str = "") -> TuningKey:
-    """The tuning key of one ``attention`` call (q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv])."""
+             variant: str = "", structure: str = "") -> TuningKey:
+    """The tuning key of one ``attention`` call (q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv]).
+
+    structure: the (mask_mod, score_mod) structure class (``ModFunctions.key``; "" when unknown)."""
     name, capability = device_identity(query.device)
+    q_len, kv_len = int(query.shape[2]), int(key.shape[2])
+    q_block, kv_block = tuple(block_mask.BLOCK_SIZE) if block_mask is not None else (128, 128)
     return TuningKey(kernel=kernel, device=name, capability=capability, dtype=_dtype_name(query.dtype),
                      head_dim=int(query.shape[-1]), value_dim=int(value.shape[-1]),
-                     gqa=int(query.shape[1]) // max(1, int(key.shape[1])), q_bucket=seq_bucket(query.shape[2]),
-                     kv_bucket=seq_bucket(key.shape[2]), sparsity=block_mask_sparsity_class(block_mask),
-                     variant=variant)
+                     gqa=int(query.shape[1]) // max(1, int(key.shape[1])), q_bucket=seq_bucket(q_len),
+                     kv_bucket=seq_bucket(kv_len), sparsity=block_mask_sparsity_class(block_mask),
+                     variant=variant, occupancy=occupancy_bucket(query.shape[0] * query.shape[1]),
+                     block=f"{q_block}x{kv_block}", ragged=bool(kv_len % kv_block or q_len % q_block),
+                     structure=structure)
 
 
 # -- search space -------------------------------------------------------------------------------------------
@@ -382,7 +414,10 @@ class Autotuner:
              progress: Optional[Callable[[str, KernelConfig, Optional[float]], None]] = None,
              store: bool = True) -> TuneResult:
         """Search ``candidates`` for ``key``: prune by AOT compile (when ``compile_fn`` is given), then time
-        ``run(config)`` (one kernel launch) for each survivor; store and return the fastest.
+        each survivor; store and return the fastest.
+
+        ``run(config)`` either runs the kernel (then that call is timed) or prepares it and returns the
+        launch as a callable (then only the launch is timed: ``do_bench`` on the kernel, no host work).
 
         ``progress(stage, config, ms_or_None)`` with stage "prune" or "time" reports each step.
         """
@@ -396,8 +431,12 @@ class Autotuner:
         failures: Dict[KernelConfig, str] = {}
         for config in candidates:
             try:
-                run(config)  # compile and warm up outside the timing
-                ms = time_ms(lambda: run(config), device)
+                prepared = run(config)  # compile and warm up outside the timing
+                if callable(prepared):
+                    prepared()
+                    ms = time_ms(prepared, device)
+                else:
+                    ms = time_ms(lambda: run(config), device)
             except Exception as error:  # out of resources at launch, a compiler error: not a candidate
                 failures[config] = f"{type(error).__name__}: {str(error).strip()[:200]}"
                 ms = None
