@@ -13,7 +13,9 @@ Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minu
 
 Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``),
 ``efficiency`` (``gpu_check_efficiency.py``: dense, causal, sliding window, document, softcap, GQA 4:1,
-the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention), ``decode`` and
+the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention),
+``cuda_graph`` (capture + replay of ``attention()`` forward and backward under
+``torch.cuda.set_sync_debug_mode("error")``, replay compared bit for bit with an eager call), ``decode`` and
 ``paged`` (``gpu_check_decode.py``: one decode step at B 1/16, caches 4k/32k, Hq 32 / Hkv 8, D 128; us per call and
 GB/s against the copy bandwidth, vs SDPA and FlexAttention; paged_attention vs the contiguous decode).
 
@@ -163,6 +165,71 @@ def run_backward(args, device, dtype, writer_row) -> bool:
     return all_ok
 
 
+def run_cuda_graph(args, device, dtype, writer_row) -> bool:
+    """CUDA-graph capture and replay of ``attention()`` (forward, and forward + backward).
+
+    The launch path reads no tensor value (the BlockMask's launch plan is fixed when it is built), so
+    the whole call can be captured: warm up on a side stream (kernels compile, masks and tuned configs
+    are cached), capture one call into a ``torch.cuda.CUDAGraph`` under ``set_sync_debug_mode("error")``
+    (a device-to-host sync would raise), then write new inputs into the static tensors, replay, and
+    compare with an eager call on the same inputs. In ``--dry-run`` (no CUDA) the section is skipped.
+    """
+    if device.type != "cuda":
+        writer_row(dict(section="cuda_graph", impl="triton_attn", ok="", max_error="skipped: no CUDA"))
+        return True
+    all_ok = True
+    length, head_dim = args.check_seq, args.head_dims[0]
+    for name, mask_mod in mask_families(args.batch, length, device).items():
+        block_mask = ta.create_block_mask(mask_mod, args.batch, None, length, length, device=device)
+        for with_backward in (False, True):
+            static = [torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
+                      .requires_grad_(with_backward) for _ in range(3)]
+            grad_out = torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
+
+            def step():
+                out = ta.attention(*static, block_mask=block_mask, backend="triton")
+                if not with_backward:
+                    return (out,)
+                return (out, *torch.autograd.grad(out, static, grad_out))
+
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    with torch.cuda.graph(graph):
+                        captured = step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                fresh = [torch.randn_like(t) for t in static]
+                with torch.no_grad():
+                    for target, source in zip(static, fresh):
+                        target.copy_(source)
+                graph.replay()
+                torch.cuda.synchronize(device)
+                eager = [t.detach().clone().requires_grad_(with_backward) for t in fresh]
+                out = ta.attention(*eager, block_mask=block_mask, backend="triton")
+                expected = (out,) if not with_backward else (out, *torch.autograd.grad(out, eager, grad_out))
+                error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(captured, expected))
+                ok = error == 0.0  # same kernels, same inputs: replay must be bit-identical
+                ms = _time_ms(graph.replay, device)
+                writer_row(dict(section="cuda_graph", mask=name, seq=length, head_dim=head_dim,
+                                impl="triton_attn+bwd" if with_backward else "triton_attn", ms=f"{ms:.3f}",
+                                max_error=f"{error:.3e}", ok=ok))
+            except Exception as error:  # report and go on: one family must not hide the others
+                ok = False
+                writer_row(dict(section="cuda_graph", mask=name, seq=length, head_dim=head_dim,
+                                impl="triton_attn+bwd" if with_backward else "triton_attn", ok=False,
+                                max_error=f"error: {type(error).__name__}: {error}"[:200]))
+            all_ok &= ok
+    return all_ok
+
+
 def run_efficiency(args, device, dtype, writer_row) -> bool:
     """Issue 12's table: fwd + bwd TFLOP/s of triton_attn, SDPA and compiled FlexAttention per case
     (``gpu_check_efficiency.py``)."""
@@ -171,8 +238,6 @@ def run_efficiency(args, device, dtype, writer_row) -> bool:
     from gpu_check_efficiency import run_efficiency as efficiency_section
 
     return efficiency_section(args, device, dtype, writer_row)
-
-
 
 
 def _decode_rows(section: str, rows, writer_row) -> bool:
@@ -221,7 +286,7 @@ def run_paged(args, device, dtype, writer_row) -> bool:
 
 
 SECTIONS = {"forward": run_forward, "backward": run_backward, "efficiency": run_efficiency,
-            "decode": run_decode, "paged": run_paged}
+            "cuda_graph": run_cuda_graph, "decode": run_decode, "paged": run_paged}
 
 
 def parse_args(argv=None):

@@ -396,8 +396,10 @@ def test_compact_block_mask_is_walked_without_dense_fields(needs_grad):
     assert not compact._dense, f"dense fields were built: {sorted(compact._dense)}"
     dense_out, dense_lse = torch_attention(ta.create_block_mask(mod, None, None, 200, 200, BLOCK_SIZE=32),
                                            enable_gqa=True)(q, k, v)
-    torch.testing.assert_close(out, dense_out, rtol=0, atol=0)
-    torch.testing.assert_close(lse, dense_lse, rtol=0, atol=0)
+    # A dense mask goes through the custom op, whose forward takes the fused CPU kernel even when
+    # gradients are needed: the two routes agree to float32 rounding, not bit for bit.
+    torch.testing.assert_close(out, dense_out, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse, dense_lse, rtol=0, atol=2e-6)
 
 
 def test_import_does_not_import_triton():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 import weakref
@@ -83,6 +84,8 @@ def _validate_block_mask(block_mask, query, key) -> BlockMask:
         raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or query's Hq={query.shape[1]}")
     if block_mask.device != query.device:
         block_mask = block_mask.to(query.device)
+    if torch.compiler.is_compiling():  # value checks read the device; a compiled graph cannot (see README)
+        return block_mask
     return block_mask.validate()  # once per mask (cached on it): lists inside the tile grid
 
 
@@ -109,6 +112,24 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
     if chosen == "interpret" and device.type != "cpu":
         raise ValueError(f"backend 'interpret' runs the Triton interpreter on CPU tensors, got tensors on {device}")
     return chosen
+
+
+# (q_len, kv_len, device, block_size) -> the all-full BlockMask of a call without a mask (a few recent shapes).
+_FULL_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+FULL_MASK_CACHE_SIZE = 16
+
+
+def default_block_mask(q_len: int, kv_len: int, device) -> BlockMask:
+    """The all-full BlockMask of a call without a mask, built once per shape and device."""
+    if torch.compiler.is_compiling() or torch.device(device).type == "meta":
+        return full_block_mask(1, 1, q_len, kv_len, device)
+    cache_key = (q_len, kv_len, str(device), DEFAULT_BLOCK_SIZE)
+    mask = _FULL_MASKS.get(cache_key)
+    if mask is None:
+        mask = _FULL_MASKS[cache_key] = full_block_mask(1, 1, q_len, kv_len, device)
+        while len(_FULL_MASKS) > FULL_MASK_CACHE_SIZE:
+            _FULL_MASKS.popitem(last=False)
+    return mask
 
 
 def full_block_mask(batch: int, heads: int, q_len: int, kv_len: int, device,
@@ -163,27 +184,60 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if chosen != "torch" and query.dtype == torch.float64:
         raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
     if block_mask is None:
-        block_mask = full_block_mask(1, 1, query.shape[2], key.shape[2], query.device)
+        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
     block_mask = _validate_block_mask(block_mask, query, key)
-    _validate_mod_devices(score_mod, "score_mod", query.device)
-    if score_mod is not None:
-        # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
-        score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        check_score_result_type(score_mod, query.device, score_dtype)
-    _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (closure walks and a probe call; under torch.compile the kernels check the tensors)
+        _validate_mod_devices(score_mod, "score_mod", query.device)
+        if score_mod is not None:
+            # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
+            score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+            check_score_result_type(score_mod, query.device, score_dtype)
+        _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
 
-    if chosen == "torch":
-        out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
-    else:
+    if chosen != "torch" and not compiling:
         require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
-        from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
-
         # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
         check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
+
+    if _op_applies(block_mask, score_mod, compiling):
+        from . import ops
+
+        if compiling:
+            mask_key, mask_paths = ops.mod_key(block_mask.mask_mod, "mask")
+            mask = (mask_key, ops.fetch_captured(block_mask.mask_mod, mask_paths))
+            if score_mod is None:
+                score = ("", [])
+            else:
+                score_key, score_paths = ops.mod_key(score_mod, "score")
+                score = (score_key, ops.fetch_captured(score_mod, score_paths))
+        else:
+            mask, score = ops.register_mod(block_mask.mask_mod, "mask"), ops.register_mod(score_mod, "score")
+        out, lse = ops.attention_op(query, key, value, block_mask, mask, score, scale=float(scale), backend=chosen,
+                                    autotune=autotune)
+    elif chosen == "torch":
+        out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale))
+    else:
+        from .kernels.attention.autograd import triton_attention  # Triton is imported only when used
 
         out, lse = triton_attention(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                                     interpret=chosen == "interpret", autotune=autotune)
     return (out, lse) if return_lse else out
+
+
+def _op_applies(block_mask: BlockMask, score_mod: Optional[Callable], compiling: bool) -> bool:
+    """Whether the call goes through the custom ops (``ops.py``). Two cases keep the direct route: a
+    compact BlockMask (the ops take the dense index tensors, which a compact mask builds only on demand)
+    and, with gradients on, a score_mod whose captured tensors require grad (the ops differentiate
+    q, k and v only; the direct route reaches those tensors through the closure)."""
+    from .masks.compact import CompactBlockMask
+
+    if isinstance(block_mask, CompactBlockMask):
+        return False
+    if score_mod is not None and torch.is_grad_enabled() and not compiling:
+        if any(t.requires_grad for t in captured_tensors(score_mod)):
+            return False
+    return True
 
 
 def _cuda_tile_refiner(*args):

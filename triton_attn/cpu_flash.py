@@ -1,16 +1,28 @@
-"""Inference fast path of the ``torch`` backend: PyTorch's fused CPU flash kernel, tile row by tile row.
+"""Inference fast path of the ``torch`` backend: PyTorch's fused CPU flash kernel.
 
-For each query block row, the *full* KV blocks go through
-``aten::_scaled_dot_product_flash_attention_for_cpu`` over their K/V span with no mask, the
-*partial* blocks through the same op with the mask_mod's tile as an additive ``-inf`` mask, and
-the two results are merged by their log-sum-exps. Empty blocks are still skipped, and the
-mask_mod is still evaluated on partial tiles only. On a 2-core CPU this brings the backend level
-with ``torch.compile(flex_attention)`` at 8k tokens (bench/results), where the plain blockwise
-loop (``reference._query_block_row``) is ~1.5x slower.
+Two routes, both through ``aten::_scaled_dot_product_flash_attention_for_cpu``:
+
+- *dense*, for calls whose whole score grid is small (decode steps, short prompts; at most
+  ``DENSE_BIAS_ELEMENTS`` mask elements): one call with the mask as an additive ``-inf`` bias
+  ``[Bm, 1, Lq, Lkv]``. The bias is derived once per BlockMask (``BlockMask.derived``), so the
+  layers of a model that share one mask share one bias, as they do with ``sdpa``.
+- *blockwise*, for each query block row: the *full* KV blocks with no mask, the *partial* blocks
+  with the mask_mod's tile as a bias (or one span with a bias when the gaps are small), merged by
+  their log-sum-exps. Empty blocks are skipped and the mask_mod runs on partial tiles only. On a
+  2-core CPU this is level with ``torch.compile(flex_attention)`` at 8k tokens (bench/results).
+
+A mask that depends on the batch (padding, packed documents) is walked one batch entry at a time.
+
+Masked-out keys stay out: a NaN or inf in a key or value that the mask hides from a row would
+reach that row through the bias addition (``nan + -inf = nan``, ``inf + -inf = nan``) or through
+``0 * nan``, and always as a NaN in the output. So the output is checked (one reduction over
+``[B, Hq, Lq, Dv]``, far cheaper than scanning K/V on every decode step); if it is not finite,
+``fused_attention`` returns None and the caller takes the exact blockwise loop, which masks scores
+after computing them (and so gives NaN exactly in the rows that do see a NaN key).
 
 It applies only where it is exact and simple: float32, no score_mod, no gradient needed, the
-BlockMask broadcast over batch and heads (one layout), D == Dv, and the op present in this
-torch build. ``blockwise_attention`` checks ``applicable`` and otherwise takes the plain loop.
+BlockMask broadcast over heads, D == Dv, and the op present in this torch build.
+``blockwise_attention`` checks ``applicable`` and otherwise takes the plain loop.
 """
 
 from __future__ import annotations
@@ -33,9 +45,16 @@ def applicable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
     """Whether ``fused_attention`` may serve this call (see the module docstring)."""
     return (not needs_grad and score_mod is None and query.device.type == "cpu"
             and query.dtype == torch.float32 and key.shape[-1] == value.shape[-1]
-            and tuple(block_mask.shape[:2]) == (1, 1) and _flash_op() is not None
-            # The op reads a head dim with stride != 1 wrongly (torch 2.13); SDPA copies such inputs first.
-            and all(t.stride(-1) == 1 for t in (query, key, value)))
+            and block_mask.shape[1] == 1 and _flash_op() is not None)
+
+
+# Mask elements (Bm * Lq * Lkv) up to which a call takes the dense route (one flash call with a bias).
+DENSE_BIAS_ELEMENTS = 1 << 22
+
+
+def _output_is_finite(out: torch.Tensor) -> bool:
+    """Whether no NaN/inf reached the output (see the module docstring: a leak always shows up as one)."""
+    return bool(torch.isfinite(out).all())
 
 
 def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block: int):
@@ -69,12 +88,59 @@ def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor
 MAX_GAP_FRACTION = 0.25
 
 
-def _keep_tile(block_mask: BlockMask, q_start: int, rows: int, positions: torch.Tensor) -> torch.Tensor:
-    """The mask_mod on query rows [q_start, q_start + rows) x ``positions``: bool [rows, len(positions)]."""
-    index = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+def _keep_tile(block_mask: BlockMask, q_start: int, rows: int, positions: torch.Tensor, batch: int = 0) -> torch.Tensor:
+    """The mask_mod of batch entry ``batch`` on query rows [q_start, q_start + rows) x ``positions``:
+    bool [rows, len(positions)]."""
+    b = torch.full((1, 1, 1, 1), batch, dtype=torch.long)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
     q_idx = torch.arange(q_start, q_start + rows).view(1, 1, -1, 1)
-    return call_mask_mod(block_mask.mask_mod, index, index, q_idx, positions.view(1, 1, 1, -1),
+    return call_mask_mod(block_mask.mask_mod, b, h, q_idx, positions.view(1, 1, 1, -1),
                          (1, 1, rows, positions.numel()))[0, 0]
+
+
+def _expand_blocks(blocks: torch.Tensor, block_size, seq_lengths) -> torch.Tensor:
+    """Bool block map ``[..., NQ, NKV]`` as an element map ``[..., Lq, Lkv]``."""
+    q_bs, kv_bs = block_size
+    q_len, kv_len = seq_lengths
+    q_block_of = torch.arange(q_len, device=blocks.device) // q_bs
+    kv_block_of = torch.arange(kv_len, device=blocks.device) // kv_bs
+    return blocks[..., q_block_of, :][..., kv_block_of]
+
+
+def _dense_keep(block_mask: BlockMask):
+    """(bias ``[Bm, 1, Lq, Lkv]`` float32 0/-inf, attended rows ``[Bm, 1, Lq]``): the mask of every
+    element; full blocks attend, partial ones ask the mask_mod."""
+    batch = block_mask.shape[0]
+    q_len, kv_len = block_mask.seq_lengths
+    full = _expand_blocks(block_mask.full_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
+    partial = _expand_blocks(block_mask.partial_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
+    keep = full
+    if bool(partial.any()):
+        b = torch.arange(batch).view(-1, 1, 1, 1)
+        h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+        q_idx, kv_idx = torch.arange(q_len).view(1, 1, -1, 1), torch.arange(kv_len).view(1, 1, 1, -1)
+        allowed = call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, (batch, 1, q_len, kv_len))
+        keep = full | (partial & allowed)
+    bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -math.inf)
+    return bias, keep.any(-1)
+
+
+def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: float):
+    """The dense route: one flash call over all keys with the cached bias."""
+    bias, attended = block_mask.derived("cpu_flash_dense", lambda: _dense_keep(block_mask))
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    mask = bias.repeat(1, 1, groups, 1) if groups > 1 else bias
+    out, lse = flash(grouped, key, value, 0.0, False, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
+    out, lse = out.reshape(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)
+    # The op reports 0 for a row that saw only -inf; the contract is out 0, lse -inf.
+    if not bool(attended.all()):
+        rows = attended.expand(batch, q_heads, q_len)
+        out = out.masked_fill(~rows.unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(~rows, -math.inf)
+    return out, lse
 
 
 def _flash_with_keep(flash, grouped, k_span, v_span, keep: Optional[torch.Tensor], groups: int, scale: float):
@@ -92,7 +158,7 @@ def _flash_with_keep(flash, grouped, k_span, v_span, keep: Optional[torch.Tensor
     return out, lse
 
 
-def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks, dtype):
+def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks, dtype, batch=0):
     """(k_span, v_span, bias) covering all of a row's blocks in one span, or None when the gaps are large.
 
     bias [rows, L] in ``dtype``: 0 where the query may attend, -inf elsewhere (gaps, masked positions).
@@ -108,19 +174,38 @@ def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full
         bias[:, block * kv_block - start:min(kv_len, (block + 1) * kv_block) - start] = 0.0
     positions = (partial_blocks.long().unsqueeze(-1) * kv_block + torch.arange(kv_block)).flatten()
     positions = positions[positions < kv_len]
-    keep = _keep_tile(block_mask, q_start, rows, positions)
+    keep = _keep_tile(block_mask, q_start, rows, positions, batch)
     bias[:, positions - start] = torch.zeros((), dtype=dtype).masked_fill(~keep, -math.inf)
     return key[:, :, start:stop], value[:, :, start:stop], bias
 
 
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
-                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq]."""
+                    scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq];
+    None when the output is not finite (a NaN/inf key or value; the caller then takes the exact loop)."""
     flash = _flash_op()
+    # The fused kernel reads rows of D contiguous elements; other strides come out wrong, not as errors.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    mask_batch = block_mask.shape[0]
+    q_len, kv_len = block_mask.seq_lengths
+    if mask_batch * q_len * kv_len <= DENSE_BIAS_ELEMENTS:
+        out, lse = _dense_attention(flash, query, key, value, block_mask, scale)
+    elif mask_batch == 1:
+        out, lse = _blockwise_rows(flash, query, key, value, block_mask, scale, 0)
+    else:
+        parts = [_blockwise_rows(flash, query[b:b + 1], key[b:b + 1], value[b:b + 1], block_mask, scale, b)
+                 for b in range(mask_batch)]
+        out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return (out, lse) if _output_is_finite(out) else None
+
+
+def _blockwise_rows(flash, query, key, value, block_mask: BlockMask, scale: float, mask_batch_index: int):
+    """The blockwise route over the layout of batch entry ``mask_batch_index``."""
     batch, q_heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     q_block, kv_block = block_mask.BLOCK_SIZE
+    b = mask_batch_index
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
@@ -129,11 +214,11 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         # GQA: the query heads sharing a K/V head become extra rows, so K/V are never repeated.
         grouped = q_tile.reshape(batch, kv_heads, groups * rows, head_dim)
         (partial_count, partial), (full_count, full) = block_mask.row_layout(row)
-        partial_blocks, full_blocks = partial[0, 0, :int(partial_count[0, 0])], full[0, 0, :int(full_count[0, 0])]
+        partial_blocks, full_blocks = partial[b, 0, :int(partial_count[b, 0])], full[b, 0, :int(full_count[b, 0])]
         one_span = None
         if partial_blocks.numel() and full_blocks.numel():
             one_span = _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full_blocks,
-                                        query.dtype)
+                                        query.dtype, b)
         parts = []
         if one_span is not None:
             # The row has full blocks, so every query row attends to something: no empty-row fix-up.
@@ -143,7 +228,7 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         else:
             if partial_blocks.numel():
                 positions, k_span, v_span = _span(key, value, partial_blocks, kv_block)
-                keep = _keep_tile(block_mask, q_start, rows, positions)
+                keep = _keep_tile(block_mask, q_start, rows, positions, b)
                 parts.append(_flash_with_keep(flash, grouped, k_span, v_span, keep, groups, scale))
             if full_blocks.numel():
                 _, k_span, v_span = _span(key, value, full_blocks, kv_block)

@@ -255,7 +255,9 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     from . import cpu_flash
 
     if cpu_flash.applicable(query, key, value, block_mask, score_mod, needs_grad):
-        return cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
+        fused = cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
+        if fused is not None:  # None: a hidden key/value is not finite; the loop below keeps it out
+            return fused
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
@@ -273,3 +275,44 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if needs_grad and not out.requires_grad:
         out = _AttachToInputs.apply(out, query, key, value)
     return out, torch.cat(lses, dim=2).float()
+
+
+def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                       score_mod: Optional[Callable], scale: float, grad_out: Optional[torch.Tensor],
+                       grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``blockwise_attention`` (the torch backend's backward op), one query-block row at a time.
+
+    Each row is recomputed with autograd and differentiated at once, so memory stays bounded by one
+    row's tiles. grad_out [B, Hq, Lq, Dv] / grad_lse [B, Hq, Lq] may be None (zero). Returns
+    (dq, dk, dv) shaped and typed like (query, key, value); rows that attend to nothing give zeros.
+    """
+    q_block = block_mask.BLOCK_SIZE[0]
+    accumulate = torch.promote_types(query.dtype, torch.float32)  # float64 inputs are computed in float64
+    grad_query = torch.zeros_like(query)
+    grad_key = torch.zeros(key.shape, dtype=accumulate, device=key.device)
+    grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
+    key_in, value_in = key.detach().requires_grad_(True), value.detach().requires_grad_(True)
+    for row in range(block_mask.num_blocks[0]):
+        q_start = row * q_block
+        rows = slice(q_start, q_start + q_block)
+        pairs_out = []
+        with torch.enable_grad():
+            q_tile = query[:, :, rows].detach().requires_grad_(True)
+            out, lse = _query_block_row(q_tile, key_in, value_in, q_start=q_start,
+                                        layout=block_mask.row_layout(row, query.device), block_mask=block_mask,
+                                        score_mod=score_mod, scale=scale)
+            if grad_out is not None and out.requires_grad:
+                pairs_out.append((out, grad_out[:, :, rows].to(out.dtype)))
+            if grad_lse is not None and lse.requires_grad:
+                pairs_out.append((lse, grad_lse[:, :, rows].to(lse.dtype)))
+            if not pairs_out:
+                continue
+            dq, dk, dv = torch.autograd.grad([o for o, _ in pairs_out], (q_tile, key_in, value_in),
+                                             [g for _, g in pairs_out], allow_unused=True)
+        if dq is not None:
+            grad_query[:, :, rows] = dq.to(query.dtype)
+        if dk is not None:
+            grad_key += dk
+        if dv is not None:
+            grad_value += dv
+    return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype)

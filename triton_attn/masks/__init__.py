@@ -1,6 +1,7 @@
 """The mask side: mask_mods, score_mods, the BlockMask and the mask compiler. Knows no Triton."""
 
 from .block_mask import BlockMask
+from .closed_form import window_block_mask
 from .compact import CompactBlockMask
 from .compiler import create_block_mask, create_mask
 from .library import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, full_mask, not_mask,
@@ -10,4 +11,5 @@ __all__ = [
     "BlockMask", "CompactBlockMask", "create_block_mask", "create_mask",
     "causal_mask", "full_mask", "sliding_window_mask", "chunked_mask", "prefix_lm_mask", "document_mask",
     "padding_mask", "and_masks", "or_masks", "not_mask", "softcap_score", "alibi_score",
+    "window_block_mask",
 ]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Callable, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -43,6 +44,64 @@ def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
         raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair of them, "
                          f"got {block_size!r}") from None
     return q_bs, kv_bs
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a kernel launch needs to know about a BlockMask as Python values, fixed when it is built.
+
+    ``max_partial_blocks`` / ``max_full_blocks``: the most partial / full KV blocks in one query
+    block row; ``max_partial_q_blocks`` / ``max_full_q_blocks``: the same for the transposed layout
+    (key block columns, the backward pass). ``exact`` is False when some of them are upper bounds
+    (taken from the shapes alone for a mask built under ``torch.compile`` or on meta tensors, whose
+    values are not known: then every phase counts as present). Reading the plan never touches the device, so a
+    launch that uses it can be captured in a CUDA graph.
+    """
+
+    max_partial_blocks: int
+    max_full_blocks: int
+    max_partial_q_blocks: int
+    max_full_q_blocks: int
+    exact: bool = True
+    computed_blocks: int = -1  # partial + full blocks over all (b, h) (-1: not known)
+
+    @property
+    def has_partial_blocks(self) -> bool:
+        """Whether any tile needs the mask_mod (else kernels run without the predicate)."""
+        return self.max_partial_blocks > 0
+
+    @property
+    def phases(self) -> Tuple[str, ...]:
+        """The KV phases a query block row can have: ``"partial"`` and/or ``"full"``, in launch order."""
+        return tuple(name for name, most in (("partial", self.max_partial_blocks), ("full", self.max_full_blocks))
+                     if most > 0)
+
+    @classmethod
+    def upper_bound(cls, num_blocks: Tuple[int, int]) -> "LaunchPlan":
+        """A plan from the block grid alone: every row may hold every block of either kind."""
+        nq, nkv = num_blocks
+        return cls(nkv, nkv, nq, nq, exact=False)
+
+
+def values_unknown(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values cannot be read here: meta, fake (``torch.compile``), or being traced."""
+    if tensor.device.type == "meta" or torch.compiler.is_compiling():
+        return True
+    # A FakeTensor (shape propagation outside torch.compile, e.g. under FakeTensorMode) by its type name:
+    # torch's own predicate lives in a private module.
+    return any(cls.__name__ == "FakeTensor" for cls in type(tensor).__mro__)
+
+
+def plan_from_counts(counts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     num_blocks: Tuple[int, int]) -> LaunchPlan:
+    """The plan of four block-count tensors (partial kv, full kv, partial q, full q): one device read."""
+    if any(values_unknown(t) for t in counts):
+        return LaunchPlan.upper_bound(num_blocks)
+    zero = torch.zeros((), dtype=torch.int64, device=counts[0].device)
+    values = [t.max().to(torch.int64) if t.numel() else zero for t in counts]
+    values.append(counts[0].sum(dtype=torch.int64) + counts[1].sum(dtype=torch.int64))
+    *maxima, computed = torch.stack(values).tolist()
+    return LaunchPlan(*(int(m) for m in maxima), computed_blocks=int(computed))
 
 
 def ordered_from_dense(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +303,8 @@ class BlockMask:
                  full_kv_num_blocks: torch.Tensor, full_kv_indices: torch.Tensor,
                  q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
                  full_q_num_blocks: torch.Tensor, full_q_indices: torch.Tensor,
-                 BLOCK_SIZE: Tuple[int, int], seq_lengths: Tuple[int, int], mask_mod: Callable):
+                 BLOCK_SIZE: Tuple[int, int], seq_lengths: Tuple[int, int], mask_mod: Callable,
+                 launch_plan: Optional[LaunchPlan] = None):
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
         self.full_kv_num_blocks = full_kv_num_blocks
@@ -256,6 +316,30 @@ class BlockMask:
         self.BLOCK_SIZE = normalize_block_size(BLOCK_SIZE)
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.mask_mod = mask_mod if mask_mod is not None else full_mask
+        # Computed now, at build time, so that no launch ever reads the device to plan itself.
+        self._launch_plan = launch_plan if launch_plan is not None else self.compute_launch_plan()
+
+    # -- launch plan and derived data ---------------------------------------------------------
+    def compute_launch_plan(self) -> LaunchPlan:
+        """The ``LaunchPlan`` of this mask's block counts (one device read; see ``launch_plan``)."""
+        return plan_from_counts((self.kv_num_blocks, self.full_kv_num_blocks, self.q_num_blocks,
+                                 self.full_q_num_blocks), self.num_blocks)
+
+    @property
+    def launch_plan(self) -> LaunchPlan:
+        """Max blocks per row, has-partial-blocks and the phase list as Python values (built once)."""
+        plan = self.__dict__.get("_launch_plan")
+        if plan is None:
+            plan = self._launch_plan = self.compute_launch_plan()
+        return plan
+
+    def derived(self, name: str, make: Callable[[], object]):
+        """``make()`` once per mask and ``name``: data a backend derives from the mask and reuses on every
+        call (e.g. the dense additive bias of the CPU fast path, shared by all layers of a model)."""
+        cache: Dict[str, object] = self.__dict__.setdefault("_derived", {})
+        if name not in cache:
+            cache[name] = make()
+        return cache[name]
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -264,7 +348,7 @@ class BlockMask:
         """From bool block maps ``partial``/``full`` ``[B, H, num_q_blocks, num_kv_blocks]``."""
         if partial.shape != full.shape or partial.dim() != 4:
             raise ValueError(f"block maps must both be [B, H, NQ, NKV], got {tuple(partial.shape)} and {tuple(full.shape)}")
-        if bool((partial & full).any()):
+        if not values_unknown(partial) and bool((partial & full).any()):
             raise ValueError("a block cannot be both partial and full")
         kv_num, kv_idx = ordered_from_dense(partial)
         full_kv_num, full_kv_idx = ordered_from_dense(full)
@@ -429,7 +513,9 @@ class BlockMask:
 
     def sparsity(self) -> float:
         """Percentage of blocks that are never computed (0 = dense, 100 = nothing attends)."""
-        computed = int(self.kv_num_blocks.sum()) + int(self.full_kv_num_blocks.sum())
+        computed = self.launch_plan.computed_blocks  # counted when the mask was built: no device read
+        if computed < 0:
+            computed = int(self.kv_num_blocks.sum()) + int(self.full_kv_num_blocks.sum())
         batch, heads = self.shape[:2]
         total = batch * heads * self.num_blocks[0] * self.num_blocks[1]
         return 100.0 * (1.0 - computed / total) if total else 0.0
@@ -463,7 +549,8 @@ class BlockMask:
     def to(self, device: Union[str, torch.device]) -> "BlockMask":
         """A copy with every index tensor on ``device`` (the mask_mod is shared)."""
         moved = {name: getattr(self, name).to(device) for name in self._TENSOR_FIELDS}
-        copy = BlockMask(**moved, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+        copy = BlockMask(**moved, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod,
+                         launch_plan=self.launch_plan)
         return copy.trusted() if self.is_trusted() else copy
 
     def is_trusted(self) -> bool:

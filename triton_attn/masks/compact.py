@@ -25,8 +25,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import (BlockMask, sliced_mask_mod, batch_head_maps, normalize_block_size, picture_grid,
-                         raise_problems, render_block_pictures)
+from .block_mask import (BlockMask, LaunchPlan, batch_head_maps, normalize_block_size, picture_grid,
+                         raise_problems, render_block_pictures, sliced_mask_mod, values_unknown)
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 
@@ -173,6 +173,18 @@ class CompactBlockMask(BlockMask):
             if ptr.numel() != self.num_layouts * self._num_blocks[0] + 1:
                 raise ValueError(f"{kind} CSR has {ptr.numel() - 1} rows, expected "
                                  f"{self.num_layouts} layouts x {self._num_blocks[0]} query blocks")
+
+        self._launch_plan = self.compute_launch_plan()
+
+    def compute_launch_plan(self) -> LaunchPlan:
+        """Row maxima from the CSR row pointers; the transposed maxima are bounded by the query block
+        count (the transposed CSR is built only when a backward pass asks for it)."""
+        nq, nkv = self._num_blocks
+        ptrs = [self._csr[kind][0] for kind in self._KINDS]
+        if any(values_unknown(ptr) for ptr in ptrs):
+            return LaunchPlan.upper_bound(self._num_blocks)
+        maxima = torch.stack([ptr.diff().max() if ptr.numel() > 1 else ptr.new_zeros(()) for ptr in ptrs]).tolist()
+        return LaunchPlan(int(maxima[0]), int(maxima[1]), nq, nq, exact=False)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

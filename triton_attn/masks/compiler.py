@@ -384,6 +384,16 @@ def _compile_traced(traced, mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_L
     return BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod).trusted()
 
 
+def _meta_block_mask(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int,
+                     block_size: Tuple[int, int]) -> BlockMask:
+    """A BlockMask on the meta device: every field with its shape, no values (shape inference, as for any
+    meta tensor); its launch plan is the upper bound of the block grid."""
+    nq, nkv = _cdiv(Q_LEN, block_size[0]), _cdiv(KV_LEN, block_size[1])
+    blocks = torch.empty(B, H, nq, nkv, dtype=torch.bool, device="meta")
+    fields = dense_fields_from_maps(blocks, blocks, B, H)
+    return BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(Q_LEN, KV_LEN), mask_mod=mask_mod)
+
+
 @contextlib.contextmanager
 def _compiler_threads():
     threads = COMPILER_THREADS
@@ -421,7 +431,17 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     B, H = _check_count(B, "B"), _check_count(H, "H")
     Q_LEN, KV_LEN = _check_length(Q_LEN, "Q_LEN"), _check_length(KV_LEN, "KV_LEN")
     block_size = normalize_block_size(BLOCK_SIZE)
-    device = resolve_device(mask_mod, device)
+    device_given = device
+    device = resolve_device(mask_mod, device) if device is not None or not torch.compiler.is_compiling() else None
+    if device is not None and device.type == "meta":
+        return _meta_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, block_size)
+    if torch.compiler.is_compiling():
+        if device_given is None:
+            raise ValueError("create_block_mask inside torch.compile needs device= (the device cannot be read from "
+                             "the mask_mod's closure while tracing)")
+        # Inside torch.compile: tensor operations only (the interval analysis decides in Python what to
+        # refine). Exact, and its launch plan is the grid's upper bound (values are not read).
+        return create_block_mask_exact(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=block_size)
     try:
         traced = trace_mask_mod(mask_mod)
     except (UntraceableModError, TypeError) as error:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -308,7 +309,38 @@ class TracedMod:
         self.key = hashlib.sha256(signature.encode()).hexdigest()[:24]
 
 
+# (kind, mod) -> (what its closure held, TracedMod): a mod is traced once per identity, not per call.
+_TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _closure_identity(fn: Callable) -> tuple:
+    """Identities of the values ``fn`` closes over and its defaults: a rebound cell means a new trace."""
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            cells.append(id(cell.cell_contents))
+        except ValueError:  # an empty cell
+            cells.append(None)
+    return tuple(cells) + tuple(id(d) for d in getattr(fn, "__defaults__", None) or ())
+
+
 def _trace(fn: Callable, kind: str) -> TracedMod:
+    prebuilt = getattr(fn, "traced_mod", None)  # a graph bound to new tensors (triton_attn.ops.BoundMod)
+    if isinstance(prebuilt, TracedMod) and prebuilt.kind == kind:
+        return prebuilt
+    try:
+        entry = _TRACED.get(fn)
+    except TypeError:  # not weak-referenceable or not hashable: trace every time
+        return _trace_now(fn, kind)
+    identity = _closure_identity(fn)
+    if entry is not None and kind in entry and entry[kind][0] == identity:
+        return entry[kind][1]
+    traced = _trace_now(fn, kind)
+    _TRACED.setdefault(fn, {})[kind] = (identity, traced)
+    return traced
+
+
+def _trace_now(fn: Callable, kind: str) -> TracedMod:
     from . import torch_ops  # noqa: F401  (registers HANDLERS and Symbol's operators on first use)
 
     tracer = Tracer()

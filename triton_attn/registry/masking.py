@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import create_block_mask, create_mask
-from ..masks import BlockMask, and_masks, causal_mask, or_masks, padding_mask
+from ..masks import BlockMask, and_masks, causal_mask, or_masks, padding_mask, window_block_mask
 
 __all__ = ["ModelBlockMask", "MaskRequest", "make_mask_function", "dense_mask_function", "COMBINE_MODES"]
 
@@ -52,7 +52,7 @@ class ModelBlockMask(BlockMask):
              q_positions: Optional[torch.Tensor] = None) -> "ModelBlockMask":
         fields = {name: getattr(block_mask, name) for name in BLOCK_MASK_FIELDS}
         wrapped = cls(**fields, BLOCK_SIZE=block_mask.BLOCK_SIZE, seq_lengths=block_mask.seq_lengths,
-                      mask_mod=block_mask.mask_mod)
+                      mask_mod=block_mask.mask_mod, launch_plan=block_mask.launch_plan)
         wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
         return wrapped.trusted() if block_mask.is_trusted() else wrapped  # same lists: no new validation
 
@@ -145,8 +145,10 @@ def _padding(attention_mask, batch_size: int, needed_length: int, device) -> Opt
     missing = needed_length - keep.shape[1]
     if missing > 0:  # e.g. a static cache longer than the mask: the unseen slots hold no tokens
         keep = torch.nn.functional.pad(keep, (0, missing), value=False)
-    if bool(keep[:, :needed_length].all()):
-        return None  # nothing padded: keep full tiles full
+    # Nothing padded: no padding term (full tiles stay full). Under torch.compile the values are not
+    # known; the closed-form layout reads the padding with tensor operations and gets the same tiles.
+    if not torch.compiler.is_compiling() and bool(keep[:, :needed_length].all()):
+        return None
     return keep
 
 
@@ -189,6 +191,49 @@ def traceable(mask_function: Callable, _depth: int = 0) -> Callable:
         packed_positions.__name__ = f"packed({getattr(inner, '__name__', 'mask')})"
         return packed_positions
     return mask_function
+
+
+def closed_form_family(mask_function: Callable, _depth: int = 0):
+    """``(causal, window)`` when ``mask_function`` is causal, a causal sliding window or bidirectional
+    (ours or transformers'), else None. Those families have a closed-form layout (``masks/closed_form.py``).
+
+    Recognised by qualified name and closure variables, as ``traceable`` does; window None = unbounded.
+    """
+    module = getattr(mask_function, "__module__", None) or ""
+    name = getattr(mask_function, "__qualname__", getattr(mask_function, "__name__", ""))
+    env = _closure_vars(mask_function)
+    if mask_function is causal_mask or (module.startswith("transformers.") and name == "causal_mask_function"):
+        return True, None
+    if module.startswith("transformers.") and name == "bidirectional_mask_function":
+        return False, None
+    if module == "triton_attn.masks.library" and name.startswith("sliding_window_") and isinstance(env.get("window"), int):
+        return True, env["window"]
+    if module.startswith("transformers.") and name == "sliding_window_overlay.<locals>.inner_mask" \
+            and isinstance(env.get("sliding_window"), int):
+        return "overlay", env["sliding_window"]
+    parts = env.get("mask_functions")
+    if module.startswith("transformers.") and name == "and_masks.<locals>.and_mask" and isinstance(parts, tuple) \
+            and _depth < 8:
+        causal, window = False, None
+        for part in parts:
+            family = closed_form_family(part, _depth + 1) if callable(part) else None
+            if family is None:
+                return None
+            part_causal, part_window = family
+            causal = causal or part_causal is True
+            if part_window is not None:
+                window = part_window if window is None else min(window, part_window)
+            if part_causal == "overlay" and not any(closed_form_family(p, _depth + 1) == (True, None) for p in parts):
+                return None  # an overlay alone is not causal; only "overlay and causal" is the window family
+        return causal, window
+    return None
+
+
+def _closed_form_mask(request: MaskRequest, mask_mod: Callable, family, block_size) -> BlockMask:
+    causal, window = family
+    return window_block_mask(mask_mod, request.batch_size, request.q_length, request.kv_length,
+                             q_offset=request.q_offset, kv_offset=request.kv_offset, causal=causal, window=window,
+                             padding=request.padding, BLOCK_SIZE=block_size, device=request.device)
 
 
 def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
@@ -253,9 +298,16 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
         request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask, cache_position, device)
         pattern = combine_patterns(traceable(request.mask_function), mask_mod, combine)
-        block_mask = create_block_mask(_request_mask_mod(request, pattern), request.batch_size, mask_heads,
-                                       request.q_length, request.kv_length, device=request.device,
-                                       BLOCK_SIZE=block_size)
+        model_mask = _request_mask_mod(request, pattern)
+        family = closed_form_family(request.mask_function) \
+            if mask_mod is None and mask_heads is None and request.q_positions is None \
+            else None
+        if family is not None and family[0] != "overlay":
+            # causal / sliding / bidirectional (+ padding) at an offset: every decode step comes here
+            block_mask = _closed_form_mask(request, model_mask, family, block_size)
+        else:
+            block_mask = create_block_mask(model_mask, request.batch_size, mask_heads, request.q_length,
+                                           request.kv_length, device=request.device, BLOCK_SIZE=block_size)
         return ModelBlockMask.wrap(block_mask, request.q_offset, request.kv_offset, request.q_positions)
 
     triton_attn_mask.mask_mod = mask_mod

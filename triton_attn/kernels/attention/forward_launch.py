@@ -48,8 +48,9 @@ class MaskPlan:
 
 def plan_mask(block_mask: BlockMask) -> MaskPlan:
     """Inline the mask_mod when it traces and compiles; else the exact bitmask fallback (warns once)."""
-    if int(block_mask.kv_num_blocks.max()) == 0:
-        # No partial block anywhere: the predicate would never run.
+    if not block_mask.launch_plan.has_partial_blocks:
+        # No partial block anywhere: the predicate would never run. (The plan was computed when the
+        # mask was built: reading it here does not sync with the device.)
         return MaskPlan(functions.MASK_NONE, None, lambda device: ())
     mask_mod = block_mask.mask_mod
     try:

@@ -1,0 +1,104 @@
+"""torch.compile(fullgraph=True) around attention(), create_block_mask and the closed-form model masks.
+
+Compiling is slow on a small CPU machine: shapes are tiny, and the mask builders use the
+``aot_eager`` backend (dynamo's full-graph capture is what is checked; Inductor adds only time).
+"""
+
+import pytest
+import torch
+
+import triton_attn as ta
+from triton_attn.masks import (and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask,
+                               softcap_score, window_block_mask)
+
+from numerics import random_qkv
+
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _no_graph_break(fn, *args):
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("case", ["causal", "document_softcap"])
+def test_attention_compiles_fullgraph_and_matches_eager(case):
+    q, k, v = random_qkv(2, 2, 1, 64, 64, 16)
+    if case == "causal":
+        block_mask, score_mod = ta.create_block_mask(causal_mask, None, None, 64, 64, BLOCK_SIZE=16), None
+    else:
+        ids = torch.arange(64).view(1, -1).expand(2, -1) // torch.tensor([[20], [40]])
+        block_mask = ta.create_block_mask(and_masks(causal_mask, document_mask(ids)), 2, None, 64, 64, BLOCK_SIZE=16)
+        score_mod = softcap_score(3.0)
+
+    def run(q, k, v, block_mask):
+        return ta.attention(q, k, v, block_mask=block_mask, score_mod=score_mod, enable_gqa=True, return_lse=True)
+
+    _no_graph_break(run, q, k, v, block_mask)
+    compiled = torch.compile(run, fullgraph=True, backend="inductor" if case == "causal" else "aot_eager")
+    out, lse = compiled(q, k, v, block_mask)
+    eager_out, eager_lse = run(q, k, v, block_mask)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, eager_lse, rtol=0, atol=0)
+
+
+def test_compiled_attention_sees_new_captured_tensors():
+    """A new mask over other data (another batch's document ids) is a new tensor input, not a stale constant."""
+    q, k, v = random_qkv(1, 2, 2, 48, 48, 16)
+
+    def run(q, k, v, block_mask):
+        return ta.attention(q, k, v, block_mask=block_mask)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for ids in (torch.arange(48) // 16, torch.arange(48) // 30):
+        block_mask = ta.create_block_mask(document_mask(ids), None, None, 48, 48, BLOCK_SIZE=16)
+        torch.testing.assert_close(compiled(q, k, v, block_mask), run(q, k, v, block_mask), rtol=0, atol=0)
+
+
+def test_attention_compiles_with_gradients():
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 32, 32, 16))
+    block_mask = ta.create_block_mask(causal_mask, None, None, 32, 32, BLOCK_SIZE=16)
+
+    def loss(q, k, v):
+        return ta.attention(q, k, v, block_mask=block_mask, score_mod=softcap_score(2.0)).square().sum()
+
+    compiled_grads = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    eager_grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_create_block_mask_compiles_for_model_mask_families():
+    ids = torch.arange(64) // 20
+    keep = torch.arange(64).view(1, -1) >= torch.tensor([0, 10]).view(-1, 1)
+    document, sliding_padded = and_masks(causal_mask, document_mask(ids)), and_masks(sliding_window_mask(20),
+                                                                                      padding_mask(keep))
+
+    def build():
+        masks = (ta.create_block_mask(document, None, None, 64, 64, BLOCK_SIZE=16, device="cpu"),
+                 ta.create_block_mask(sliding_padded, 2, None, 64, 64, BLOCK_SIZE=16, device="cpu"))
+        return [getattr(m, name) for m in masks for name in ta.BlockMask._TENSOR_FIELDS]
+
+    _no_graph_break(build)
+    for got, want in zip(torch.compile(build, fullgraph=True, backend="aot_eager")(), build()):
+        assert torch.equal(got, want)
+
+
+def test_closed_form_decode_mask_compiles_with_a_tensor_offset():
+    keep = torch.arange(256).view(1, -1) >= torch.tensor([0, 37]).view(-1, 1)
+
+    def decode_mask(keep, position):
+        mask = window_block_mask(causal_mask, 2, 1, 256, q_offset=position, padding=keep, BLOCK_SIZE=64)
+        return mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices
+
+    _no_graph_break(decode_mask, keep, torch.tensor(200))
+    compiled = torch.compile(decode_mask, fullgraph=True, backend="aot_eager")
+    for position in (200, 63):
+        for got, want in zip(compiled(keep, torch.tensor(position)), decode_mask(keep, position)):
+            assert torch.equal(got, want)
