@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .masks import create_block_mask
-from .masks.block_mask import BlockMask
+from .masks.block_mask import BlockMask, LaunchPlan
 from .masks.library import causal_mask
 from .masks.tracing import Node, UntraceableModError, trace_mask_mod, trace_score_mod
 
@@ -141,7 +141,9 @@ def causal_paged_block_mask(kv_lens: torch.Tensor, q_len: int, kv_capacity: int,
         full_q_num_blocks=full.to(torch.int32), full_q_indices=torch.zeros(*full.shape, 1, dtype=torch.int32,
                                                                            device=kv_lens.device),
         BLOCK_SIZE=(block_size, block_size), seq_lengths=(q_len, kv_capacity),
-        mask_mod=logical_mask_mod(None, kv_lens, q_len))
+        mask_mod=logical_mask_mod(None, kv_lens, q_len),
+        # Bounds from the shapes, so building the mask never reads the device: at most two partial blocks.
+        launch_plan=LaunchPlan(min(2, num_blocks), num_blocks, 1, 1, exact=False))
 
 
 def _shift_batch(mod: Optional[Callable], batch: int, kind: str) -> Optional[Callable]:

@@ -14,7 +14,6 @@ and benchmarks can see what a call will do without running it.
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -51,16 +50,10 @@ class DecodePlan:
         return (self.num_splits, num_q_blocks * self.row_tiles, batch * q_heads // self.heads_per_tile)
 
 
-_MAX_VISITS: "weakref.WeakKeyDictionary[BlockMask, int]" = weakref.WeakKeyDictionary()
-
-
 def max_visits(block_mask: BlockMask) -> int:
-    """Most non-empty blocks in one row of ``block_mask`` (read once per BlockMask: a device sync)."""
-    cached = _MAX_VISITS.get(block_mask)
-    if cached is None:
-        cached = int((block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).max())
-        _MAX_VISITS[block_mask] = cached
-    return cached
+    """At most how many non-empty blocks one row of ``block_mask`` holds (from its launch plan: no device read)."""
+    plan = block_mask.launch_plan
+    return plan.max_partial_blocks + plan.max_full_blocks
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,7 +262,7 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     the logical positions. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
 
     The default causal mask takes the closed-form BlockMask (``paged.causal_paged_block_mask``) and
-    needs no device sync: its split count is planned from the page table's capacity."""
+    needs no device read: its launch plan (hence the split count) comes from the page table's capacity."""
     from ...masks.tracing import trace_mask_mod
     from ...paged import logical_score_mod, paged_block_mask
 
@@ -280,7 +273,6 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         traced = trace_mask_mod(block_mask.mask_mod)
         mask_plan = MaskPlan(functions.MASK_TRACED, traced,
                              lambda device: functions.captured_tuple(traced.captured, device))
-        _MAX_VISITS[block_mask] = block_mask.num_blocks[1]
     return _run(query, key_cache, value_cache, block_mask,
                 score_mod=logical_score_mod(score_mod, kv_lens, q_len), scale=scale, interpret=interpret,
                 page_table=page_table.contiguous(), kv_lens=kv_lens.contiguous(), config=config, autotune=autotune,
