@@ -13,9 +13,11 @@ Rows go to ``bench/results/gpu_check_<date>_<device>.csv``. Target: under 5 minu
 
 Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``),
 ``efficiency`` (``gpu_check_efficiency.py``: dense, causal, sliding window, document, softcap, GQA 4:1,
-the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention) and
+the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention),
 ``cuda_graph`` (capture + replay of ``attention()`` forward and backward under
-``torch.cuda.set_sync_debug_mode("error")``, replay compared bit for bit with an eager call).
+``torch.cuda.set_sync_debug_mode("error")``, replay compared bit for bit with an eager call), ``decode`` and
+``paged`` (``gpu_check_decode.py``: one decode step at B 1/16, caches 4k/32k, Hq 32 / Hkv 8, D 128; us per call and
+GB/s against the copy bandwidth, vs SDPA and FlexAttention; paged_attention vs the contiguous decode).
 
     python bench/gpu_check.py                 # the full check on CUDA
     python bench/gpu_check.py --dry-run       # CPU smoke run
@@ -44,7 +46,7 @@ from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_ma
                                prefix_lm_mask, sliding_window_mask)
 
 FIELDS = ["date", "device", "torch", "triton", "section", "mask", "seq", "head_dim", "dtype", "impl", "ms",
-          "tflops", "max_error", "bound", "ok"]
+          "tflops", "max_error", "bound", "ok", "batch", "gb_s", "note"]
 
 
 def mask_families(batch: int, length: int, device) -> Dict[str, Callable]:
@@ -238,8 +240,53 @@ def run_efficiency(args, device, dtype, writer_row) -> bool:
     return efficiency_section(args, device, dtype, writer_row)
 
 
+def _decode_rows(section: str, rows, writer_row) -> bool:
+    all_ok = True
+    for row in rows:
+        ok = row.get("ok")
+        all_ok &= ok is not False
+        writer_row(dict(section=f"{section}_{row['check']}", mask=row.get("mask", "causal"), seq=row["seq"],
+                        head_dim=row["head_dim"], impl=row["impl"], batch=row["batch"],
+                        ms=f"{row['us'] / 1e3:.4f}" if "us" in row else "",
+                        gb_s=f"{row['gb_s']:.0f}" if "gb_s" in row else "",
+                        max_error=f"{row['max_error']:.3e}" if "max_error" in row else "",
+                        bound=f"{row['bound']:.3e}" if "bound" in row else "", ok="" if ok is None else ok,
+                        note=row.get("note", "")))
+    return all_ok
+
+
+def _decode_options(args, device) -> dict:
+    if args.dry_run:
+        return dict(device="cpu", backend="interpret", batches=(1, 2), cache_lens=(64,), q_heads=4, kv_heads=2,
+                    head_dim=16, repeats=1)
+    return dict(device=device.type, backend="triton", batches=tuple(args.decode_batches),
+                cache_lens=tuple(args.decode_caches), copy_bandwidth=args.copy_bandwidth)
+
+
+def run_decode(args, device, dtype, writer_row) -> bool:
+    """Decode step (Lq = 1, Hq 32 / Hkv 8, D 128): correctness, split count, us and GB/s vs SDPA and FlexAttention."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_decode import decode_section
+
+    rows = decode_section(dtype=dtype, with_flex=device.type == "cuda" and not args.no_flex,
+                          **_decode_options(args, device))
+    return _decode_rows("decode", rows, writer_row)
+
+
+def run_paged(args, device, dtype, writer_row) -> bool:
+    """paged_attention over shuffled pages vs the contiguous decode kernel: correctness (ragged too), us, GB/s."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_decode import paged_section
+
+    options = _decode_options(args, device)
+    rows = paged_section(dtype=dtype, page_sizes=(16,) if args.dry_run else (16, 64), **options)
+    return _decode_rows("paged", rows, writer_row)
+
+
 SECTIONS = {"forward": run_forward, "backward": run_backward, "efficiency": run_efficiency,
-            "cuda_graph": run_cuda_graph}
+            "cuda_graph": run_cuda_graph, "decode": run_decode, "paged": run_paged}
 
 
 def parse_args(argv=None):
@@ -257,6 +304,10 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=None, help="default 16")
     parser.add_argument("--perf-masks", nargs="+", default=["causal", "sliding_window", "document_causal"])
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], help="decode/paged batch sizes")
+    parser.add_argument("--decode-caches", type=int, nargs="+", default=[4096, 32768], help="decode/paged cache lengths")
+    parser.add_argument("--copy-bandwidth", type=float, default=4300.0,
+                        help="GB/s the decode rows are compared with (H200 copy bandwidth)")
     parser.add_argument("--efficiency-budget", type=float, default=240.0,
                         help="seconds for the efficiency section; rows past it are written as skipped")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -298,8 +349,9 @@ def main(argv=None) -> int:
             full = {**common, **row}
             writer.writerow({key: full.get(key, "") for key in FIELDS})
             stream.flush()
-            print(", ".join(f"{key}={full[key]}" for key in ("section", "mask", "seq", "head_dim", "impl", "ms",
-                                                             "tflops", "max_error", "ok") if key in full))
+            print(", ".join(f"{key}={full[key]}" for key in ("section", "mask", "batch", "seq", "head_dim", "impl",
+                                                             "ms", "tflops", "gb_s", "max_error", "ok", "note")
+                            if key in full))
 
         for section in args.sections:
             ok &= SECTIONS[section](args, device, dtype, write_row)

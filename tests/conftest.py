@@ -1,4 +1,7 @@
-"""Shared test setup: import path, Hypothesis profiles, seeding.
+"""Shared test setup: Hypothesis profiles, seeding, temporary caches.
+
+Tests are a package (``tests/__init__.py``), so pytest puts the repository root on ``sys.path``:
+test modules import the checkout's ``triton_attn`` and the shared ``tests.helpers``.
 
 Hypothesis profiles (select with ``HYPOTHESIS_PROFILE=<name>``; default ``ci``):
 
@@ -14,18 +17,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the package is used from the checkout, installed or not
-    sys.path.insert(0, str(ROOT))
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:  # so that test modules can `from numerics import ...`
-    sys.path.insert(0, str(TESTS))
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                print_blob=True)

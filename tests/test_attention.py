@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 import triton_attn as ta
 from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
                                padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score, alibi_score)
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 
 
 def torch_attention(block_mask=None, score_mod=None, scale=None, enable_gqa=False):

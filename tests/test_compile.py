@@ -11,7 +11,7 @@ import triton_attn as ta
 from triton_attn.masks import (and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask,
                                softcap_score, window_block_mask)
 
-from numerics import random_qkv
+from tests.helpers.numerics import random_qkv
 
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn.api import ScoreModFallbackWarning, flex_kernel_options
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")

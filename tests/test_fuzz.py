@@ -25,7 +25,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn import BlockMask
 from triton_attn.masks import alibi_score, causal_mask, document_mask, sliding_window_mask, softcap_score
 from triton_attn.reference import dense_attention

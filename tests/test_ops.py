@@ -12,7 +12,7 @@ from triton_attn import ops
 from triton_attn.masks import and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask, softcap_score
 from triton_attn.reference import dense_attention
 
-from numerics import random_qkv
+from tests.helpers.numerics import random_qkv
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn import BlockMask
 from triton_attn.masks import causal_mask, document_mask, safety, sliding_window_mask, softcap_score
 from triton_attn.registry import eager_attention_function, make_attention_function, register_attention

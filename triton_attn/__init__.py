@@ -15,13 +15,16 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attention": ".api",
     "flex_attention": ".api",
+    "paged_attention": ".api",
+    "PagedKVCache": ".paged_cache",
+    "PagedBatch": ".paged_cache",
     "create_block_mask": ".masks",
     "create_mask": ".masks",
     "BlockMask": ".masks",
     "CompactBlockMask": ".masks",
 }
 
-__all__ = ["attention", "flex_attention", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+__all__ = ["attention", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 
 def __getattr__(name):

@@ -458,3 +458,116 @@ def _flex_forward(query, key, value, tiles: dict, *, score_mod, block_mask, scal
 
     return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                              interpret=chosen == "interpret", config=config)
+
+
+# -- paged attention -------------------------------------------------------------------------------------
+
+PAGE_SIZE_MULTIPLE = 16  # the smallest key tile of the kernels
+
+
+def _validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> None:
+    """Shapes, dtypes and devices of a ``paged_attention`` call, then the values of the page table and
+    lengths (one small device-to-host read of the violations)."""
+    for name, t, layout in (("query", query, "[B, Hq, Lq, D]"), ("key_cache", key_cache, "[num_pages, Hkv, page_size, D]"),
+                            ("value_cache", value_cache, "[num_pages, Hkv, page_size, Dv]"),
+                            ("page_table", page_table, "int32 [B, max_pages]"), ("kv_lens", kv_lens, "int32 [B]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        rank = layout.count(",") + 1
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be a {rank}-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if any(s == 0 for s in t.shape):
+            raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
+    if not (query.dtype == key_cache.dtype == value_cache.dtype):
+        raise TypeError(f"query, key_cache and value_cache must share one dtype, got {query.dtype}, "
+                        f"{key_cache.dtype}, {value_cache.dtype}")
+    for name, t in (("page_table", page_table), ("kv_lens", kv_lens)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    batch, q_heads, q_len, head_dim = query.shape
+    num_pages, kv_heads, page_size, key_dim = key_cache.shape
+    if tuple(value_cache.shape[:3]) != (num_pages, kv_heads, page_size):
+        raise ValueError(f"value_cache must be [num_pages, Hkv, page_size, Dv] = [{num_pages}, {kv_heads}, {page_size}, Dv] "
+                         f"like key_cache, got shape {tuple(value_cache.shape)}")
+    if key_dim != head_dim:
+        raise ValueError(f"query and key_cache must have the same head_dim D, got {head_dim} and {key_dim}")
+    for name, dim in (("query/key_cache head_dim D", head_dim), ("value_cache head_dim Dv", value_cache.shape[3])):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be at most {MAX_HEAD_DIM}, got {dim}")
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads Hq={q_heads} must be a multiple of the cache's key/value heads Hkv={kv_heads}")
+    if page_size % PAGE_SIZE_MULTIPLE:
+        raise ValueError(f"key_cache page_size (dim 2) must be a multiple of {PAGE_SIZE_MULTIPLE}, got {page_size}")
+    if page_table.shape[0] != batch or kv_lens.shape[0] != batch:
+        raise ValueError(f"page_table [B, max_pages] and kv_lens [B] must have query's batch size B={batch}, "
+                         f"got page_table {tuple(page_table.shape)} and kv_lens {tuple(kv_lens.shape)}")
+    if page_table.shape[1] == 0:
+        raise ValueError("page_table must have at least one page per sequence, got max_pages=0")
+    capacity = page_table.shape[1] * page_size
+    lengths = kv_lens.long()
+    pages_used = (lengths + page_size - 1) // page_size                                     # [B]
+    in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
+    bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
+    problems = torch.stack([lengths.max(), lengths.min(), bad_page.any().long()]).tolist()
+    longest, shortest, any_bad_page = problems
+    if longest > capacity:
+        worst = int(lengths.argmax())
+        raise ValueError(f"kv_lens[{worst}]={longest} exceeds the page table's capacity max_pages * page_size = "
+                         f"{page_table.shape[1]} * {page_size} = {capacity}")
+    if shortest < q_len:
+        worst = int(lengths.argmin())
+        raise ValueError(f"kv_lens[{worst}]={shortest} is shorter than the query (Lq={q_len}): the query rows are "
+                         "the last Lq tokens of each sequence, so kv_lens must count them")
+    if any_bad_page:
+        b, j = (int(i) for i in bad_page.nonzero()[0])
+        raise ValueError(f"page_table[{b}, {j}]={int(page_table[b, j])} is not a page of key_cache "
+                         f"(expected 0 <= page < num_pages={num_pages}); sequence {b} uses its first "
+                         f"{int(pages_used[b])} pages")
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    page_table: torch.Tensor, kv_lens: torch.Tensor, *, mask_mod: Optional[Callable] = None,
+                    score_mod: Optional[Callable] = None, scale: Optional[float] = None,
+                    return_lse: bool = False, backend: Optional[str] = None):
+    """Attention of new query rows over a paged KV cache.
+
+    query: [B, Hq, Lq, D]; key_cache: [num_pages, Hkv, page_size, D]; value_cache: [num_pages, Hkv,
+    page_size, Dv]; page_table: int32 [B, max_pages] (logical page j of sequence b is physical page
+    ``page_table[b, j]``); kv_lens: int32 [B], the length of each sequence including the query rows.
+    Query row i of sequence b sits at logical position ``kv_lens[b] - Lq + i``; ``mask_mod(b, h, q_idx,
+    kv_idx)`` and ``score_mod`` see logical positions, and mask_mod defaults to causal. Positions
+    ``>= kv_lens[b]`` are never attended. GQA when Hq is a multiple of Hkv; page_size a multiple of 16.
+    backend: "triton" (CUDA), "interpret" (the same kernel on CPU tensors), "torch" (gathers pages);
+    None picks. Returns out [B, Hq, Lq, Dv] (and lse [B, Hq, Lq] float32 with return_lse=True).
+    """
+    _validate_paged(query, key_cache, value_cache, page_table, kv_lens)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    chosen = choose_backend(backend, query.device)
+    if chosen != "torch" and query.dtype == torch.float64:
+        raise TypeError(f"query/key_cache/value_cache must be float16, bfloat16 or float32 on backend {chosen!r}, "
+                        "got float64")
+    _validate_mod_devices(mask_mod, "mask_mod", query.device)
+    _validate_mod_devices(score_mod, "score_mod", query.device)
+    if chosen != "torch" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key_cache, value_cache)):
+        raise NotImplementedError(f"paged_attention has no backward pass on backend {chosen!r} (it serves inference); "
+                                  "call it under torch.no_grad(), detach the inputs, or use backend='torch'")
+    if chosen == "torch":
+        from .paged import paged_attention_torch
+
+        out, lse = paged_attention_torch(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
+                                         score_mod=score_mod, scale=float(scale))
+    else:
+        from .kernels.decode.launch import paged_decode  # Triton is imported only when used
+
+        out, lse = paged_decode(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
+                                score_mod=score_mod, scale=float(scale), interpret=chosen == "interpret")
+    return (out, lse) if return_lse else out

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="debugging: run the tuning flow with the Triton interpreter on CPU tensors (timings are "
                            "meaningless; entries are keyed to device cpu and never used on a GPU)")
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.add_argument("--kind", default="fwd", choices=["fwd", "decode"],
+                      help="fwd: the prefill forward kernel; decode: the split-KV decode kernel (--q-len query rows "
+                           "at the end of a --seq-len cache)")
+    tune.add_argument("--q-len", type=int, default=1, help="with --kind decode: query rows per step (1..16)")
 
     # `bench` passes its words through to a script of bench/ (main() routes them); this entry is for --help.
     command("bench", "run a benchmark script of bench/ by name (default: attention, forward + backward vs SDPA, "

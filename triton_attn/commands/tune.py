@@ -141,6 +141,11 @@ def tune_command(args) -> int:
             arch = major * 10 + minor
         else:
             arch = 90
+    if getattr(args, "kind", "fwd") == "decode":
+        from .tune_decode import tune_decode
+
+        device = torch.device("cpu" if args.dry_run or args.interpret else "cuda")
+        return tune_decode(args, shapes, arch, device, interpret=args.interpret, dry_run=args.dry_run)
     if args.dry_run:
         return _tune_dry_run(args, shapes, arch)
     if args.interpret:

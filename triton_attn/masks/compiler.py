@@ -49,7 +49,7 @@ COMPILER_THREADS: Optional[int] = 1
 # Device type -> tile refiner for traced mask_mods: ``refiner(traced, b, h, rows, cols, Q_LEN, KV_LEN,
 # block_size) -> (partial, full)`` (``refine_tiles``'s contract), or None when it cannot handle the
 # graph. masks/ knows no Triton: the API layer registers the GPU kernel here
-# (``triton_attn.kernels.refine.install()``, for "cuda").
+# (``triton_attn.api`` installs the Triton refiner of ``kernels/refine.py`` for "cuda").
 TILE_REFINERS: Dict[str, Callable] = {}
 
 

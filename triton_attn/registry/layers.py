@@ -23,7 +23,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..masks import and_masks, causal_mask, document_mask, full_mask, sliding_window_mask
+from .. import PagedBatch, PagedKVCache, paged_attention
+from ..masks import and_masks, causal_mask, document_mask, full_mask, padding_mask, sliding_window_mask, softcap_score
 from .attention_functions import eager_attention_function
 from .interface import ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface, AttentionMaskInterface
 
@@ -162,6 +163,9 @@ class Attention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+        if isinstance(cache, PagedBatch):
+            return self.o_proj(self._paged_attention(query, key, value, attention_mask, cache)
+                               .reshape(batch, length, self.num_heads * self.head_dim)), None
         if cache is not None:
             key, value = cache.update(self.layer_idx, key, value)
         attention_function = self.attention_interface.get_interface(self.config.attn_implementation,
@@ -171,6 +175,18 @@ class Attention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0, sliding_window=self.sliding_window,
             softcap=self.config.softcap, s_aux=self.sinks, is_causal=self.is_causal, **kwargs)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), weights
+
+
+    def _paged_attention(self, query, key, value, mask_mod, cache: PagedBatch) -> torch.Tensor:
+        """Store this step's keys/values in the pages and attend with ``paged_attention``: [B, S, H, D]."""
+        if self.sinks is not None:
+            raise ValueError("a paged cache does not support attention sinks (config.attention_sinks); "
+                             "use the contiguous cache")
+        cache.write(self.layer_idx, key, value)
+        score_mod = softcap_score(self.config.softcap) if self.config.softcap else None
+        out = paged_attention(query, *cache.attention_inputs(self.layer_idx), mask_mod=mask_mod, score_mod=score_mod,
+                              scale=self.scaling)
+        return out.transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):
@@ -324,6 +340,15 @@ class ReferenceDecoder(AttentionModel):
                                           attention_mask=attention_mask, device=device)
                 for layer_type in set(self.config.layer_types)}
 
+    def paged_mask_mods(self, attention_mask: Optional[torch.Tensor]) -> Dict[str, object]:
+        """One mask_mod per layer type for ``paged_attention`` (logical positions): the layer's causal or
+        sliding pattern, and the padding of ``attention_mask`` [B, past + S] when given."""
+        mods = {}
+        for layer_type in set(self.config.layer_types):
+            pattern = self._layer_pattern(layer_type, None)
+            mods[layer_type] = pattern if attention_mask is None else and_masks(pattern, padding_mask(attention_mask))
+        return mods
+
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, use_cache: bool = False,
@@ -338,6 +363,8 @@ class ReferenceDecoder(AttentionModel):
         if use_cache and cache is None:
             cache = KVCache()
         past = cache.seq_length() if cache is not None else 0
+        if isinstance(cache, PagedBatch) and (document_ids is not None or not self.config.causal):
+            raise ValueError("a paged cache serves causal decoding: no document_ids, config.causal=True")
         if document_ids is not None and past:
             raise ValueError("document_ids (packed sequences) cannot be combined with a non-empty cache")
         if attention_mask is not None and attention_mask.shape != (batch, past + q_length):
@@ -350,7 +377,11 @@ class ReferenceDecoder(AttentionModel):
                 position_ids = torch.arange(past, past + q_length, device=inputs_embeds.device).expand(batch, -1)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta,
                                                inputs_embeds.dtype)
-        masks = self.build_masks(batch, q_length, past, attention_mask, document_ids, inputs_embeds.device)
+        if isinstance(cache, PagedBatch):
+            cache.reserve(q_length)
+            masks = self.paged_mask_mods(attention_mask)
+        else:
+            masks = self.build_masks(batch, q_length, past, attention_mask, document_ids, inputs_embeds.device)
         hidden = inputs_embeds
         for layer in self.layers:
             hidden = layer(hidden, masks[layer.layer_type], position_embeddings, cache, **kwargs)
@@ -360,11 +391,21 @@ class ReferenceDecoder(AttentionModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 8, **kwargs) -> torch.Tensor:
-        """Greedy decoding with the KV cache (one query per step after the prompt); returns prompt + new tokens."""
+                 max_new_tokens: int = 8, cache: str = "contiguous", page_size: int = 16, **kwargs) -> torch.Tensor:
+        """Greedy decoding with a KV cache (one query per step after the prompt); returns prompt + new tokens.
+
+        cache: "contiguous" (``KVCache``, concatenated every step) or "paged" (a ``PagedKVCache`` of
+        ``page_size``-token pages, attended with ``triton_attn.paged_attention``: the same tokens).
+        """
         if self.lm_head is None:
             raise ValueError("generate needs an LM head (vocab_size set)")
-        cache = KVCache()
+        if cache == "paged":
+            cache = self.paged_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, page_size,
+                                     dtype=self.lm_head.weight.dtype, device=input_ids.device)
+        elif cache == "contiguous":
+            cache = KVCache()
+        else:
+            raise ValueError(f"cache must be 'contiguous' or 'paged', got {cache!r}")
         tokens, step_ids = input_ids, input_ids
         for _ in range(max_new_tokens):
             out = self(step_ids, attention_mask=attention_mask, cache=cache, **kwargs)
@@ -374,6 +415,15 @@ class ReferenceDecoder(AttentionModel):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         return tokens
+
+    def paged_cache(self, batch: int, max_tokens: int, page_size: int = 16, *, dtype=torch.float32,
+                    device=None) -> PagedBatch:
+        """An empty ``PagedKVCache`` with room for ``batch`` sequences of ``max_tokens``, bound to them."""
+        config = self.config
+        pages = batch * -(-max_tokens // page_size)
+        store = PagedKVCache(pages, page_size, config.num_kv_heads, config.head_dim, num_layers=config.num_layers,
+                             dtype=dtype, device=device)
+        return store.batch(store.allocate(batch))
 
 
 @dataclass

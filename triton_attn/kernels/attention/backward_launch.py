@@ -72,7 +72,7 @@ class BackwardConfig:
 # BLOCK_N x head_dim, about 3 * BLOCK_N * D / (32 * warps) registers per thread at 16 bits; the
 # dQ program keeps Q, dO and one float32 accumulator. float32 inputs run 3xTF32 dots, whose
 # hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
-# Registers and spills of every entry are checked ahead of time by tests/test_backward_aot.py.
+# Registers and spills of every entry are checked ahead of time by tests/kernels/test_backward_aot.py.
 BACKWARD_CONFIGS: List[BackwardConfig] = [
     # 16-bit inputs. dK/dV steps are narrow: its scores are computed as the forward computes them
     # (Q K^T, then transposed), which costs registers (see backward.py).
@@ -89,7 +89,7 @@ MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256:
 FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
 # Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
 SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
-# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/test_efficiency_aot.py): the dQ
+# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/kernels/test_efficiency_aot.py): the dQ
 # program takes 128 query rows x 64 keys on two warpgroups (wgmma m64n64 / m64n128, 229 registers
 # at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV and dK
 # products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,

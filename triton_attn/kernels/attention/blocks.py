@@ -41,3 +41,32 @@ def tile_positions(block, sub_tile, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr
     positions = block * BLOCK_SIZE + in_block
     valid = (positions < length) & (in_block < BLOCK_SIZE)
     return in_block, positions, valid
+
+
+@triton.jit
+def load_tile(pointers, bounds_mask, dim_mask, CHECK_BOUNDS: tl.constexpr, PADDED_DIM: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """A K or V tile: masked by position (``bounds_mask``) only where a tile can overhang, by the padded
+    head dim (``dim_mask``) only where the head dim was padded; float32 when ``UPCAST`` (the bf16
+    interpreter workaround). Both masks broadcast against ``pointers``."""
+    if CHECK_BOUNDS:
+        tile = tl.load(pointers, mask=bounds_mask & dim_mask, other=0.0)
+    elif PADDED_DIM:
+        tile = tl.load(pointers, mask=dim_mask, other=0.0)
+    else:
+        tile = tl.load(pointers)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def online_softmax_step(logits, running_max, running_sum, accumulator):
+    """One base-2 online-softmax step over ``logits`` ``[M, N]``: (probabilities, new running max, new
+    running sum, accumulator rescaled to the new max). A row that has seen only masked keys keeps a
+    running max of -inf and shifts by 0 instead, so its probabilities are 0, not NaN."""
+    new_max = tl.maximum(running_max, tl.max(logits, 1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    correction = tl.exp2(running_max - shift)
+    probs = tl.exp2(logits - shift[:, None])
+    return probs, new_max, running_sum * correction + tl.sum(probs, 1), accumulator * correction[:, None]

@@ -29,7 +29,7 @@ class KernelConfig:
     BLOCK_M: query rows per program; BLOCK_N: keys per inner-loop step; num_warps and
     num_stages: Triton compile options (warps per program, software-pipelining depth).
     max_head_dim: the largest (padded) head_dim this config is meant for: beyond it the tiles
-    no longer fit in registers / shared memory (checked ahead of time by tests/test_aot.py).
+    no longer fit in registers / shared memory (checked ahead of time by tests/kernels/test_aot.py).
     """
 
     BLOCK_M: int

@@ -247,6 +247,13 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``stats``: an empty float32 [B, Hq, Lq, 2] the kernel fills with the softmax statistics the
     backward recomputes P from (``new_softmax_stats``); None: not written.
     """
+    if config is None and stats is None:
+        from ..decode.launch import decode_attention, use_decode
+
+        # Short queries (inference: no softmax statistics for a backward) take the split-KV decode kernel.
+        if use_decode(query, key, block_mask):
+            return decode_attention(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, autotune=autotune)
     run, out, lse = prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
                                     interpret=interpret, config=config, autotune=autotune, stats=stats)
     run()

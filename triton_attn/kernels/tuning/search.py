@@ -2,7 +2,7 @@
 
 Three pieces, each usable without a GPU except the timing itself:
 
-- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``, and ``bwd_dkdv`` /
+- **Key** (``TuningKey``): what a winner is valid for -- kernel (``fwd``/``bwd``/``decode``, and ``bwd_dkdv`` /
   ``bwd_dq`` for the backward pair's kernels searched one at a time), device name and
   compute capability, dtype, head dims (D, Dv), GQA ratio, a sequence-length bucket (next power of two of
   Lq and of Lkv), the mask's sparsity class (share of blocks computed: dense / half / sparse / tiny),
@@ -37,7 +37,7 @@ from ..attention.configs import KernelConfig, next_power_of_two
 from ... import settings
 from .cache import TuningCache, default_cache
 
-KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq", "decode")
 
 # Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, table of
 # compute capabilities). Used when no GPU can be asked (ahead-of-time pruning for another machine).
@@ -197,7 +197,9 @@ def search_space(kernel: str = "fwd", capability: int = 80, *, head_dim: int = 1
     Forward: BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} (sm_8x), stages
     {2, 3, 4} plus the Hopper variants on sm_90+ (128x128 and 128x64 tiles on 8 warps = two warpgroups of
     wgmma, with 4-5 stage pipelines that TMA-less loads still profit from on 228 KB of shared memory).
-    Backward: smaller query tiles (BLOCK_M {32, 64}), BLOCK_N {64, 128}.
+    Backward: smaller query tiles (BLOCK_M {32, 64}), BLOCK_N {64, 128}. Decode (``kernels/decode/``):
+    BLOCK_M {16, 64} is the most packed rows per program (the launcher shrinks it to the rows there are),
+    BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} (and 4 on sm_90+); pass ``q_len=None``.
     Large head dims (> 128) and float32 drop the 128x128 tiles, which cannot fit in registers there.
     """
     if kernel not in KERNELS:
@@ -210,6 +212,8 @@ def search_space(kernel: str = "fwd", capability: int = 80, *, head_dim: int = 1
         space = _grid((64, 128), (32, 64, 128), (4, 8), stages)
         if hopper:
             space += _grid((128,), (64, 128), (8,), (5,))
+    elif kernel == "decode":
+        space = _grid((16, 64), (32, 64, 128), (4, 8), (2, 3, 4) if hopper else (2, 3))
     else:
         space = _grid((32, 64), (64, 128), (4, 8), (1, 2, 3) if hopper else (1, 2))
     if width > 128 or dtype == torch.float32:

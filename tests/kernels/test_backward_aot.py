@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 import pytest
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 import torch
 
 pytest.importorskip("triton")

@@ -1,7 +1,7 @@
 """The Triton backward kernels (dQ, dK, dV) under the Triton interpreter, on CPU tensors.
 
 Gradients are checked against the float64 golden result under the numerics rule (3x for the
-backward, ``tests/numerics.py``). The kernels are driven through ``TritonBackward`` below, a
+backward, ``tests/helpers/numerics.py``). The kernels are driven through ``TritonBackward`` below, a
 minimal autograd wrapper over ``attention_forward`` + ``attention_backward`` (the same two calls
 ``kernels/autograd.py`` makes), so these tests exercise the Triton backward whatever the public
 wrapper currently routes to. Shapes stay tiny: the interpreter runs every program in numpy.
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
-from mask_cases import composed_masks, document_ids, library_mask_cases
-from numerics import assert_matches_golden, random_qkv  # noqa: E402
+from tests.helpers.mask_cases import composed_masks, document_ids, library_mask_cases
+from tests.helpers.numerics import assert_matches_golden, random_qkv  # noqa: E402
 from triton_attn.kernels.jit import derivative  # noqa: E402
 from triton_attn.kernels.attention.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
                                                            check_backward_supported)

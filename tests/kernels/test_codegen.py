@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn.kernels.jit import functions
 from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,

@@ -13,7 +13,7 @@ import torch
 from triton_attn.kernels.tuning import search as autotune
 from triton_attn.kernels.tuning.search import Autotuner, KernelConfig, TuningKey
 from triton_attn.kernels.tuning.cache import TuningCache, TuningCacheWarning
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 from triton_attn.masks import causal_mask, create_block_mask, sliding_window_mask
 
 

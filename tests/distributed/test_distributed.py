@@ -3,7 +3,7 @@
 Process start-up dominates, so each test starts its ranks once and runs a group of cases there.
 Every rank draws the same full inputs from a seeded generator, runs ``context_parallel_attention``
 on its shards, and checks its own rows against the float64 golden result under the numerics rule
-(tests/numerics.py) and against single-process ``attention()`` on the unsharded tensors. The loss
+(tests/helpers/numerics.py) and against single-process ``attention()`` on the unsharded tensors. The loss
 uses both out and lse, so the lse path of the backward pass is checked too.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import triton_attn as ta
-from distributed_harness import run_ranks
-from numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare, random_qkv
+from tests.helpers.distributed_harness import run_ranks
+from tests.helpers.numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare, random_qkv
 from triton_attn.distributed import (PerDocumentBalancer, context_parallel_attention, layout_positions,
                                      record_ring_stats, shard_sequence, unshard_sequence, work_report)
 from triton_attn.masks import (and_masks, causal_mask, document_mask, prefix_lm_mask, sliding_window_mask,

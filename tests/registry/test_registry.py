@@ -26,7 +26,7 @@ from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FU
                                   eager_attention_function, make_attention_function, make_mask_function,
                                   register_attention)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("restore_registries")

@@ -8,7 +8,7 @@ whole range of mask/score constructs pass the real compiler (the interpreter is 
 from __future__ import annotations
 
 import pytest
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 import torch
 
 pytest.importorskip("triton")

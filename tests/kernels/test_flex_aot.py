@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
@@ -43,7 +43,7 @@ def _mods() -> dict:
 
 def test_flex_constructs_compile_forward_and_backward():
     mods = _mods()
-    # One target: the constructs are target-independent math; tests/test_aot.py covers sm_80 configs.
+    # One target: the constructs are target-independent math; tests/kernels/test_aot.py covers sm_80 configs.
     result = compile_forward(MAIN_CONFIGS[64], arch=90, head_dim=64, dtype=torch.float16, **mods)
     assert result.shared_bytes <= shared_memory_limit(90), str(result)
     results = compile_backward(BACKWARD_CONFIGS[0], arch=90, head_dim=64, dtype=torch.float16, **mods)

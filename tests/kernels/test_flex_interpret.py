@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
-from test_flex_idioms import _captured, mask_idioms, score_idioms
+from tests.helpers.numerics import assert_matches_golden, random_qkv
+from tests.masks.test_flex_idioms import _captured, mask_idioms, score_idioms
 
 pytest.importorskip("triton")
 

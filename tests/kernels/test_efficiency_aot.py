@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import triton_attn as ta
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn.masks.tracing import evaluate, trace_mask_mod, trace_score_mod
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")

@@ -1,7 +1,7 @@
 """The Triton forward kernel under the Triton interpreter (``backend="interpret"``, CPU tensors).
 
 Every result is checked against the float64 golden result under the numerics rule
-(``tests/numerics.py``). Shapes stay small (the interpreter runs each program in numpy).
+(``tests/helpers/numerics.py``). Shapes stay small (the interpreter runs each program in numpy).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_attn as ta
-from mask_cases import composed_masks, library_mask_cases
-from numerics import assert_matches_golden, random_qkv
+from tests.helpers.mask_cases import composed_masks, library_mask_cases
+from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, padding_mask, sliding_window_mask,
                                softcap_score)
@@ -194,7 +194,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

@@ -9,7 +9,7 @@ exactly the BlockMask it gives without. Plus an ahead-of-time build for sm_80 of
 from __future__ import annotations
 
 import pytest
-from toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import nvidia_toolchain_available
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

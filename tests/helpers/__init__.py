@@ -1,0 +1,1 @@
+"""Shared test helpers: numerics rule, mask cases, toolchain checks, process harness."""

@@ -1,0 +1,66 @@
+"""Launch configurations of the decode kernel: the table, the heuristic, and the split count.
+
+A decode config is a ``KernelConfig`` read differently from prefill: ``BLOCK_M`` is the *largest*
+tile of packed rows (GQA heads x query rows) a program holds -- the launcher shrinks it to the
+next power of two of the packed rows -- and ``BLOCK_N`` the keys per step (shrunk to divide the
+BlockMask's KV block). Decode is bound by reading K/V, so the tiles are short in M and the
+pipelining (``num_stages``) matters more than the M tile.
+
+``choose_splits`` decides how many programs share one row of the KV range: enough programs to
+fill the GPU about twice (``SPLIT_OCCUPANCY`` waves of its SMs), never more than the row has
+non-empty blocks, at most ``MAX_SPLITS``.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..attention.configs import KernelConfig, fit_tile, next_power_of_two, padded_head_dim
+
+MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4 x 16, ...)
+MAX_SPLITS = 64
+SPLIT_OCCUPANCY = 2      # programs per SM the splits aim for
+INTERPRETER_SMS = 4      # what the CPU interpreter pretends to have (so tests see several splits)
+NOMINAL_SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A6000-class, L40-class, H100 SXM: for planning without the GPU
+
+# The table: the AOT tests compile every entry; the autotuner searches a wider space (autotune.py).
+DECODE_CONFIGS: List[KernelConfig] = [
+    KernelConfig(16, 64, 4, 2, max_head_dim=128),     # main config: MHA / small groups, 16-bit, D <= 128
+    KernelConfig(64, 64, 4, 2, max_head_dim=128),     # main config: packed GQA groups (up to 64 rows)
+    KernelConfig(16, 128, 4, 3, max_head_dim=128),    # longer key steps, deeper pipeline (autotuning candidate)
+    KernelConfig(64, 32, 8, 2, max_head_dim=256),     # head_dim 256
+    KernelConfig(16, 32, 4, 2, max_head_dim=256),     # head_dim 256, few rows; float32 inputs
+]
+MAIN_DECODE_CONFIGS = DECODE_CONFIGS[:2]
+
+
+def default_decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, packed_rows: int) -> KernelConfig:
+    """The heuristic config for these shapes (before ``fit_decode``)."""
+    width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    if width > 128 or dtype == torch.float32:
+        return DECODE_CONFIGS[3] if packed_rows > 16 and dtype != torch.float32 else DECODE_CONFIGS[4]
+    return DECODE_CONFIGS[1] if packed_rows > 16 else DECODE_CONFIGS[0]
+
+
+def fit_decode(config: KernelConfig, packed_rows: int, kv_block_size: int) -> KernelConfig:
+    """``config`` with ``BLOCK_M`` shrunk to the packed rows (>= 16) and ``BLOCK_N`` dividing the KV block."""
+    block_m = min(config.BLOCK_M, max(16, next_power_of_two(packed_rows)))
+    return KernelConfig(block_m, fit_tile(config.BLOCK_N, kv_block_size), config.num_warps, config.num_stages,
+                        config.max_head_dim)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of the CUDA device (``INTERPRETER_SMS`` for CPU tensors, which run under the interpreter)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_splits(programs: int, max_visits: int, sm_count: int) -> int:
+    """Splits of each row's KV range: fill ``SPLIT_OCCUPANCY`` programs per SM, given ``programs``
+    programs without splitting and at most ``max_visits`` non-empty blocks per row (a split with no
+    block to visit would only cost a launch slot and a combine term)."""
+    wanted = -(-SPLIT_OCCUPANCY * sm_count // max(1, programs))
+    return max(1, min(wanted, max_visits, MAX_SPLITS))

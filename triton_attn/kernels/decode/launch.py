@@ -1,0 +1,279 @@
+"""Launching the decode kernels: packing, split count, config, arguments, and the combine step.
+
+Two entry points:
+
+- ``decode_attention``: ``attention()`` on the triton/interpret backends routes here when the query
+  is short (``use_decode``); same inputs and results as the prefill forward.
+- ``paged_decode``: ``paged_attention()`` on those backends (any Lq): the same kernel reading K/V
+  through the page table, with the mask moved to logical positions (``paged.py``).
+
+``plan_decode`` holds every launch decision (heads per program, row tiles, splits, config), so tests
+and benchmarks can see what a call will do without running it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ...masks.block_mask import BlockMask
+from ..attention.configs import KernelConfig, cdiv, padded_head_dim
+from ..attention.forward_launch import MaskPlan, layout_arguments, plan_mask, score_captured, strides, trace_score
+from ..attention.blocks import LOG2_E
+from ..jit import functions
+from ..jit.modules import launch
+from .configs import choose_splits, default_decode_config, fit_decode, multiprocessor_count
+
+MAX_DECODE_Q_LEN = 16  # attention() takes the decode kernel up to this many query rows
+DECODE_LAYOUT = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What one decode launch does.
+
+    heads_per_tile: query heads sharing a program (the GQA group when the mask is the same for all
+    heads, else 1); packed_rows: rows of one mask block row (heads x query rows);
+    row_tiles: programs per mask block row; num_splits: programs per KV row; config: tiles, warps, stages.
+    """
+
+    heads_per_tile: int
+    packed_rows: int
+    row_tiles: int
+    num_splits: int
+    config: KernelConfig
+
+    def grid(self, num_q_blocks: int, batch: int, q_heads: int) -> Tuple[int, int, int]:
+        return (self.num_splits, num_q_blocks * self.row_tiles, batch * q_heads // self.heads_per_tile)
+
+
+def max_visits(block_mask: BlockMask) -> int:
+    """At most how many non-empty blocks one row of ``block_mask`` holds (from its launch plan: no device read)."""
+    plan = block_mask.launch_plan
+    return plan.max_partial_blocks + plan.max_full_blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: Optional[int]) -> int:
+    return multiprocessor_count(torch.device(device_type, index) if index is not None else torch.device(device_type))
+
+
+def use_decode(query: torch.Tensor, key: torch.Tensor, block_mask: BlockMask) -> bool:
+    """Whether ``attention()`` should run the decode kernel: a short query (<= 16 rows, so at most
+    16 x the GQA group after packing)."""
+    return query.shape[2] <= MAX_DECODE_Q_LEN
+
+
+def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask: BlockMask, *,
+                config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
+                tuned: Optional[Callable[[KernelConfig, int], KernelConfig]] = None,
+                sm_count: Optional[int] = None) -> DecodePlan:
+    """The launch decisions for ``query`` [B, Hq, Lq, D] over ``block_mask`` (see ``DecodePlan``).
+
+    num_splits: force a split count (None: ``configs.choose_splits`` from the SM count and the
+    mask's non-empty blocks). tuned(default, splits): the tuning cache's winner, if any. sm_count:
+    the SMs to fill (default: the query's device; ``configs.NOMINAL_SMS`` for another target).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    groups = q_heads // kv_heads
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    heads_per_tile = groups if block_mask.shape[1] == 1 else 1
+    rows = min(q_bs, q_len) * heads_per_tile
+    chosen = config or default_decode_config(head_dim, head_dim_v, query.dtype, rows)
+    fitted = fit_decode(chosen, rows, kv_bs)
+    row_tiles = cdiv(rows, fitted.BLOCK_M)
+    programs = block_mask.num_blocks[0] * row_tiles * batch * q_heads // heads_per_tile
+    if num_splits is None:
+        sm_count = sm_count or _sm_count(query.device.type, query.device.index)
+        num_splits = choose_splits(programs, max(1, max_visits(block_mask)), sm_count)
+    if config is None and tuned is not None:
+        fitted = fit_decode(tuned(chosen, num_splits), rows, kv_bs)
+        row_tiles = cdiv(rows, fitted.BLOCK_M)
+    return DecodePlan(heads_per_tile, rows, row_tiles, num_splits, fitted)
+
+
+def decode_candidates(capability: int, query: torch.Tensor, head_dim_v: int, block_mask: BlockMask, *,
+                      groups: int) -> list:
+    """The decode search space (``tuning.search_space("decode")``) fitted to this call's packed rows, deduplicated."""
+    from ..tuning import search as tuning
+
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    rows = min(q_bs, query.shape[2]) * (groups if block_mask.shape[1] == 1 else 1)
+    space = tuning.search_space("decode", capability, head_dim=query.shape[-1], value_dim=head_dim_v,
+                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=None)
+    return list(dict.fromkeys(fit_decode(config, rows, kv_bs) for config in space))
+
+
+def decode_mods(block_mask: BlockMask, score_mod: Optional[Callable], mask_plan: Optional[MaskPlan] = None):
+    """(mask plan, traced score_mod, generated functions) of a decode launch; ``mods.key`` is the
+    structure class in its tuning key."""
+    mask_plan = mask_plan or plan_mask(block_mask)
+    score_traced = trace_score(score_mod)
+    return mask_plan, score_traced, functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
+
+
+def decode_key(query: torch.Tensor, kv_heads: int, kv_len: int, head_dim_v: int, block_mask: BlockMask,
+               num_splits: int, *, paged: bool, score: bool, structure: str = ""):
+    """The tuning key of a decode launch: device, dtype, head dims, GQA ratio, Lq and cache-length
+    buckets, the mask's sparsity class, B * Hq, block size, bounds checks, the mods' structure class
+    (``ModFunctions.key``), and (as the variant) the split count, paging and score_mod."""
+    from ..tuning import search as tuning
+
+    name, capability = tuning.device_identity(query.device)
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    variant = ".".join([f"splits{num_splits}"] + (["paged"] if paged else []) + (["score"] if score else []))
+    return tuning.TuningKey(kernel="decode", device=name, capability=capability,
+                            dtype=str(query.dtype).replace("torch.", ""), head_dim=int(query.shape[-1]),
+                            value_dim=int(head_dim_v), gqa=int(query.shape[1]) // kv_heads,
+                            q_bucket=tuning.seq_bucket(query.shape[2]), kv_bucket=tuning.seq_bucket(kv_len),
+                            sparsity=tuning.block_mask_sparsity_class(block_mask), variant=variant,
+                            occupancy=tuning.occupancy_bucket(query.shape[0] * query.shape[1]),
+                            block=f"{q_bs}x{kv_bs}", ragged=paged or bool(kv_len % kv_bs), structure=structure)
+
+
+def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, block_mask: BlockMask, plan: DecodePlan, *,
+                           scale: float, page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor],
+                           mask_captured: tuple, score_captured: tuple, mods, interpret: bool):
+    """(runtime arguments, constexprs) of ``decode_split_kernel`` by name, for a launch or an AOT build.
+
+    K/V are ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` with ``page_table``."""
+    q_len, q_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
+    head_dim_v = value.shape[3]
+    paged = page_table is not None
+    kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    config = plan.config
+    layout = layout_arguments(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                              block_mask.full_kv_indices, block_mask.kv_num_blocks.device, DECODE_LAYOUT, "m")
+    arguments = dict(
+        Q=query, K=key, V=value, Out=out, Lse=lse, PartOut=part_out, PartLse=part_lse,
+        page_table=page_table if paged else lse, kv_lens=kv_lens if paged else lse,
+        **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
+        **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
+        stride_page_b=page_table.stride(0) if paged else 0,
+        **layout,
+        q_len=q_len, kv_len=kv_len, num_q_heads=q_heads, gqa_groups=q_heads // key.shape[1],
+        scale_log2=scale * LOG2_E, score_scale=scale,
+        mask_captured=mask_captured, score_captured=score_captured,
+    )
+    constexprs = dict(
+        MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
+        KV_TILES_PER_BLOCK=cdiv(kv_bs, config.BLOCK_N), ROW_TILES_PER_BLOCK=plan.row_tiles,
+        HEADS_PER_TILE=plan.heads_per_tile, NUM_SPLITS=plan.num_splits,
+        PAGED=paged, PAGE_SIZE=key.shape[2] if paged else 1,
+        # Paged: the last page of a sequence is ragged (kv_lens), so keys are always bounds-checked.
+        CHECK_KV_BOUNDS=paged or (kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
+        DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=bool(interpret and query.dtype == torch.bfloat16),
+    )
+    return arguments, constexprs
+
+
+def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+    """(runtime arguments, constexprs, num_warps) of ``decode_combine_kernel``; part_out float32
+    [S, B, Hq, Lq, Dv] and part_lse [S, B, Hq, Lq], contiguous."""
+    splits, batch, q_heads, q_len, head_dim_v = part_out.shape
+    arguments = dict(PartOut=part_out, PartLse=part_lse, Out=out, Lse=lse,
+                     **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
+                     num_rows=batch * q_heads * q_len, q_len=q_len, num_q_heads=q_heads)
+    constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), NUM_SPLITS=splits,
+                      BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()))
+    return arguments, constexprs, 4 if head_dim_v >= 128 else 2
+
+
+def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, interpret: bool,
+         page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], config: Optional[KernelConfig],
+         autotune: Optional[bool], num_splits: Optional[int],
+         mask_plan: Optional[MaskPlan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decode launch (split kernel, then combine when split). K/V contiguous-by-sequence
+    ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` when ``page_table`` is given.
+    mask_plan: how the predicate reaches the kernel, when the caller knows (default ``plan_mask``)."""
+    from .kernel import decode_combine_kernel, decode_split_kernel
+
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, head_dim_v = key.shape[1], value.shape[3]
+    paged = page_table is not None
+    kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
+    device = query.device
+
+    mask_plan, score_traced, mods = decode_mods(block_mask, score_mod, mask_plan)
+
+    def tuned(default: KernelConfig, splits: int) -> KernelConfig:
+        if interpret:
+            return default
+        from ..tuning import search as tuning
+
+        key_ = decode_key(query, kv_heads, kv_len, head_dim_v, block_mask, splits, paged=paged,
+                          score=score_mod is not None, structure=mods.key)
+        return tuning.select_config(
+            key_, default, autotune=autotune, device=device,
+            candidates=lambda: decode_candidates(key_.capability, query, head_dim_v, block_mask, groups=q_heads // kv_heads),
+            run=lambda candidate: _run(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                       interpret=False, page_table=page_table, kv_lens=kv_lens, config=candidate,
+                                       autotune=False, num_splits=splits))
+
+    plan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits, tuned=tuned)
+    config = plan.config
+    splits = plan.num_splits
+
+    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=query.dtype, device=device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
+    if splits > 1:
+        part_out = torch.empty(splits, batch, q_heads, q_len, head_dim_v, dtype=torch.float32, device=device)
+        part_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=device)
+    else:
+        part_out, part_lse = out, lse  # unused by the kernel when NUM_SPLITS == 1
+    arguments, constexprs = split_kernel_arguments(
+        query, key, value, out, lse, part_out, part_lse, block_mask, plan, scale=scale, page_table=page_table,
+        kv_lens=kv_lens, mask_captured=mask_plan.captured(device), score_captured=score_captured(score_traced, device),
+        mods=mods, interpret=interpret)
+    grid = plan.grid(block_mask.num_blocks[0], batch, q_heads)
+    launch(decode_split_kernel, grid, {**arguments, **constexprs}, interpret=interpret, device=device,
+           num_warps=config.num_warps, num_stages=config.num_stages)
+    if splits > 1:
+        arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse)
+        launch(decode_combine_kernel, (batch * q_heads * q_len,), {**arguments, **constexprs}, interpret=interpret,
+               device=device, num_warps=num_warps, num_stages=1)
+    return out, lse
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                     score_mod: Optional[Callable], scale: float, interpret: bool,
+                     config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
+                     num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The decode kernel on contiguous K/V: query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv,
+    Lkv, Dv] (validated by ``attention``). Returns out [B, Hq, Lq, Dv] (input dtype), lse [B, Hq, Lq]."""
+    return _run(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret,
+                page_table=None, kv_lens=None, config=config, autotune=autotune, num_splits=num_splits)
+
+
+def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, page_table: torch.Tensor,
+                 kv_lens: torch.Tensor, *, mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float,
+                 interpret: bool, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
+                 num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``paged_attention`` on the Triton kernels (inputs validated by the API); see ``paged.py`` for
+    the logical positions. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
+
+    The default causal mask takes the closed-form BlockMask (``paged.causal_paged_block_mask``) and
+    needs no device read: its launch plan (hence the split count) comes from the page table's capacity."""
+    from ...masks.tracing import trace_mask_mod
+    from ...paged import logical_score_mod, paged_block_mask
+
+    q_len, capacity = query.shape[2], page_table.shape[1] * key_cache.shape[2]
+    block_mask = paged_block_mask(mask_mod, kv_lens, q_len, query.shape[1], capacity)
+    mask_plan = None
+    if mask_mod is None and q_len <= block_mask.BLOCK_SIZE[0]:
+        traced = trace_mask_mod(block_mask.mask_mod)
+        mask_plan = MaskPlan(functions.MASK_TRACED, traced,
+                             lambda device: functions.captured_tuple(traced.captured, device))
+    return _run(query, key_cache, value_cache, block_mask,
+                score_mod=logical_score_mod(score_mod, kv_lens, q_len), scale=scale, interpret=interpret,
+                page_table=page_table.contiguous(), kv_lens=kv_lens.contiguous(), config=config, autotune=autotune,
+                num_splits=num_splits, mask_plan=mask_plan)
