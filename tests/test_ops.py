@@ -222,3 +222,35 @@ def test_create_block_mask_on_meta_infers_shapes():
     q = torch.empty(2, 2, 300, 16, device="meta")
     k = torch.empty(2, 2, 200, 16, device="meta")
     assert ta.attention(q, k, k, block_mask=block_mask).shape == (2, 2, 300, 16)
+
+
+@pytest.mark.parametrize("route", ["dense", "dense_padding", "blockwise_padding"])
+def test_nan_in_hidden_values_does_not_leak(monkeypatch, route):
+    """0 * nan: a NaN value the mask hides gets weight 0, which must not turn into NaN in the output
+    (the fast paths see the NaN output and take the exact loop, which keeps it out)."""
+    from triton_attn import cpu_flash
+
+    if route.startswith("blockwise"):
+        monkeypatch.setattr(cpu_flash, "DENSE_BIAS_ELEMENTS", 0)
+    q, k, v = random_qkv(2, 2, 2, 96, 96, 16)
+    mask_mod, mask_batch = causal_mask, None
+    v[:, :, 40, 3] = float("nan")                               # hidden from rows 0-39 by causality
+    if route.endswith("padding"):
+        keep = torch.ones(2, 96, dtype=torch.bool)
+        keep[0, :37] = False
+        v[0, :, 5] = float("nan")                               # padding: hidden from every row
+        mask_mod, mask_batch = and_masks(causal_mask, padding_mask(keep)), 2
+    block_mask = ta.create_block_mask(mask_mod, mask_batch, None, 96, 96, BLOCK_SIZE=32)
+    with torch.no_grad():
+        out, lse = ta.attention(q, k, v, block_mask=block_mask, return_lse=True)
+    bad = torch.isnan(v)
+    golden, golden_lse = dense_attention(q, k, v.masked_fill(bad, 0.0), mask_mod=mask_mod,
+                                         compute_dtype=torch.float64)
+    # Expected NaN: the rows that may attend to a NaN value, in that value's columns.
+    visible = ta.create_mask(mask_mod, 2, 1, 96, 96).double()                      # [B, 1, Lq, Lkv]
+    expected_nan = (visible @ bad.double()) > 0                                     # [B, H, Lq, Dv]
+    assert expected_nan.any() and not expected_nan.all()
+    assert torch.equal(torch.isnan(out), expected_nan)
+    clean = ~expected_nan
+    torch.testing.assert_close(out[clean].double(), golden[clean], rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), golden_lse.double(), rtol=0, atol=1e-5)

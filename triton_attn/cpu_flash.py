@@ -18,7 +18,8 @@ reach that row through the bias addition (``nan + -inf = nan``, ``inf + -inf = n
 ``0 * nan``, and always as a NaN in the output. So the output is checked (one reduction over
 ``[B, Hq, Lq, Dv]``, far cheaper than scanning K/V on every decode step); if it is not finite,
 ``fused_attention`` returns None and the caller takes the exact blockwise loop, which masks scores
-after computing them (and so gives NaN exactly in the rows that do see a NaN key).
+after computing them and zeroes non-finite values outside the rows that weight them (and so gives NaN
+exactly in the rows that do see a NaN key or value).
 
 It applies only where it is exact and simple: float32, no score_mod, no gradient needed, the
 BlockMask broadcast over heads, D == Dv, and the op present in this torch build.

@@ -138,6 +138,23 @@ class _TileFetcher:
         return weights @ v_tile
 
 
+def _weighted_values_masking_hidden(fetcher: "_TileFetcher", weights: torch.Tensor,
+                                    v_tile: torch.Tensor) -> torch.Tensor:
+    """``weights @ v_tile`` where a non-finite value reaches only the rows that give it weight.
+
+    A value the mask hides from a row has weight 0 there, but ``0 * nan`` (or ``0 * inf``) is NaN, so a
+    plain product would leak it. Non-finite values are zeroed for the product, and the output columns
+    of the rows that give such a value positive weight become NaN (inf included: non-finite either way).
+    The check is one reduction over the tile; finite tiles take the plain product.
+    """
+    if v_tile.is_floating_point() and not bool(torch.isfinite(v_tile).all()):
+        bad = ~torch.isfinite(v_tile)
+        product = fetcher.weighted_values(weights, v_tile.masked_fill(bad, 0.0))
+        reached = fetcher.weighted_values((weights > 0).to(product.dtype), bad.to(product.dtype)) > 0
+        return product.masked_fill(reached, float("nan"))
+    return fetcher.weighted_values(weights, v_tile)
+
+
 def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_start: int,
                      layout, block_mask: BlockMask, score_mod: Optional[Callable],
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +197,7 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             correction = torch.exp(running_max - safe_max)
             weights = torch.exp(scores - safe_max)
             running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
-            accumulator = accumulator * correction + fetcher.weighted_values(weights, v_tile)
+            accumulator = accumulator * correction + _weighted_values_masking_hidden(fetcher, weights, v_tile)
             running_max = new_max
     attended = running_sum > 0
     safe_sum = torch.where(attended, running_sum, torch.ones_like(running_sum))

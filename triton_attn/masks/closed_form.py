@@ -132,4 +132,8 @@ def window_block_mask(mask_mod: Callable, batch: int, q_length: int, kv_length: 
                                       causal=causal, window=window, padding=padding, document_ids=document_ids,
                                       block_size=block_size, device=device)
     fields = dense_fields_from_maps(partial, full, partial.shape[0], 1)
-    return BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length), mask_mod=mask_mod)
+    block_mask = BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length), mask_mod=mask_mod)
+    # Lists derived from block maps are consistent by construction (as in BlockMask.from_block_maps):
+    # trusted, so an eager decode step does not re-check them with a device read. (A compiled region
+    # skips the checks anyway, and the mark's tensor versions are not known there.)
+    return block_mask if torch.compiler.is_compiling() else block_mask.trusted()

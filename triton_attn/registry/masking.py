@@ -54,7 +54,9 @@ class ModelBlockMask(BlockMask):
         wrapped = cls(**fields, BLOCK_SIZE=block_mask.BLOCK_SIZE, seq_lengths=block_mask.seq_lengths,
                       mask_mod=block_mask.mask_mod, launch_plan=block_mask.launch_plan)
         wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
-        return wrapped.trusted() if block_mask.is_trusted() else wrapped  # same lists: no new validation
+        if torch.compiler.is_compiling() or not block_mask.is_trusted():  # versions unknown while compiling
+            return wrapped
+        return wrapped.trusted()  # same lists: no new validation
 
 
 def _as_int(value, what: str) -> int:
