@@ -95,6 +95,11 @@ SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
 # products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,
 # 64 x 64) spill on sm_90 with Triton 3.9; on sm_80 these tiles spill heavily, hence a table per
 # architecture (not in BACKWARD_CONFIGS, whose entries must build for sm_80 and sm_90 alike).
+# Why wider dK/dV steps spill (Triton 3.9 TTGIR): a dot whose result feeds another dot gets
+# warpsPerCTA = [num_warps, 1], so on 8 warps a 64-row score product (Q K^T with 64 query rows, or
+# dP^T with 64 keys) is computed by both warpgroups, replicated (64 instead of 32 registers for each
+# score-sized value); on 4 warps the two float32 accumulators of 64 keys x 128 alone take 128
+# registers. Operand order in the source does not change this: the compiler moves the transposes.
 HOPPER_BACKWARD_CONFIGS = {
     64: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
     128: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128),
