@@ -102,3 +102,59 @@ def test_closed_form_decode_mask_compiles_with_a_tensor_offset():
     for position in (200, 63):
         for got, want in zip(compiled(keep, torch.tensor(position)), decode_mask(keep, position)):
             assert torch.equal(got, want)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 1-layer Llama on "triton_attn", left-padded inputs; transformers' registries restored afterwards."""
+    transformers = pytest.importorskip("transformers")
+    from triton_attn.registry import register_transformers
+
+    mappings = [transformers.AttentionInterface._global_mapping, transformers.AttentionMaskInterface._global_mapping]
+    saved = [dict(mapping) for mapping in mappings]
+    register_transformers()
+    yield _tiny_llama(transformers)
+    for mapping, old in zip(mappings, saved):
+        mapping.clear()
+        mapping.update(old)
+
+
+def _tiny_llama(transformers):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, initializer_range=0.3, pad_token_id=0,
+                                      eos_token_id=None, bos_token_id=None, attn_implementation="triton_attn")
+    model = transformers.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(1, 64, (2, 16))
+    padding = torch.ones_like(input_ids)
+    padding[1, :5] = 0  # left padding: the model mask is causal AND padding, built inside the graph
+    return model, input_ids, padding
+
+
+def test_compiled_llama_with_triton_attn_matches_eager(tiny_llama):
+    model, input_ids, padding = tiny_llama
+
+    def logits(input_ids, padding):
+        return model(input_ids=input_ids, attention_mask=padding).logits
+
+    with torch.no_grad():
+        _no_graph_break(logits, input_ids, padding)
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")
+        got, want = compiled(input_ids, padding), logits(input_ids, padding)
+        # Another padding of the same shape: new tensor values, same graph and mod key.
+        padding[0, :3] = 0
+        got_again, want_again = compiled(input_ids, padding), logits(input_ids, padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_again, want_again, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got_again[0], got[0])  # the new padding was seen
+
+
+def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama):
+    model, input_ids, padding = tiny_llama
+    settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        eager_tokens = model.generate(input_ids, **settings)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        compiled_tokens = model.generate(input_ids, **settings)
+    assert torch.equal(compiled_tokens, eager_tokens)

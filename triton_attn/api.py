@@ -204,13 +204,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         from . import ops
 
         if compiling:
-            mask_key, mask_paths = ops.mod_key(block_mask.mask_mod, "mask")
-            mask = (mask_key, ops.fetch_captured(block_mask.mask_mod, mask_paths))
-            if score_mod is None:
-                score = ("", [])
-            else:
-                score_key, score_paths = ops.mod_key(score_mod, "score")
-                score = (score_key, ops.fetch_captured(score_mod, score_paths))
+            mask, score = ops.compiled_mod(block_mask.mask_mod, "mask"), ops.compiled_mod(score_mod, "score")
         else:
             mask, score = ops.register_mod(block_mask.mask_mod, "mask"), ops.register_mod(score_mod, "score")
         out, lse = ops.attention_op(query, key, value, block_mask, mask, score, scale=float(scale), backend=chosen,

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .masks.block_mask import BlockMask, LaunchPlan
+from .masks.closure import StructuredMod
 from .masks.evaluate import mod_name
 from .masks.tracing import TracedMod, UntraceableModError, evaluate, trace_mask_mod, trace_score_mod
 
@@ -352,3 +353,30 @@ def fetch_captured(mod: Callable, paths: Tuple) -> List[torch.Tensor]:
             value = value.__closure__[index].cell_contents if kind == "cell" else value[index]
         tensors.append(value)
     return tensors
+
+
+def structured_mod_key(mod_type: type, structure: tuple, tensor_specs: Tuple, kind: str) -> Tuple[str, Tuple[int, ...]]:
+    """``(key, order)`` of a ``StructuredMod`` from constants only: a mod of ``structure`` over stand-in
+    tensors of the given ``(dtype, rank)`` is registered (the key ignores tensor values), and ``order``
+    says which of the mod's ``tensors()`` is each captured input of the traced graph."""
+    stand_ins = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs)
+    key, captured = register_mod(mod_type.build(structure, stand_ins), kind)
+    order = tuple(next(i for i, t in enumerate(stand_ins) if t is tensor) for tensor in captured)
+    return key, order
+
+
+structured_mod_key._dynamo_marked_constant = True  # see mod_key
+
+
+def compiled_mod(mod: Optional[Callable], kind: str) -> Tuple[str, List[torch.Tensor]]:
+    """``(key, captured tensors)`` of ``mod`` inside ``torch.compile``. A ``StructuredMod`` (the model mask
+    of ``registry.masking``, often built inside the compiled graph) is keyed by its structure; any other
+    mod must exist before the graph (its closure is read along constant paths, see ``mod_key``)."""
+    if mod is None:
+        return "", []
+    if isinstance(mod, StructuredMod):
+        tensors = mod.tensors()
+        key, order = structured_mod_key(type(mod), mod.structure(), tuple((t.dtype, t.dim()) for t in tensors), kind)
+        return key, [tensors[i] for i in order]
+    key, paths = mod_key(mod, kind)
+    return key, fetch_captured(mod, paths)

@@ -14,6 +14,9 @@ def _children(value) -> Iterator:
         yield from value
     elif isinstance(value, dict):
         yield from value.values()
+    elif isinstance(value, StructuredMod):  # its state in place of closure cells
+        yield from value.structure()
+        yield from value.tensors()
     elif isinstance(value, functools.partial):
         yield value.func
         yield from value.args
@@ -74,3 +77,24 @@ def mod_fingerprint(fn: Callable, include_tensor_values: bool = True) -> str:
         else:
             digest.update(f"{type(value).__qualname__}".encode())
     return digest.hexdigest()[:32]
+
+
+class StructuredMod:
+    """A mod whose traced structure is known from constants alone, with its tensors kept apart.
+
+    Subclasses give ``structure()`` (a hashable tuple of Python constants: ints, bools, None),
+    ``tensors()`` (the tensors it reads) and ``build(structure, tensors)`` (a mod of that structure over
+    other tensors). Under ``torch.compile`` a mod built inside the graph has tensors with unknown
+    values, but its table key depends only on the structure and each tensor's dtype and rank
+    (``ops.compiled_mod``), so it never needs the values.
+    """
+
+    def structure(self) -> tuple:
+        raise NotImplementedError
+
+    def tensors(self) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, structure: tuple, tensors: tuple) -> "StructuredMod":
+        raise NotImplementedError

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import create_block_mask, create_mask
-from ..masks import BlockMask, and_masks, causal_mask, or_masks, padding_mask, window_block_mask
+from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
+                     window_block_mask)
 
 __all__ = ["ModelBlockMask", "MaskRequest", "make_mask_function", "dense_mask_function", "COMBINE_MODES"]
 
@@ -164,6 +165,15 @@ def _closure_vars(fn: Callable) -> dict:
         return {}
 
 
+def _qualified_name(fn: Callable) -> str:
+    # Read from the code object: under torch.compile, comparing ``fn.__qualname__`` with a string gives
+    # False (torch 2.13), while the code object's names compare as constants.
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return code.co_qualname if hasattr(code, "co_qualname") else code.co_name
+    return getattr(fn, "__qualname__", getattr(fn, "__name__", ""))
+
+
 def traceable(mask_function: Callable, _depth: int = 0) -> Callable:
     """transformers' mask combinators rebuilt from ours, so that the pattern traces (and Triton inlines it).
 
@@ -175,7 +185,7 @@ def traceable(mask_function: Callable, _depth: int = 0) -> Callable:
     module = getattr(mask_function, "__module__", None) or ""
     if _depth > 32 or not module.startswith("transformers."):
         return mask_function
-    qualname = getattr(mask_function, "__qualname__", "")
+    qualname = _qualified_name(mask_function)
     env = _closure_vars(mask_function)
     parts = env.get("mask_functions")
     if qualname in ("and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask") and isinstance(parts, tuple) \
@@ -202,13 +212,14 @@ def closed_form_family(mask_function: Callable, _depth: int = 0):
     Recognised by qualified name and closure variables, as ``traceable`` does; window None = unbounded.
     """
     module = getattr(mask_function, "__module__", None) or ""
-    name = getattr(mask_function, "__qualname__", getattr(mask_function, "__name__", ""))
+    name = _qualified_name(mask_function)
     env = _closure_vars(mask_function)
     if mask_function is causal_mask or (module.startswith("transformers.") and name == "causal_mask_function"):
         return True, None
     if module.startswith("transformers.") and name == "bidirectional_mask_function":
         return False, None
-    if module == "triton_attn.masks.library" and name.startswith("sliding_window_") and isinstance(env.get("window"), int):
+    if module == "triton_attn.masks.library" and name == "sliding_window_mask.<locals>.sliding_window" \
+            and isinstance(env.get("window"), int):
         return True, env["window"]
     if module.startswith("transformers.") and name == "sliding_window_overlay.<locals>.inner_mask" \
             and isinstance(env.get("sliding_window"), int):
@@ -258,6 +269,53 @@ def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
     return model_mask
 
 
+class FamilyMaskMod(StructuredMod):
+    """The mask_mod of a closed-form family (causal / sliding window / bidirectional) at an offset, with padding.
+
+    No closure: its structure (``causal``, ``window``, whether padded) is constants, and its tensors are
+    ``q_offset`` / ``kv_offset`` (int64 0-d: absolute position of query row 0 / key column 0) and the
+    padding (bool ``[B, >= kv_offset + kv_length]``). A model mask built inside ``torch.compile`` thus has a table
+    key known without tensor values (``ops.compiled_mod``), and every decode step (a new offset) shares it.
+    """
+
+    def __init__(self, causal: bool, window: Optional[int], q_offset: torch.Tensor, kv_offset: torch.Tensor,
+                 padding: Optional[torch.Tensor]):
+        self.causal, self.window, self.padding = bool(causal), window, padding
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        kind = f"sliding_window_{window}" if window is not None else "causal" if causal else "full"
+        self.__name__ = f"{kind}+padding" if padding is not None else kind
+
+    @classmethod
+    def of_request(cls, request: MaskRequest, causal: bool, window: Optional[int]) -> "FamilyMaskMod":
+        def scalar(value: int) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.int64, device=request.device)
+
+        return cls(causal, window, scalar(request.q_offset), scalar(request.kv_offset), request.padding)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        key = kv_idx + self.kv_offset
+        distance = q_idx + self.q_offset - key
+        if self.window is not None:
+            allowed = (distance >= 0) & (distance < self.window)
+        elif self.causal:
+            allowed = distance >= 0
+        else:
+            allowed = distance == distance
+        return allowed if self.padding is None else allowed & self.padding[b, key]
+
+    def structure(self) -> tuple:
+        return self.causal, self.window, self.padding is not None
+
+    def tensors(self) -> tuple:
+        offsets = (self.q_offset, self.kv_offset)
+        return offsets if self.padding is None else offsets + (self.padding,)
+
+    @classmethod
+    def build(cls, structure: tuple, tensors: tuple) -> "FamilyMaskMod":
+        causal, window, padded = structure
+        return cls(causal, window, tensors[0], tensors[1], tensors[2] if padded else None)
+
+
 def combine_patterns(model_pattern: Callable, mask_mod: Optional[Callable], combine: str) -> Callable:
     """The model's own pattern combined with a user ``mask_mod``: ``and`` / ``or`` / ``replace``."""
     if mask_mod is None:
@@ -299,15 +357,15 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
             return attention_mask
         request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask, cache_position, device)
-        pattern = combine_patterns(traceable(request.mask_function), mask_mod, combine)
-        model_mask = _request_mask_mod(request, pattern)
         family = closed_form_family(request.mask_function) \
             if mask_mod is None and mask_heads is None and request.q_positions is None \
             else None
         if family is not None and family[0] != "overlay":
             # causal / sliding / bidirectional (+ padding) at an offset: every decode step comes here
-            block_mask = _closed_form_mask(request, model_mask, family, block_size)
+            family_mod = FamilyMaskMod.of_request(request, *family)
+            block_mask = _closed_form_mask(request, family_mod, family, block_size)
         else:
+            model_mask = _request_mask_mod(request, combine_patterns(traceable(request.mask_function), mask_mod, combine))
             block_mask = create_block_mask(model_mask, request.batch_size, mask_heads, request.q_length,
                                            request.kv_length, device=request.device, BLOCK_SIZE=block_size)
         return ModelBlockMask.wrap(block_mask, request.q_offset, request.kv_offset, request.q_positions)
