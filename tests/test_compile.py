@@ -6,6 +6,7 @@ Compiling is slow on a small CPU machine: shapes are tiny, and the mask builders
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import triton_attn as ta
 from triton_attn.masks import (and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask,
@@ -152,6 +153,53 @@ def test_compiled_llama_with_triton_attn_matches_eager(tiny_llama):
 
 def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama):
     model, input_ids, padding = tiny_llama
+    settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        eager_tokens = model.generate(input_ids, **settings)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        compiled_tokens = model.generate(input_ids, **settings)
+    assert torch.equal(compiled_tokens, eager_tokens)
+
+
+@pytest.mark.parametrize("case", ["window", "document"])
+def test_compiled_llama_with_a_registered_mask_mod_matches_eager(tiny_llama, case):
+    """A user mask_mod combined with the model mask: one graph, no break, new padding / document ids seen."""
+    from triton_attn.registry import register_attention
+
+    model, input_ids, padding = tiny_llama
+    ids = torch.arange(16) // 6
+    register_attention("ta_user", mask_mod=sliding_window_mask(5) if case == "window" else document_mask(ids))
+    model.set_attn_implementation("ta_user")
+
+    def logits(input_ids, padding):
+        return model(input_ids=input_ids, attention_mask=padding).logits
+
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        _no_graph_break(logits, input_ids, padding)
+        torch._dynamo.reset()
+        compiled = torch.compile(logits, fullgraph=True, backend=counter)
+        got, want = compiled(input_ids, padding), logits(input_ids, padding)
+        padding[0, :3] = 0  # new values of the same shapes: the same graph must see them
+        ids.copy_(torch.arange(16) // 4)
+        got_again, want_again = compiled(input_ids, padding), logits(input_ids, padding)
+        model.set_attn_implementation("triton_attn")
+        without_user_mod = logits(input_ids, padding)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_again, want_again, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got_again[0], got[0])  # the new padding was seen
+    if case == "document":
+        assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new ids were seen
+    assert not torch.allclose(want_again, without_user_mod)  # the user mask_mod is in effect
+
+
+def test_static_cache_generate_with_a_registered_mask_mod_compiled_matches_eager(tiny_llama):
+    from triton_attn.registry import register_attention
+
+    model, input_ids, padding = tiny_llama
+    register_attention("ta_user", mask_mod=document_mask(torch.arange(64) // 7))
+    model.set_attn_implementation("ta_user")
     settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         eager_tokens = model.generate(input_ids, **settings)

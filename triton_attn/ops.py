@@ -35,7 +35,7 @@ from .masks.closure import StructuredMod
 from .masks.evaluate import mod_name
 from .masks.tracing import TracedMod, UntraceableModError, evaluate, trace_mask_mod, trace_score_mod
 
-__all__ = ["MOD_TABLE", "register_mod", "resolve_mod", "flatten_block_mask", "unflatten_block_mask", "attention_op", "BoundMod"]
+__all__ = ["MOD_TABLE", "register_mod", "resolve_mod", "rebind_mod", "flatten_block_mask", "unflatten_block_mask", "attention_op", "BoundMod"]
 
 KINDS = ("mask", "score")
 # Mods that cannot be traced are kept by identity; at most this many (the oldest are dropped).
@@ -87,7 +87,8 @@ def register_mod(mod: Optional[Callable], kind: str) -> Tuple[str, List[torch.Te
         eager = [k for k, entry in MOD_TABLE.items() if entry.traced is None]
         for stale in eager[:max(0, len(eager) - EAGER_MOD_LIMIT)]:
             del MOD_TABLE[stale]
-        return key, []
+        # A StructuredMod's tensors travel even when it is evaluated eagerly: resolve_mod rebuilds it over them.
+        return key, list(mod.tensors()) if isinstance(mod, StructuredMod) else []
     key = f"{kind}/{traced.key}"
     MOD_TABLE[key] = ModEntry(traced, mod)
     return key, list(traced.captured)
@@ -102,12 +103,21 @@ def resolve_mod(key: str, captured: Sequence[torch.Tensor]) -> Optional[Callable
     if entry is None:
         raise KeyError(f"triton_attn: mod key {key!r} is not in the mod table (an untraceable mod was dropped "
                        f"after {EAGER_MOD_LIMIT} newer ones, or the key comes from another process)")
-    if entry.traced is None:
-        return entry.function
-    own = entry.traced.captured
+    own = entry.function.tensors() if entry.traced is None and isinstance(entry.function, StructuredMod) \
+        else () if entry.traced is None else entry.traced.captured
     if len(own) == len(captured) and all(a is b for a, b in zip(own, captured)):
         return entry.function
+    if entry.traced is None:  # an untraceable StructuredMod over other tensors
+        return type(entry.function).build(entry.function.structure(), tuple(captured))
     return BoundMod(entry.traced, captured)
+
+
+def rebind_mod(mod: Callable, kind: str, captured: Sequence[torch.Tensor]) -> Callable:
+    """``mod`` reading ``captured`` in place of the tensors it captured (``register_mod``'s order): ``mod``
+    itself when they are its own tensors, else its traced graph bound to them. For a ``StructuredMod``
+    that holds a user mod in its structure and that mod's tensors apart (``build``)."""
+    key, _ = register_mod(mod, kind)
+    return resolve_mod(key, captured)
 
 
 # id(kv_num_blocks) -> (weakref to that tensor, weakref to its BlockMask): the op's implementation finds
@@ -357,10 +367,12 @@ def fetch_captured(mod: Callable, paths: Tuple) -> List[torch.Tensor]:
 
 def structured_mod_key(mod_type: type, structure: tuple, tensor_specs: Tuple, kind: str) -> Tuple[str, Tuple[int, ...]]:
     """``(key, order)`` of a ``StructuredMod`` from constants only: a mod of ``structure`` over stand-in
-    tensors of the given ``(dtype, rank)`` is registered (the key ignores tensor values), and ``order``
-    says which of the mod's ``tensors()`` is each captured input of the traced graph."""
-    stand_ins = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs)
-    key, captured = register_mod(mod_type.build(structure, stand_ins), kind)
+    tensors of the given ``(dtype, rank)`` (``StructuredMod.stand_in``) is registered (the key ignores
+    tensor values), and ``order`` says which of the mod's ``tensors()`` is each captured input of the
+    traced graph."""
+    stand_in = mod_type.stand_in(structure, tensor_specs)
+    stand_ins = stand_in.tensors()
+    key, captured = register_mod(stand_in, kind)
     order = tuple(next(i for i, t in enumerate(stand_ins) if t is tensor) for tensor in captured)
     return key, order
 

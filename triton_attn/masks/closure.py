@@ -98,3 +98,11 @@ class StructuredMod:
     @classmethod
     def build(cls, structure: tuple, tensors: tuple) -> "StructuredMod":
         raise NotImplementedError
+
+    @classmethod
+    def stand_in(cls, structure: tuple, tensor_specs: tuple) -> "StructuredMod":
+        """A mod of ``structure`` over placeholder tensors of the given ``(dtype, rank)`` specs, whose trace
+        gives the table key. The default placeholders have size 1 on every dimension, which is right for
+        tensors that are only indexed with the mod's arguments; a subclass whose tensors include a
+        captured mod's overrides it (that mod's graph may depend on its tensors' sizes)."""
+        return cls.build(structure, tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs))

@@ -16,12 +16,13 @@ Both accept the two signatures transformers uses:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .. import create_block_mask, create_mask
+from .. import create_block_mask, create_mask, ops
 from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
                      window_block_mask)
 
@@ -248,6 +249,12 @@ def closed_form_family(mask_function: Callable, _depth: int = 0):
     return None
 
 
+def _pattern_of(mask_function: Callable):
+    """``(causal, window)`` of a closed-form family (``closed_form_family``), else ``"table"``."""
+    family = closed_form_family(mask_function)
+    return family if family is not None and family[0] != "overlay" else "table"
+
+
 def _closed_form_mask(request: MaskRequest, mask_mod: Callable, family, block_size) -> BlockMask:
     causal, window = family
     return window_block_mask(mask_mod, request.batch_size, request.q_length, request.kv_length,
@@ -275,51 +282,118 @@ def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
     return model_mask
 
 
-class FamilyMaskMod(StructuredMod):
-    """The mask_mod of a closed-form family (causal / sliding window / bidirectional) at an offset, with padding.
+class ModelMaskMod(StructuredMod):
+    """The mask_mod of one model attention call: the model's pattern at this call's positions, a user
+    mask_mod combined with it, and the padding, kept as constants plus tensors.
 
-    No closure: its structure (``causal``, ``window``, whether padded) is constants, and its tensors are
-    ``q_offset`` / ``kv_offset`` (int64 0-d: absolute position of query row 0 / key column 0) and the
-    padding (bool ``[B, >= kv_offset + kv_length]``). A model mask built inside ``torch.compile`` thus has a table
-    key known without tensor values (``ops.compiled_mod``), and every decode step (a new offset) shares it.
+    ``structure()`` is ``(pattern, user_mod, combine, padded, positional)``: ``pattern`` is ``(causal, window)``
+    for a closed-form family (causal / sliding window / bidirectional), ``"table"`` for any other pattern
+    (read from a bool table of this call), or None when ``combine="replace"`` drops it; ``user_mod`` is the
+    registered mask_mod object itself (it exists before any compiled graph). ``tensors()``: ``q_offset`` /
+    ``kv_offset`` (int64 0-d: absolute position of query row 0 / key column 0), the padding (bool
+    ``[B, >= kv_offset + kv_length]``) when padded, the query positions (int64 ``[q_length]``) when
+    positional (transformers 4.5x ``cache_position``), the pattern table (bool ``[B, q_length, kv_length]``)
+    for a ``"table"`` pattern, then ``user_tensors``, the tensors the user mod captured (``ops.register_mod``
+    order, read when the mask function was made: inside a compiled graph a mod's closure cannot be read
+    once the graph has called the mod). A model mask built inside ``torch.compile`` thus has a table key
+    known without tensor values (``ops.compiled_mod``), every decode step (a new offset) shares it, and new
+    padding / new values of the user mod's tensors are new tensor inputs.
     """
 
-    def __init__(self, causal: bool, window: Optional[int], q_offset: torch.Tensor, kv_offset: torch.Tensor,
-                 padding: Optional[torch.Tensor]):
-        self.causal, self.window, self.padding = bool(causal), window, padding
-        self.q_offset, self.kv_offset = q_offset, kv_offset
-        kind = f"sliding_window_{window}" if window is not None else "causal" if causal else "full"
+    def __init__(self, pattern, q_offset: torch.Tensor, kv_offset: torch.Tensor, padding: Optional[torch.Tensor] = None,
+                 q_positions: Optional[torch.Tensor] = None, table: Optional[torch.Tensor] = None,
+                 user_mod: Optional[Callable] = None, combine: str = "and", user_tensors: tuple = (), *,
+                 user_source: Optional[Callable] = None):
+        self.pattern, self.padding, self.q_positions, self.table = pattern, padding, q_positions, table
+        self.q_offset, self.kv_offset, self.combine = q_offset, kv_offset, combine
+        # user_source: the registered mod (the structure); user_mod: what is called, that mod or its graph
+        # bound to other tensors (user_tensors) when rebuilt by ``build``.
+        self.user_mod, self.user_source = user_mod, user_mod if user_source is None else user_source
+        self.user_tensors = tuple(user_tensors)
+        if pattern is None or pattern == "table":
+            kind = "replace" if pattern is None else "pattern"
+        else:
+            causal, window = pattern
+            kind = f"sliding_window_{window}" if window is not None else "causal" if causal else "full"
+        if self.user_source is not None:
+            kind = f"{kind}+{combine}({getattr(self.user_source, '__name__', 'mask_mod')})"
         self.__name__ = f"{kind}+padding" if padding is not None else kind
 
     @classmethod
-    def of_request(cls, request: MaskRequest, causal: bool, window: Optional[int]) -> "FamilyMaskMod":
+    def of_request(cls, request: MaskRequest, pattern, user_mod: Optional[Callable] = None, combine: str = "and",
+                   user_tensors: tuple = ()) -> "ModelMaskMod":
         def scalar(value: int) -> torch.Tensor:
             return torch.tensor(value, dtype=torch.int64, device=request.device)
 
-        return cls(causal, window, scalar(request.q_offset), scalar(request.kv_offset), request.padding)
+        table = _pattern_table(request) if pattern == "table" else None
+        return cls(pattern, scalar(request.q_offset), scalar(request.kv_offset), request.padding, request.q_positions,
+                   table, user_mod, combine, user_tensors)
 
     def __call__(self, b, h, q_idx, kv_idx):
         key = kv_idx + self.kv_offset
-        distance = q_idx + self.q_offset - key
-        if self.window is not None:
-            allowed = (distance >= 0) & (distance < self.window)
-        elif self.causal:
-            allowed = distance >= 0
+        query = q_idx + self.q_offset if self.q_positions is None else self.q_positions[q_idx]
+        if self.pattern is None:
+            allowed = None
+        elif self.pattern == "table":
+            allowed = self.table[b, q_idx, kv_idx]
         else:
-            allowed = distance == distance
+            causal, window = self.pattern
+            distance = query - key
+            if window is not None:
+                allowed = (distance >= 0) & (distance < window)
+            elif causal:
+                allowed = distance >= 0
+            else:
+                allowed = distance == distance
+        if self.user_mod is not None:
+            user = self.user_mod(b, h, query, key)
+            allowed = user if allowed is None else allowed & user if self.combine == "and" else allowed | user
         return allowed if self.padding is None else allowed & self.padding[b, key]
 
     def structure(self) -> tuple:
-        return self.causal, self.window, self.padding is not None
+        return self.pattern, self.user_source, self.combine, self.padding is not None, self.q_positions is not None
+
+    def _own_tensors(self) -> tuple:
+        optional = (self.padding, self.q_positions, self.table)
+        return (self.q_offset, self.kv_offset) + tuple(t for t in optional if t is not None)
 
     def tensors(self) -> tuple:
-        offsets = (self.q_offset, self.kv_offset)
-        return offsets if self.padding is None else offsets + (self.padding,)
+        return self._own_tensors() + self.user_tensors
+
+    @staticmethod
+    def _own_count(structure: tuple) -> int:
+        pattern, _, _, padded, positional = structure
+        return 2 + int(padded) + int(positional) + int(pattern == "table")
 
     @classmethod
-    def build(cls, structure: tuple, tensors: tuple) -> "FamilyMaskMod":
-        causal, window, padded = structure
-        return cls(causal, window, tensors[0], tensors[1], tensors[2] if padded else None)
+    def build(cls, structure: tuple, tensors: tuple) -> "ModelMaskMod":
+        pattern, user_source, combine, padded, positional = structure
+        own, user_tensors = iter(tensors[:cls._own_count(structure)]), tuple(tensors[cls._own_count(structure):])
+        q_offset, kv_offset = next(own), next(own)
+        padding = next(own) if padded else None
+        q_positions = next(own) if positional else None
+        table = next(own) if pattern == "table" else None
+        user_mod = None if user_source is None else ops.rebind_mod(user_source, "mask", user_tensors)
+        return cls(pattern, q_offset, kv_offset, padding, q_positions, table, user_mod, combine, user_tensors,
+                   user_source=user_source)
+
+    @classmethod
+    def stand_in(cls, structure: tuple, tensor_specs: tuple) -> "ModelMaskMod":
+        # The user mod's own tensors stand in for themselves: its graph may depend on their sizes.
+        own = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs[:cls._own_count(structure)])
+        user_source = structure[1]
+        user = () if user_source is None else tuple(ops.register_mod(user_source, "mask")[1])
+        return cls.build(structure, own + user)
+
+
+def _pattern_table(request: MaskRequest) -> torch.Tensor:
+    """bool ``[B, q_length, kv_length]``: the request's pattern (without padding) at this call's positions.
+
+    Evaluated on index tensors, so transformers' own combinators work as they are (no ``traceable``: inside
+    torch.compile, reading the cells of a closure built in the graph and then calling it trips dynamo)."""
+    unpadded = _request_mask_mod(dataclasses.replace(request, padding=None), request.mask_function)
+    return create_mask(unpadded, request.batch_size, None, request.q_length, request.kv_length,
+                       device=request.device)[:, 0]
 
 
 def combine_patterns(model_pattern: Callable, mask_mod: Optional[Callable], combine: str) -> Callable:
@@ -353,6 +427,9 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
         raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor or None, "
                         f"got {type(mask_mod).__name__}")
     check_combine(combine)
+    # The tensors mask_mod captured, read now (see ModelMaskMod): the same objects, so values changed in place
+    # are seen by eager and compiled calls alike.
+    user_tensors = () if mask_mod is None else tuple(ops.register_mod(mask_mod, "mask")[1])
     if mask_heads is not None and (isinstance(mask_heads, bool) or not isinstance(mask_heads, int) or mask_heads <= 0):
         raise ValueError(f"mask_heads must be a positive int (the number of query heads) or None, got {mask_heads!r}")
 
@@ -363,15 +440,18 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
             return attention_mask
         request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask, cache_position, device)
-        family = closed_form_family(request.mask_function) \
-            if mask_mod is None and mask_heads is None and request.q_positions is None \
-            else None
-        if family is not None and family[0] != "overlay":
+        pattern = None if mask_mod is not None and combine == "replace" else _pattern_of(request.mask_function)
+        if pattern != "table" and pattern is not None and mask_mod is None and request.q_positions is None:
             # causal / sliding / bidirectional (+ padding) at an offset: every decode step comes here
-            family_mod = FamilyMaskMod.of_request(request, *family)
-            block_mask = _closed_form_mask(request, family_mod, family, block_size)
+            block_mask = _closed_form_mask(request, ModelMaskMod.of_request(request, pattern), pattern, block_size)
         else:
-            model_mask = _request_mask_mod(request, combine_patterns(traceable(request.mask_function), mask_mod, combine))
+            if pattern == "table" and not torch.compiler.is_compiling():
+                # Eagerly the model's own pattern is traced (the compiler analyses it); inside torch.compile
+                # it is a closure built in the graph, which cannot be keyed, so it is read from a table.
+                model_mask = _request_mask_mod(request, combine_patterns(traceable(request.mask_function), mask_mod,
+                                                                         combine))
+            else:
+                model_mask = ModelMaskMod.of_request(request, pattern, mask_mod, combine, user_tensors)
             block_mask = create_block_mask(model_mask, request.batch_size, mask_heads, request.q_length,
                                            request.kv_length, device=request.device, BLOCK_SIZE=block_size)
         return ModelBlockMask.wrap(block_mask, request.q_offset, request.kv_offset, request.q_positions)
