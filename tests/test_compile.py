@@ -206,3 +206,24 @@ def test_static_cache_generate_with_a_registered_mask_mod_compiled_matches_eager
         model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
         compiled_tokens = model.generate(input_ids, **settings)
     assert torch.equal(compiled_tokens, eager_tokens)
+
+
+def test_compiled_mask_function_with_query_positions_and_a_mask_mod_matches_eager():
+    """transformers 4.5x passes ``cache_position``: the model mask reads query positions from a tensor input."""
+    from triton_attn.registry.attention_functions import make_attention_function
+    from triton_attn.registry.masking import make_mask_function
+
+    ids = torch.arange(40) // 9
+    mask_function, attention_function = make_mask_function(document_mask(ids), block_size=16), make_attention_function()
+    q, k, v = random_qkv(2, 2, 2, 8, 40, 16)
+    keep = torch.ones(2, 40, dtype=torch.long)
+    keep[1, :6] = 0
+
+    def run(q, k, v, positions, keep):
+        block_mask = mask_function(2, cache_position=positions, kv_length=40, attention_mask=keep)
+        return attention_function(None, q, k, v, block_mask)[0]
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for positions in (torch.arange(20, 28), torch.tensor([3, 9, 10, 17, 18, 30, 31, 39])):
+        torch.testing.assert_close(compiled(q, k, v, positions, keep), run(q, k, v, positions, keep),
+                                   rtol=1e-6, atol=1e-6)

@@ -93,6 +93,38 @@ def test_bound_mod_evaluates_the_graph_with_new_tensors():
     torch.testing.assert_close(bound(*grid), document_mask(other)(*grid))
 
 
+class _ThresholdMod(ta.masks.StructuredMod):
+    """An untraceable StructuredMod (a tensor method the tracer does not know): evaluated eagerly."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return kv_idx.float().nan_to_num() <= q_idx + self.threshold
+
+    def structure(self):
+        return ()
+
+    def tensors(self):
+        return (self.threshold,)
+
+    @classmethod
+    def build(cls, structure, tensors):
+        return cls(tensors[0])
+
+
+def test_an_untraceable_structured_mod_carries_its_tensors_and_is_rebuilt_over_new_ones():
+    """Keyed by identity (no trace), yet its tensors travel: resolve_mod rebuilds it over the ones it is given."""
+    mod, other = _ThresholdMod(torch.tensor(1)), torch.tensor(0)
+    key, captured = ops.register_mod(mod, "mask")
+    assert "/eager/" in key and captured[0] is mod.threshold
+    assert ops.resolve_mod(key, captured) is mod
+    rebuilt = ops.resolve_mod(key, [other])
+    assert isinstance(rebuilt, _ThresholdMod) and rebuilt.threshold is other
+    q_idx, kv_idx = torch.arange(8).view(-1, 1), torch.arange(8).view(1, -1)
+    assert torch.equal(rebuilt(0, 0, q_idx, kv_idx), kv_idx <= q_idx)
+
+
 # ---------------------------------------------------------------------------------------------
 # No device reads on the launch path
 # ---------------------------------------------------------------------------------------------
