@@ -227,3 +227,26 @@ def test_compiled_mask_function_with_query_positions_and_a_mask_mod_matches_eage
     for positions in (torch.arange(20, 28), torch.tensor([3, 9, 10, 17, 18, 30, 31, 39])):
         torch.testing.assert_close(compiled(q, k, v, positions, keep), run(q, k, v, positions, keep),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_mask_function_reads_a_pattern_outside_the_families_from_a_table():
+    """A model pattern without a closed form (here a bidirectional window made outside the graph) and a mask_mod."""
+    from triton_attn.registry.attention_functions import make_attention_function
+    from triton_attn.registry.masking import make_mask_function
+
+    def bidirectional_window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() < 6
+
+    mask_function = make_mask_function(document_mask(torch.arange(32) // 11), block_size=16)
+    attention_function = make_attention_function()
+    q, k, v = random_qkv(2, 2, 2, 32, 32, 16)
+    keep = torch.ones(2, 32, dtype=torch.long)
+
+    def run(q, k, v, keep):
+        block_mask = mask_function(2, 32, 32, mask_function=bidirectional_window, attention_mask=keep)
+        return attention_function(None, q, k, v, block_mask)[0]
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for padded in (0, 7):
+        keep[1, :padded] = 0
+        torch.testing.assert_close(compiled(q, k, v, keep), run(q, k, v, keep), rtol=1e-6, atol=1e-6)
