@@ -86,8 +86,8 @@ class BackwardConfig:
 # hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
 # Registers and spills of every entry are checked ahead of time by tests/kernels/test_backward_aot.py.
 BACKWARD_CONFIGS: List[BackwardConfig] = [
-    # 16-bit inputs. dK/dV steps are narrow: its scores are computed as the forward computes them
-    # (Q K^T, then transposed), which costs registers (see backward.py).
+    # 16-bit inputs. Narrow dK/dV steps, chosen while the dK/dV scores were Q K^T, transposed; keys
+    # first (K Q^T) 64 x 64 steps at D = 128 now build for sm_80 at 172 registers without spills (untimed).
     BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
     BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
     BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
