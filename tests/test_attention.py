@@ -381,6 +381,28 @@ def test_cpu_flash_fast_path_not_used_when_it_does_not_apply(monkeypatch):
     assert not cpu_flash.applicable(q, k, v[..., :8], bm, None, needs_grad=False)
 
 
+def test_eager_cpu_inference_skips_the_op_dispatch(monkeypatch):
+    """No gradient, eager, CPU, torch backend: the op's CPU implementation is called directly (the
+    dispatcher and the mod table are host time on every decode step); the result is the op's exactly."""
+    from triton_attn import ops
+
+    q, k, v = random_qkv(2, 4, 2, 33, 70, 16)
+    block_mask = ta.create_block_mask(sliding_window_mask(20), None, None, 33, 70, BLOCK_SIZE=16)
+    calls = []
+    original = ops.attention_op
+    monkeypatch.setattr(ops, "attention_op", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with torch.no_grad():
+        direct = ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    assert not calls
+    mask, score = ops.register_mod(block_mask.mask_mod, "mask"), ops.register_mod(None, "score")
+    through_op = original(q, k, v, block_mask, mask, score, scale=16 ** -0.5, backend="torch", autotune=None)
+    for got, want in zip(direct, through_op):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    q.requires_grad_()
+    ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()  # gradients: the op
+    assert calls and q.grad is not None
+
+
 @pytest.mark.parametrize("needs_grad", [False, True])
 def test_compact_block_mask_is_walked_without_dense_fields(needs_grad):
     """The torch backend (both paths) reads a compact mask's compressed rows, never its dense fields."""

@@ -193,14 +193,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
             # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
             score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
             check_score_result_type(score_mod, query.device, score_dtype)
-        _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
+        # Once per mask and device: a mask's mask_mod and what it captures are fixed when it is built.
+        block_mask.derived(f"mask_mod_on_{query.device}",
+                           lambda: _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device))
 
     if chosen != "torch" and not compiling:
         require_triton(interpret=chosen == "interpret")  # a clear error for a missing or too old Triton
         # A kernel cannot raise: fail here where the torch backend would (cached per mod and shape).
         check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
 
-    if _op_applies(block_mask, score_mod, compiling):
+    if _op_applies(block_mask, score_mod, compiling, chosen, (query, key, value)):
         from . import ops
 
         if compiling:
@@ -219,14 +221,20 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     return (out, lse) if return_lse else out
 
 
-def _op_applies(block_mask: BlockMask, score_mod: Optional[Callable], compiling: bool) -> bool:
-    """Whether the call goes through the custom ops (``ops.py``). Two cases keep the direct route: a
-    compact BlockMask (the ops take the dense index tensors, which a compact mask builds only on demand)
-    and, with gradients on, a score_mod whose captured tensors require grad (the ops differentiate
-    q, k and v only; the direct route reaches those tensors through the closure)."""
+def _op_applies(block_mask: BlockMask, score_mod: Optional[Callable], compiling: bool, chosen: str,
+                tensors) -> bool:
+    """Whether the call goes through the custom ops (``ops.py``). Three cases keep the direct route: a
+    compact BlockMask (the ops take the dense index tensors, which a compact mask builds only on demand);
+    with gradients on, a score_mod whose captured tensors require grad (the ops differentiate
+    q, k and v only; the direct route reaches those tensors through the closure); and an eager CPU call
+    on the torch backend that needs no gradient, which is exactly the op's CPU implementation without the
+    dispatcher, the mod table and the flattened mask (a decode step's host time: bench/bench_generate.py)."""
     from .masks.compact import CompactBlockMask
 
     if isinstance(block_mask, CompactBlockMask):
+        return False
+    if chosen == "torch" and not compiling and tensors[0].device.type == "cpu" and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False
     if score_mod is not None and torch.is_grad_enabled() and not compiling:
         if any(t.requires_grad for t in captured_tensors(score_mod)):

@@ -108,36 +108,50 @@ def _expand_blocks(blocks: torch.Tensor, block_size, seq_lengths) -> torch.Tenso
     return blocks[..., q_block_of, :][..., kv_block_of]
 
 
-def _dense_keep(block_mask: BlockMask):
-    """(bias ``[Bm, 1, Lq, Lkv]`` float32 0/-inf, attended rows ``[Bm, 1, Lq]``): the mask of every
-    element; full blocks attend, partial ones ask the mask_mod."""
+def _dense_keep(block_mask: BlockMask) -> torch.Tensor:
+    """Bool ``[Bm, 1, Lq, Lkv]``: the mask of every element; full blocks attend, partial ones ask the
+    mask_mod. A mask with an exact layout (``BlockMask.exact_layout``: the closed-form model masks) is
+    the mask_mod itself everywhere, so its index lists are not read (nor built, if deferred)."""
     batch = block_mask.shape[0]
     q_len, kv_len = block_mask.seq_lengths
-    full = _expand_blocks(block_mask.full_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
-    partial = _expand_blocks(block_mask.partial_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
-    keep = full
-    if bool(partial.any()):
+
+    def mask_mod_everywhere():
         b = torch.arange(batch).view(-1, 1, 1, 1)
         h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
         q_idx, kv_idx = torch.arange(q_len).view(1, 1, -1, 1), torch.arange(kv_len).view(1, 1, 1, -1)
-        allowed = call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, (batch, 1, q_len, kv_len))
-        keep = full | (partial & allowed)
-    bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -math.inf)
-    return bias, keep.any(-1)
+        return call_mask_mod(block_mask.mask_mod, b, h, q_idx, kv_idx, (batch, 1, q_len, kv_len))
+
+    if block_mask.exact_layout:
+        return mask_mod_everywhere()
+    full = _expand_blocks(block_mask.full_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
+    partial = _expand_blocks(block_mask.partial_blocks(), block_mask.BLOCK_SIZE, block_mask.seq_lengths)
+    return full | (partial & mask_mod_everywhere()) if bool(partial.any()) else full
+
+
+def dense_bias(block_mask: BlockMask, groups: int):
+    """(bias ``[Bm, 1, groups * Lq, Lkv]`` float32 0/-inf for queries grouped by K/V head, attended rows
+    ``[Bm, 1, Lq]`` bool, whether every row attends): derived once per mask and group count, so the
+    layers of a model share it (``BlockMask.derived``)."""
+    def make():
+        keep = block_mask.derived("cpu_flash_keep", lambda: _dense_keep(block_mask))
+        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -math.inf)
+        attended = keep.any(-1)
+        return (bias.repeat(1, 1, groups, 1) if groups > 1 else bias), attended, bool(attended.all())
+
+    return block_mask.derived(f"cpu_flash_dense_{groups}", make)
 
 
 def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: float):
     """The dense route: one flash call over all keys with the cached bias."""
-    bias, attended = block_mask.derived("cpu_flash_dense", lambda: _dense_keep(block_mask))
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
+    mask, attended, every_row_attends = dense_bias(block_mask, groups)
     grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    mask = bias.repeat(1, 1, groups, 1) if groups > 1 else bias
     out, lse = flash(grouped, key, value, 0.0, False, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
     out, lse = out.reshape(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)
     # The op reports 0 for a row that saw only -inf; the contract is out 0, lse -inf.
-    if not bool(attended.all()):
+    if not every_row_attends:
         rows = attended.expand(batch, q_heads, q_len)
         out = out.masked_fill(~rows.unsqueeze(-1), 0.0)
         lse = lse.masked_fill(~rows, -math.inf)

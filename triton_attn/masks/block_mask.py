@@ -341,6 +341,46 @@ class BlockMask:
             cache[name] = make()
         return cache[name]
 
+    # -- deferred fields ----------------------------------------------------------------------
+    # A mask whose layout is known in closed form (``masks/closed_form.py``) need not build its index
+    # lists until a kernel reads them: the CPU fast path of a decode step reads none of them (it
+    # evaluates the mask_mod densely, see ``exact_layout``), and building them is most of the cost
+    # of a step's mask. Only CPU masks outside torch.compile are deferred: on CUDA the lists must
+    # exist before a launch is captured in a CUDA graph (building them reads the device).
+    exact_layout = False  # True: empty tiles allow nothing and full tiles everything under mask_mod
+
+    @classmethod
+    def deferred(cls, build: Callable[[], Dict[str, torch.Tensor]], *, batch_heads: Tuple[int, int],
+                 BLOCK_SIZE: BlockSize, seq_lengths: Tuple[int, int], mask_mod: Callable,
+                 device: torch.device) -> "BlockMask":
+        """A mask whose index fields are ``build()`` (the eight ``_TENSOR_FIELDS``, consistent by
+        construction), called on first access to any of them. ``batch_heads``: the (B, H) the fields
+        will have, so that ``shape`` / ``num_blocks`` / ``device`` need no fields."""
+        made = cls.__new__(cls)
+        made.BLOCK_SIZE = normalize_block_size(BLOCK_SIZE)
+        made.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        made.mask_mod = mask_mod if mask_mod is not None else full_mask
+        made._pending = (build, (int(batch_heads[0]), int(batch_heads[1])), torch.device(device))
+        return made
+
+    def is_deferred(self) -> bool:
+        """Whether the index fields are still to be built (``deferred``)."""
+        return "_pending" in self.__dict__
+
+    def __getattr__(self, name: str):
+        # Called only for attributes not set on the instance: a deferred mask's fields and plan.
+        pending = self.__dict__.get("_pending")
+        if pending is None or (name not in self._TENSOR_FIELDS and name != "_launch_plan"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        fields = pending[0]()
+        del self.__dict__["_pending"]
+        for field in self._TENSOR_FIELDS:
+            setattr(self, field, fields[field])
+        self._launch_plan = self.compute_launch_plan()
+        if not torch.compiler.is_compiling():  # (a compiled region knows no tensor versions)
+            self.trusted()
+        return getattr(self, name)
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_block_maps(cls, partial: torch.Tensor, full: torch.Tensor, *, BLOCK_SIZE: BlockSize,
@@ -423,6 +463,8 @@ class BlockMask:
         value checks cost one device sync, once per mask: the result is cached on the mask until
         a field is replaced or modified in place. Returns ``self``.
         """
+        if self.is_deferred():  # built consistent when first read
+            return self
         signature = self.layout_signature()
         if getattr(self, "_validated", None) == signature:
             return self
@@ -471,17 +513,22 @@ class BlockMask:
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         """``(B, H, Q_LEN, KV_LEN)``; B/H are 1 where the mask broadcasts."""
-        batch, heads = self.kv_num_blocks.shape[:2]
+        pending = self.__dict__.get("_pending")
+        batch, heads = pending[1] if pending is not None else self.kv_num_blocks.shape[:2]
         return (batch, heads) + self.seq_lengths
 
     @property
     def num_blocks(self) -> Tuple[int, int]:
         """``(num_q_blocks, num_kv_blocks)``."""
+        if self.is_deferred():
+            (q_len, kv_len), (q_bs, kv_bs) = self.seq_lengths, self.BLOCK_SIZE
+            return -(-q_len // q_bs), -(-kv_len // kv_bs)
         return self.kv_indices.shape[-2], self.kv_indices.shape[-1]
 
     @property
     def device(self) -> torch.device:
-        return self.kv_num_blocks.device
+        pending = self.__dict__.get("_pending")
+        return pending[2] if pending is not None else self.kv_num_blocks.device
 
     def row_layout(self, row: int, device=None):
         """Query block row ``row`` as ``((num, indices), (full_num, full_indices))``: partial then full
@@ -555,6 +602,8 @@ class BlockMask:
 
     def is_trusted(self) -> bool:
         """Whether the fields were validated (or built consistent) and not changed since."""
+        if self.is_deferred():
+            return True
         signature = self.layout_signature()
         return signature in (getattr(self, "_trusted", None), getattr(self, "_validated", None))
 

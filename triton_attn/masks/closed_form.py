@@ -128,12 +128,32 @@ def window_block_mask(mask_mod: Callable, batch: int, q_length: int, kv_length: 
     that it is the family described by the other arguments.
     """
     block_size = normalize_block_size(BLOCK_SIZE)
-    partial, full = window_block_maps(batch, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
-                                      causal=causal, window=window, padding=padding, document_ids=document_ids,
-                                      block_size=block_size, device=device)
-    fields = dense_fields_from_maps(partial, full, partial.shape[0], 1)
-    block_mask = BlockMask(**fields, BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length), mask_mod=mask_mod)
-    # Lists derived from block maps are consistent by construction (as in BlockMask.from_block_maps):
-    # trusted, so an eager decode step does not re-check them with a device read. (A compiled region
-    # skips the checks anyway, and the mark's tensor versions are not known there.)
-    return block_mask if torch.compiler.is_compiling() else block_mask.trusted()
+
+    def build_fields():
+        partial, full = window_block_maps(batch, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                          causal=causal, window=window, padding=padding, document_ids=document_ids,
+                                          block_size=block_size, device=device)
+        return dense_fields_from_maps(partial, full, partial.shape[0], 1)
+
+    if device is None:
+        device = next((t.device for t in (padding, document_ids, q_offset, kv_offset)
+                       if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    device = torch.device(device)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        # Built when a kernel first reads the lists; a CPU decode step never does (BlockMask.deferred).
+        mask_batch = max([1] + [t.shape[0] for t in (padding, document_ids) if t is not None])
+        if mask_batch not in (1, batch):  # the error window_block_maps raises, now rather than on first read
+            raise ValueError(f"padding / document_ids have batch size {mask_batch}; expected 1 or batch={batch}")
+        block_mask = BlockMask.deferred(build_fields, batch_heads=(mask_batch, 1),
+                                        BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length),
+                                        mask_mod=mask_mod, device=device)
+    else:
+        block_mask = BlockMask(**build_fields(), BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length),
+                               mask_mod=mask_mod)
+        # Lists derived from block maps are consistent by construction (as in BlockMask.from_block_maps):
+        # trusted, so an eager decode step does not re-check them with a device read. (A compiled region
+        # skips the checks anyway, and the mark's tensor versions are not known there.)
+        if not torch.compiler.is_compiling():
+            block_mask.trusted()
+    block_mask.exact_layout = True  # closed form: the classification is exact (module docstring)
+    return block_mask

@@ -51,10 +51,16 @@ class ModelBlockMask(BlockMask):
     @classmethod
     def wrap(cls, block_mask: BlockMask, q_offset: int, kv_offset: int,
              q_positions: Optional[torch.Tensor] = None) -> "ModelBlockMask":
+        if block_mask.is_deferred():  # keep it so: its fields are built when first read
+            wrapped = cls.__new__(cls)
+            wrapped.__dict__.update({k: v for k, v in block_mask.__dict__.items() if k != "_derived"})
+            wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
+            return wrapped
         fields = {name: getattr(block_mask, name) for name in BLOCK_MASK_FIELDS}
         wrapped = cls(**fields, BLOCK_SIZE=block_mask.BLOCK_SIZE, seq_lengths=block_mask.seq_lengths,
                       mask_mod=block_mask.mask_mod, launch_plan=block_mask.launch_plan)
         wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
+        wrapped.exact_layout = block_mask.exact_layout
         if torch.compiler.is_compiling() or not block_mask.is_trusted():  # versions unknown while compiling
             return wrapped
         return wrapped.trusted()  # same lists: no new validation
