@@ -11,7 +11,7 @@ Measured per implementation: prefill ms (the first forward over the prompt) and 
 ``generate``'s own bookkeeping is outside both. The greedy tokens of all implementations must be equal
 (asserted). Results: ``bench/results/generate_<date>_<device>_torch<v>_transformers<v>.{csv,md}``,
 every row stamped with date, device and versions; the ``.md`` checks the targets (decode and prefill
-<= 1.1x sdpa).
+<= 1.1x sdpa) and adds the host cost of one decode step's mask at a 4k cache (``decode_mask_timings``).
 
 Usage::
 
@@ -129,6 +129,40 @@ def run_all(args, input_ids, attention_mask) -> Dict[str, Dict[str, object]]:
                    "tokens": s["tokens"]} for name, s in samples.items()}
 
 
+def median_ms(fn, repeats: int = 200) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def decode_mask_timings(batch: int = 2, cache: int = 4096, kv_heads_group: int = 4) -> Dict[str, float]:
+    """Host cost of one decode step's mask at a ``cache``-token static cache (1 query row at the end,
+    left padding), median ms: what ``sdpa``'s mask function costs, what ``triton_attn``'s costs on CPU
+    (the mask function, whose block lists wait, plus the dense bias its CPU attention derives once per
+    step), and the mask with its block lists built (what a Triton launch reads)."""
+    import transformers.masking_utils as masking_utils
+
+    from triton_attn import cpu_flash
+    from triton_attn.registry.masking import make_mask_function
+
+    attention_mask = torch.ones(batch, cache, dtype=torch.long)
+    attention_mask[0, :cache // 8] = 0
+    arguments = dict(batch_size=batch, q_length=1, kv_length=cache, q_offset=cache - 1, kv_offset=0,
+                     mask_function=masking_utils.causal_mask_function, attention_mask=attention_mask)
+    triton_mask = make_mask_function()
+    sdpa_mask = masking_utils.AttentionMaskInterface._global_mapping["sdpa"]
+    return {
+        "sdpa mask function": median_ms(lambda: sdpa_mask(**arguments, allow_is_causal_skip=False)),
+        "triton_attn mask function + CPU bias": median_ms(
+            lambda: cpu_flash.dense_bias(triton_mask(**arguments), kv_heads_group)),
+        "triton_attn mask with block lists": median_ms(lambda: triton_mask(**arguments).kv_indices),
+    }
+
+
 def device_name() -> str:
     return f"cpu-{platform.machine()}-x{torch.get_num_threads()}"
 
@@ -145,6 +179,7 @@ def main(argv=None) -> int:
     input_ids, attention_mask = prompts(args)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = run_all(args, input_ids, attention_mask)
+    mask_costs = decode_mask_timings(args.batch)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     reference = results["sdpa"]["tokens"]
     same = {name: bool(torch.equal(result["tokens"], reference)) for name, result in results.items()}
@@ -183,6 +218,9 @@ def main(argv=None) -> int:
     for what in ("prefill", "decode"):
         ratio = ours[f"{what}_ms"] / sdpa[f"{what}_ms"]
         lines.append(f"\n- target {what} <= {TARGET}x sdpa: {ratio:.2f}x -> {'met' if ratio <= TARGET else 'NOT met'}")
+    lines += ["", f"Decode-step mask at a 4096-token cache (B={args.batch}, 1 query row, left padding), "
+              "median ms on the same machine:", "", "| mask | ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in mask_costs.items()]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     print(f"results: {stem}.csv / .md")

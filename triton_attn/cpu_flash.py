@@ -128,7 +128,7 @@ def _dense_keep(block_mask: BlockMask) -> torch.Tensor:
     return full | (partial & mask_mod_everywhere()) if bool(partial.any()) else full
 
 
-def _dense_bias(block_mask: BlockMask, groups: int):
+def dense_bias(block_mask: BlockMask, groups: int):
     """(bias ``[Bm, 1, groups * Lq, Lkv]`` float32 0/-inf for queries grouped by K/V head, attended rows
     ``[Bm, 1, Lq]`` bool, whether every row attends): derived once per mask and group count, so the
     layers of a model share it (``BlockMask.derived``)."""
@@ -146,7 +146,7 @@ def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: flo
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
-    mask, attended, every_row_attends = _dense_bias(block_mask, groups)
+    mask, attended, every_row_attends = dense_bias(block_mask, groups)
     grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
     out, lse = flash(grouped, key, value, 0.0, False, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
     out, lse = out.reshape(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)

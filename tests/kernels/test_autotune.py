@@ -267,6 +267,34 @@ def test_backward_launch_searches_the_two_kernels_independently_and_only_when_as
     assert tuned_backward_config(q, k, v, block_mask, None, default, False, run=run) == chosen
     assert len(runs) == count
 
+
+def test_backward_search_times_both_launches_of_a_split_dkdv_kernel(cache):
+    """A default that splits dK/dV (the Hopper head_dim 128 one) keeps splitting: each dK/dV candidate is timed
+    on its dV and dK launches together, and its winner is cached under a key of its own ("split")."""
+    from dataclasses import replace
+
+    from triton_attn.kernels.attention.backward_launch import default_backward_config, tuned_backward_config
+
+    q = torch.randn(1, 4, 256, 64, dtype=torch.float16)
+    k, v = torch.randn(1, 2, 256, 64, dtype=torch.float16), torch.randn(1, 2, 256, 64, dtype=torch.float16)
+    block_mask = create_block_mask(causal_mask, None, None, 256, 256)
+    fused = default_backward_config(64, 64, torch.float16, (128, 128), 256, 256)
+    split = replace(fused, split_dkdv=True)
+    timed = []
+
+    def run(pair):
+        assert pair.split_dkdv
+        return {"dv": lambda: timed.append("dv"), "dk": lambda: timed.append("dk"), "dq": lambda: timed.append("dq")}
+
+    chosen = tuned_backward_config(q, k, v, block_mask, None, split, True, run=run)
+    assert chosen.split_dkdv and {"dv", "dk", "dq"} == set(timed)
+    assert timed.count("dv") == timed.count("dk")  # the two launches of one candidate run together
+    keys = list(autotune.autotuner().cache.entries())
+    assert any(key.startswith("bwd_dkdv|") and key.endswith("|split") for key in keys), keys
+    # The fused kernel's tiles are a separate search: nothing cached for it yet.
+    autotune.autotuner().forget_memory()
+    assert tuned_backward_config(q, k, v, block_mask, None, fused, False, run=run).dkdv == fused.dkdv
+
 def test_key_separates_occupancy_block_size_ragged_tail_and_structure():
     q = torch.randn(2, 4, 300, 64)
     k, v = torch.randn(2, 4, 300, 64), torch.randn(2, 4, 300, 64)

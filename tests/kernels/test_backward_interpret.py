@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ import triton_attn as ta  # noqa: E402
 from tests.helpers.mask_cases import composed_masks, document_ids, library_mask_cases
 from tests.helpers.numerics import assert_matches_golden, random_qkv  # noqa: E402
 from triton_attn.kernels.jit import derivative  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import (UnsupportedBackwardError, attention_backward,  # noqa: E402
-                                                           check_backward_supported)
+from triton_attn.kernels.attention import backward_launch  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import (BackwardConfig, UnsupportedBackwardError,  # noqa: E402
+                                                           attention_backward, check_backward_supported)
+from triton_attn.kernels.attention.configs import KernelConfig  # noqa: E402
 from triton_attn.kernels.attention.fallback import (UntraceableMaskWarning, partial_block_bits,  # noqa: E402
                                                     partial_block_ids)
 from triton_attn.kernels.jit import functions  # noqa: E402
@@ -36,15 +39,16 @@ from triton_attn.reference import dense_attention  # noqa: E402
 
 
 class TritonBackward(torch.autograd.Function):
-    """apply(q, k, v, block_mask, score_mod, scale) -> (out, lse), both passes on the interpreter."""
+    """apply(q, k, v, block_mask, score_mod, scale, config=None) -> (out, lse), both passes on the
+    interpreter (``config``: the backward's ``BackwardConfig``, None for the heuristic's)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, block_mask, score_mod, scale):
+    def forward(ctx, query, key, value, block_mask, score_mod, scale, config=None):
         stats = new_softmax_stats(query)
         out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=True,
                                      stats=stats)
         ctx.save_for_backward(query, key, value, out, lse, stats)
-        ctx.block_mask, ctx.score_mod, ctx.scale = block_mask, score_mod, scale
+        ctx.block_mask, ctx.score_mod, ctx.scale, ctx.config = block_mask, score_mod, scale, config
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -52,8 +56,9 @@ class TritonBackward(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         query, key, value, out, lse, stats = ctx.saved_tensors
         grads = attention_backward(query, key, value, out, lse, grad_out, grad_lse, ctx.block_mask,
-                                   score_mod=ctx.score_mod, scale=ctx.scale, interpret=True, softmax_stats=stats)
-        return (*grads, None, None, None)
+                                   score_mod=ctx.score_mod, scale=ctx.scale, interpret=True, softmax_stats=stats,
+                                   config=ctx.config)
+        return (*grads, None, None, None, None)
 
 
 def _block_mask(mask_mod, q_len, kv_len, block_size, mask_batch=None, mask_heads=None):
@@ -62,13 +67,13 @@ def _block_mask(mask_mod, q_len, kv_len, block_size, mask_batch=None, mask_heads
 
 
 def check(q, k, v, *, mask_mod=None, score_mod=None, block_size=32, mask_batch=None, mask_heads=None,
-          scale=None, context=""):
+          scale=None, context="", config=None):
     """Forward + Triton backward on the interpreter vs the float64 golden result (3x rule for grads)."""
     block_mask = _block_mask(mask_mod, q.shape[2], k.shape[2], block_size, mask_batch, mask_heads)
     used_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
     def candidate(q_, k_, v_):
-        return TritonBackward.apply(q_, k_, v_, block_mask, score_mod, used_scale)
+        return TritonBackward.apply(q_, k_, v_, block_mask, score_mod, used_scale, config)
 
     return assert_matches_golden(candidate, q, k, v, mask_mod=mask_mod, score_mod=score_mod, scale=scale,
                                  backward=True, context=context)
@@ -391,3 +396,82 @@ def test_softcap_with_hardware_tanh_error_keeps_the_rule():
 
         assert_matches_golden(candidate, q, k, v, mask_mod=causal_mask, score_mod=softcap_score(30.0),
                               context=str(dtype))
+
+
+# -- dK and dV in two launches (split_dkdv, the Hopper head_dim 128 default); scores keys first ------
+
+def _split(block_m=16, block_n=32):
+    return BackwardConfig(KernelConfig(block_m, block_n, 4, 1), KernelConfig(block_n, block_m, 4, 1),
+                          max_head_dim=256, split_dkdv=True)
+
+
+def _grads(q, k, v, block_mask, score_mod, config, grad_out):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, _ = TritonBackward.apply(*leaves, block_mask, score_mod, 0.2, config)
+    out.backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def _split_cases():
+    ids = document_ids(2, 70)
+    return {
+        "causal_gqa_fp16": (torch.float16, 1, 4, 2, 45, 70, causal_mask, None),
+        "document_bf16": (torch.bfloat16, 2, 2, 1, 70, 70, and_masks(causal_mask, document_mask(ids)), None),
+        "window_softcap_bf16": (torch.bfloat16, 1, 2, 1, 60, 60, sliding_window_mask(20), softcap_score(5.0)),
+        "times_eight_fp16": (torch.float16, 1, 2, 2, 64, 64, causal_mask, _times_eight),
+        "squared_fp32": (torch.float32, 1, 2, 1, 48, 48, causal_mask, _squared),
+    }
+
+
+@pytest.mark.parametrize("name", list(_split_cases()))
+def test_split_dkdv_launches_match_golden(name):
+    dtype, batch, q_heads, kv_heads, q_len, kv_len, mask_mod, score_mod = _split_cases()[name]
+    q, k, v = random_qkv(batch, q_heads, kv_heads, q_len, kv_len, 32, dtype=dtype)
+    check(q, k, v, mask_mod=mask_mod, score_mod=score_mod, mask_batch=batch if batch > 1 else None,
+          block_size=32, config=_split(), context=name)
+
+
+def test_split_dkdv_is_bitwise_the_single_kernel():
+    """The dV launch and the dK launch compute exactly what the single dK/dV kernel computes."""
+    q, k, v = random_qkv(1, 4, 2, 64, 64, 32, dtype=torch.bfloat16)
+    block_mask = _block_mask(causal_mask, 64, 64, 32)
+    grad_out = torch.randn(1, 4, 64, 32, dtype=torch.bfloat16)
+    fused = replace(_split(), split_dkdv=False)
+    for score_mod in (None, softcap_score(5.0)):
+        split_grads = _grads(q, k, v, block_mask, score_mod, _split(), grad_out)
+        fused_grads = _grads(q, k, v, block_mask, score_mod, fused, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(split_grads, fused_grads))
+
+
+def test_split_dkdv_fully_masked_rows_get_zero_gradients():
+    def every_third_row_empty(b, h, q_idx, kv_idx):
+        return (q_idx % 3 != 0) & (kv_idx <= q_idx)
+
+    q, k, v = random_qkv(1, 2, 1, 50, 50, 16, dtype=torch.float16)
+    check(q, k, v, mask_mod=every_third_row_empty, score_mod=softcap_score(4.0), block_size=16, config=_split())
+    grads = _grads(q, k, v, _block_mask(every_third_row_empty, 50, 50, 16), softcap_score(4.0), _split(),
+                   torch.randn(1, 2, 50, 16, dtype=torch.float16))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][:, :, ::3] == 0).all()
+    nothing = _block_mask(lambda b, h, q_idx, kv_idx: kv_idx > q_idx + 1000, 50, 50, 16)
+    assert all((g == 0).all() for g in _grads(q, k, v, nothing, None, _split(),
+                                              torch.randn(1, 2, 50, 16, dtype=torch.float16)))
+
+
+def test_keys_first_scores_round_exactly_as_the_forward_order(monkeypatch):
+    """16-bit inputs: the dK/dV kernel's K Q^T gives bitwise the gradients of the forward's Q K^T
+    (transposed), so the recompute meets the forward's statistics exactly (even under ``s * 8``)."""
+    q, k, v = random_qkv(1, 2, 1, 64, 64, 32, dtype=torch.float16)
+    block_mask = _block_mask(causal_mask, 64, 64, 32)
+    grad_out = torch.randn(1, 2, 64, 32, dtype=torch.float16)
+    keys_first = _grads(q, k, v, block_mask, _times_eight, _split(), grad_out)
+    original = backward_launch.dkdv_constexprs
+
+    def forward_order(**kwargs):
+        values = original(**kwargs)
+        assert values["KEYS_FIRST"]
+        return {**values, "KEYS_FIRST": False}
+
+    monkeypatch.setattr(backward_launch, "dkdv_constexprs", forward_order)
+    assert all(torch.equal(a, b) for a, b in zip(keys_first, _grads(q, k, v, block_mask, _times_eight, _split(),
+                                                                      grad_out)))

@@ -6,7 +6,7 @@ its TTGIR / PTX / ptxas report with ``kernels/tuning/compiled.py``:
 - the forward's two block loops (partial and full blocks) and the backward's loops keep
   ``num_stages - 1`` tile loads in flight for kv_len a multiple of the block size (shared-memory
   rings of ``num_stages`` buffers, ``async_wait`` with a nonzero count);
-- the Hopper backward tiles use wgmma with N >= 64 where the issue asks for it, without spills;
+- the Hopper backward tiles use wgmma with N >= 64 for every product, without spills;
 - the default configs do not spill;
 - row offsets are 64-bit exactly when the launch needs them, and captured-tensor index products
   always are;
@@ -15,6 +15,8 @@ its TTGIR / PTX / ptxas report with ``kernels/tuning/compiled.py``:
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -73,31 +75,41 @@ def test_forward_without_partial_blocks_is_pipelined_too():
     _assert_pipelined(result, config.num_stages)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_backward(head_dim: int):
+    """The default sm_90 bf16 backward for ``head_dim`` under a causal mask (kv_len = 4096, a multiple of
+    the block size), compiled once for the tests below: (config, {kernel name: AotResult})."""
+    config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4096, 4096, capability=HOPPER)
+    return config, aot.compile_backward(config, arch=HOPPER, mask=trace_mask_mod(causal_mask), head_dim=head_dim,
+                                        q_len=4096, kv_len=4096)
+
+
 def test_backward_loops_keep_loads_in_flight():
-    """dQ: K/V rings of num_stages; dK/dV: dO num_stages deep, Q at least double-buffered."""
-    config = HOPPER_BACKWARD_CONFIGS[128]
-    results = aot.compile_backward(config, arch=HOPPER, mask=trace_mask_mod(causal_mask), q_len=4096, kv_len=4096)
-    _assert_pipelined(results["dq"], config.dq.num_stages)
-    _assert_pipelined(results["dkdv"], config.dkdv.num_stages, every_ring=False)
-    for loop in pipelined_loops(results["dq"].ttgir):
-        assert loop.loads_in_flight() == config.dq.num_stages - 1, str(loop)
+    """dQ: K/V rings of num_stages; dK/dV (both launches of the split head_dim 128 default): Q, dO rings
+    of num_stages, so num_stages - 1 query tiles in flight."""
+    config, results = _hopper_backward(128)
+    assert config.split_dkdv and set(results) == {"dv", "dk", "dq"}
+    for name, result in results.items():
+        stages = config.dq.num_stages if name == "dq" else config.dkdv.num_stages
+        assert stages >= 3
+        _assert_pipelined(result, stages)
+        for loop in pipelined_loops(result.ttgir):
+            assert loop.loads_in_flight() == stages - 1, f"{name}: {loop}"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_hopper_backward_tiles_use_wide_wgmma_without_spills(head_dim):
-    config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4096, 4096, capability=HOPPER)
-    results = aot.compile_backward(config, arch=HOPPER, mask=trace_mask_mod(causal_mask), head_dim=head_dim)
+    """Every product of every backward kernel on wgmma N >= 64 per warpgroup: dQ on 128 query rows x 64 keys,
+    dK/dV on 128 keys x 64 query rows with the scores computed keys first (the old 128 x 32 dK/dV step
+    compiled its K Q^T and V dO^T to m64n32)."""
+    config, results = _hopper_backward(head_dim)
     for name, result in results.items():
         assert not result.spills, str(result)
         assert result.shared_bytes <= 232448, str(result)
-    # dQ: every product on N >= 64 per warpgroup (128 query rows x 64 keys on two warpgroups).
-    dq_shapes = wgmma_shapes(results["dq"].ptx)
-    assert dq_shapes and min(n for _, n, _ in dq_shapes) >= 64, f"{results['dq']}: {dict(dq_shapes)}"
-    # dK/dV: the dV and dK products (the accumulations over query rows) run on N = head_dim; the
-    # m64n16 shapes of the old 32 x 64 tiles are gone.
-    dkdv_shapes = wgmma_shapes(results["dkdv"].ptx)
-    assert max(n for _, n, _ in dkdv_shapes) >= 64, dict(dkdv_shapes)
-    assert min(n for _, n, _ in dkdv_shapes) >= 32, dict(dkdv_shapes)
+        shapes = wgmma_shapes(result.ptx)
+        assert shapes and min(n for _, n, _ in shapes) >= 64, f"{result}: {dict(shapes)}"
+    if head_dim == 128:
+        assert max(n for _, n, _ in wgmma_shapes(results["dk"].ptx)) == 128  # the dK product runs on N = D
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

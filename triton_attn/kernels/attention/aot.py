@@ -20,8 +20,9 @@ from ..jit import functions
 from ..tuning.aot import AotResult, compile_kernel
 from ..tuning.search import CompileStats
 from . import fallback
-from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_pair, dkdv_arguments, dkdv_constexprs,
-                              dq_arguments, dq_constexprs, function_constexprs, preprocess_arguments)
+from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_pair, default_backward_config,
+                              dkdv_arguments, dkdv_constexprs, dq_arguments, dq_constexprs, function_constexprs,
+                              preprocess_arguments)
 from .configs import KernelConfig, cdiv, padded_head_dim
 from .forward_launch import (FORWARD_LAYOUT, fast_tanh, forward_arguments, kernel_constexprs, layout_arguments,
                              needs_64bit_rows)
@@ -110,7 +111,8 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
                      inspect_sass: bool = False, transposed: bool = False) -> Dict[str, AotResult]:
-    """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: ``{"dkdv": ..., "dq": ...}``.
+    """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: ``{"dkdv": ..., "dq": ...}``, or
+    ``{"dv": ..., "dk": ..., "dq": ...}`` for a config with ``split_dkdv``.
 
     ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would;
     ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them).
@@ -134,13 +136,15 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                   kv_len=kv_len, interpret=False,
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, grad_query, grad_key, grad_value))
     label = f"{mods.name} D={head_dim} {dtype}"
-    dkdv = compile_kernel(
-        attention_backward_dkdv_kernel,
-        dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value,
-                       _example_layout(columns, rows, DKDV_LAYOUT, "n"), **captured),
-        {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, **shapes)},
-        arch=arch, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
-        label=f"dkdv {config.dkdv.name} {label}")
+    results = {}
+    for part in config.dkdv_parts:
+        results[part] = compile_kernel(
+            attention_backward_dkdv_kernel,
+            dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value,
+                           _example_layout(columns, rows, DKDV_LAYOUT, "n"), **captured),
+            {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, part=part, **shapes)},
+            arch=arch, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
+            label=f"{part} {config.dkdv.name} {label}")
     dq = compile_kernel(
         attention_backward_dq_kernel,
         dq_arguments(query, key, value, grad_out, stats, delta, grad_query, _example_layout(rows, columns, DQ_LAYOUT, "m"),
@@ -148,7 +152,8 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
         {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
         arch=arch, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
         label=f"dq {config.dq.name} {label}")
-    return {"dkdv": dkdv, "dq": dq}
+    results["dq"] = dq
+    return results
 
 
 def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128,
@@ -191,6 +196,9 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
     score = trace_score(score_mod)
     shapes = dict(arch=capability, mask=mask, score=score, mask_mode=mode, dtype=dtype, head_dim=head_dim,
                   head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
+    # The backward candidates run split into dV and dK kernels where the default config does.
+    split_dkdv = kernel == "bwd" and default_backward_config(head_dim, value_dim, dtype, block_size, kv_len, kv_len,
+                                                             capability=capability).split_dkdv
     memo: Dict[KernelConfig, CompileStats] = {}
 
     def compile_fn(config: KernelConfig) -> CompileStats:
@@ -198,7 +206,7 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
             if kernel == "fwd":
                 results = [compile_forward(config, **shapes)]
             else:
-                results = list(compile_backward(backward_pair(config), **shapes).values())
+                results = list(compile_backward(backward_pair(config, split_dkdv), **shapes).values())
             memo[config] = CompileStats(shared=max(r.shared_bytes for r in results),
                                         registers=max(r.registers for r in results),
                                         spills=sum(r.spill_stores + r.spill_loads for r in results))

@@ -20,7 +20,10 @@ Three kernels:
    forward kernel. Each dQ row is owned by exactly one program: no atomics.
 
 Splitting dQ from dK/dV recomputes ``P`` twice (FlashAttention-2's choice for determinism) but
-needs no atomic adds and no dQ accumulator in global memory.
+needs no atomic adds and no dQ accumulator in global memory. The dK/dV kernel can itself be
+launched twice, computing only dV (``COMPUTE_DV``) and then only dK (``COMPUTE_DK``): each launch
+holds one float32 accumulator, which is what lets 128 keys x 64 query rows at head_dim 128 fit
+in registers on Hopper (``backward_launch.HOPPER_BACKWARD_CONFIGS``), for one more recompute of P.
 
 Per (mask_mod, score_mod), as for the forward kernel (``kernels/jit/functions.py``): ``MASK_FN``,
 ``SCORE_FN`` (None without a score_mod) and ``SCORE_GRAD_FN`` (value and derivative together, so
@@ -59,6 +62,18 @@ def scores_log2_factor(SCORE_FN: tl.constexpr, scale_log2):
         return LOG2_E_IN_KERNEL
     else:
         return scale_log2
+
+
+@triton.jit
+def shifted_dp_transposed(v_tile, do_tile, delta_ptrs, row_valid, CHECK_Q_BOUNDS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """``dP^T - delta`` [BLOCK_N, BLOCK_M] for the dK/dV kernel: ``V dO^T`` (v_tile [BLOCK_N, BLOCK_DV],
+    do_tile [BLOCK_M, BLOCK_DV]) minus each query row's ``delta`` (``delta_ptrs`` [BLOCK_M])."""
+    if CHECK_Q_BOUNDS:
+        delta = tl.load(delta_ptrs, mask=row_valid, other=0.0)
+    else:
+        delta = tl.load(delta_ptrs)
+    return tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION) - delta[None, :]
 
 
 @triton.jit(do_not_specialize=["q_len"])
@@ -118,6 +133,7 @@ def attention_backward_dkdv_kernel(
     CHECK_Q_BOUNDS: tl.constexpr, CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr,
+    KEYS_FIRST: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
     # Q [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv]; K, DK [B, Hkv, Lkv, D]; V, DV [B, Hkv, Lkv, Dv];
     # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv), key
@@ -148,17 +164,23 @@ def attention_backward_dkdv_kernel(
         stride_dvn = stride_dvn.to(tl.int64)
     scores_to_log2 = scores_log2_factor(SCORE_FN, scale_log2)
 
-    # K loaded transposed, [BLOCK_D, BLOCK_N], exactly as the forward loads it: the scores are then
-    # the forward's product Q @ K^T, with its rounding (see below).
-    k_tile = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-                     + kv_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_valid[None, :] & d_valid[:, None], other=0.0)        # [BLOCK_D, BLOCK_N]
-    v_tile = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-                     + kv_pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                     mask=kv_valid[:, None] & dv_valid[None, :], other=0.0)       # [BLOCK_N, BLOCK_DV]
+    # KEYS_FIRST: K as loaded, [BLOCK_N, BLOCK_D], for the scores K @ Q^T. Otherwise K transposed,
+    # [BLOCK_D, BLOCK_N], exactly as the forward loads it, for Q @ K^T (see below).
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    if KEYS_FIRST:
+        k_tile = tl.load(k_base + kv_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=kv_valid[:, None] & d_valid[None, :], other=0.0)    # [BLOCK_N, BLOCK_D]
+    else:
+        k_tile = tl.load(k_base + kv_pos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=kv_valid[None, :] & d_valid[:, None], other=0.0)    # [BLOCK_D, BLOCK_N]
     if UPCAST_DOT:
         k_tile = k_tile.to(tl.float32)
-        v_tile = v_tile.to(tl.float32)
+    if COMPUTE_DK:
+        v_tile = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+                         + kv_pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                         mask=kv_valid[:, None] & dv_valid[None, :], other=0.0)   # [BLOCK_N, BLOCK_DV]
+        if UPCAST_DOT:
+            v_tile = v_tile.to(tl.float32)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -191,21 +213,33 @@ def attention_backward_dkdv_kernel(
                     do_tile = tl.load(do_ptrs, mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
                     shift = tl.load(stats_ptrs, mask=row_valid, other=0.0)
                     inverse_sum = tl.load(stats_ptrs + 1, mask=row_valid, other=0.0)
-                    delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
                 else:
                     q_tile = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
                     do_tile = tl.load(do_ptrs, mask=dv_valid[None, :], other=0.0)
                     shift = tl.load(stats_ptrs)
                     inverse_sum = tl.load(stats_ptrs + 1)
-                    delta = tl.load(Delta + row_base + q_pos)
                 if UPCAST_DOT:
                     q_tile = q_tile.to(tl.float32)
                     do_tile = do_tile.to(tl.float32)
 
-                # Q K^T in the forward's operand order (Q first, reduced along the whole head_dim),
-                # then transposed: the same rounding as the forward, whose shift and 1 / sum it meets
-                # (K Q^T rounds differently, an error that amplifying score_mods multiply).
-                qk = tl.trans(tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION))  # [BLOCK_N, BLOCK_M]
+                if COMPUTE_DK and not COMPUTE_DV:
+                    # dK alone: dP^T - delta first, so that delta, and P's shift and 1 / sum, are never
+                    # held at the same time (in the fused kernel dV's product goes first instead).
+                    dp_shifted = shifted_dp_transposed(v_tile, do_tile, Delta + row_base + q_pos, row_valid,
+                                                       CHECK_Q_BOUNDS, DOT_PRECISION)
+
+                # The forward's scores, reduced along the whole head_dim in the same steps, so they meet
+                # its shift and 1 / sum (a different rounding is an error amplifying score_mods
+                # multiply). With 16-bit inputs every product is exact in float32, and K Q^T reduces
+                # the same products in the same order as Q K^T (a dot's rounding follows its reduction
+                # order, not which operand comes first). Computed with the keys as rows, the scores
+                # spread over both warpgroups: Q K^T, feeding a second dot, is laid out on
+                # [num_warps, 1] warps, so 64 query rows would be replicated in both. float32 inputs
+                # (3xTF32, whose two cross terms would swap order) take Q K^T, transposed.
+                if KEYS_FIRST:
+                    qk = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+                else:
+                    qk = tl.trans(tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION))
 
                 if SCORE_GRAD_FN is not None:
                     scores, dscore = SCORE_GRAD_FN(qk * score_scale, batch, head, q_idx, kv_idx, *score_captured)
@@ -224,27 +258,31 @@ def attention_backward_dkdv_kernel(
 
                 # P exactly as the forward normalized it: its final shift and 1 / sum per row.
                 probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[None, :])) * inverse_sum[None, :]  # P^T
-                dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
-                dp = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)  # dP^T
-                dz = probs * (dp - delta[None, :])
-
-                if SCORE_GRAD_FN is not None:
-                    # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
-                    ds = tl.where(probs > 0.0, dz * dscore, 0.0)
-                else:
-                    ds = dz * SCORE_GRAD_CONSTANT
-
-                dk_acc = tl.dot(ds.to(q_tile.dtype), q_tile, dk_acc, input_precision=DOT_PRECISION)
+                if COMPUTE_DV:
+                    dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
+                if COMPUTE_DK:
+                    if COMPUTE_DV:
+                        dp_shifted = shifted_dp_transposed(v_tile, do_tile, Delta + row_base + q_pos, row_valid,
+                                                           CHECK_Q_BOUNDS, DOT_PRECISION)
+                    dz = probs * dp_shifted
+                    if SCORE_GRAD_FN is not None:
+                        # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
+                        ds = tl.where(probs > 0.0, dz * dscore, 0.0)
+                    else:
+                        ds = dz * SCORE_GRAD_CONSTANT
+                    dk_acc = tl.dot(ds.to(q_tile.dtype), q_tile, dk_acc, input_precision=DOT_PRECISION)
                 q_block = tl.load(block_list + (step + 1) // Q_TILES_PER_BLOCK, mask=step + 1 < num_steps, other=0)
 
-    # dK = scale * dS^T Q: the scale is applied once here, not per tile.
-    dk_acc = dk_acc * score_scale
-    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
-               + kv_pos[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=kv_valid[:, None] & d_valid[None, :])
-    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
-               + kv_pos[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)
-    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=kv_valid[:, None] & dv_valid[None, :])
+    if COMPUTE_DK:
+        # dK = scale * dS^T Q: the scale is applied once here, not per tile.
+        dk_acc = dk_acc * score_scale
+        dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+                   + kv_pos[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+        tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=kv_valid[:, None] & d_valid[None, :])
+    if COMPUTE_DV:
+        dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+                   + kv_pos[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)
+        tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=kv_valid[:, None] & dv_valid[None, :])
 
 
 

@@ -42,6 +42,10 @@ class UnsupportedBackwardError(NotImplementedError):
 # Configs
 # ---------------------------------------------------------------------------------------------
 
+# The dK/dV kernel's launches by name -> (COMPUTE_DK, COMPUTE_DV): one for both, or one each (split).
+DKDV_PARTS = {"dkdv": (True, True), "dk": (True, False), "dv": (False, True)}
+
+
 @dataclass(frozen=True)
 class BackwardConfig:
     """Tiles of both backward kernels.
@@ -49,15 +53,23 @@ class BackwardConfig:
     dkdv: ``BLOCK_N`` keys per program (held with their dK/dV accumulators in registers) and
     ``BLOCK_M`` query rows per inner step. dq: ``BLOCK_M`` query rows per program and ``BLOCK_N``
     keys per inner step. max_head_dim: the largest padded head_dim the config is meant for.
+    split_dkdv: compute dV and dK in two launches of the dK/dV kernel on ``dkdv``'s tiles (each holds
+    one float32 accumulator, at the price of recomputing P once more), instead of one.
     """
 
     dkdv: KernelConfig
     dq: KernelConfig
     max_head_dim: int
+    split_dkdv: bool = False
 
     @property
     def name(self) -> str:
-        return f"dkdv_{self.dkdv.name}__dq_{self.dq.name}"
+        return f"{'dk_dv' if self.split_dkdv else 'dkdv'}_{self.dkdv.name}__dq_{self.dq.name}"
+
+    @property
+    def dkdv_parts(self) -> Tuple[str, ...]:
+        """The dK/dV kernel's launches: ("dkdv",), or ("dv", "dk") when split."""
+        return ("dv", "dk") if self.split_dkdv else ("dkdv",)
 
     def fitted(self, q_block_size: int, kv_block_size: int, q_len: int, kv_len: int) -> "BackwardConfig":
         """Tiles shrunk to divide the BlockMask's blocks and to not exceed short sequences."""
@@ -74,8 +86,8 @@ class BackwardConfig:
 # hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
 # Registers and spills of every entry are checked ahead of time by tests/kernels/test_backward_aot.py.
 BACKWARD_CONFIGS: List[BackwardConfig] = [
-    # 16-bit inputs. dK/dV steps are narrow: its scores are computed as the forward computes them
-    # (Q K^T, then transposed), which costs registers (see backward.py).
+    # 16-bit inputs. Narrow dK/dV steps, chosen while the dK/dV scores were Q K^T, transposed; keys
+    # first (K Q^T) 64 x 64 steps at D = 128 now build for sm_80 at 172 registers without spills (untimed).
     BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
     BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
     BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
@@ -89,20 +101,29 @@ MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256:
 FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
 # Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
 SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
-# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/kernels/test_efficiency_aot.py): the dQ
-# program takes 128 query rows x 64 keys on two warpgroups (wgmma m64n64 / m64n128, 229 registers
-# at D = 128, no spills) and the dK/dV program 128 keys x 32 query rows (m64n128 for the dV and dK
-# products, 248 registers, no spills), both three-stage pipelines. Larger dK/dV steps (64 x 128,
-# 64 x 64) spill on sm_90 with Triton 3.9; on sm_80 these tiles spill heavily, hence a table per
-# architecture (not in BACKWARD_CONFIGS, whose entries must build for sm_80 and sm_90 alike).
-# Why wider dK/dV steps spill (Triton 3.9 TTGIR): a dot whose result feeds another dot gets
-# warpsPerCTA = [num_warps, 1], so on 8 warps a 64-row score product (Q K^T with 64 query rows, or
-# dP^T with 64 keys) is computed by both warpgroups, replicated (64 instead of 32 registers for each
-# score-sized value); on 4 warps the two float32 accumulators of 64 keys x 128 alone take 128
-# registers. Operand order in the source does not change this: the compiler moves the transposes.
+# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/kernels/test_efficiency_aot.py), all
+# three-stage pipelines (async_wait num > 0) with wgmma N >= 64 for every product. dQ: 128 query rows x 64
+# keys on two warpgroups (m64n64 / m64n128, 229 registers at D = 128, no spills). dK/dV: 128 keys x 64
+# query rows per step on 8 warps; its scores are computed keys first (K Q^T, backward.py), so each
+# warpgroup holds 64 keys x 64 rows (m64n64 for K Q^T and V dO^T, m64n128 / m64n64 for the dV and dK
+# products at D = 128 / 64). A dot whose result feeds another dot gets warpsPerCTA = [num_warps, 1] in
+# Triton 3.9: computed as Q K^T, 64 query rows were replicated in both warpgroups and spilled.
+# Causal mask, bf16, ptxas registers / spill bytes (stores/loads), Triton 3.9:
+#   tiles (keys x rows)          D = 128                     D = 64
+#   old 128 x 32, Q K^T          248, 0 (m64n32)             196, 0 (m64n32)
+#   128 x 64, Q K^T              255, 360/436                255, 4/4 (softcap 52/40)
+#   128 x 64, K Q^T, one kernel  255, 108/108                235, 0 (softcap 8/8)
+#   128 x 64, K Q^T, split: dV   249, 0                      229, 0
+#                        dK      254, 0 (softcap 255, 0)     241, 0 (softcap 254, 0)
+#   128 x 128, K Q^T, split      dV 44/60, dK 456/464
+# At D = 128 the two float32 accumulators (128 registers) leave too little room for one kernel, so the
+# default splits dV and dK (split_dkdv); at D = 64 one kernel fits (a softcap score_mod spills 8 bytes).
+# On sm_80 these tiles spill heavily, hence a table per architecture (not in BACKWARD_CONFIGS, whose
+# entries must build for sm_80 and sm_90 alike).
 HOPPER_BACKWARD_CONFIGS = {
-    64: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
-    128: BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128),
+    64: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
+    128: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128,
+                        split_dkdv=True),
     256: BACKWARD_CONFIGS[2],
 }
 
@@ -130,12 +151,12 @@ def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, 
     return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
 
-def backward_pair(config: KernelConfig) -> BackwardConfig:
+def backward_pair(config: KernelConfig, split_dkdv: bool = False) -> BackwardConfig:
     """The backward kernels' tiles for one ``bwd`` tuning candidate: the dK/dV program holds ``BLOCK_N``
     keys and steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over
     ``BLOCK_N`` keys (the same pair transposed), both on the candidate's warps and stages."""
     dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
-    return BackwardConfig(config, dq, max_head_dim=256)
+    return BackwardConfig(config, dq, max_head_dim=256, split_dkdv=split_dkdv)
 
 
 def transposed_tiles(config: KernelConfig) -> KernelConfig:
@@ -145,8 +166,13 @@ def transposed_tiles(config: KernelConfig) -> KernelConfig:
 
 def _kernel_launch(prepared, name: str):
     """The launch of one backward kernel from what ``run`` returned (a dict of launches), or None: the
-    autotuner then times the whole ``run`` call."""
-    return prepared.get(name) if isinstance(prepared, dict) else None
+    autotuner then times the whole ``run`` call. "dkdv" is both launches of a split dK/dV kernel."""
+    if not isinstance(prepared, dict):
+        return None
+    launches = [prepared[part] for part in (DKDV_PARTS if name == "dkdv" else (name,)) if part in prepared]
+    if len(launches) <= 1:
+        return launches[0] if launches else None
+    return lambda: [launch() for launch in launches]
 
 
 def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
@@ -156,13 +182,17 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
     to ``default``'s; with tuning on and nothing cached, searches the two kernels independently.
 
     ``run(pair)`` prepares the backward with a ``BackwardConfig`` and returns its launches by kernel name
-    (``prepare_backward``): each candidate is timed on its own kernel's launch alone, with the other
-    kernel's tiles held at the default. (A ``run`` that returns nothing is timed as a whole.)"""
+    (``prepare_backward``): each candidate is timed on its own kernel's launch alone (a split dK/dV
+    kernel: its two launches), with the other kernel's tiles held at the default. (A ``run`` that
+    returns nothing is timed as a whole.) Whether dK/dV is split is ``default``'s choice; its tiles are
+    tuned (and cached, under a key marked "split") for that choice."""
     from ..tuning import search as tuning
 
     variant = "score" if score_mod is not None else ""
+    split = "+".join(part for part in (variant, "split") if part)
     tuner = tuning.autotuner()
-    keys = {name: tuning.make_key(query, key, value, block_mask, kernel=f"bwd_{name}", variant=variant,
+    keys = {name: tuning.make_key(query, key, value, block_mask, kernel=f"bwd_{name}",
+                                  variant=split if name == "dkdv" and default.split_dkdv else variant,
                                   structure=structure) for name in ("dkdv", "dq")}
     tuned = {name: tuner.lookup(tuning_key) for name, tuning_key in keys.items()}
     if any(found is None for found in tuned.values()) and tuning.autotune_requested(autotune):
@@ -282,11 +312,16 @@ def function_constexprs(mods: functions.ModFunctions) -> Dict[str, object]:
                 SCORE_GRAD_CONSTANT=mods.score_grad_constant)
 
 
-def dkdv_constexprs(*, tiles: KernelConfig, q_len: int, block_size: Tuple[int, int], **shapes) -> dict:
-    """Shape constexprs of the dK/dV kernel: the forward's plus the query-side bounds check."""
+def dkdv_constexprs(*, tiles: KernelConfig, q_len: int, block_size: Tuple[int, int], part: str = "dkdv",
+                    **shapes) -> dict:
+    """Shape constexprs of the dK/dV kernel: the forward's, the query-side bounds check, the scores'
+    orientation (keys first for 16-bit inputs, see backward.py) and which gradients ``part`` computes:
+    "dkdv" both (one kernel), "dk" or "dv" one of them (``BackwardConfig.split_dkdv``)."""
     values = kernel_constexprs(config=tiles, block_size=block_size, **shapes)
     q_bs = block_size[0]
     values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
+    values["KEYS_FIRST"] = shapes["dtype"] != torch.float32
+    values["COMPUTE_DK"], values["COMPUTE_DV"] = DKDV_PARTS[part]
     return values
 
 
@@ -315,9 +350,8 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     launches, grads = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
                                        score_mod=score_mod, scale=scale, interpret=interpret, config=config,
                                        autotune=autotune, softmax_stats=softmax_stats)
-    for name in ("preprocess", "dkdv", "dq"):
-        if name in launches:
-            launches[name]()
+    for launch_kernel in launches.values():
+        launch_kernel()
     return grads
 
 
@@ -327,8 +361,9 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      config: Optional[BackwardConfig] = None, autotune: Optional[bool] = None,
                      softmax_stats: Optional[torch.Tensor] = None):
     """Everything ``attention_backward`` does on the host, once: ``(launches, (dq, dk, dv))`` with
-    ``launches`` the kernels by name ("preprocess", "dkdv", "dq"; none when there is no gradient to
-    propagate), to be run in that order (what the autotuner times, one kernel at a time)."""
+    ``launches`` the kernels by name ("preprocess", "dkdv" -- or "dv" and "dk" when ``split_dkdv`` --,
+    "dq"; none when there is no gradient to propagate), to be run in that (insertion) order (what the
+    autotuner times, one kernel at a time)."""
     check_backward_supported(score_mod)
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
@@ -390,15 +425,17 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     captured = dict(scale=scale, mask_captured=mask_plan.captured(device),
                     score_captured=score_captured(score_traced, device))
 
-    # 2. dK, dV: one program per key tile per (batch, KV head), over the transposed layout.
+    # 2. dK, dV: one program per key tile per (batch, KV head), over the transposed layout; one launch,
+    # or (split_dkdv) one for dV and one for dK.
     tiles = config.dkdv
     layout = layout_arguments(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
                               block_mask.full_q_indices, device, DKDV_LAYOUT, "n")
     arguments = dkdv_arguments(query, key, value, grad_out, stats, delta, dk, dv, layout, **captured)
     grid = launch_grid(kv_len, block_mask.num_blocks[1], kv_bs, tiles.BLOCK_N, batch * kv_heads)
-    launches["dkdv"] = launcher(attention_backward_dkdv_kernel, grid,
-                                {**arguments, **function_constexprs(mods), **dkdv_constexprs(tiles=tiles, **shapes)},
-                                tiles)
+    for part in config.dkdv_parts:
+        launches[part] = launcher(attention_backward_dkdv_kernel, grid,
+                                  {**arguments, **function_constexprs(mods),
+                                   **dkdv_constexprs(tiles=tiles, part=part, **shapes)}, tiles)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
     tiles = config.dq
