@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) around attention(), create_block_mask and the closed-form model masks.
+"""torch.compile(fullgraph=True) around attention(), create_block_mask, the closed-form model masks and model masks
+with a registered mask_mod.
 
 Compiling is slow on a small CPU machine: shapes are tiny, and the mask builders use the
 ``aot_eager`` backend (dynamo's full-graph capture is what is checked; Inductor adds only time).
@@ -151,8 +152,14 @@ def test_compiled_llama_with_triton_attn_matches_eager(tiny_llama):
     assert not torch.allclose(got_again[0], got[0])  # the new padding was seen
 
 
-def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama):
+@pytest.mark.parametrize("implementation", ["triton_attn", "registered_mask_mod"])
+def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama, implementation):
+    from triton_attn.registry import register_attention
+
     model, input_ids, padding = tiny_llama
+    if implementation == "registered_mask_mod":
+        register_attention(implementation, mask_mod=document_mask(torch.arange(64) // 7))
+        model.set_attn_implementation(implementation)
     settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         eager_tokens = model.generate(input_ids, **settings)
@@ -192,20 +199,6 @@ def test_compiled_llama_with_a_registered_mask_mod_matches_eager(tiny_llama, cas
     if case == "document":
         assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new ids were seen
     assert not torch.allclose(want_again, without_user_mod)  # the user mask_mod is in effect
-
-
-def test_static_cache_generate_with_a_registered_mask_mod_compiled_matches_eager(tiny_llama):
-    from triton_attn.registry import register_attention
-
-    model, input_ids, padding = tiny_llama
-    register_attention("ta_user", mask_mod=document_mask(torch.arange(64) // 7))
-    model.set_attn_implementation("ta_user")
-    settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
-    with torch.no_grad():
-        eager_tokens = model.generate(input_ids, **settings)
-        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
-        compiled_tokens = model.generate(input_ids, **settings)
-    assert torch.equal(compiled_tokens, eager_tokens)
 
 
 def test_compiled_mask_function_with_query_positions_and_a_mask_mod_matches_eager():
