@@ -7,7 +7,7 @@ runs the same model weights on the same inputs in this process, the implementati
 run, ``--repeats`` runs after a warm-up (the median counts).
 
 Measured per implementation: prefill ms (the first forward over the prompt) and decode ms per step
-(the mean of the following forwards, one token each), from the model's forward pre/post hooks, so
+(the median of the following forwards, one token each), from the model's forward pre/post hooks, so
 ``generate``'s own bookkeeping is outside both. The greedy tokens of all implementations must be equal
 (asserted). Results: ``bench/results/generate_<date>_<device>_torch<v>_transformers<v>.{csv,md}``,
 every row stamped with date, device and versions; the ``.md`` checks the targets (decode and prefill
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -108,7 +108,9 @@ def generate_once(model, timer: ForwardTimer, args, input_ids, attention_mask):
         out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.new_tokens,
                              min_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static",
                              pad_token_id=0)
-    decode = statistics.mean(timer.times[1:]) * 1e3 if len(timer.times) > 1 else float("nan")
+    # The median step: a shared machine's stalls hit single steps (a descheduled thread costs a whole
+    # time slice), and the median keeps them from deciding the comparison.
+    decode = statistics.median(timer.times[1:]) * 1e3 if len(timer.times) > 1 else float("nan")
     return timer.times[0] * 1e3, decode, out[:, input_ids.shape[1]:]
 
 
@@ -205,7 +207,8 @@ def main(argv=None) -> int:
              f"transformers {versions['transformers']})", "",
              f"Llama from a config: {args.layers} layers, hidden {args.hidden}, {args.hidden // 64} heads / "
              f"{args.kv_heads} KV heads; B={args.batch}, {args.prompt}-token prompt with left padding, "
-             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs after a warm-up. "
+             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs after a warm-up "
+             "(decode: each run's median step). "
              f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs "
              "(a shared machine's load makes single numbers noisy; the runs are interleaved so it hits all alike).", "",
              "| implementation | prefill ms | decode ms/step | prefill / sdpa | decode / sdpa | same tokens |",

@@ -381,6 +381,28 @@ def test_cpu_flash_fast_path_not_used_when_it_does_not_apply(monkeypatch):
     assert not cpu_flash.applicable(q, k, v[..., :8], bm, None, needs_grad=False)
 
 
+@pytest.mark.parametrize("batch,padded,q_len", [(2, False, 1), (2, True, 1), (3, False, 5), (3, True, 5)])
+def test_cpu_flash_dense_route_of_closed_form_masks(batch, padded, q_len):
+    """The dense route's bias for a (deferred, exact-layout) closed-form mask: broadcast by the op over the
+    batch (mask batch 1) and over grouped query rows (one row), repeated per group for several rows."""
+    from triton_attn.masks.closed_form import window_block_mask
+    from triton_attn.registry.masking import ModelMaskMod
+
+    kv_len = 200
+    keep = (torch.rand(batch, kv_len) > 0.2) if padded else None
+    q, k, v = random_qkv(batch, 8, 2, q_len, kv_len, 16)
+    mod = ModelMaskMod((True, 50), torch.tensor(kv_len - q_len), torch.tensor(0), keep)
+    block_mask = window_block_mask(mod, batch, q_len, kv_len, q_offset=kv_len - q_len, window=50, padding=keep,
+                                   BLOCK_SIZE=32)
+    assert block_mask.is_deferred() and block_mask.shape[0] == (batch if padded else 1)
+    general = ta.create_block_mask(mod, batch, None, q_len, kv_len, BLOCK_SIZE=32)
+    with torch.no_grad():
+        out = ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        golden = ta.attention(q.double(), k.double(), v.double(), block_mask=general, enable_gqa=True)
+    torch.testing.assert_close(out.double(), golden, rtol=0, atol=2e-6)
+    assert block_mask.is_deferred()
+
+
 def test_eager_cpu_inference_skips_the_op_dispatch(monkeypatch):
     """No gradient, eager, CPU, torch backend: the op's CPU implementation is called directly (the
     dispatcher and the mod table are host time on every decode step); the result is the op's exactly."""

@@ -13,6 +13,7 @@ import torch
 from . import settings
 from .masks.block_mask import BlockMask
 from .masks.closure import captured_tensors
+from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
 from .masks.safety import check_mods, check_score_result_type
 from .masks.scalars import as_float
@@ -39,7 +40,7 @@ def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
             raise ValueError(f"{name} must be a 4-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if any(s == 0 for s in t.shape):
+        if 0 in t.shape:
             raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
@@ -229,8 +230,6 @@ def _op_applies(block_mask: BlockMask, score_mod: Optional[Callable], compiling:
     q, k and v only; the direct route reaches those tensors through the closure); and an eager CPU call
     on the torch backend that needs no gradient, which is exactly the op's CPU implementation without the
     dispatcher, the mod table and the flattened mask (a decode step's host time: bench/bench_generate.py)."""
-    from .masks.compact import CompactBlockMask
-
     if isinstance(block_mask, CompactBlockMask):
         return False
     if chosen == "torch" and not compiling and tensors[0].device.type == "cpu" and not (

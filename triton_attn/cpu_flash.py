@@ -16,7 +16,7 @@ A mask that depends on the batch (padding, packed documents) is walked one batch
 Masked-out keys stay out: a NaN or inf in a key or value that the mask hides from a row would
 reach that row through the bias addition (``nan + -inf = nan``, ``inf + -inf = nan``) or through
 ``0 * nan``, and always as a NaN in the output. So the output is checked (one reduction over
-``[B, Hq, Lq, Dv]``, far cheaper than scanning K/V on every decode step); if it is not finite,
+``[B, Hq, Lq, Dv]``, far cheaper than scanning K/V on every decode step); if it holds a NaN,
 ``fused_attention`` returns None and the caller takes the exact blockwise loop, which masks scores
 after computing them and zeroes non-finite values outside the rows that weight them (and so gives NaN
 exactly in the rows that do see a NaN key or value).
@@ -53,9 +53,11 @@ def applicable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
 DENSE_BIAS_ELEMENTS = 1 << 22
 
 
-def _output_is_finite(out: torch.Tensor) -> bool:
-    """Whether no NaN/inf reached the output (see the module docstring: a leak always shows up as one)."""
-    return bool(torch.isfinite(out).all())
+def _no_leak(out: torch.Tensor) -> bool:
+    """Whether no hidden NaN/inf reached the output (see the module docstring: a leak always shows up as a
+    NaN). One reduction: the sum is NaN when any element is (or when +inf and -inf both appear, legitimate
+    only if rare; the exact loop then recomputes the same result)."""
+    return not math.isnan(float(out.sum()))
 
 
 def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block: int):
@@ -129,14 +131,18 @@ def _dense_keep(block_mask: BlockMask) -> torch.Tensor:
 
 
 def dense_bias(block_mask: BlockMask, groups: int):
-    """(bias ``[Bm, 1, groups * Lq, Lkv]`` float32 0/-inf for queries grouped by K/V head, attended rows
+    """(bias ``[Bm, 1, groups * Lq or 1, Lkv]`` float32 0/-inf for queries grouped by K/V head, attended rows
     ``[Bm, 1, Lq]`` bool, whether every row attends): derived once per mask and group count, so the
     layers of a model share it (``BlockMask.derived``)."""
     def make():
         keep = block_mask.derived("cpu_flash_keep", lambda: _dense_keep(block_mask))
-        bias = torch.zeros(keep.shape, dtype=torch.float32).masked_fill_(~keep, -math.inf)
+        bias = torch.where(keep, 0.0, -math.inf)
         attended = keep.any(-1)
-        return (bias.repeat(1, 1, groups, 1) if groups > 1 else bias), attended, bool(attended.all())
+        # One query row (a decode step): the op broadcasts the bias over the grouped rows itself, which is
+        # faster than a stride-0 view of them (bench/results/generate_*).
+        if groups > 1 and keep.shape[2] > 1:
+            bias = bias.repeat(1, 1, groups, 1)
+        return bias, attended, bool(attended.all())
 
     return block_mask.derived(f"cpu_flash_dense_{groups}", make)
 
@@ -148,7 +154,7 @@ def _dense_attention(flash, query, key, value, block_mask: BlockMask, scale: flo
     groups = q_heads // kv_heads
     mask, attended, every_row_attends = dense_bias(block_mask, groups)
     grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    out, lse = flash(grouped, key, value, 0.0, False, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
+    out, lse = flash(grouped, key, value, 0.0, False, attn_mask=mask, scale=scale)  # (broadcast over B)
     out, lse = out.reshape(batch, q_heads, q_len, head_dim), lse.reshape(batch, q_heads, q_len)
     # The op reports 0 for a row that saw only -inf; the contract is out 0, lse -inf.
     if not every_row_attends:
@@ -197,7 +203,7 @@ def _row_as_one_span(block_mask, key, value, q_start, rows, partial_blocks, full
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                     scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq];
-    None when the output is not finite (a NaN/inf key or value; the caller then takes the exact loop)."""
+    None when a hidden NaN/inf key or value leaked into the output (the caller then takes the exact loop)."""
     flash = _flash_op()
     # The fused kernel reads rows of D contiguous elements; other strides come out wrong, not as errors.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
@@ -211,7 +217,7 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         parts = [_blockwise_rows(flash, query[b:b + 1], key[b:b + 1], value[b:b + 1], block_mask, scale, b)
                  for b in range(mask_batch)]
         out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return (out, lse) if _output_is_finite(out) else None
+    return (out, lse) if _no_leak(out) else None
 
 
 def _blockwise_rows(flash, query, key, value, block_mask: BlockMask, scale: float, mask_batch_index: int):
