@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from .. import attention, create_block_mask
-from ..masks import BlockMask, causal_mask, sliding_window_mask, softcap_score
-from .masking import ModelBlockMask
+from .. import attention, create_block_mask, ops
+from ..masks import BlockMask, causal_mask, sliding_window_mask
+from .masking import CarriesUserMod, ModelBlockMask
 
 __all__ = ["make_attention_function", "eager_attention_function", "sdpa_attention_function",
-           "check_attention_inputs"]
+           "check_attention_inputs", "ModelScoreMod"]
 
 
 def check_attention_inputs(module, query, key, value, dropout) -> None:
@@ -89,8 +89,8 @@ def as_bool_if_integer(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
-    """A 4-D bool / 0-1 integer or additive-float mask as (mask_mod or None, bias score_mod or None,
-    mask batch, mask heads)."""
+    """A 4-D bool / 0-1 integer or additive-float mask as (mask_mod or None, bias or None, mask batch,
+    mask heads); the bias is float32 ``[B or 1, H or 1, Lq, Lkv]`` (``ModelScoreMod`` adds it)."""
     if mask.dim() != 4:
         raise ValueError(f"attention_mask must be a BlockMask, None, or a 4-D tensor [B, 1 or H, Lq, Lkv], "
                          f"got a {mask.dim()}-D tensor of shape {tuple(mask.shape)}")
@@ -99,47 +99,88 @@ def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
                          f"Lkv={kv_len} keys")
     mask = as_bool_if_integer(mask[..., :kv_len]).expand(-1, -1, q_len, -1)
     batch, heads = mask.shape[:2]
+    if mask.dtype != torch.bool:
+        return None, mask.float(), batch, heads
     pick_b = (lambda b: b) if batch > 1 else (lambda b: b * 0)
     pick_h = (lambda h: h) if heads > 1 else (lambda h: h * 0)
-    if mask.dtype == torch.bool:
-        def dense_mask(b, h, q_idx, kv_idx):
-            return mask[pick_b(b), pick_h(h), q_idx, kv_idx]
 
-        return dense_mask, None, batch, heads
-    bias = mask.float()
+    def dense_mask(b, h, q_idx, kv_idx):
+        return mask[pick_b(b), pick_h(h), q_idx, kv_idx]
 
-    def additive_mask(score, b, h, q_idx, kv_idx):
-        return score + bias[pick_b(b), pick_h(h), q_idx, kv_idx]
-
-    return None, additive_mask, batch, heads
+    return dense_mask, None, batch, heads
 
 
-def _chain_score_mods(mods: List[Callable]) -> Optional[Callable]:
-    """One score_mod applying ``mods`` in order (None when there are none)."""
-    if not mods:
-        return None
-    if len(mods) == 1:
-        return mods[0]
+class ModelScoreMod(CarriesUserMod):
+    """The score_mod of one model attention call: the model's logit softcap, the additive bias of a dense
+    float mask, and a registered score_mod over absolute positions, applied in that order (eager
+    attention's order: capped scores, then the mask, then the user's mod), kept as constants plus tensors.
 
-    def chained(score, b, h, q_idx, kv_idx):
-        for mod in mods:
-            score = mod(score, b, h, q_idx, kv_idx)
+    ``structure()`` is ``(softcap, bias_layout, user_mod, positional)``: the cap (a float) or None;
+    ``(per_batch, per_head)`` of the bias (its batch / head dimension is indexed, not broadcast) or None
+    without a bias; the registered score_mod object itself or None; whether query positions come from a
+    tensor. ``tensors()``: with a user mod, ``q_offset`` / ``kv_offset`` (int64 0-d: absolute position of
+    query row 0 / key column 0) and the query positions (int64 ``[Lq]``) when positional; the bias (float32
+    ``[B or 1, H or 1, Lq, Lkv]``); then ``user_tensors``, the tensors the user mod captured, read when the
+    attention function was made (as ``ModelMaskMod`` does). Built inside ``torch.compile``, its table key
+    thus comes from constants (``ops.compiled_mod``) and every decode step shares it.
+    """
+
+    USER_KIND = "score"
+
+    def __init__(self, softcap: Optional[float], bias: Optional[torch.Tensor] = None, bias_layout=None,
+                 user_mod: Optional[Callable] = None, q_offset: Optional[torch.Tensor] = None,
+                 kv_offset: Optional[torch.Tensor] = None, q_positions: Optional[torch.Tensor] = None,
+                 user_tensors: tuple = (), *, user_source: Optional[Callable] = None):
+        self.softcap, self.bias, self.bias_layout = softcap, bias, None if bias is None else bias_layout
+        # user_source: the registered mod (the structure); user_mod: what is called, that mod or its graph
+        # bound to other tensors (user_tensors) when rebuilt by ``build``.
+        self.user_mod, self.user_source = user_mod, user_mod if user_source is None else user_source
+        self.user_tensors = tuple(user_tensors)
+        with_user = self.user_source is not None  # the positions are read only by the user mod
+        self.q_offset, self.kv_offset = (q_offset, kv_offset) if with_user else (None, None)
+        self.q_positions = q_positions if with_user else None
+        parts = [] if softcap is None else [f"softcap_{softcap:g}"]
+        parts += [] if bias is None else ["additive_mask"]
+        parts += [] if not with_user else [getattr(self.user_source, "__name__", "score_mod")]
+        self.__name__ = "+".join(parts) or "identity"
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        if self.softcap is not None:
+            score = torch.tanh(score / self.softcap) * self.softcap  # softcap_score's expression
+        if self.bias is not None:
+            per_batch, per_head = self.bias_layout
+            score = score + self.bias[b if per_batch else b * 0, h if per_head else h * 0, q_idx, kv_idx]
+        if self.user_mod is not None:
+            query = q_idx + self.q_offset if self.q_positions is None else self.q_positions[q_idx]
+            score = self.user_mod(score, b, h, query, kv_idx + self.kv_offset)
         return score
 
-    chained.__name__ = "+".join(getattr(m, "__name__", "score_mod") for m in mods)
-    return chained
+    def structure(self) -> tuple:
+        return self.softcap, self.bias_layout, self.user_source, self.q_positions is not None
 
+    def tensors(self) -> tuple:
+        own = () if self.user_source is None else (self.q_offset, self.kv_offset)
+        optional = (self.q_positions, self.bias)
+        return own + tuple(t for t in optional if t is not None) + self.user_tensors
 
-def _absolute(score_mod: Callable, q_offset: int, kv_offset: int, q_positions: Optional[torch.Tensor]) -> Callable:
-    """``score_mod`` written over absolute positions, called with this call's local indices."""
-    if q_positions is not None:
-        def absolute(score, b, h, q_idx, kv_idx):
-            return score_mod(score, b, h, q_positions[q_idx], kv_idx + kv_offset)
-    else:
-        def absolute(score, b, h, q_idx, kv_idx):
-            return score_mod(score, b, h, q_idx + q_offset, kv_idx + kv_offset)
-    absolute.__name__ = getattr(score_mod, "__name__", "score_mod")
-    return absolute
+    @classmethod
+    def own_count(cls, structure: tuple) -> int:
+        _, bias_layout, user_source, positional = structure
+        return (0 if user_source is None else 2 + int(positional)) + int(bias_layout is not None)
+
+    @classmethod
+    def user_source(cls, structure: tuple) -> Optional[Callable]:
+        return structure[2]
+
+    @classmethod
+    def build(cls, structure: tuple, tensors: tuple) -> "ModelScoreMod":
+        softcap, bias_layout, user_source, positional = structure
+        own, user_mod = cls.split(structure, tensors)
+        q_offset, kv_offset = (next(own), next(own)) if user_source is not None else (None, None)
+        q_positions = next(own) if positional else None
+        bias = next(own) if bias_layout is not None else None
+        return cls(softcap, bias, bias_layout, user_mod, q_offset, kv_offset, q_positions,
+                   tuple(tensors[cls.own_count(structure):]), user_source=user_source)
 
 
 def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -164,6 +205,9 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
                         f"got {type(score_mod).__name__}")
+    # The tensors score_mod captured, read now (see ModelScoreMod): the same objects, so values changed in place
+    # are seen by eager and compiled calls alike.
+    user_tensors = () if score_mod is None else tuple(ops.register_mod(score_mod, "score")[1])
     warned, warned_lse = [], []
 
     def triton_attn_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -180,9 +224,7 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
         batch, q_heads, q_len, _ = query.shape
         kv_len = key.shape[2]
         q_offset, kv_offset, q_positions = kv_len - q_len, 0, None
-        block_mask, score_mods = None, []
-        if softcap is not None and float(softcap) > 0:
-            score_mods.append(softcap_score(float(softcap)))
+        block_mask, bias, bias_layout = None, None, None
         if isinstance(attention_mask, BlockMask) or type(attention_mask).__name__ == "BlockMask":
             block_mask = attention_mask
             if isinstance(attention_mask, ModelBlockMask):
@@ -197,15 +239,19 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
             mask_mod, bias, mask_batch, mask_heads = _dense_mask_parts(attention_mask, q_len, kv_len)
             if mask_mod is not None:
                 block_mask = create_block_mask(mask_mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
-            if bias is not None:
-                score_mods.append(bias)  # eager order: capped scores, then the additive mask
+            bias_layout = (mask_batch > 1, mask_heads > 1)
         else:
             raise TypeError(f"attention_mask must be a BlockMask, a 4-D tensor or None, got "
                             f"{type(attention_mask).__name__}; is a mask function of another implementation "
                             "registered under this name?")
-        if score_mod is not None:
-            score_mods.append(_absolute(score_mod, q_offset, kv_offset, q_positions))
-        result = attention(query, key, value, score_mod=_chain_score_mods(score_mods), block_mask=block_mask,
+        cap = float(softcap) if softcap is not None and float(softcap) > 0 else None
+        call_score_mod = None
+        if cap is not None or bias is not None or score_mod is not None:
+            # Offsets as tensors: a decode step's new offset is a new input of the same compiled graph.
+            offsets = [None if score_mod is None else torch.tensor(offset, dtype=torch.int64, device=query.device)
+                       for offset in (q_offset, kv_offset)]
+            call_score_mod = ModelScoreMod(cap, bias, bias_layout, score_mod, *offsets, q_positions, user_tensors)
+        result = attention(query, key, value, score_mod=call_score_mod, block_mask=block_mask,
                            scale=None if scaling is None else float(scaling), enable_gqa=q_heads != key.shape[1],
                            return_lse=s_aux is not None, backend=backend)
         if s_aux is not None:

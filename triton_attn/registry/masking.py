@@ -26,7 +26,8 @@ from .. import create_block_mask, create_mask, ops
 from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
                      window_block_mask)
 
-__all__ = ["ModelBlockMask", "MaskRequest", "make_mask_function", "dense_mask_function", "COMBINE_MODES"]
+__all__ = ["ModelBlockMask", "MaskRequest", "ModelMaskMod", "CarriesUserMod", "make_mask_function", "dense_mask_function",
+           "COMBINE_MODES"]
 
 COMBINE_MODES = ("and", "or", "replace")
 BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -282,7 +283,40 @@ def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
     return model_mask
 
 
-class ModelMaskMod(StructuredMod):
+class CarriesUserMod(StructuredMod):
+    """A ``StructuredMod`` of a model attention call that calls a registered user mod: its own tensors
+    (offsets, padding, ...; ``own_count`` of them, first in ``tensors()``) and then the tensors the user
+    mod captured (``ops.register_mod`` order). ``USER_KIND`` is ``"mask"`` or ``"score"``; the user mod
+    object itself sits in the structure (``user_source``)."""
+
+    USER_KIND = "mask"
+
+    @classmethod
+    def own_count(cls, structure: tuple) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def user_source(cls, structure: tuple) -> Optional[Callable]:
+        raise NotImplementedError
+
+    @classmethod
+    def split(cls, structure: tuple, tensors: tuple):
+        """``(iterator over the own tensors, the user mod bound to the rest)``: the user mod itself when
+        the rest are its own tensors, else its traced graph over them (``ops.rebind_mod``)."""
+        count, source = cls.own_count(structure), cls.user_source(structure)
+        user = None if source is None else ops.rebind_mod(source, cls.USER_KIND, tuple(tensors[count:]))
+        return iter(tensors[:count]), user
+
+    @classmethod
+    def stand_in(cls, structure: tuple, tensor_specs: tuple) -> "CarriesUserMod":
+        # The user mod's own tensors stand in for themselves: its graph may depend on their sizes.
+        own = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs[:cls.own_count(structure)])
+        source = cls.user_source(structure)
+        user = () if source is None else tuple(ops.register_mod(source, cls.USER_KIND)[1])
+        return cls.build(structure, own + user)
+
+
+class ModelMaskMod(CarriesUserMod):
     """The mask_mod of one model attention call: the model's pattern at this call's positions, a user
     mask_mod combined with it, and the padding, kept as constants plus tensors.
 
@@ -360,30 +394,26 @@ class ModelMaskMod(StructuredMod):
     def tensors(self) -> tuple:
         return self._own_tensors() + self.user_tensors
 
-    @staticmethod
-    def _own_count(structure: tuple) -> int:
+    @classmethod
+    def own_count(cls, structure: tuple) -> int:
         pattern, _, _, padded, positional = structure
         return 2 + int(padded) + int(positional) + int(pattern == "table")
 
     @classmethod
+    def user_source(cls, structure: tuple) -> Optional[Callable]:
+        return structure[1]
+
+    @classmethod
     def build(cls, structure: tuple, tensors: tuple) -> "ModelMaskMod":
         pattern, user_source, combine, padded, positional = structure
-        own, user_tensors = iter(tensors[:cls._own_count(structure)]), tuple(tensors[cls._own_count(structure):])
+        own, user_mod = cls.split(structure, tensors)
         q_offset, kv_offset = next(own), next(own)
         padding = next(own) if padded else None
         q_positions = next(own) if positional else None
         table = next(own) if pattern == "table" else None
-        user_mod = None if user_source is None else ops.rebind_mod(user_source, "mask", user_tensors)
-        return cls(pattern, q_offset, kv_offset, padding, q_positions, table, user_mod, combine, user_tensors,
-                   user_source=user_source)
+        return cls(pattern, q_offset, kv_offset, padding, q_positions, table, user_mod, combine,
+                   tuple(tensors[cls.own_count(structure):]), user_source=user_source)
 
-    @classmethod
-    def stand_in(cls, structure: tuple, tensor_specs: tuple) -> "ModelMaskMod":
-        # The user mod's own tensors stand in for themselves: its graph may depend on their sizes.
-        own = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs[:cls._own_count(structure)])
-        user_source = structure[1]
-        user = () if user_source is None else tuple(ops.register_mod(user_source, "mask")[1])
-        return cls.build(structure, own + user)
 
 
 def _pattern_table(request: MaskRequest) -> torch.Tensor:
