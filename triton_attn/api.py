@@ -12,7 +12,7 @@ import torch
 
 from . import settings
 from .masks.block_mask import BlockMask
-from .masks.closure import captured_tensors
+from .masks.closure import StructuredMod, captured_tensors
 from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
 from .masks.safety import check_mods, check_score_result_type
@@ -311,12 +311,32 @@ def _fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
     return None
 
 
+# Inside torch.compile the verdict is a constant of the graph: dynamo runs the check once while tracing (the
+# tracer's symbols cannot be traced by dynamo). See ops.mod_key for why the mark is set by hand.
+score_mod_fallback_reason._dynamo_marked_constant = True
+
+
+def structured_fallback_reason(mod_type: type, structure: tuple, tensor_specs: tuple,
+                               needs_grad: bool) -> Optional[str]:
+    """``score_mod_fallback_reason`` of a ``StructuredMod`` from constants only: its stand-in over
+    placeholder tensors of the given ``(dtype, rank)`` (a mod built inside a compiled graph cannot be
+    passed to a constant function; its structure can)."""
+    return _fallback_reason(mod_type.stand_in(structure, tensor_specs), needs_grad)
+
+
+structured_fallback_reason._dynamo_marked_constant = True
+
+
 def score_mod_backend(score_mod: Callable, chosen: str, tensors) -> str:
     """``chosen``, or "torch" (warning once per score_mod name) when the kernels cannot compile the score_mod.
 
     The blockwise backend is plain PyTorch, so it runs on the same (CUDA or CPU) tensors, exactly."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    reason = score_mod_fallback_reason(score_mod, needs_grad)
+    if torch.compiler.is_compiling() and isinstance(score_mod, StructuredMod):
+        specs = tuple((t.dtype, t.dim()) for t in score_mod.tensors())
+        reason = structured_fallback_reason(type(score_mod), score_mod.structure(), specs, needs_grad)
+    else:
+        reason = score_mod_fallback_reason(score_mod, needs_grad)
     if reason is None:
         return chosen
     name = mod_name(score_mod)

@@ -26,8 +26,8 @@ from .. import create_block_mask, create_mask, ops
 from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
                      window_block_mask)
 
-__all__ = ["ModelBlockMask", "MaskRequest", "ModelMaskMod", "CarriesUserMod", "make_mask_function", "dense_mask_function",
-           "COMBINE_MODES"]
+__all__ = ["ModelBlockMask", "MaskRequest", "ModelMaskMod", "CarriesUserMod", "make_mask_function",
+           "dense_mask_function", "COMBINE_MODES"]
 
 COMBINE_MODES = ("and", "or", "replace")
 BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
