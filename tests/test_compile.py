@@ -152,13 +152,28 @@ def test_compiled_llama_with_triton_attn_matches_eager(tiny_llama):
     assert not torch.allclose(got_again[0], got[0])  # the new padding was seen
 
 
-@pytest.mark.parametrize("implementation", ["triton_attn", "registered_mask_mod"])
+def _linear_bias(score, b, h, q_idx, kv_idx):
+    """An ALiBi-like registered score_mod without tensors, over absolute positions."""
+    return score - 0.1 * (q_idx - kv_idx)
+
+
+def _per_head_slopes(slopes: torch.Tensor):
+    """A registered score_mod reading a captured per-head slope tensor ``[H]``."""
+    def sloped(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    return sloped
+
+
+@pytest.mark.parametrize("implementation", ["triton_attn", "registered_mask_mod", "registered_score_mod"])
 def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama, implementation):
     from triton_attn.registry import register_attention
 
     model, input_ids, padding = tiny_llama
-    if implementation == "registered_mask_mod":
-        register_attention(implementation, mask_mod=document_mask(torch.arange(64) // 7))
+    if implementation != "triton_attn":
+        mods = dict(mask_mod=document_mask(torch.arange(64) // 7)) if implementation == "registered_mask_mod" \
+            else dict(score_mod=_per_head_slopes(torch.rand(4)))
+        register_attention(implementation, **mods)
         model.set_attn_implementation(implementation)
     settings = dict(attention_mask=padding, max_new_tokens=4, do_sample=False, cache_implementation="static")
     with torch.no_grad():
@@ -243,3 +258,87 @@ def test_compiled_mask_function_reads_a_pattern_outside_the_families_from_a_tabl
     for padded in (0, 7):
         keep[1, :padded] = 0
         torch.testing.assert_close(compiled(q, k, v, keep), run(q, k, v, keep), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["softcap", "softcap_bias", "score_mod", "score_mod_tensor"])
+def test_compiled_attention_function_with_a_model_score_mod_matches_eager(case):
+    """The model's softcap, a dense float mask's bias and a registered score_mod (at the call's offsets) are one
+    ModelScoreMod built inside the graph: no break, and new inputs (q/k/v, bias, slopes written in place)
+    reuse the graph."""
+    from triton_attn.registry.attention_functions import make_attention_function
+
+    slopes = torch.rand(4)
+    user_mod = {"score_mod": _linear_bias, "score_mod_tensor": _per_head_slopes(slopes)}.get(case)
+    attention_function = make_attention_function(user_mod)
+    softcap = 5.0 if case.startswith("softcap") else None
+    q, k, v = random_qkv(2, 4, 2, 8, 24, 16)
+    bias = torch.randn(2, 1, 8, 24) if case == "softcap_bias" else None
+
+    def run(q, k, v, bias):
+        return attention_function(None, q, k, v, bias, softcap=softcap)[0]
+
+    _no_graph_break(run, q, k, v, bias)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(run, fullgraph=True, backend=counter)
+    torch.testing.assert_close(compiled(q, k, v, bias), run(q, k, v, bias), rtol=1e-6, atol=1e-6)
+    before = run(q, k, v, bias)
+    if case == "score_mod_tensor":
+        slopes.copy_(torch.rand(4) + 1.0)  # same q/k/v: only the captured tensor's new values change the output
+    else:
+        q, k, v = random_qkv(2, 4, 2, 8, 24, 16)
+        bias = None if bias is None else torch.randn(2, 1, 8, 24)
+    got = compiled(q, k, v, bias)
+    torch.testing.assert_close(got, run(q, k, v, bias), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, before)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("case", ["score_mod", "score_mod_tensor"])
+def test_compiled_llama_with_a_registered_score_mod_matches_eager(tiny_llama, case):
+    """A registered score_mod over absolute positions under left padding: one graph, no break; new padding
+    and new slope values are seen."""
+    from triton_attn.registry import register_attention
+
+    model, input_ids, padding = tiny_llama
+    slopes = torch.rand(4)
+    register_attention("ta_score", score_mod=_linear_bias if case == "score_mod" else _per_head_slopes(slopes))
+    model.set_attn_implementation("ta_score")
+
+    def logits(input_ids, padding):
+        return model(input_ids=input_ids, attention_mask=padding).logits
+
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        _no_graph_break(logits, input_ids, padding)
+        torch._dynamo.reset()
+        compiled = torch.compile(logits, fullgraph=True, backend=counter)
+        got, want = compiled(input_ids, padding), logits(input_ids, padding)
+        padding[0, :3] = 0
+        slopes.copy_(torch.rand(4) + 1.0)
+        got_again, want_again = compiled(input_ids, padding), logits(input_ids, padding)
+        model.set_attn_implementation("triton_attn")
+        without_score_mod = logits(input_ids, padding)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_again, want_again, rtol=1e-5, atol=1e-5)
+    if case == "score_mod_tensor":
+        assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new slopes were seen
+    assert not torch.allclose(want_again, without_score_mod)  # the score_mod is in effect
+
+
+def test_compiled_model_score_mod_on_the_interpret_backend_matches_eager():
+    """The Triton kernels (interpreter) under torch.compile: the score_mod's Triton fallback verdict is a constant
+    of its structure, and the kernels read the ModelScoreMod's graph over the call's tensors."""
+    pytest.importorskip("triton")
+    from triton_attn.registry.attention_functions import make_attention_function
+
+    attention_function = make_attention_function(_per_head_slopes(torch.rand(4)), backend="interpret")
+    q, k, v = random_qkv(2, 4, 2, 16, 16, 16)
+    bias = torch.randn(2, 1, 16, 16)
+
+    def run(q, k, v, bias):
+        return attention_function(None, q, k, v, bias, softcap=3.0)[0]
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, bias), run(q, k, v, bias), rtol=1e-6, atol=1e-6)

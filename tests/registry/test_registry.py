@@ -423,6 +423,25 @@ def test_attention_function_on_the_interpret_backend(q_len):
                                atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("q_len", [20, 1])
+def test_attention_function_chains_softcap_bias_and_a_score_mod_on_the_interpret_backend(q_len):
+    """softcap, then a dense float mask's bias, then a score_mod reading a captured tensor at absolute positions
+    (queries are the last q_len keys), on the Triton kernels (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    q, k, v = _qkv(q_len=q_len, kv_len=20, scale=2.0)
+    slopes = torch.rand(4)
+
+    def sloped(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    additive = torch.randn(2, 1, q_len, 20)
+    additive[0, ..., :5] = -1e9  # padding: a large negative bias
+    out, _ = make_attention_function(sloped, backend="interpret")(Module(2), q, k, v, additive, softcap=3.0)
+    distance = torch.arange(20).view(1, -1) - torch.arange(20 - q_len, 20).view(-1, 1)
+    bias = additive + slopes.view(1, 4, 1, 1) * distance
+    torch.testing.assert_close(out.double(), golden(q, k, v, softcap=3.0, bias=bias), atol=2e-5, rtol=1e-4)
+
+
 def test_attention_function_dense_masks():
     q, k, v = _qkv(scale=2.0)
     allowed = torch.rand(2, 1, 9, 9) > 0.3
