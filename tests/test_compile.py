@@ -183,14 +183,17 @@ def test_static_cache_generate_with_a_compiled_forward_matches_eager(tiny_llama,
     assert torch.equal(compiled_tokens, eager_tokens)
 
 
-@pytest.mark.parametrize("case", ["window", "document"])
-def test_compiled_llama_with_a_registered_mask_mod_matches_eager(tiny_llama, case):
-    """A user mask_mod combined with the model mask: one graph, no break, new padding / document ids seen."""
+@pytest.mark.parametrize("case", ["window", "document", "score_mod", "score_mod_tensor"])
+def test_compiled_llama_with_a_registered_mod_matches_eager(tiny_llama, case):
+    """A registered mask_mod (combined with the model mask) or score_mod (over absolute positions): one graph,
+    no break; new padding and new values of the mod's captured tensors (document ids, slopes) are seen."""
     from triton_attn.registry import register_attention
 
     model, input_ids, padding = tiny_llama
-    ids = torch.arange(16) // 6
-    register_attention("ta_user", mask_mod=sliding_window_mask(5) if case == "window" else document_mask(ids))
+    ids, slopes = torch.arange(16) // 6, torch.rand(4)
+    mods = {"window": dict(mask_mod=sliding_window_mask(5)), "document": dict(mask_mod=document_mask(ids)),
+            "score_mod": dict(score_mod=_linear_bias), "score_mod_tensor": dict(score_mod=_per_head_slopes(slopes))}
+    register_attention("ta_user", **mods[case])
     model.set_attn_implementation("ta_user")
 
     def logits(input_ids, padding):
@@ -204,6 +207,7 @@ def test_compiled_llama_with_a_registered_mask_mod_matches_eager(tiny_llama, cas
         got, want = compiled(input_ids, padding), logits(input_ids, padding)
         padding[0, :3] = 0  # new values of the same shapes: the same graph must see them
         ids.copy_(torch.arange(16) // 4)
+        slopes.copy_(torch.rand(4) + 1.0)
         got_again, want_again = compiled(input_ids, padding), logits(input_ids, padding)
         model.set_attn_implementation("triton_attn")
         without_user_mod = logits(input_ids, padding)
@@ -211,9 +215,9 @@ def test_compiled_llama_with_a_registered_mask_mod_matches_eager(tiny_llama, cas
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_again, want_again, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got_again[0], got[0])  # the new padding was seen
-    if case == "document":
-        assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new ids were seen
-    assert not torch.allclose(want_again, without_user_mod)  # the user mask_mod is in effect
+    if case in ("document", "score_mod_tensor"):
+        assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new ids / slopes were seen
+    assert not torch.allclose(want_again, without_user_mod)  # the user mod is in effect
 
 
 def test_compiled_mask_function_with_query_positions_and_a_mask_mod_matches_eager():
@@ -292,39 +296,6 @@ def test_compiled_attention_function_with_a_model_score_mod_matches_eager(case):
     torch.testing.assert_close(got, run(q, k, v, bias), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(got, before)
     assert counter.frame_count == 1
-
-
-@pytest.mark.parametrize("case", ["score_mod", "score_mod_tensor"])
-def test_compiled_llama_with_a_registered_score_mod_matches_eager(tiny_llama, case):
-    """A registered score_mod over absolute positions under left padding: one graph, no break; new padding
-    and new slope values are seen."""
-    from triton_attn.registry import register_attention
-
-    model, input_ids, padding = tiny_llama
-    slopes = torch.rand(4)
-    register_attention("ta_score", score_mod=_linear_bias if case == "score_mod" else _per_head_slopes(slopes))
-    model.set_attn_implementation("ta_score")
-
-    def logits(input_ids, padding):
-        return model(input_ids=input_ids, attention_mask=padding).logits
-
-    counter = CompileCounterWithBackend("aot_eager")
-    with torch.no_grad():
-        _no_graph_break(logits, input_ids, padding)
-        torch._dynamo.reset()
-        compiled = torch.compile(logits, fullgraph=True, backend=counter)
-        got, want = compiled(input_ids, padding), logits(input_ids, padding)
-        padding[0, :3] = 0
-        slopes.copy_(torch.rand(4) + 1.0)
-        got_again, want_again = compiled(input_ids, padding), logits(input_ids, padding)
-        model.set_attn_implementation("triton_attn")
-        without_score_mod = logits(input_ids, padding)
-    assert counter.frame_count == 1
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_again, want_again, rtol=1e-5, atol=1e-5)
-    if case == "score_mod_tensor":
-        assert not torch.allclose(got_again[1], got[1])  # row 1's padding is unchanged: the new slopes were seen
-    assert not torch.allclose(want_again, without_score_mod)  # the score_mod is in effect
 
 
 def test_compiled_model_score_mod_on_the_interpret_backend_matches_eager():
