@@ -120,3 +120,31 @@ def test_closed_form_masks_are_built_at_once_where_a_launch_needs_them():
     meta = window_block_mask(causal_mask, 1, 1, 64, q_offset=63, BLOCK_SIZE=16, device="meta")
     assert cpu.is_deferred() and not meta.is_deferred()
     assert meta.kv_indices.shape == cpu.kv_indices.shape
+
+
+def test_model_mask_mods_are_traced_once_per_structure(monkeypatch):
+    """A model builds a new mask_mod object every decode step; its graph is traced once per structure
+    and bound to each step's own tensors (offsets, padding, a registered mod's captured ids)."""
+    from triton_attn.masks import tracing
+    from triton_attn.registry.masking import ModelMaskMod
+
+    calls = []
+    original = tracing._trace_now
+    monkeypatch.setattr(tracing, "_trace_now", lambda *a: calls.append(a) or original(*a))
+    ids = torch.arange(96) // 30
+    user = document_mask(ids)
+    user_tensors = tuple(tracing.trace_mask_mod(user).captured)
+    calls.clear()
+    for position, padded_to in ((40, 3), (41, 17), (77, 0)):
+        padding = torch.arange(96).view(1, -1) >= torch.tensor([padded_to, 5]).view(-1, 1)
+        mod = ModelMaskMod((True, 24), torch.tensor(position), torch.tensor(0), padding, user_mod=user,
+                           user_tensors=user_tensors)
+        traced = tracing.trace_mask_mod(mod)
+        assert traced.captured[:1] != [] and all(any(t is own for own in mod.tensors()) for t in traced.captured)
+        block_mask = ta.create_block_mask(mod, 2, None, 3, 96, BLOCK_SIZE=16)  # from the bound graph
+        calls_before = len(calls)
+        fresh = ta.create_block_mask(lambda b, h, q_idx, kv_idx: mod(b, h, q_idx, kv_idx), 2, None, 3, 96,
+                                     BLOCK_SIZE=16)  # a plain closure: traced anew
+        del calls[calls_before:]
+        _assert_same_layout(block_mask, fresh)
+    assert len(calls) == 1, [getattr(args[0], "__name__", args[0]) for args in calls]

@@ -18,6 +18,7 @@ numbered *captured input*, so new values of the same shape reuse the same compil
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import math
@@ -27,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .closure import StructuredMod
 from .graph import (Node, UntraceableModError, binary, const, evaluate_graph, kind_of_dtype, promote,
                     unary, where)
 
@@ -324,10 +326,41 @@ def _closure_identity(fn: Callable) -> tuple:
     return tuple(cells) + tuple(id(d) for d in getattr(fn, "__defaults__", None) or ())
 
 
+# (kind, StructuredMod type, structure, tensor specs) -> (traced stand-in, captured order); a few recent ones.
+_STRUCTURED: "collections.OrderedDict" = collections.OrderedDict()
+STRUCTURED_CACHE_SIZE = 256
+
+
+def _trace_structured(mod: StructuredMod, kind: str) -> TracedMod:
+    """A ``StructuredMod``'s graph depends only on its structure and its tensors' dtypes and ranks (see
+    ``StructuredMod``), so it is traced once per structure and bound to each instance's tensors: a model
+    builds a new mask_mod object for every decode step, and re-tracing it every step is host time."""
+    tensors = mod.tensors()
+    specs = tuple((t.dtype, t.dim()) for t in tensors)
+    cache_key = (kind, type(mod), mod.structure(), specs)
+    try:
+        cached = _STRUCTURED.get(cache_key)
+    except TypeError:  # an unhashable structure: trace every time
+        return _trace_now(mod, kind)
+    if cached is None:
+        stand_in = type(mod).stand_in(cache_key[2], specs)
+        template, placeholders = _trace_now(stand_in, kind), stand_in.tensors()
+        order = tuple(next(i for i, t in enumerate(placeholders) if t is captured) for captured in template.captured)
+        cached = _STRUCTURED[cache_key] = (template, order)
+        while len(_STRUCTURED) > STRUCTURED_CACHE_SIZE:
+            _STRUCTURED.popitem(last=False)
+    else:
+        _STRUCTURED.move_to_end(cache_key)
+    template, order = cached
+    return TracedMod(kind, template.graph, [tensors[i] for i in order], getattr(mod, "__name__", template.name))
+
+
 def _trace(fn: Callable, kind: str) -> TracedMod:
     prebuilt = getattr(fn, "traced_mod", None)  # a graph bound to new tensors (triton_attn.ops.BoundMod)
     if isinstance(prebuilt, TracedMod) and prebuilt.kind == kind:
         return prebuilt
+    if isinstance(fn, StructuredMod):
+        return _trace_structured(fn, kind)
     try:
         entry = _TRACED.get(fn)
     except TypeError:  # not weak-referenceable or not hashable: trace every time
