@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     same = {name: bool(torch.equal(result["tokens"], reference)) for name, result in results.items()}
     assert all(same.values()), f"greedy tokens differ from sdpa's: {same}"
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")  # seconds: runs in one minute keep their files
     versions = dict(torch=torch.__version__.split("+")[0], transformers=transformers.__version__)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"generate_{stamp}_{device_name()}_torch{versions['torch']}_transformers"
