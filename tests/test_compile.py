@@ -298,6 +298,28 @@ def test_compiled_attention_function_with_a_model_score_mod_matches_eager(case):
     assert counter.frame_count == 1
 
 
+def test_compiled_attention_function_with_a_4d_bool_mask_matches_eager():
+    """A 4-D bool mask handed straight to the attention function becomes a DenseMaskMod inside the graph:
+    no break, one graph for new mask values, and the compiled output equals eager."""
+    from triton_attn.registry.attention_functions import make_attention_function
+
+    attention_function = make_attention_function()
+    q, k, v = random_qkv(2, 4, 2, 8, 24, 16)
+
+    def run(q, k, v, mask):
+        return attention_function(None, q, k, v, mask)[0]
+
+    mask = torch.rand(2, 1, 8, 24) > 0.3
+    _no_graph_break(run, q, k, v, mask)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(run, fullgraph=True, backend=counter)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(q, k, v, mask), run(q, k, v, mask), rtol=1e-6, atol=1e-6)
+        mask = torch.rand(2, 1, 8, 24) > 0.6
+    assert counter.frame_count == 1
+
+
 def test_compiled_model_score_mod_on_the_interpret_backend_matches_eager():
     """The Triton kernels (interpreter) under torch.compile: the score_mod's Triton fallback verdict is a constant
     of its structure, and the kernels read the ModelScoreMod's graph over the call's tensors."""

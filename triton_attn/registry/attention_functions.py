@@ -25,11 +25,11 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import attention, create_block_mask, ops
-from ..masks import BlockMask, causal_mask, sliding_window_mask
+from ..masks import BlockMask, StructuredMod, causal_mask, sliding_window_mask
 from .masking import CarriesUserMod, ModelBlockMask
 
 __all__ = ["make_attention_function", "eager_attention_function", "sdpa_attention_function",
-           "check_attention_inputs", "ModelScoreMod"]
+           "check_attention_inputs", "ModelScoreMod", "DenseMaskMod"]
 
 
 def check_attention_inputs(module, query, key, value, dropout) -> None:
@@ -101,13 +101,30 @@ def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
     batch, heads = mask.shape[:2]
     if mask.dtype != torch.bool:
         return None, mask.float(), batch, heads
-    pick_b = (lambda b: b) if batch > 1 else (lambda b: b * 0)
-    pick_h = (lambda h: h) if heads > 1 else (lambda h: h * 0)
+    return DenseMaskMod(mask, batch > 1, heads > 1), None, batch, heads
 
-    def dense_mask(b, h, q_idx, kv_idx):
-        return mask[pick_b(b), pick_h(h), q_idx, kv_idx]
 
-    return dense_mask, None, batch, heads
+class DenseMaskMod(StructuredMod):
+    """A model's 4-D bool mask ``[B or 1, H or 1, Lq, Lkv]`` as a mask_mod. ``structure()`` is
+    ``(per_batch, per_head)`` (whether ``b`` / ``h`` index the mask or it broadcasts), ``tensors()`` the
+    mask: built inside ``torch.compile``, its table key comes from those constants (``ops.compiled_mod``)."""
+
+    def __init__(self, mask: torch.Tensor, per_batch: bool, per_head: bool):
+        self.mask, self.per_batch, self.per_head = mask, bool(per_batch), bool(per_head)
+        self.__name__ = "dense_mask"
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.mask[b if self.per_batch else b * 0, h if self.per_head else h * 0, q_idx, kv_idx]
+
+    def structure(self) -> tuple:
+        return self.per_batch, self.per_head
+
+    def tensors(self) -> tuple:
+        return (self.mask,)
+
+    @classmethod
+    def build(cls, structure: tuple, tensors: tuple) -> "DenseMaskMod":
+        return cls(tensors[0], *structure)
 
 
 class ModelScoreMod(CarriesUserMod):
