@@ -285,3 +285,30 @@ def test_per_document_balancer_deals_every_document_head_tail():
         PerDocumentBalancer([3, 0])
     with pytest.raises(ValueError, match="granule must be a positive int"):
         PerDocumentBalancer([3, 5], granule=0)
+
+
+def test_step_plans_are_cached_by_captured_tensor_identity_not_values(monkeypatch):
+    """A layer's call finds its rank's step masks without reading the mask's tensor values (a host copy on
+    CUDA); writing new values into a captured tensor in place, or a new tensor, gives a new plan."""
+    from triton_attn.distributed import plan as plans
+    from triton_attn.masks import closure
+
+    positions = layout_positions("head_tail", 128, 2)
+    ids = torch.arange(128) // 40
+    mask_mod = and_masks(causal_mask, document_mask(ids))
+    first = plans.plan_steps(mask_mod, 1, 1, positions, 0, "head_tail", 32, "cpu")
+    value_reads = []
+    original = closure.mod_fingerprint
+    monkeypatch.setattr(plans, "mod_fingerprint",
+                        lambda fn, include_tensor_values=True: value_reads.append(include_tensor_values)
+                        or original(fn, include_tensor_values))
+    assert plans.plan_steps(mask_mod, 1, 1, positions, 0, "head_tail", 32, "cpu") is first
+    assert not any(value_reads)
+
+    ids.copy_(torch.arange(128) // 16)  # in place: same object, new version
+    second = plans.plan_steps(mask_mod, 1, 1, positions, 0, "head_tail", 32, "cpu")
+    assert second is not first
+    for step, source in zip(second.masks, second.sources):
+        want = ta.create_mask(mask_mod, 1, 1, 128, 128)[0, 0][positions[0]][:, positions[source]]
+        got = ta.create_mask(step.mask_mod, 1, 1, 64, 64)[0, 0] if step is not None else torch.zeros_like(want)
+        assert torch.equal(got, want)

@@ -18,7 +18,7 @@ import torch
 
 from ..masks import create_block_mask
 from ..masks.block_mask import BlockMask
-from ..masks.closure import mod_fingerprint
+from ..masks.closure import captured_tensors, mod_fingerprint
 from ..masks.evaluate import mod_name
 
 MAX_RING_BLOCK = 128
@@ -73,7 +73,7 @@ class StepMasks:
 
 FULL = "full"  # marker in StepMasks.masks: attend everywhere (no mask_mod)
 
-_PLANS: "OrderedDict[tuple, StepMasks]" = OrderedDict()
+_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (StepMasks, the captured tensors it was built from)
 
 
 def step_block_mask(mask_mod: Callable, batch: int, heads: int, positions: torch.Tensor, rank: int, source: int,
@@ -87,18 +87,23 @@ def step_block_mask(mask_mod: Callable, batch: int, heads: int, positions: torch
 
 def plan_steps(mask_mod: Optional[Callable], batch: int, heads: int, positions: torch.Tensor, rank: int,
                balance_key: str, alignment: int, device) -> StepMasks:
-    """The step masks of ``rank`` (cached by the mask's fingerprint, shapes and layout).
+    """The step masks of ``rank`` (cached by the mask's code and captured tensors, shapes and layout).
 
     positions: int64 ``[P, L_local]`` from the load balancer (on any device); alignment: the
     balancer's (see ``LoadBalancer.alignment``).
     """
     world_size, local_len = positions.shape
     block_size = ring_block_size(alignment)
-    key = (None if mask_mod is None else mod_fingerprint(mask_mod), batch, heads, world_size, local_len, rank,
+    # The mask by its code and constants, and its captured tensors by identity and in-place version: no
+    # tensor values are read (on CUDA a host copy on every layer's call). The cached entry keeps those
+    # tensors alive, so their ids cannot be reused by other tensors while it lives.
+    captured = () if mask_mod is None else tuple(captured_tensors(mask_mod))
+    key = (None if mask_mod is None else mod_fingerprint(mask_mod, include_tensor_values=False),
+           tuple((id(t), t._version) for t in captured), batch, heads, world_size, local_len, rank,
            balance_key, block_size, str(device))
     if key in _PLANS:
         _PLANS.move_to_end(key)
-        return _PLANS[key]
+        return _PLANS[key][0]
     positions = positions.to(device)
     sources = [(rank - step) % world_size for step in range(world_size)]
     if mask_mod is None:
@@ -107,7 +112,7 @@ def plan_steps(mask_mod: Optional[Callable], batch: int, heads: int, positions: 
         masks = [step_block_mask(mask_mod, batch, heads, positions, rank, source, block_size, device)
                  for source in sources]
     plan = StepMasks(sources=sources, masks=masks, positions=positions, block_size=block_size)
-    _PLANS[key] = plan
+    _PLANS[key] = (plan, captured)
     while len(_PLANS) > PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
     return plan
