@@ -51,7 +51,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .blocks import LOG2_E_IN_KERNEL, phase_blocks, tile_positions
+from .blocks import LOG2_E_IN_KERNEL, head_dim_lanes, phase_blocks, query_tile_program, tile_positions
 
 
 @triton.jit
@@ -149,11 +149,7 @@ def attention_backward_dkdv_kernel(
     cols_in_block, kv_pos, kv_valid = tile_positions(mask_col, tile_id % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE, BLOCK_N,
                                                      kv_len)                # [BLOCK_N]
     kv_idx = kv_pos[:, None]                                                # [BLOCK_N, 1]
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_valid = offs_d < HEAD_DIM
-    dv_valid = offs_dv < HEAD_DIM_V
+    offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
     if ROW_OFFSETS_64:
         # position * row stride can reach 2**31 (see the forward kernel).
         stride_qm = stride_qm.to(tl.int64)
@@ -313,24 +309,10 @@ def attention_backward_dq_kernel(
     # Q, DQ [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv], K [B, Hkv, Lkv, D], V [B, Hkv, Lkv, Dv];
     # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as
     # the forward, and like it heaviest tiles first under causal-like masks.
-    if HEAVY_TILES_LAST:
-        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        tile_id = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_q_heads
-    head = batch_head % num_q_heads
-    kv_head = head // gqa_groups
-
-    mask_row = tile_id // Q_TILES_PER_BLOCK
-    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
-                                                     q_len)                 # [BLOCK_M]
+    batch, head, kv_head, mask_row, rows_in_block, q_pos, row_valid = query_tile_program(
+        HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_valid = offs_d < HEAD_DIM
-    dv_valid = offs_dv < HEAD_DIM_V
+    offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
     if ROW_OFFSETS_64:
         stride_qm = stride_qm.to(tl.int64)
         stride_kn = stride_kn.to(tl.int64)
@@ -348,7 +330,7 @@ def attention_backward_dq_kernel(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
         do_tile = do_tile.to(tl.float32)
-    row_base = batch_head.to(tl.int64) * q_len                              # Stats / Delta are contiguous
+    row_base = tl.program_id(1).to(tl.int64) * q_len    # (batch * Hq + head) rows: Stats / Delta are contiguous
     # Padding rows and rows that attended to nothing have 1 / sum = 0: P = 0, not NaN.
     shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=0.0)
     inverse_sum = tl.load(Stats + (row_base + q_pos) * 2 + 1, mask=row_valid, other=0.0)

@@ -31,6 +31,37 @@ def phase_blocks(PHASE: tl.constexpr, num_blocks, indices, full_num_blocks, full
 
 
 @triton.jit
+def query_tile_program(HEAVY_TILES_LAST: tl.constexpr, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK: tl.constexpr,
+                       Q_BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, q_len):
+    """What a program of a query-tile grid ``(query tiles, B * Hq)`` works on: (batch, head, kv_head, mask
+    block row, rows' offsets in that block, query positions, valid) -- the last three ``[BLOCK_M]``.
+
+    HEAVY_TILES_LAST: under causal-like masks the last query tiles see the most keys; they are launched
+    first, so light tiles fill the gaps at the end instead of one long tile finishing alone. GQA: query
+    heads ``[g * groups, (g + 1) * groups)`` share key/value head ``g``; nothing is copied."""
+    if HEAVY_TILES_LAST:
+        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile_id = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    mask_row = tile_id // Q_TILES_PER_BLOCK
+    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
+                                                     q_len)
+    return batch, head, head // gqa_groups, mask_row, rows_in_block, q_pos, row_valid
+
+
+@triton.jit
+def head_dim_lanes(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """(offs_d ``[BLOCK_D]``, offs_dv ``[BLOCK_DV]``, d_valid, dv_valid): the head-dim lanes of Q/K and of V,
+    valid below the true head_dim (all valid unless it was padded to a power of two, e.g. 80 -> 128)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return offs_d, offs_dv, offs_d < HEAD_DIM, offs_dv < HEAD_DIM_V
+
+
+@triton.jit
 def tile_positions(block, sub_tile, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, length):
     """Sub-tile ``sub_tile`` of mask block ``block``: (offsets in the block, positions, valid) ``[TILE]``.
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .blocks import LN_2, LOG2_E_IN_KERNEL, phase_blocks, tile_positions
+from .blocks import LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, phase_blocks, query_tile_program, tile_positions
 
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
 
@@ -72,28 +72,10 @@ def attention_forward_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
 ):
-    if HEAVY_TILES_LAST:
-        # Causal-like masks: the last query tiles see the most keys. Launch them first, so the
-        # light tiles fill the gaps at the end instead of one long tile finishing alone.
-        tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        tile_id = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_q_heads
-    head = batch_head % num_q_heads
-    # GQA: query heads [g * groups, (g + 1) * groups) share key/value head g; nothing is copied.
-    kv_head = head // gqa_groups
-
-    # This program's query rows all lie in mask block row ``mask_row``.
-    mask_row = tile_id // Q_TILES_PER_BLOCK
-    rows_in_block, q_pos, row_valid = tile_positions(mask_row, tile_id % Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M,
-                                                     q_len)
+    batch, head, kv_head, mask_row, rows_in_block, q_pos, row_valid = query_tile_program(
+        HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_valid = offs_d < HEAD_DIM          # all True unless head_dim was padded (80 -> 128)
-    dv_valid = offs_dv < HEAD_DIM_V
+    offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
 
     if ROW_OFFSETS_64:
         # The launcher saw that position * row stride can reach 2**31 (a [B, S, H, D] view of a
@@ -214,6 +196,6 @@ def attention_forward_kernel(
         # an error ~ 2e-6 in every P, several times a plain float32 softmax's).
         final_shift = tl.where(attended, running_shift, 0.0)
         inverse_sum = tl.where(attended, 1.0 / safe_sum, 0.0)
-        stats_ptrs = Stats + (batch_head.to(tl.int64) * q_len + q_pos) * 2
+        stats_ptrs = Stats + (tl.program_id(1).to(tl.int64) * q_len + q_pos) * 2  # program 1: batch * Hq + head
         tl.store(stats_ptrs, final_shift, mask=row_valid)
         tl.store(stats_ptrs + 1, inverse_sum, mask=row_valid)

@@ -37,7 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..attention.blocks import LN_2, LOG2_E_IN_KERNEL, load_tile, online_softmax_step, tile_positions
+from ..attention.blocks import (LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, load_tile, online_softmax_step,
+                                tile_positions)
 
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
 
@@ -84,10 +85,7 @@ def decode_split_kernel(
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
     head_idx = head[:, None]
 
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_valid = offs_d < HEAD_DIM
-    dv_valid = offs_dv < HEAD_DIM_V
+    offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
 
     q_rows = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_pos * stride_qm     # [BLOCK_M]
     q_tile = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd,
