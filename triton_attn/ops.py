@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .masks.block_mask import BlockMask, LaunchPlan
-from .masks.closure import StructuredMod
+from .masks.closure import StructuredMod, positions_by_identity
 from .masks.evaluate import mod_name
 from .masks.tracing import TracedMod, UntraceableModError, evaluate, trace_mask_mod, trace_score_mod
 
@@ -371,10 +371,8 @@ def structured_mod_key(mod_type: type, structure: tuple, tensor_specs: Tuple, ki
     tensor values), and ``order`` says which of the mod's ``tensors()`` is each captured input of the
     traced graph."""
     stand_in = mod_type.stand_in(structure, tensor_specs)
-    stand_ins = stand_in.tensors()
     key, captured = register_mod(stand_in, kind)
-    order = tuple(next(i for i, t in enumerate(stand_ins) if t is tensor) for tensor in captured)
-    return key, order
+    return key, positions_by_identity(captured, stand_in.tensors())
 
 
 structured_mod_key._dynamo_marked_constant = True  # see mod_key

@@ -8,7 +8,7 @@ whole range of mask/score constructs pass the real compiler (the interpreter is 
 from __future__ import annotations
 
 import pytest
-from tests.helpers.toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 import torch
 
 pytest.importorskip("triton")
@@ -20,23 +20,15 @@ from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
-from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")
 
 
-def _kernel(mask_mod=causal_mask, score_mod=None, mode=functions.MASK_TRACED):
-    """The mods of one forward variant, as ``compile_forward`` keywords."""
-    traced = trace_mask_mod(mask_mod) if mode == functions.MASK_TRACED else None
-    score = trace_score_mod(score_mod) if score_mod is not None else None
-    return dict(mask=traced, score=score, mask_mode=mode)
-
-
 @pytest.mark.parametrize("config", FORWARD_CONFIGS, ids=lambda c: c.name)
 def test_every_config_compiles_for_sm80_and_sm90_within_budget(config):
-    kernel = _kernel()
+    kernel = compile_mods()
     for arch in aot.ARCHS:
         result = compile_forward(config, arch=arch, head_dim=config.max_head_dim, dtype=torch.bfloat16, **kernel)
         assert result.shared_bytes <= shared_memory_limit(arch), str(result)
@@ -48,7 +40,7 @@ def test_every_config_compiles_for_sm80_and_sm90_within_budget(config):
 @pytest.mark.parametrize("head_dim", sorted(MAIN_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
-    kernel = _kernel()
+    kernel = compile_mods()
     config = default_config(head_dim, head_dim, dtype, (128, 128), 4096)
     for arch in aot.ARCHS:
         result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=dtype, inspect_sass=arch == 90,
@@ -64,7 +56,7 @@ def test_main_configs_have_no_spills_and_use_wgmma(head_dim, dtype):
 def test_float32_configs_compile_within_shared_memory(head_dim):
     config = default_config(head_dim, head_dim, torch.float32, (128, 128), 4096)
     for arch in aot.ARCHS:
-        result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=torch.float32, **_kernel())
+        result = compile_forward(config, arch=arch, head_dim=head_dim, dtype=torch.float32, **compile_mods())
         assert result.shared_bytes <= shared_memory_limit(arch), str(result)
         assert result.spill_stores <= 2048, f"float32 spills grew: {result}"
 
@@ -92,7 +84,7 @@ def _variants():
 @pytest.mark.parametrize("name", list(_variants()))
 def test_generated_variants_compile_for_sm90(name):
     mask_mod, score_mod, mode = _variants()[name]
-    kernel = _kernel(mask_mod, score_mod, mode)
+    kernel = compile_mods(mask_mod, score_mod, mode)
     config = MAIN_CONFIGS[64]
     for block_size, kv_len in (((128, 128), 4096), ((64, 48), 1000)):  # aligned, and ragged sub-tiles
         result = compile_forward(config.fitted(*block_size), arch=90, head_dim=64, kv_len=kv_len,
@@ -112,5 +104,5 @@ def test_interpreter_leaves_triton_ready_to_compile():
                  backend="interpret")
     changed = [name for name, value in vars(tl.core).items() if before.get(name) is not value and name in before]
     assert not changed, f"triton.language.core left patched: {changed[:5]}"
-    result = compile_forward(MAIN_CONFIGS[64], arch=90, head_dim=64, **_kernel())
+    result = compile_forward(MAIN_CONFIGS[64], arch=90, head_dim=64, **compile_mods())
     assert result.ptx_has_wgmma

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 import pytest
-from tests.helpers.toolchain import nvidia_toolchain_available
+from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 import torch
 
 pytest.importorskip("triton")
@@ -23,18 +23,10 @@ from triton_attn.kernels.attention.backward_launch import (BACKWARD_CONFIGS, FLO
                                                  MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS)
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
-from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")
-
-
-def _kernels(mask_mod=causal_mask, score_mod=None, mode=functions.MASK_TRACED):
-    """The mods of one backward variant, as ``compile_backward`` keywords."""
-    traced = trace_mask_mod(mask_mod) if mode == functions.MASK_TRACED else None
-    score = trace_score_mod(score_mod) if score_mod is not None else None
-    return dict(mask=traced, score=score, mask_mode=mode)
 
 
 def _dtype_of(config) -> torch.dtype:
@@ -46,7 +38,7 @@ def _dtype_of(config) -> torch.dtype:
 def test_every_backward_config_compiles_within_budget(config, arch):
     dtype = _dtype_of(config)
     results = backward_aot.compile_backward(config, arch=arch, head_dim=config.max_head_dim, dtype=dtype,
-                                            **_kernels())
+                                            **compile_mods())
     for name, result in results.items():
         assert result.shared_bytes <= shared_memory_limit(arch), f"{name}: {result}"
         if config not in SPILLING_CONFIGS:
@@ -64,7 +56,7 @@ def test_main_fp16_configs_have_no_spills(head_dim):
     for arch in aot.ARCHS:
         config = MAIN_BACKWARD_CONFIGS[128 if head_dim > 64 else 64]
         results = backward_aot.compile_backward(config, arch=arch, head_dim=head_dim, dtype=torch.float16,
-                                                inspect_sass=arch == 90, **_kernels())
+                                                inspect_sass=arch == 90, **compile_mods())
         for name, result in results.items():
             assert not result.spills, f"{name}: {result}"
             if arch == 90:
@@ -94,7 +86,7 @@ def _variants():
 @pytest.mark.parametrize("name", list(_variants()))
 def test_generated_backward_variants_compile_for_sm90(name):
     mask_mod, score_mod, mode = _variants()[name]
-    kernels = _kernels(mask_mod, score_mod, mode)
+    kernels = compile_mods(mask_mod, score_mod, mode)
     for block_size, q_len, kv_len in (((128, 128), 4096, 4096), ((64, 48), 1000, 999)):  # aligned; ragged
         results = backward_aot.compile_backward(MAIN_BACKWARD_CONFIGS[64], arch=90, head_dim=64,
                                                 block_size=block_size, q_len=q_len, kv_len=kv_len, **kernels)

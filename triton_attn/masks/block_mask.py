@@ -328,7 +328,7 @@ class BlockMask:
     @property
     def launch_plan(self) -> LaunchPlan:
         """Max blocks per row, has-partial-blocks and the phase list as Python values (built once)."""
-        plan = self.__dict__.get("_launch_plan")
+        plan = self.__dict__.get("_launch_plan")  # (not yet for a deferred mask: computed once its lists exist)
         if plan is None:
             plan = self._launch_plan = self.compute_launch_plan()
         return plan
@@ -368,15 +368,14 @@ class BlockMask:
         return "_pending" in self.__dict__
 
     def __getattr__(self, name: str):
-        # Called only for attributes not set on the instance: a deferred mask's fields and plan.
+        # Called only for attributes not set on the instance: a deferred mask's fields.
         pending = self.__dict__.get("_pending")
-        if pending is None or (name not in self._TENSOR_FIELDS and name != "_launch_plan"):
+        if pending is None or name not in self._TENSOR_FIELDS:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         fields = pending[0]()
         del self.__dict__["_pending"]
         for field in self._TENSOR_FIELDS:
             setattr(self, field, fields[field])
-        self._launch_plan = self.compute_launch_plan()
         if not torch.compiler.is_compiling():  # (a compiled region knows no tensor versions)
             self.trusted()
         return getattr(self, name)

@@ -53,6 +53,21 @@ def _document_bounds(ids: torch.Tensor, positions: torch.Tensor) -> Tuple[torch.
     return start, end
 
 
+def _mask_batch(batch: int, padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor]) -> int:
+    """The layout's batch size ``Bm``: that of the padding / document ids (1 without them), checked."""
+    mask_batch = max([1] + [t.shape[0] for t in (padding, document_ids) if t is not None])
+    if mask_batch not in (1, batch):
+        raise ValueError(f"padding / document_ids have batch size {mask_batch}; expected 1 or batch={batch}")
+    return mask_batch
+
+
+def _device_of(device, *tensors) -> torch.device:
+    """``device``, else that of the first tensor among ``tensors`` (offsets may be ints), else CPU."""
+    if device is None:
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return torch.device(device)
+
+
 def window_block_maps(batch: int, q_length: int, kv_length: int, *, q_offset: Offset = 0, kv_offset: Offset = 0,
                       causal: bool = True, window: Optional[int] = None, padding: Optional[torch.Tensor] = None,
                       document_ids: Optional[torch.Tensor] = None, block_size: BlockSize = 128,
@@ -67,9 +82,8 @@ def window_block_maps(batch: int, q_length: int, kv_length: int, *, q_offset: Of
     """
     q_bs, kv_bs = normalize_block_size(block_size)
     nq, nkv = _cdiv(q_length, q_bs), _cdiv(kv_length, kv_bs)
-    if device is None:
-        device = next((t.device for t in (padding, document_ids, q_offset, kv_offset)
-                       if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    _mask_batch(batch, padding, document_ids)
+    device = _device_of(device, padding, document_ids, q_offset, kv_offset)
     rows = torch.arange(nq, device=device)
     cols = torch.arange(nkv, device=device)
     q_lo = (rows * q_bs + q_offset).view(1, nq, 1)
@@ -112,8 +126,6 @@ def window_block_maps(batch: int, q_length: int, kv_length: int, *, q_offset: Of
     shape = (max(visible.shape[0], full.shape[0]), nq, nkv)
     visible, full = visible.expand(shape), full.expand(shape) & visible.expand(shape)
     partial = visible & ~full
-    if shape[0] not in (1, batch):
-        raise ValueError(f"padding / document_ids have batch size {shape[0]}; expected 1 or batch={batch}")
     return partial.unsqueeze(1), full.unsqueeze(1)
 
 
@@ -135,16 +147,11 @@ def window_block_mask(mask_mod: Callable, batch: int, q_length: int, kv_length: 
                                           block_size=block_size, device=device)
         return dense_fields_from_maps(partial, full, partial.shape[0], 1)
 
-    if device is None:
-        device = next((t.device for t in (padding, document_ids, q_offset, kv_offset)
-                       if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    device = torch.device(device)
+    device = _device_of(device, padding, document_ids, q_offset, kv_offset)
     if device.type == "cpu" and not torch.compiler.is_compiling():
         # Built when a kernel first reads the lists; a CPU decode step never does (BlockMask.deferred).
-        mask_batch = max([1] + [t.shape[0] for t in (padding, document_ids) if t is not None])
-        if mask_batch not in (1, batch):  # the error window_block_maps raises, now rather than on first read
-            raise ValueError(f"padding / document_ids have batch size {mask_batch}; expected 1 or batch={batch}")
-        block_mask = BlockMask.deferred(build_fields, batch_heads=(mask_batch, 1),
+        # The batch sizes are checked now rather than on first read.
+        block_mask = BlockMask.deferred(build_fields, batch_heads=(_mask_batch(batch, padding, document_ids), 1),
                                         BLOCK_SIZE=block_size, seq_lengths=(q_length, kv_length),
                                         mask_mod=mask_mod, device=device)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 
@@ -77,6 +77,12 @@ def mod_fingerprint(fn: Callable, include_tensor_values: bool = True) -> str:
         else:
             digest.update(f"{type(value).__qualname__}".encode())
     return digest.hexdigest()[:32]
+
+
+def positions_by_identity(items, pool) -> Tuple[int, ...]:
+    """For each of ``items``, the index of the same object in ``pool`` (e.g. which of a StructuredMod's
+    ``tensors()`` is each captured input of its traced graph)."""
+    return tuple(next(i for i, candidate in enumerate(pool) if candidate is item) for item in items)
 
 
 class StructuredMod:

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .closure import StructuredMod
+from .closure import StructuredMod, positions_by_identity
 from .graph import (Node, UntraceableModError, binary, const, evaluate_graph, kind_of_dtype, promote,
                     unary, where)
 
@@ -345,7 +345,7 @@ def _trace_structured(mod: StructuredMod, kind: str) -> TracedMod:
     if cached is None:
         stand_in = type(mod).stand_in(cache_key[2], specs)
         template, placeholders = _trace_now(stand_in, kind), stand_in.tensors()
-        order = tuple(next(i for i, t in enumerate(placeholders) if t is captured) for captured in template.captured)
+        order = positions_by_identity(template.captured, placeholders)
         cached = _STRUCTURED[cache_key] = (template, order)
         while len(_STRUCTURED) > STRUCTURED_CACHE_SIZE:
             _STRUCTURED.popitem(last=False)

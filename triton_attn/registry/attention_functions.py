@@ -104,6 +104,13 @@ def _dense_mask_parts(mask: torch.Tensor, q_len: int, kv_len: int):
     return DenseMaskMod(mask, batch > 1, heads > 1), None, batch, heads
 
 
+def _at(mask: torch.Tensor, layout: Tuple[bool, bool], b, h, q_idx, kv_idx):
+    """``mask [B or 1, H or 1, Lq, Lkv]`` at (b, h, q_idx, kv_idx); ``layout``: (per_batch, per_head), False
+    where that dimension broadcasts (index 0)."""
+    per_batch, per_head = layout
+    return mask[b if per_batch else b * 0, h if per_head else h * 0, q_idx, kv_idx]
+
+
 class DenseMaskMod(StructuredMod):
     """A model's 4-D bool mask ``[B or 1, H or 1, Lq, Lkv]`` as a mask_mod. ``structure()`` is
     ``(per_batch, per_head)`` (whether ``b`` / ``h`` index the mask or it broadcasts), ``tensors()`` the
@@ -114,7 +121,7 @@ class DenseMaskMod(StructuredMod):
         self.__name__ = "dense_mask"
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return self.mask[b if self.per_batch else b * 0, h if self.per_head else h * 0, q_idx, kv_idx]
+        return _at(self.mask, (self.per_batch, self.per_head), b, h, q_idx, kv_idx)
 
     def structure(self) -> tuple:
         return self.per_batch, self.per_head
@@ -149,10 +156,7 @@ class ModelScoreMod(CarriesUserMod):
                  kv_offset: Optional[torch.Tensor] = None, q_positions: Optional[torch.Tensor] = None,
                  user_tensors: tuple = (), *, user_source: Optional[Callable] = None):
         self.softcap, self.bias, self.bias_layout = softcap, bias, None if bias is None else bias_layout
-        # user_source: the registered mod (the structure); user_mod: what is called, that mod or its graph
-        # bound to other tensors (user_tensors) when rebuilt by ``build``.
-        self.user_mod, self.user_source = user_mod, user_mod if user_source is None else user_source
-        self.user_tensors = tuple(user_tensors)
+        self.hold_user(user_mod, user_source, user_tensors)
         with_user = self.user_source is not None  # the positions are read only by the user mod
         self.q_offset, self.kv_offset = (q_offset, kv_offset) if with_user else (None, None)
         self.q_positions = q_positions if with_user else None
@@ -165,8 +169,7 @@ class ModelScoreMod(CarriesUserMod):
         if self.softcap is not None:
             score = torch.tanh(score / self.softcap) * self.softcap  # softcap_score's expression
         if self.bias is not None:
-            per_batch, per_head = self.bias_layout
-            score = score + self.bias[b if per_batch else b * 0, h if per_head else h * 0, q_idx, kv_idx]
+            score = score + _at(self.bias, self.bias_layout, b, h, q_idx, kv_idx)
         if self.user_mod is not None:
             query = q_idx + self.q_offset if self.q_positions is None else self.q_positions[q_idx]
             score = self.user_mod(score, b, h, query, kv_idx + self.kv_offset)

@@ -291,6 +291,12 @@ class CarriesUserMod(StructuredMod):
 
     USER_KIND = "mask"
 
+    def hold_user(self, user_mod: Optional[Callable], user_source: Optional[Callable], user_tensors) -> None:
+        """``user_source``: the registered mod (the structure; ``user_mod`` when None); ``user_mod``: what is
+        called, that mod or its graph bound to other tensors (``user_tensors``) when rebuilt by ``build``."""
+        self.user_mod, self.user_source = user_mod, user_mod if user_source is None else user_source
+        self.user_tensors = tuple(user_tensors)
+
     @classmethod
     def own_count(cls, structure: tuple) -> int:
         raise NotImplementedError
@@ -340,10 +346,7 @@ class ModelMaskMod(CarriesUserMod):
                  user_source: Optional[Callable] = None):
         self.pattern, self.padding, self.q_positions, self.table = pattern, padding, q_positions, table
         self.q_offset, self.kv_offset, self.combine = q_offset, kv_offset, combine
-        # user_source: the registered mod (the structure); user_mod: what is called, that mod or its graph
-        # bound to other tensors (user_tensors) when rebuilt by ``build``.
-        self.user_mod, self.user_source = user_mod, user_mod if user_source is None else user_source
-        self.user_tensors = tuple(user_tensors)
+        self.hold_user(user_mod, user_source, user_tensors)
         if pattern is None or pattern == "table":
             kind = "replace" if pattern is None else "pattern"
         else:
@@ -413,7 +416,6 @@ class ModelMaskMod(CarriesUserMod):
         table = next(own) if pattern == "table" else None
         return cls(pattern, q_offset, kv_offset, padding, q_positions, table, user_mod, combine,
                    tuple(tensors[cls.own_count(structure):]), user_source=user_source)
-
 
 
 def _pattern_table(request: MaskRequest) -> torch.Tensor:
