@@ -63,11 +63,16 @@ def restore_registries():
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory):
     """The whole session writes generated modules and tuning results into one temporary folder,
-    never into ``~/.cache`` (tests that need another folder point ``TRITON_ATTN_CACHE_DIR`` elsewhere)."""
+    never into ``~/.cache`` (tests that need another folder point ``TRITON_ATTN_CACHE_DIR`` elsewhere).
+    torch.compile's and Triton's caches too: a compiled graph cached in the machine-wide ``/tmp/torchinductor_*``
+    by an earlier checkout keys no custom-op schema, so it would replay that checkout's op calls."""
     root = tmp_path_factory.mktemp("caches")
-    saved = {name: os.environ.get(name) for name in ("TRITON_ATTN_CACHE_DIR", "XDG_CACHE_HOME")}
+    names = ("TRITON_ATTN_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ["TRITON_ATTN_CACHE_DIR"] = str(root / "triton_attn")
     os.environ["XDG_CACHE_HOME"] = str(root / "xdg")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
     yield root
     for name, value in saved.items():
         if value is None:

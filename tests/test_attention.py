@@ -263,10 +263,13 @@ def test_block_mask_errors():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"block_mask was built for Q_LEN=16, KV_LEN=8 but query has Lq=8 and key has Lkv=8"):
         ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, None, None, 16, 8))
-    with pytest.raises(ValueError, match=r"block_mask has batch size 3; expected 1 \(broadcast\) or query's B=1"):
-        ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, 3, None, 8, 8))
-    with pytest.raises(ValueError, match=r"block_mask has 5 heads; expected 1 \(broadcast\) or query's Hq=2"):
-        ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, None, 5, 8, 8))
+    # (a mask with more batch entries or heads than the query is read at its first ones, as FlexAttention's:
+    # tests/test_flex_parity.py; fewer than the query's, but not 1, is an error)
+    q4, k4, v4 = _qkv(q=(4, 4, 8, 16), k=(4, 4, 8, 16), v=(4, 4, 8, 16))
+    with pytest.raises(ValueError, match=r"block_mask has batch size 3; expected 1 \(broadcast\) or at least query's B=4"):
+        ta.attention(q4, k4, v4, block_mask=ta.create_block_mask(causal_mask, 3, None, 8, 8))
+    with pytest.raises(ValueError, match=r"block_mask has 2 heads; expected 1 \(broadcast\) or at least query's Hq=4"):
+        ta.attention(q4, k4, v4, block_mask=ta.create_block_mask(causal_mask, None, 2, 8, 8))
     with pytest.raises(TypeError, match=r"block_mask must be a triton_attn.BlockMask .* got Tensor"):
         ta.attention(q, k, v, block_mask=torch.ones(8, 8, dtype=torch.bool))
 

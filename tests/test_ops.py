@@ -17,11 +17,11 @@ from tests.helpers.numerics import random_qkv
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _op_args(q, k, v, block_mask, score_mod=None, backend="torch"):
+def _op_args(q, k, v, block_mask, score_mod=None, backend="torch", save_stats=False):
     layout, ints = ops.flatten_block_mask(block_mask)
     mask_key, mask_captured = ops.register_mod(block_mask.mask_mod, "mask")
     score_key, score_captured = ops.register_mod(score_mod, "score")
-    return (q, k, v, layout, ints, mask_key, mask_captured, score_key, score_captured, 0.25, backend, -1)
+    return (q, k, v, layout, ints, mask_key, mask_captured, score_key, score_captured, 0.25, backend, -1, save_stats)
 
 
 CASES = ("causal", "document_softcap", "sliding")
@@ -44,9 +44,10 @@ def test_opcheck_forward_and_backward_torch_backend(name):
     block_mask = ta.create_block_mask(mask_mod, None, None, 64, 64, BLOCK_SIZE=16)
     args = _op_args(*(t.requires_grad_() for t in (q, k, v)), block_mask, score_mod)
     torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args)
-    out, lse = torch.ops.triton_attn.attention_forward(*args)
+    out, lse, stats = torch.ops.triton_attn.attention_forward(*args)
+    assert stats.numel() == 0  # the torch backend's backward recomputes everything
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    backward_args = (*(t.detach() for t in (q, k, v, out, lse)), grad_out, grad_lse, *args[3:])
+    backward_args = (*(t.detach() for t in (q, k, v, out, lse)), grad_out, grad_lse, *args[3:-1], stats)
     torch.library.opcheck(torch.ops.triton_attn.attention_backward.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -54,9 +55,11 @@ def test_opcheck_forward_and_backward_torch_backend(name):
 def test_opcheck_interpret_backend():
     q, k, v = random_qkv(1, 2, 2, 32, 32, 16)
     block_mask = ta.create_block_mask(causal_mask, None, None, 32, 32, BLOCK_SIZE=16)
-    args = _op_args(q, k, v, block_mask, softcap_score(3.0), backend="interpret")
-    torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    for save_stats in (False, True):  # with a gradient needed, the softmax statistics are a third output
+        args = _op_args(q, k, v, block_mask, softcap_score(3.0), backend="interpret", save_stats=save_stats)
+        torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        assert torch.ops.triton_attn.attention_forward(*args)[2].shape == ((1, 2, 32, 2) if save_stats else (0,))
 
 
 @needs_cuda
@@ -100,7 +103,7 @@ class _ThresholdMod(ta.masks.StructuredMod):
         self.threshold = threshold
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return kv_idx.float().nan_to_num() <= q_idx + self.threshold
+        return kv_idx.float().nextafter(kv_idx.float()) <= q_idx + self.threshold  # nextafter(x, x) == x
 
     def structure(self):
         return ()

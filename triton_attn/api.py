@@ -12,6 +12,7 @@ import torch
 
 from . import settings
 from .masks.block_mask import BlockMask
+from .masks.block_mask_flex import QUERY_SLICED_MESSAGE, is_query_sliced
 from .masks.closure import StructuredMod, captured_tensors
 from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
@@ -47,8 +48,9 @@ def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
     batch, q_heads, _, head_dim = query.shape
-    if key.shape[0] != batch or value.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: query has B={batch}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[0] not in (1, batch) or value.shape[0] not in (1, batch):
+        raise ValueError(f"batch sizes differ: query has B={batch}, key {key.shape[0]}, value {value.shape[0]} "
+                         f"(key/value batch must be B or 1, which broadcasts over the query's batch)")
     if key.shape[1] != value.shape[1]:
         raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
     if key.shape[2] != value.shape[2]:
@@ -67,6 +69,12 @@ def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
                              "pass enable_gqa=True for grouped-query attention")
 
 
+def broadcast_kv_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """Key or value ``[1, Hkv, Lkv, D]`` as a stride-0 view ``[batch, Hkv, Lkv, D]`` (no copy; its gradient
+    is summed over the batch by autograd), as FlexAttention broadcasts K/V over the query's batch."""
+    return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
+
+
 def _validate_block_mask(block_mask, query, key) -> BlockMask:
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
@@ -74,15 +82,27 @@ def _validate_block_mask(block_mask, query, key) -> BlockMask:
         else:
             raise TypeError(f"block_mask must be a triton_attn.BlockMask (from create_block_mask) or None, "
                             f"got {type(block_mask).__name__}")
+    if is_query_sliced(block_mask.mask_mod):
+        raise RuntimeError(QUERY_SLICED_MESSAGE)
     q_len, kv_len = query.shape[2], key.shape[2]
     if block_mask.seq_lengths != (q_len, kv_len):
+        larger = block_mask.seq_lengths[0] >= q_len and block_mask.seq_lengths[1] >= kv_len
+        remedy = (f"crop it with block_mask._adjust({q_len}, {kv_len}) (exact, the upper-left corner) or rebuild it "
+                  "with create_block_mask") if larger else "rebuild it with create_block_mask"
         raise ValueError(f"block_mask was built for Q_LEN={block_mask.seq_lengths[0]}, KV_LEN={block_mask.seq_lengths[1]} "
-                         f"but query has Lq={q_len} and key has Lkv={kv_len}; rebuild it with create_block_mask")
+                         f"but query has Lq={q_len} and key has Lkv={kv_len}; {remedy}")
     mask_batch, mask_heads = block_mask.shape[:2]
-    if mask_batch not in (1, query.shape[0]):
-        raise ValueError(f"block_mask has batch size {mask_batch}; expected 1 (broadcast) or query's B={query.shape[0]}")
-    if mask_heads not in (1, query.shape[1]):
-        raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or query's Hq={query.shape[1]}")
+    batch, q_heads = query.shape[:2]
+    if 1 < mask_batch < batch:
+        raise ValueError(f"block_mask has batch size {mask_batch}; expected 1 (broadcast) or at least query's "
+                         f"B={batch}")
+    if 1 < mask_heads < q_heads:
+        raise ValueError(f"block_mask has {mask_heads} heads; expected 1 (broadcast) or at least query's Hq={q_heads}")
+    if mask_batch > batch or mask_heads > q_heads:
+        # As FlexAttention: query batch b / head h reads the mask's entry b % B_mask / h % H_mask, here the
+        # first B / Hq entries (one sliced mask per mask and shape, whose mask_mod is the original).
+        rows, heads = min(mask_batch, batch), min(mask_heads, q_heads)
+        block_mask = block_mask.derived(f"leading_{rows}x{heads}", lambda: block_mask[:rows, :heads])
     if block_mask.device != query.device:
         block_mask = block_mask.to(query.device)
     if torch.compiler.is_compiling():  # value checks read the device; a compiled graph cannot (see README)
@@ -158,16 +178,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
               backend: Optional[str] = None, autotune: Optional[bool] = None):
     """Fused attention with a block-sparse mask and an optional score_mod.
 
-    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
+    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]; key/value may have batch 1,
+    broadcast over the query's batch without a copy (their gradients are summed over it).
     score_mod(score, b, h, q_idx, kv_idx) -> score, applied to every computed score.
-    block_mask: from ``create_block_mask``; None attends everywhere.
+    block_mask: from ``create_block_mask``; None attends everywhere. A mask with more batch entries
+    (or heads) than the query is read at the first B (Hq) of them, as FlexAttention does.
     scale: defaults to 1/sqrt(D). enable_gqa: allow Hq a multiple of Hkv.
     backend: "triton" (CUDA), "interpret" (the Triton kernels on CPU tensors), "torch"; None picks.
     autotune: on the triton backend, with no tuned config cached for this problem, search the
     config table now and remember the winner on disk (default: off, unless TRITON_ATTN_AUTOTUNE=1).
     Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
     float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
-    float64 inputs run on the torch backend only, computed in float64.
+    float64 inputs run on the torch backend only, computed in float64, lse float64 too.
     Raises ValueError / TypeError naming the bad argument (README, "Errors and guarantees"); the
     Triton backends raise what the torch backend raises for a mod that indexes a captured tensor
     out of range, divides an integer by zero, or returns a bool or integer score.
@@ -187,6 +209,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     if block_mask is None:
         block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
     block_mask = _validate_block_mask(block_mask, query, key)
+    key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
     compiling = torch.compiler.is_compiling()
     if not compiling:  # (closure walks and a probe call; under torch.compile the kernels check the tensors)
         _validate_mod_devices(score_mod, "score_mod", query.device)
@@ -424,6 +447,8 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     Same positional order, defaults and returns: ``out [B, Hq, Lq, Dv]``; ``(out, lse)`` with
     ``return_lse=True``; ``(out, AuxOutput(lse, max_scores))`` with ``return_aux=AuxRequest(...)``
     (``lse [B, Hq, Lq]`` float32, natural log). ``block_mask`` may be ours or FlexAttention's.
+    As Flex: ``out`` is laid out in memory in the query's stride order (``in_query_stride_order``), K/V
+    of batch 1 broadcast over the query's batch, float64 inputs (torch backend) give a float64 lse.
     ``kernel_options``: ``BLOCK_M``/``BLOCK_N``/``num_warps``/``num_stages`` set the forward
     kernel's config (calls that need no gradient), ``BACKEND`` picks the kernel, the remaining
     Flex hints need no action; anything else is rejected by name. The backend is chosen as in
@@ -440,6 +465,7 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     out, lse = _flex_forward(query, key, value, tiles, **kwargs) if tiles else (None, None)
     if out is None:
         out, lse = attention(query, key, value, return_lse=True, **kwargs)
+    out = in_query_stride_order(out, query)
     if return_aux is not None:
         try:
             from torch.nn.attention.flex_attention import AuxOutput
@@ -449,6 +475,30 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             AuxOutput = namedtuple("AuxOutput", ["lse", "max_scores"])
         return out, AuxOutput(lse=lse if getattr(return_aux, "lse", False) else None, max_scores=None)
     return (out, lse) if return_lse else out
+
+
+def in_query_stride_order(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, Hq, Lq, Dv] laid out in memory in the order of ``query``'s strides, as FlexAttention
+    returns it: dims filled innermost-first by ascending query stride (on a tie the inner dim first),
+    and head_dim innermost whatever the query's. A query viewed from ``[B, L, H, D]`` gives an output that
+    ``.transpose(1, 2)`` turns back into a contiguous ``[B, L, H, Dv]``. ``out`` itself when it already
+    has that layout (a contiguous query), else one copy (differentiable)."""
+    order = sorted(range(4), key=lambda dim: (query.stride(dim), -dim))
+    strides = _strides_filled_in(out.shape, order)
+    if strides[-1] != 1:  # kernels read rows of head_dim: keep it innermost
+        order = [3] + [dim for dim in order if dim != 3]
+        strides = _strides_filled_in(out.shape, order)
+    if tuple(out.stride()) == tuple(strides):
+        return out
+    return out.new_empty_strided(out.shape, strides).copy_(out)
+
+
+def _strides_filled_in(shape, order) -> list:
+    strides, step = [0] * len(shape), 1
+    for dim in order:
+        strides[dim] = step
+        step *= shape[dim]
+    return strides
 
 
 def _flex_forward(query, key, value, tiles: dict, *, score_mod, block_mask, scale, enable_gqa, backend):
@@ -477,6 +527,7 @@ def _flex_forward(query, key, value, tiles: dict, *, score_mod, block_mask, scal
     _validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device)
     from .kernels.attention.forward_launch import attention_forward
 
+    key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
     return attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=float(scale),
                              interpret=chosen == "interpret", config=config)
 

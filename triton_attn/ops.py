@@ -204,37 +204,51 @@ FORWARD = "triton_attn::attention_forward"
 BACKWARD = "triton_attn::attention_backward"
 _MASK_AND_MODS = ("Tensor[] layout, int[] mask_ints, str mask_key, Tensor[] mask_captured, str score_key, "
                   "Tensor[] score_captured, float scale, str backend, int autotune")
-torch.library.define(FORWARD, f"(Tensor query, Tensor key, Tensor value, {_MASK_AND_MODS}) -> (Tensor, Tensor)")
+# The forward's third output: the softmax statistics (shift, 1 / sum per row) the Triton backward recomputes P
+# from (P from the rounded lse is off by ulp(|lse|), which large position biases make visible); written only when
+# ``save_stats`` (a gradient is needed) on a Triton backend, else an empty tensor.
+torch.library.define(FORWARD, f"(Tensor query, Tensor key, Tensor value, {_MASK_AND_MODS}, bool save_stats) "
+                              "-> (Tensor, Tensor, Tensor)")
 torch.library.define(BACKWARD, "(Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? grad_out, "
-                               f"Tensor? grad_lse, {_MASK_AND_MODS}) -> (Tensor, Tensor, Tensor)")
+                               f"Tensor? grad_lse, {_MASK_AND_MODS}, Tensor? softmax_stats=None) "
+                               "-> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.impl(FORWARD, "default")
 def attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: List[torch.Tensor],
                          mask_ints: List[int], mask_key: str, mask_captured: List[torch.Tensor], score_key: str,
                          score_captured: List[torch.Tensor], scale: float, backend: str,
-                         autotune: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> (out [B, Hq, Lq, Dv], lse [B, Hq, Lq])."""
+                         autotune: int, save_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> (out [B, Hq, Lq, Dv], lse [B, Hq, Lq],
+    softmax_stats: float32 [B, Hq, Lq, 2] with ``save_stats`` on a Triton backend, else empty [0])."""
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     if backend == "torch":
         from .reference import blockwise_attention
 
         out, lse = blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=scale)
-    else:
-        from .kernels.attention.forward_launch import attention_forward
+        return out.contiguous(), lse.contiguous(), _no_stats(query)
+    from .kernels.attention.forward_launch import attention_forward, new_softmax_stats
 
-        out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                     interpret=backend == "interpret", autotune=_autotune_flag(autotune))
-    return out.contiguous(), lse.contiguous()
+    stats = new_softmax_stats(query) if save_stats else None
+    out, lse = attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                 interpret=backend == "interpret", autotune=_autotune_flag(autotune), stats=stats)
+    return out.contiguous(), lse.contiguous(), _no_stats(query) if stats is None else stats
+
+
+def _no_stats(query: torch.Tensor) -> torch.Tensor:
+    return query.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.register_fake(FORWARD)
 def _attention_forward_fake(query, key, value, layout, mask_ints, mask_key, mask_captured, score_key, score_captured,
-                            scale, backend, autotune):
+                            scale, backend, autotune, save_stats):
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
-    return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32)
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # reference.lse_dtype
+    stats_shape = (batch, q_heads, q_len, 2) if save_stats and backend != "torch" else (0,)
+    return out, query.new_empty(batch, q_heads, q_len, dtype=lse_dtype), query.new_empty(stats_shape,
+                                                                                         dtype=torch.float32)
 
 
 @torch.library.impl(BACKWARD, "default")
@@ -242,15 +256,19 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                           layout: List[torch.Tensor], mask_ints: List[int], mask_key: str,
                           mask_captured: List[torch.Tensor], score_key: str, score_captured: List[torch.Tensor],
-                          scale: float, backend: str, autotune: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) shaped like (query, key, value); grad_out / grad_lse None count as zero."""
+                          scale: float, backend: str, autotune: int, softmax_stats: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) shaped like (query, key, value); grad_out / grad_lse None count as zero.
+    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (Triton backends), None or empty: from ``lse``."""
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     if backend != "torch":
         from .kernels.attention.backward_launch import attention_backward
 
+        stats = softmax_stats if softmax_stats is not None and softmax_stats.numel() else None
         grads = attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask, score_mod=score_mod,
-                                   scale=scale, interpret=backend == "interpret", autotune=_autotune_flag(autotune))
+                                   scale=scale, interpret=backend == "interpret", autotune=_autotune_flag(autotune),
+                                   softmax_stats=stats)
         return tuple(g.contiguous() for g in grads)
     from .reference import blockwise_backward
 
@@ -261,31 +279,32 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 @torch.library.register_fake(BACKWARD)
 def _attention_backward_fake(query, key, value, out, lse, grad_out, grad_lse, layout, mask_ints, mask_key,
-                             mask_captured, score_key, score_captured, scale, backend, autotune):
+                             mask_captured, score_key, score_captured, scale, backend, autotune, softmax_stats=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _setup_context(ctx, inputs, output):
     query, key, value, layout, mask_ints, mask_key, mask_captured, score_key, score_captured, scale, backend, \
-        autotune = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, *layout, *mask_captured, *score_captured)
+        autotune, _save_stats = inputs
+    out, lse, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(query, key, value, out, lse, stats, *layout, *mask_captured, *score_captured)
     ctx.counts = (len(layout), len(mask_captured))
     ctx.args = (mask_ints, mask_key, score_key, scale, backend, autotune)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, *rest = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_stats):
+    query, key, value, out, lse, stats, *rest = ctx.saved_tensors
     layout_count, mask_count = ctx.counts
     layout, mask_captured = rest[:layout_count], rest[layout_count:layout_count + mask_count]
     score_captured = rest[layout_count + mask_count:]
     mask_ints, mask_key, score_key, scale, backend, autotune = ctx.args
     dq, dk, dv = torch.ops.triton_attn.attention_backward(query, key, value, out, lse, grad_out, grad_lse, list(layout), mask_ints,
                                        mask_key, list(mask_captured), score_key, list(score_captured), scale,
-                                       backend, autotune)
+                                       backend, autotune, stats)
     # One entry per input, a list for each tensor-list input (the layout, the captured tensors).
     return (dq, dk, dv, [None] * layout_count, None, None, [None] * mask_count, None, [None] * len(score_captured),
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
@@ -300,8 +319,11 @@ def attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bl
     ``torch.compile``). Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
     """
     layout, ints = flatten_block_mask(block_mask)
-    return torch.ops.triton_attn.attention_forward(query, key, value, layout, ints, mask[0], list(mask[1]), score[0], list(score[1]),
-                                float(scale), backend, -1 if autotune is None else int(autotune))
+    save_stats = backend != "torch" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    out, lse, _ = torch.ops.triton_attn.attention_forward(query, key, value, layout, ints, mask[0], list(mask[1]),
+                                                         score[0], list(score[1]), float(scale), backend,
+                                                         -1 if autotune is None else int(autotune), save_stats)
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +363,12 @@ def mod_key(mod: Callable, kind: str) -> Tuple[str, Tuple]:
     """``(key, paths)`` for ``torch.compile``: the table key (computed once, when the graph is traced) and
     the closure path of each captured tensor, along which ``fetch_captured`` reads them on every call."""
     key, captured = register_mod(mod, kind)
+    learnable = [t for t in captured if t.requires_grad] if kind == "score" and torch.is_grad_enabled() else []
+    if learnable:  # the ops differentiate q, k and v only: never drop these gradients silently
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in learnable)
+        raise ValueError(f"score_mod {mod_name(mod)!r} captures tensor(s) that require grad ({shapes}); under "
+                         "torch.compile triton_attn does not compute their gradients. Train them outside "
+                         "torch.compile, or detach them (or use torch.no_grad()) if they need no gradient.")
     paths = tuple(_closure_path(mod, tensor) for tensor in captured)
     if any(path is None for path in paths):
         raise ValueError(f"{kind}_mod {mod_name(mod)!r} reads a tensor that is not in its closure (a global?); "

@@ -41,8 +41,8 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv] (Hq a multiple of Hkv).
     mask: bool, broadcastable to [B, Hq, Lq, Lkv]; or mask_mod evaluated densely. True = attend.
     compute_dtype: dtype of every step (default: the input dtype; float64 for a golden result).
-    Returns (out [B, Hq, Lq, Dv] in compute_dtype, lse [B, Hq, Lq] float32 natural log); rows
-    with no allowed key give 0 and -inf.
+    Returns (out [B, Hq, Lq, Dv] in compute_dtype, lse [B, Hq, Lq] natural log, float32 -- float64 for
+    float64 inputs); rows with no allowed key give 0 and -inf.
     """
     compute_dtype = compute_dtype or query.dtype
     batch, q_heads, q_len, head_dim = query.shape
@@ -73,7 +73,12 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     safe_total = torch.where(attended, total, torch.ones_like(total))
     out = (weights / safe_total) @ v
     lse = torch.where(attended, row_max + torch.log(safe_total), torch.full_like(total, float("-inf")))
-    return out, lse.squeeze(-1).float()
+    return out, lse.squeeze(-1).to(lse_dtype(query.dtype))
+
+
+def lse_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the returned lse: float32, float64 for float64 inputs (as FlexAttention's)."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def accumulation_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -263,7 +268,7 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """The ``torch`` backend: attention over the tiles of ``block_mask``.
 
     query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]; inputs already validated.
-    Returns out [B, Hq, Lq, Dv] in query.dtype and lse [B, Hq, Lq] float32.
+    Returns out [B, Hq, Lq, Dv] in query.dtype and lse [B, Hq, Lq] float32 (float64 for float64 inputs).
     """
     batch, q_heads, q_len, _ = query.shape
     q_block = block_mask.BLOCK_SIZE[0]
@@ -291,7 +296,7 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     out = torch.cat(outs, dim=2).to(query.dtype)
     if needs_grad and not out.requires_grad:
         out = _AttachToInputs.apply(out, query, key, value)
-    return out, torch.cat(lses, dim=2).float()
+    return out, torch.cat(lses, dim=2).to(lse_dtype(query.dtype))
 
 
 def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,

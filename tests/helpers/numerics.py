@@ -178,7 +178,8 @@ def assert_matches_golden(candidate: Callable, q: torch.Tensor, k: torch.Tensor,
     assert got.out.dtype == dtype, f"out dtype {got.out.dtype}, expected the input dtype {dtype}"
     comparisons = [compare("out", got.out, base.out, gold.out, forward_factor, dtype)]
     if got.lse is not None:
-        assert got.lse.dtype == torch.float32, f"lse dtype {got.lse.dtype}, expected float32"
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # float64 inputs: float64, as Flex
+        assert got.lse.dtype == lse_dtype, f"lse dtype {got.lse.dtype}, expected {lse_dtype}"
         comparisons.append(compare("lse", got.lse, base.lse, gold.lse, forward_factor, dtype))
     for name in got.grads:
         assert got.grads[name].shape == gold.grads[name].shape, f"{name} shape"

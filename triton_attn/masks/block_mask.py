@@ -13,6 +13,9 @@ The fields and their meaning follow ``torch.nn.attention.flex_attention.BlockMas
 ``B`` or ``H`` is 1 when the mask was built with ``B=None`` / ``H=None`` (broadcast).
 A block in a ragged tail (lengths not multiples of the block size) counts as full when the
 mask_mod is True on all of its in-bounds elements; kernels always bound-check the tail.
+
+The block-list helpers and the methods that exist for FlexAttention's sake (``from_flex``,
+``from_kv_blocks``, ``_adjust``, ``as_tuple``, query-block indexing) live in ``block_mask_flex.py``.
 """
 
 from __future__ import annotations
@@ -20,31 +23,14 @@ from __future__ import annotations
 import itertools
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from .block_mask_flex import (BlockSize, FlexMethods, block_list_problems, dense_from_ordered, is_leading_run,
+                              normalize_block_size, ordered_from_dense, raise_problems, select_positions)
 from .library import full_mask
 from .scalars import as_int
-
-BlockSize = Union[int, Tuple[int, int]]
-
-
-def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
-    """``128 -> (128, 128)``; a ``(Q_BS, KV_BS)`` pair is checked and returned."""
-    if isinstance(block_size, (tuple, list)):
-        if len(block_size) != 2:
-            raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}")
-        pair = tuple(block_size)
-    else:
-        pair = (block_size, block_size)
-    try:
-        q_bs, kv_bs = (as_int(value, "BLOCK_SIZE") for value in pair)
-    except (TypeError, ValueError):
-        raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair of them, "
-                         f"got {block_size!r}") from None
-    return q_bs, kv_bs
-
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -104,86 +90,6 @@ def plan_from_counts(counts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return LaunchPlan(*(int(m) for m in maxima), computed_blocks=int(computed))
 
 
-def ordered_from_dense(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[..., rows, cols]`` bool -> (num_blocks ``[..., rows]``, indices ``[..., rows, cols]``) int32.
-
-    Indices of set blocks come first in ascending order; the rest of each row is padding
-    (the unset column indices, also ascending), as FlexAttention lays it out.
-    """
-    as_int = dense_blocks.to(torch.int32)
-    num_blocks = as_int.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
-    return num_blocks.contiguous(), indices.contiguous()
-
-
-def dense_from_ordered(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """Inverse of ``ordered_from_dense``: a bool ``[..., rows, num_cols]`` block map."""
-    entries = indices.shape[-1]
-    valid = torch.arange(entries, device=indices.device) < num_blocks.unsqueeze(-1)
-    # Padding entries scatter into an extra column that is dropped afterwards.
-    target = torch.where(valid, indices.long(), num_cols)
-    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
-    dense.scatter_(-1, target, True)
-    return dense[..., :num_cols]
-
-
-def block_list_problems(what: str, num_blocks: torch.Tensor, indices: torch.Tensor, batch_heads: Tuple[int, int],
-                        num_rows: int, num_cols: int) -> Tuple[List[Tuple[torch.Tensor, str]], Optional[torch.Tensor]]:
-    """Check one (counts, indices) pair of block lists against the tile grid.
-
-    num_blocks ``[B, H, rows]``, indices ``[B, H, rows, width]``. Shape and dtype problems raise
-    ``ValueError`` at once (no device sync). Returns (problems, listed): value problems as (bad flag,
-    message) pairs, so a caller reads all of them with one sync -- a count outside ``[0, width]``, a
-    valid entry outside ``[0, num_cols)``, one block listed twice in a row -- and the bool map
-    ``[B, H, rows, num_cols]`` of the blocks listed (entries outside the grid left out), or None
-    where there is nothing to read (meta tensors, empty lists).
-    """
-    for name, t, rank in ((f"{what}_num_blocks", num_blocks, 3), (f"{what}_indices", indices, 4)):
-        if not isinstance(t, torch.Tensor) or t.dim() != rank:
-            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"block_mask.{name} must be a {rank}-D integer tensor, got {got}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"block_mask.{name} must hold integers, got dtype {t.dtype}")
-    expected = tuple(batch_heads) + (num_rows,)
-    if tuple(num_blocks.shape) != expected or tuple(indices.shape[:3]) != expected:
-        raise ValueError(f"block_mask.{what}_num_blocks {tuple(num_blocks.shape)} and {what}_indices "
-                         f"{tuple(indices.shape)} must be [B, H, {num_rows}] and [B, H, {num_rows}, n] with "
-                         f"[B, H] = {list(batch_heads)}: {num_rows} block rows cover the mask's seq_lengths")
-    width = indices.shape[-1]
-    if num_blocks.numel() == 0 or num_blocks.device.type == "meta":
-        return [], None
-    valid = torch.arange(width, device=indices.device, dtype=num_blocks.dtype) < num_blocks.unsqueeze(-1)
-    outside = valid & ((indices < 0) | (indices >= num_cols))
-    # Padding and entries outside the grid scatter into an extra column, dropped afterwards.
-    target = torch.where(valid & ~outside, indices, num_cols).long()
-    listed = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
-    listed = listed.scatter_(-1, target, True)[..., :num_cols]
-    any_outside = outside.any()
-    problems = [
-        ((num_blocks < 0) | (num_blocks > width)).any(),
-        any_outside,
-        # A block listed twice would be computed twice: each row's distinct entries must match its count.
-        (listed.sum(-1) != num_blocks.clamp(0, width)).any() & ~any_outside,
-    ]
-    messages = [
-        f"block_mask.{what}_num_blocks must be between 0 and {width} (the width of {what}_indices)",
-        f"block_mask.{what}_indices lists a block outside [0, {num_cols}), the blocks of that dimension of the "
-        "mask's seq_lengths / BLOCK_SIZE (it would read outside the tensors)",
-        f"block_mask.{what}_indices lists a block twice in one row (each block may appear once)",
-    ]
-    return list(zip(problems, messages)), listed
-
-
-def raise_problems(problems: List[Tuple[torch.Tensor, str]]) -> None:
-    """Raise ``ValueError`` with the first problem found; one device sync for all of them."""
-    if not problems:
-        return
-    flags = torch.stack([flag.reshape(()).to(torch.bool) for flag, _ in problems]).tolist()
-    for flag, (_, message) in zip(flags, problems):
-        if flag:
-            raise ValueError(message)
-
-
 def _index_map(positions: torch.Tensor):
     """A function local index -> original index: affine when ``positions`` is an arithmetic run
     (so it traces and runs on any device), else a lookup in ``positions``."""
@@ -195,7 +101,10 @@ def _index_map(positions: torch.Tensor):
 
 
 def sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch.Tensor) -> Callable:
-    """The mask_mod of a sliced BlockMask: local (b, h) map back to the original ones."""
+    """The mask_mod of a sliced BlockMask: local (b, h) map back to the original ones (``mask_mod``
+    itself when they are the same: leading entries, as when a mask broadcasts to a smaller batch)."""
+    if is_leading_run(batch_map) and is_leading_run(head_map):
+        return mask_mod
     batch_of, head_of = _index_map(batch_map), _index_map(head_map)
 
     def sliced(b, h, q_idx, kv_idx):
@@ -203,13 +112,6 @@ def sliced_mask_mod(mask_mod: Callable, batch_map: torch.Tensor, head_map: torch
 
     sliced.__name__ = getattr(mask_mod, "__name__", "mask_mod") + "[sliced]"
     return sliced
-
-
-def _describe_index(position) -> str:
-    if isinstance(position, slice):
-        parts = (position.start, position.stop) + ((position.step,) if position.step is not None else ())
-        return ":".join("" if part is None else str(part) for part in parts)
-    return repr(position)
 
 
 def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -223,29 +125,7 @@ def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.
     if len(index) > 2:
         raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
     index = tuple(index) + (slice(None),) * (2 - len(index))
-    maps = []
-    for position, size, dim in zip(index, sizes, ("batch", "head")):
-        all_positions = torch.arange(size)
-        valid = f"valid {dim} indices are 0..{size - 1} (or -{size}..-1)"
-        if isinstance(position, numbers.Integral) and not isinstance(position, bool):
-            position = int(position)
-            if not -size <= position < size:
-                raise IndexError(f"BlockMask {dim} index {position} is out of range: {valid}")
-            maps.append(all_positions[position:position + 1] if position >= 0 else all_positions[position:][:1])
-            continue
-        if not isinstance(position, (slice, torch.Tensor, list, range)):
-            raise IndexError(f"BlockMask {dim} index must be an int, a slice, or an index tensor/list, "
-                             f"got {type(position).__name__}")
-        try:
-            picked = all_positions[position].reshape(-1)
-        except (IndexError, RuntimeError, ValueError, TypeError) as error:
-            raise IndexError(f"BlockMask {dim} index {_describe_index(position)} is invalid ({error}): "
-                             f"{valid}") from None
-        if picked.numel() == 0:
-            raise IndexError(f"BlockMask {dim} index {_describe_index(position)} selects nothing from {size} "
-                             f"{dim} entr{'y' if size == 1 else 'ies'} ({valid}); an empty BlockMask cannot be used")
-        maps.append(picked)
-    return maps[0], maps[1]
+    return (select_positions(index[0], sizes[0], "batch"), select_positions(index[1], sizes[1], "head"))
 
 
 def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
@@ -290,7 +170,7 @@ def render_block_pictures(counts: Callable[[int, int], Tuple[torch.Tensor, torch
     return "\n".join(pictures)
 
 
-class BlockMask:
+class BlockMask(FlexMethods):
     """Block-sparse layout of a mask over ``[B, H, Q_LEN, KV_LEN]`` in tiles of ``BLOCK_SIZE``.
 
     Build it with ``create_block_mask``; see the module docstring for the fields.
@@ -400,45 +280,10 @@ class BlockMask:
         return made.trusted()
 
     @classmethod
-    def from_flex(cls, flex_block_mask) -> "BlockMask":
-        """From a ``torch.nn.attention.flex_attention.BlockMask`` (same fields, same meaning).
-
-        Its kv block lists are checked first (``ValueError`` naming the field): rows must cover
-        ``seq_lengths``, counts fit the index width, no entry lies outside the index width.
-        """
-        q_len, kv_len = (int(n) for n in flex_block_mask.seq_lengths)
-        q_bs, kv_bs = normalize_block_size(tuple(flex_block_mask.BLOCK_SIZE))
-        # Flex pads its index tensors to whole blocks of a possibly longer length; keep ours tight.
-        nq, nkv = -(-q_len // q_bs), -(-kv_len // kv_bs)
-        kv_indices = flex_block_mask.kv_indices
-        rows, num_cols = (kv_indices.shape[-2], kv_indices.shape[-1]) if kv_indices.dim() == 4 else (0, 0)
-        if rows < nq:
-            raise ValueError(f"block_mask has {rows} query block rows of {q_bs}, which do not cover its "
-                             f"seq_lengths Q_LEN={q_len} ({nq} rows needed); rebuild it with create_block_mask")
-        lists = [("kv", flex_block_mask.kv_num_blocks, kv_indices)]
-        if flex_block_mask.full_kv_num_blocks is not None:
-            lists.append(("full_kv", flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices))
-        batch_heads = tuple(kv_indices.shape[:2])
-        raise_problems([p for what, num, idx in lists
-                        for p in block_list_problems(what, num, idx, batch_heads, rows, max(num_cols, nkv))[0]])
-        num_cols = max(num_cols, nkv)
-        partial = dense_from_ordered(flex_block_mask.kv_num_blocks, kv_indices, num_cols)
-        if flex_block_mask.full_kv_num_blocks is not None:
-            full = dense_from_ordered(flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices, num_cols)
-        else:
-            full = torch.zeros_like(partial)
-        # Blocks past the sequence hold no key: dropping them changes nothing.
-        partial, full = partial[..., :nq, :nkv], full[..., :nq, :nkv]
-        return cls.from_block_maps(partial, full & ~partial, BLOCK_SIZE=(q_bs, kv_bs),
-                                   seq_lengths=(q_len, kv_len), mask_mod=flex_block_mask.mask_mod)
-
-    def to_flex(self):
-        """This mask as a ``torch.nn.attention.flex_attention.BlockMask`` for ``flex_attention``."""
-        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
-
-        return FlexBlockMask.from_kv_blocks(
-            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+    def plain_class(cls) -> type:
+        """The class with FlexAttention's dense fields (``BlockMask``, for subclasses too): what cropping
+        and query-block selection return."""
+        return BlockMask
 
     # -- validation ---------------------------------------------------------------------------
     def trusted(self) -> "BlockMask":
@@ -482,7 +327,8 @@ class BlockMask:
                     raise ValueError(
                         f"block_mask.{prefix}{what}_indices has {indices.shape[-2]} block rows but seq_lengths "
                         f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {rows} (one per block of "
-                        f"{rows_of}); rebuild the mask with create_block_mask")
+                        f"{rows_of}); rebuild the mask with create_block_mask, crop it with "
+                        "block_mask._adjust(Q_LEN, KV_LEN), or (a mask indexed on query blocks) set its seq_lengths")
                 if indices.dim() == 4 and indices.shape[-1] != cols:
                     raise ValueError(f"block_mask.{prefix}{what}_indices has width {indices.shape[-1]}, expected "
                                      f"{cols} (the number of blocks across); use BlockMask.from_flex for "
@@ -552,10 +398,9 @@ class BlockMask:
         return (self.partial_blocks() | self.full_blocks()).to(torch.int32)
 
     def numel(self) -> int:
-        """Number of (b, h, q, kv) elements that the blocks cover, padding included."""
-        batch, heads = self.shape[:2]
-        nq, nkv = self.num_blocks
-        return batch * heads * nq * self.BLOCK_SIZE[0] * nkv * self.BLOCK_SIZE[1]
+        """Number of (b, h, q, kv) elements of ``shape``, not counting sparsity (FlexAttention's)."""
+        batch, heads, q_len, kv_len = self.shape
+        return batch * heads * q_len * kv_len
 
     def sparsity(self) -> float:
         """Percentage of blocks that are never computed (0 = dense, 100 = nothing attends)."""
@@ -607,12 +452,22 @@ class BlockMask:
         return signature in (getattr(self, "_trusted", None), getattr(self, "_validated", None))
 
     def __getitem__(self, index) -> "BlockMask":
-        """Select batches / heads: ``mask[b]``, ``mask[b, h]``, slices or index tensors.
+        """Select batches / heads / query block rows: ``mask[b]``, ``mask[b, h]``, ``mask[b, h, i]``;
+        ints, slices or index tensors (FlexAttention's indexing).
 
-        Integer indices keep the dimension (size 1). The sliced mask's ``mask_mod`` maps its
-        local ``b``/``h`` back to the original ones, so it stays usable in ``attention``.
+        Integer indices keep the dimension (size 1). Over batch and head, the sliced mask's
+        ``mask_mod`` maps its local ``b``/``h`` back to the original ones, so it stays usable in
+        ``attention``. Selecting query block rows keeps ``seq_lengths`` and replaces the mask_mod
+        with one that refuses to run, as in Flex: the rows no longer start at query 0, so set
+        ``mask_mod`` (with the rows' query offset) and ``seq_lengths`` before attending with it.
         """
-        batch_map, head_map = batch_head_maps(index, self.shape[:2])
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError(f"BlockMask can be indexed over [batch, head, query block] at most, got "
+                             f"{len(index)} indices")
+        batch_map, head_map = batch_head_maps(index[:2], self.shape[:2])
+        if len(index) == 3:
+            return self.select_query_blocks(batch_map, head_map, index[2])
         fields = {}
         for name in self._TENSOR_FIELDS:
             value = getattr(self, name)
@@ -620,7 +475,3 @@ class BlockMask:
         sliced = BlockMask(**fields, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
                            mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
         return sliced.trusted() if self.is_trusted() else sliced
-
-    def as_tuple(self) -> Tuple:
-        """Every field in a fixed order, for passing to kernels."""
-        return tuple(getattr(self, name) for name in self._TENSOR_FIELDS) + (self.BLOCK_SIZE, self.seq_lengths, self.mask_mod)

@@ -6,9 +6,10 @@ Node ops (``Node.op`` and ``Node.args``):
   Python bool/int/float; ``("load", slot, *index_nodes)``: captured input ``slot`` indexed by one
   node per dimension (0-d tensors take none).
 - unary: neg, abs, not (logical), invert (bitwise on ints), tanh, exp, exp2, log, log2, sqrt,
-  sigmoid, sin, cos, erf, log1p, expm1, floor, ceil, to_float, to_int
+  sigmoid, sin, cos, erf, log1p, expm1, floor, ceil, to_float, to_int; tan, atan, asin, acos, sinh,
+  cosh, asinh, acosh, atanh, erfc (float); signbit (bool: the sign bit, so -0.0 counts as negative)
 - binary: add, sub, mul, truediv, floordiv, mod, pow, min, max, and, or, xor, lshift, rshift,
-  eq, ne, lt, le, gt, ge
+  eq, ne, lt, le, gt, ge, atan2 (float)
 - ternary: where(cond, if_true, if_false)
 
 Every node has a ``kind``: "bool", "int" or "float". Integer floordiv/mod follow Python (floor)
@@ -20,6 +21,7 @@ built from these by the tracer, so each consumer (Triton emitter, interval analy
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -73,7 +75,9 @@ def promote(*kinds: str) -> str:
 COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
 LOGIC = {"and", "or", "xor"}
 SHIFTS = {"lshift", "rshift"}
-FLOAT_UNARY = {"tanh", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "sin", "cos", "erf", "log1p", "expm1"}
+FLOAT_UNARY = {"tanh", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "sin", "cos", "erf", "log1p", "expm1",
+               "tan", "atan", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "erfc"}
+FLOAT_BINARY = {"atan2"}
 
 
 def _identity_of(op: str, node: Node) -> bool:
@@ -97,7 +101,7 @@ def binary(op: str, left: Node, right: Node) -> Node:
             raise UntraceableModError(f"bitwise {op} on floating-point values")
         if op in SHIFTS:
             kind = "int"
-    elif op == "truediv" or op == "pow" and (left.kind == "float" or right.kind == "float"):
+    elif op == "truediv" or op in FLOAT_BINARY or op == "pow" and (left.kind == "float" or right.kind == "float"):
         kind = "float"
     else:
         kind = promote(left.kind, right.kind)
@@ -109,7 +113,9 @@ def binary(op: str, left: Node, right: Node) -> Node:
 def unary(op: str, operand: Node) -> Node:
     if op in FLOAT_UNARY or op == "to_float":
         return Node(op, (operand,), "float")
-    if op == "not":
+    if op == "signbit" and operand.op == "const":
+        return const(math.copysign(1.0, float(operand.args[0])) < 0)
+    if op in ("not", "signbit"):
         return Node(op, (operand,), "bool")
     if op == "to_int":
         return Node(op, (operand,), "int")
@@ -132,12 +138,17 @@ _EVAL_BINARY = {
     "min": torch.minimum, "max": torch.maximum, "and": torch.bitwise_and, "or": torch.bitwise_or,
     "xor": torch.bitwise_xor, "lshift": torch.bitwise_left_shift, "rshift": torch.bitwise_right_shift,
     "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "atan2": lambda a, b: torch.atan2(a.float() if not a.is_floating_point() else a,
+                                      b.float() if not b.is_floating_point() else b),
 }
 _EVAL_UNARY = {
     "neg": torch.neg, "abs": torch.abs, "not": torch.logical_not, "invert": torch.bitwise_not, "tanh": torch.tanh,
     "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt,
     "sigmoid": torch.sigmoid, "sin": torch.sin, "cos": torch.cos, "erf": torch.erf, "log1p": torch.log1p,
-    "expm1": torch.expm1, "floor": torch.floor, "ceil": torch.ceil,
+    "expm1": torch.expm1, "floor": torch.floor, "ceil": torch.ceil, "tan": torch.tan, "atan": torch.atan,
+    "asin": torch.asin, "acos": torch.acos, "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh,
+    "acosh": torch.acosh, "atanh": torch.atanh, "erfc": torch.erfc,
+    "signbit": lambda t: torch.signbit(t) if t.dtype != torch.bool else torch.zeros_like(t),
     "to_float": lambda t: t.float(), "to_int": lambda t: t.long(),
 }
 

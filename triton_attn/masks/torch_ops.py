@@ -4,6 +4,7 @@
 method to ``handler(tracer, *args, **kwargs) -> Symbol``; the same handlers give Symbols their
 Python operators and method spellings (``x.sum(-1)``, ``x.new_ones(())``). Elementwise functions
 apply per element of an array value; reductions (sum, any, all, amax, dot, ...) unroll into the graph.
+``pointwise.py`` adds the rest of torch's elementwise functions and holds the table of which are traced.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from .composites import (as_bool, as_number, fmod_node, gelu_node, relu_node, round_node, sign_node, softplus_node,
                          to_dtype_node, tree_reduce, trunc_div_node, trunc_node)
 from .graph import Node, UntraceableModError, binary, const, kind_of_dtype, unary, where
-from .tracing import DTYPE_OF_KIND, HANDLERS, MAX_ELEMENTS, Symbol, Tracer, elementwise, flat_positions, normalize_index
+from .pointwise import pointwise_handlers
+from .tracing import DTYPE_OF_KIND, HANDLERS, MAX_ELEMENTS, Symbol, Tracer, elementwise, flat_positions
 
 
 def _op(name: str) -> Callable[..., Node]:
@@ -227,8 +229,7 @@ def _getitem(tracer, tensor, index):
         return tensor[index]
     if not isinstance(tensor, torch.Tensor):
         raise UntraceableModError(f"indexing a {type(tensor).__name__}")
-    view = tracer.view(tensor)
-    return view.index(normalize_index(index, tensor.dim()))
+    return tracer.symbol_of(tensor)[index]  # a lazy view: nothing is loaded until every dim is fixed
 
 
 def _item(tracer, x, *args, **kwargs):
@@ -251,7 +252,7 @@ _COMPOSED_UNARY = {
 _BINARY_OPS = {
     "add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul", "div": "truediv",
     "divide": "truediv", "true_divide": "truediv", "floor_divide": "floordiv", "remainder": "mod", "pow": "pow",
-    "minimum": "min", "maximum": "max", "fmin": "min", "fmax": "max", "logical_and": "and", "logical_or": "or",
+    "minimum": "min", "maximum": "max", "logical_and": "and", "logical_or": "or",
     "logical_xor": "xor", "bitwise_and": "and", "bitwise_or": "or", "bitwise_xor": "xor",
     "bitwise_left_shift": "lshift", "bitwise_right_shift": "rshift", "eq": "eq", "ne": "ne", "not_equal": "ne",
     "lt": "lt", "less": "lt", "le": "le", "less_equal": "le", "gt": "gt", "greater": "gt", "ge": "ge",
@@ -344,6 +345,7 @@ def _build_handlers() -> Dict[object, Callable]:
     handlers[F.sigmoid] = handlers[torch.sigmoid]
     handlers[F.leaky_relu] = lambda tracer, x, negative_slope=0.01, inplace=False: elementwise(
         tracer, lambda n: where(binary("lt", n, const(0)), binary("mul", n, const(float(negative_slope))), n), x)
+    handlers.update(pointwise_handlers())  # the rest of torch's elementwise functions (see pointwise.py)
     return handlers
 
 

@@ -14,6 +14,22 @@ dimension is fixed, so indexing a large table costs nothing. A view that is used
 small array of loads with constant indices, at most ``MAX_ELEMENTS`` of them; reductions over it
 unroll into the graph. The captured values never enter the graph: each indexed tensor is a
 numbered *captured input*, so new values of the same shape reuse the same compiled kernel.
+
+Torch calls on real tensors during the trace (no traced value among the arguments) run eagerly, under a
+``TorchFunctionMode`` that remembers where each result came from (``eager.py``):
+
+- basic indexing of a tensor (ints, constant slices, ``...``, 0-d integer tensors: ``table[0]``,
+  ``bias[head_tensor]``) stays a lazy view of the tensor it indexes, so the kernel reads the original
+  tensor (its in-place changes are seen, and its gradient is the one autograd computes for it);
+- any other result (``table * 2``, ``bias.T``, ``ids.long()``) is a *derived* tensor: a constant of this
+  trace. When it is indexed, the trace refuses it if one of its sources requires grad (a kernel argument
+  computed inside the mod is recomputed on every call, so a gradient taken through the one the trace saw
+  would never reach the source; the PyTorch backend runs such a mod exactly), and otherwise records the
+  sources' versions: a traced mod is reused only while they are unchanged (and while what the mod
+  reads, ``closure.reach_identity``, is the same objects).
+
+A score_mod that reads a tensor requiring grad that ``closure.captured_tensors`` cannot find (so
+autograd would not be told about it) is an error (``HiddenTensorError``), not a lost gradient.
 """
 
 from __future__ import annotations
@@ -28,12 +44,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .closure import StructuredMod, positions_by_identity
+from .closure import StructuredMod, captured_tensors, positions_by_identity, reach_identity
+from .eager import EagerResults, EagerTorch, HiddenTensorError
 from .graph import (Node, UntraceableModError, binary, const, evaluate_graph, kind_of_dtype, promote,
                     unary, where)
 
-__all__ = ["INDEX_ARGS", "MAX_ELEMENTS", "Node", "Symbol", "TracedMod", "UntraceableModError", "evaluate",
-           "trace_mask_mod", "trace_score_mod"]
+__all__ = ["INDEX_ARGS", "MAX_ELEMENTS", "HiddenTensorError", "Node", "Symbol", "TracedMod", "UntraceableModError",
+           "evaluate", "trace_mask_mod", "trace_score_mod"]
 
 INDEX_ARGS = ("b", "h", "q_idx", "kv_idx")
 # Largest array (a whole small captured tensor, or a partly indexed one) a mod may compute with.
@@ -45,11 +62,12 @@ HANDLERS: Dict[object, Callable] = {}
 
 
 class Tracer:
-    """Collects captured tensors while one mod is traced."""
+    """Collects captured tensors while one mod is traced, and where eager tensors came from."""
 
     def __init__(self):
         self.captured: List[torch.Tensor] = []
         self._slots: Dict[int, int] = {}
+        self.eager = EagerResults()  # where the real tensors made during the trace came from
 
     def slot(self, tensor: torch.Tensor) -> int:
         if id(tensor) not in self._slots:
@@ -62,7 +80,7 @@ class Tracer:
         if isinstance(value, Symbol):
             return value
         if isinstance(value, torch.Tensor):
-            return self.view(value).whole()
+            return self.symbol_of(value)
         if isinstance(value, (list, tuple)):
             items = [self.lift(v) for v in value]
             if not all(item.shape == items[0].shape for item in items):
@@ -71,11 +89,21 @@ class Tracer:
             return Symbol(self, nodes, (len(items),) + (items[0].shape if items else ()))
         return Symbol(self, (const(value),), ())
 
+    def symbol_of(self, tensor: torch.Tensor) -> "Symbol":
+        """A real tensor as a traced value: a lazy view of the tensor the kernel will read."""
+        recipe = self.eager.recipe(tensor)
+        if recipe is not None:
+            return self.symbol_of(recipe[0])[recipe[1]]
+        view = self.view(tensor)
+        if tensor.dim() == 0:
+            return view.index([])
+        return Symbol(self, None, view.shape, view)
+
     def view(self, tensor: torch.Tensor) -> "CapturedView":
+        self.eager.check_captured(tensor)
         if tensor.dim() == 0:
             return CapturedView(self, tensor, self.slot(tensor), ())
         return CapturedView(self, tensor, self.slot(tensor), tuple(range(s) for s in tensor.shape))
-
 
 def flat_positions(shape: Sequence[int]) -> torch.Tensor:
     return torch.arange(math.prod(shape), dtype=torch.int64).reshape(tuple(shape))
@@ -311,19 +339,36 @@ class TracedMod:
         self.key = hashlib.sha256(signature.encode()).hexdigest()[:24]
 
 
-# (kind, mod) -> (what its closure held, TracedMod): a mod is traced once per identity, not per call.
+@dataclass
+class _Traced:
+    """A cached trace and what it is valid for."""
+
+    identity: tuple        # ids of what the mod reads (closure.reach_identity)
+    traced: TracedMod
+    watched: tuple         # (tensor, version, requires_grad) of tensors whose values the trace baked in
+    hidden: tuple          # tensors the trace read that closure.captured_tensors does not find
+
+    def still_valid(self, identity: tuple) -> bool:
+        return identity == self.identity and all(
+            t._version == version and t.requires_grad == grad for t, version, grad in self.watched)
+
+
+# mod -> {kind: _Traced}: a mod is traced once per identity (and per what it reaches), not per call.
 _TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _closure_identity(fn: Callable) -> tuple:
-    """Identities of the values ``fn`` closes over and its defaults: a rebound cell means a new trace."""
-    cells = []
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            cells.append(id(cell.cell_contents))
-        except ValueError:  # an empty cell
-            cells.append(None)
-    return tuple(cells) + tuple(id(d) for d in getattr(fn, "__defaults__", None) or ())
+def _check_hidden(kind: str, name: str, hidden: tuple) -> None:
+    """Never lose a gradient silently: a learnable tensor autograd is not told about is an error."""
+    if kind != "score" or not torch.is_grad_enabled():
+        return
+    for tensor in hidden:
+        if tensor.requires_grad:
+            raise HiddenTensorError(
+                f"score_mod {name!r} reads a tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) that requires "
+                "grad, but triton_attn cannot find it from the function (closure cells, defaults, globals and "
+                "attribute chains its code names, self of a method, functools.partial arguments, a callable "
+                "object's attributes), so its gradient would be lost. Reach it through one of those (e.g. a "
+                "closure variable or a default argument), or detach it if it needs no gradient.")
 
 
 # (kind, StructuredMod type, structure, tensor specs) -> (traced stand-in, captured order); a few recent ones.
@@ -364,25 +409,41 @@ def _trace(fn: Callable, kind: str) -> TracedMod:
     try:
         entry = _TRACED.get(fn)
     except TypeError:  # not weak-referenceable or not hashable: trace every time
-        return _trace_now(fn, kind)
-    identity = _closure_identity(fn)
-    if entry is not None and kind in entry and entry[kind][0] == identity:
-        return entry[kind][1]
-    traced = _trace_now(fn, kind)
-    _TRACED.setdefault(fn, {})[kind] = (identity, traced)
-    return traced
+        cached = _trace_checked(fn, kind)
+        _check_hidden(kind, cached.traced.name, cached.hidden)
+        return cached.traced
+    identity = reach_identity(fn)
+    cached = entry.get(kind) if entry is not None else None
+    if cached is None or not cached.still_valid(identity):
+        cached = _trace_checked(fn, kind, identity)
+        _TRACED.setdefault(fn, {})[kind] = cached
+    _check_hidden(kind, cached.traced.name, cached.hidden)
+    return cached.traced
 
 
-def _trace_now(fn: Callable, kind: str) -> TracedMod:
+def _trace_checked(fn: Callable, kind: str, identity: tuple = ()) -> _Traced:
+    """Trace ``fn`` and note what the trace depends on (see ``_Traced``)."""
+    tracer = Tracer()
+    traced = _trace_now(fn, kind, tracer)
+    read = {id(t): t for t in traced.captured if not tracer.eager.is_derived(t)}
+    read.update(tracer.eager.watched)
+    found = {id(t) for t in captured_tensors(fn)}
+    hidden = tuple(t for key, t in read.items() if key not in found)
+    watched = tuple((t, t._version, t.requires_grad) for t in tracer.eager.watched.values())
+    return _Traced(identity, traced, watched, hidden)
+
+
+def _trace_now(fn: Callable, kind: str, tracer: Optional[Tracer] = None) -> TracedMod:
     from . import torch_ops  # noqa: F401  (registers HANDLERS and Symbol's operators on first use)
 
-    tracer = Tracer()
+    tracer = Tracer() if tracer is None else tracer
     symbols = [Symbol(tracer, (Node("arg", (name,), "int"),), ()) for name in INDEX_ARGS]
     name = getattr(fn, "__name__", type(fn).__name__)
     if kind == "score":
         symbols.insert(0, Symbol(tracer, (Node("arg", ("score",), "float"),), ()))
     try:
-        result = fn(*symbols)
+        with EagerTorch(tracer.eager, lambda value: isinstance(value, Symbol)):
+            result = fn(*symbols)
         if isinstance(result, (bool, int, float, torch.Tensor)):
             result = tracer.lift(result)
         if not isinstance(result, Symbol):

@@ -9,7 +9,9 @@ model = AutoModelForCausalLM.from_config(config, attn_implementation="doc_causal
 ```
 
 Files: ``interface`` (the registries, signature checks), ``masking`` (mask functions: a model's mask
-request -> BlockMask), ``attention_functions`` (the model-facing attention functions),
+request -> BlockMask), ``model_block_mask`` (the ``ModelBlockMask`` they return, and the tensor operations
+a model may apply to it), ``attention_functions`` (the model-facing attention functions), ``keywords``
+(every keyword models pass to attention functions: implemented, harmless or refused),
 ``registration`` (``register_attention``, ``register_transformers``), ``layers`` (our nn.Modules).
 
 Importing this package does not import transformers; ``register_attention`` and

@@ -16,7 +16,8 @@ Attention function::
 
 ``query`` ``[B, Hq, Lq, D]``, ``key``/``value`` ``[B, Hkv, Lkv, D]``; ``attn_output`` ``[B, Lq, Hq, Dv]``;
 ``attn_weights`` may be None. ``**kwargs`` carries ``scaling``, ``dropout``, ``sliding_window``,
-``softcap``, ``s_aux``, ``is_causal`` and whatever else a model forwards.
+``softcap``, ``s_aux``, ``is_causal``, ``position_bias`` and whatever else a model forwards (our attention
+functions classify every keyword in ``keywords.ATTENTION_KEYWORDS``).
 
 Mask function (transformers 5.x keywords; the 4.5x form replaces ``q_length``/``q_offset`` by
 ``cache_position``)::

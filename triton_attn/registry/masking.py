@@ -25,47 +25,13 @@ import torch
 from .. import create_block_mask, create_mask, ops
 from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
                      window_block_mask)
+from .model_block_mask import ModelBlockMask
+from .tensor_mask_models import as_tensor_mask_form, tensor_mask_form
 
 __all__ = ["ModelBlockMask", "MaskRequest", "ModelMaskMod", "CarriesUserMod", "make_mask_function",
            "dense_mask_function", "COMBINE_MODES"]
 
 COMBINE_MODES = ("and", "or", "replace")
-BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-
-
-class ModelBlockMask(BlockMask):
-    """A ``BlockMask`` for one attention call of a model, remembering where its rows and columns start.
-
-    ``q_offset`` / ``kv_offset``: absolute position of query row 0 / key column 0. ``q_positions``:
-    ``[q_length]`` absolute query positions when they are not contiguous (transformers 4.5x
-    ``cache_position``), else None. The attention function uses them to give score_mods absolute
-    positions, the same ones the mask_mod saw.
-    """
-
-    q_offset: int = 0
-    kv_offset: int = 0
-    q_positions: Optional[torch.Tensor] = None
-    # transformers treats a mask with ndim 4 as prepared and passes it back to the mask function (e.g.
-    # generate() with a static cache builds the mask once per step and hands it to the model's forward).
-    ndim = 4
-
-    @classmethod
-    def wrap(cls, block_mask: BlockMask, q_offset: int, kv_offset: int,
-             q_positions: Optional[torch.Tensor] = None) -> "ModelBlockMask":
-        if block_mask.is_deferred():  # keep it so: its fields are built when first read
-            wrapped = cls.__new__(cls)
-            wrapped.__dict__.update({k: v for k, v in block_mask.__dict__.items() if k != "_derived"})
-            wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
-            return wrapped
-        fields = {name: getattr(block_mask, name) for name in BLOCK_MASK_FIELDS}
-        wrapped = cls(**fields, BLOCK_SIZE=block_mask.BLOCK_SIZE, seq_lengths=block_mask.seq_lengths,
-                      mask_mod=block_mask.mask_mod, launch_plan=block_mask.launch_plan)
-        wrapped.q_offset, wrapped.kv_offset, wrapped.q_positions = int(q_offset), int(kv_offset), q_positions
-        wrapped.exact_layout = block_mask.exact_layout
-        if torch.compiler.is_compiling() or not block_mask.is_trusted():  # versions unknown while compiling
-            return wrapped
-        return wrapped.trusted()  # same lists: no new validation
 
 
 def _as_int(value, what: str) -> int:
@@ -164,12 +130,15 @@ def _padding(attention_mask, batch_size: int, needed_length: int, device) -> Opt
 
 
 def _closure_vars(fn: Callable) -> dict:
+    """The closure variables of ``fn`` by name; {} when it has none or they cannot be read: an empty cell, or a
+    closure built inside a ``torch.compile`` graph, whose ``__closure__`` dynamo does not expose (AttributeError)."""
     code = getattr(fn, "__code__", None)
-    if code is None or not fn.__closure__:
-        return {}
     try:
-        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
-    except ValueError:  # an empty cell
+        cells = fn.__closure__ if code is not None else None
+        if not cells:
+            return {}
+        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+    except (ValueError, AttributeError):
         return {}
 
 
@@ -447,7 +416,9 @@ def check_combine(combine) -> str:
 
 def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "and", block_size=128,
                        mask_heads: Optional[int] = None) -> Callable:
-    """The Triton-backed mask function: returns a ``ModelBlockMask`` ``[B, H or 1, q_length, kv_length]``.
+    """The Triton-backed mask function: returns a ``ModelBlockMask`` ``[B, H or 1, q_length, kv_length]``, or
+    for a model that computes with its mask (``config.model_type`` in ``TENSOR_MASK_MODELS``) a dense tensor of
+    that shape: sdpa's bool mask (True = attend), or eager's additive float mask for a model without sdpa.
 
     mask_mod: an extra ``(b, h, q_idx, kv_idx) -> bool`` over absolute positions, combined with the
     model's pattern: ``"and"`` (both must allow; default), ``"or"`` (either), ``"replace"`` (the model's
@@ -466,12 +437,20 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
         raise ValueError(f"mask_heads must be a positive int (the number of query heads) or None, got {mask_heads!r}")
 
     def triton_attn_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-                         attention_mask=None, *, cache_position=None, device=None, **kwargs) -> ModelBlockMask:
-        """Mask function: the ``ModelBlockMask`` of one attention call (see ``triton_attn.registry.masking``)."""
+                         attention_mask=None, *, cache_position=None, device=None, **kwargs):
+        """Mask function: the ``ModelBlockMask`` of one attention call, or a dense tensor mask for a model in
+        ``TENSOR_MASK_MODELS`` (see ``make_mask_function``)."""
         if isinstance(attention_mask, BlockMask):  # already prepared (4-D): returned as is, as transformers does
             return attention_mask
         request = MaskRequest.parse(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                                     attention_mask, cache_position, device)
+        form = tensor_mask_form(kwargs.get("config"))
+        if form is not None:  # the model computes with its mask (tensor_mask_models): sdpa's / eager's tensor
+            model_mask = _request_mask_mod(request, combine_patterns(traceable(request.mask_function), mask_mod,
+                                                                     combine))
+            allowed = create_mask(model_mask, request.batch_size, mask_heads, request.q_length, request.kv_length,
+                                  device=request.device)
+            return as_tensor_mask_form(allowed, form, kwargs.get("dtype"))
         pattern = None if mask_mod is not None and combine == "replace" else _pattern_of(request.mask_function)
         if pattern != "table" and pattern is not None and mask_mod is None and request.q_positions is None:
             # causal / sliding / bidirectional (+ padding) at an offset: every decode step comes here

@@ -80,7 +80,8 @@ def check_options(backend, block_size, mask_heads=None):
 
 def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = None, *,
                        combine: str = "and", backend: Optional[str] = None, block_size=128,
-                       mask_heads: Optional[int] = None, transformers: Optional[bool] = None) -> RegisteredAttention:
+                       mask_heads: Optional[int] = None, transformers: Optional[bool] = None,
+                       ignore_keywords=()) -> RegisteredAttention:
     """Make a Triton-backed attention implementation and register it, with its mask function, as ``name``.
 
     mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` over absolute token positions; combined with the model's
@@ -91,6 +92,9 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
     block_size: ``BLOCK_SIZE`` of the block masks. mask_heads: number of query heads when ``mask_mod``
         depends on ``h`` (default: one mask shared by all heads).
     transformers: also register in transformers' interfaces: None = when importable, True = required, False = no.
+    ignore_keywords: keywords a model passes to attention functions that ``keywords.ATTENTION_KEYWORDS`` does not
+        know and that you vouch do not change attention (a str or a collection of str); any other unknown
+        keyword is an error at the first call (known ones are implemented, ignored as harmless, or refused).
 
     Use it with ``AutoModelForCausalLM.from_config(config, attn_implementation=name)``,
     ``model.set_attn_implementation(name)``, or ``triton_attn.registry.layers`` models.
@@ -102,7 +106,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
     check_combine(combine)
     backend, block_size, mask_heads = check_options(backend, block_size, mask_heads)
     in_transformers = _want_transformers(transformers)
-    attention_function = make_attention_function(score_mod, backend=backend)
+    attention_function = make_attention_function(score_mod, backend=backend, ignore_keywords=ignore_keywords)
     mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)
     for fn in (attention_function, mask_function):
         fn.__name__ = fn.__qualname__ = f"{fn.__name__}[{name}]"

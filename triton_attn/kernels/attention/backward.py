@@ -41,9 +41,13 @@ same generated function, one FMA) and the same normalization as the forward, nev
 rounded lse (whose float32 rounding at |lse| ~ 40, under an amplifying score_mod like ``s * 8``,
 alone puts several times a plain float32 softmax's error into every P). The launcher builds the
 statistics from the lse when the forward did not keep them (``shift = lse * log2(e)``, 1 / sum = 1).
-Rows that attend to nothing and padding rows past ``q_len`` have 1 / sum = 0: P = 0 and their
-gradients are 0, not NaN. The next query/key block index is loaded one step ahead and carried, as
-in the forward kernel, so every loop keeps ``num_stages - 1`` tile loads in flight.
+Rows that attend to nothing have 1 / sum = 0 and only -inf scores: P = 0 and their gradients are 0,
+not NaN. Padding rows of a tile (past ``q_len``, or past the end of their mask block) have no
+statistics: they take shift = +inf and 1 / sum = 0, so P = 0 there whatever their scores -- a
+position-dependent bias (``s + (q - kv)``, ALiBi) is largest in those rows, and ``exp2`` of it
+overflows: with a shift of 0, ``inf * 0`` = NaN would be summed into every key's dK / dV. The next
+query/key block index is loaded one step ahead and carried, as in the forward kernel, so every loop
+keeps ``num_stages - 1`` tile loads in flight.
 """
 
 from __future__ import annotations
@@ -207,7 +211,10 @@ def attention_backward_dkdv_kernel(
                 if CHECK_Q_BOUNDS:
                     q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
                     do_tile = tl.load(do_ptrs, mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
-                    shift = tl.load(stats_ptrs, mask=row_valid, other=0.0)
+                    # Padding rows: shift +inf, so P = exp2(-inf) * 0 = 0 whatever their scores (a
+                    # position bias is largest there; exp2 of it overflows, and inf * 0 = NaN would
+                    # reach every key's dK / dV through the dots over the rows).
+                    shift = tl.load(stats_ptrs, mask=row_valid, other=float("inf"))
                     inverse_sum = tl.load(stats_ptrs + 1, mask=row_valid, other=0.0)
                 else:
                     q_tile = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
@@ -331,8 +338,9 @@ def attention_backward_dq_kernel(
         q_tile = q_tile.to(tl.float32)
         do_tile = do_tile.to(tl.float32)
     row_base = tl.program_id(1).to(tl.int64) * q_len    # (batch * Hq + head) rows: Stats / Delta are contiguous
-    # Padding rows and rows that attended to nothing have 1 / sum = 0: P = 0, not NaN.
-    shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=0.0)
+    # Rows that attended to nothing have 1 / sum = 0 (and scores of -inf): P = 0, not NaN. Padding rows
+    # also get shift +inf, so that their P is 0 even where exp2 of their scores would overflow.
+    shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=float("inf"))
     inverse_sum = tl.load(Stats + (row_base + q_pos) * 2 + 1, mask=row_valid, other=0.0)
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

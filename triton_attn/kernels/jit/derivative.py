@@ -16,8 +16,12 @@ that the many index-only subgraphs, ALiBi slopes, bias-table loads, vanish witho
 - add/sub/neg/mul/truediv: the usual rules. ``abs``: ``where(x < 0, -dx, dx)``.
 - tanh ``(1 - t^2) dx``, exp ``e^x dx``, exp2 ``2^x ln2 dx``, log ``dx / x``, log2 ``dx / (x ln2)``,
   sqrt ``dx / (2 sqrt x)``, sigmoid ``s (1 - s) dx``, sin ``cos x dx``, cos ``-sin x dx``,
-  erf ``2 / sqrt(pi) exp(-x^2) dx``, log1p ``dx / (1 + x)``, expm1 ``(expm1 x + 1) dx``. (gelu, silu,
-  softplus and the other composites are traced into these, so their derivatives follow.)
+  erf ``2 / sqrt(pi) exp(-x^2) dx``, log1p ``dx / (1 + x)``, expm1 ``(expm1 x + 1) dx``, tan
+  ``(1 + t^2) dx``, atan ``dx / (1 + x^2)``, asin ``dx / sqrt((1 - x)(1 + x))``, acos the negative,
+  sinh ``cosh x dx``, cosh ``sinh x dx``, asinh ``dx / sqrt(1 + x^2)``, acosh ``dx / sqrt((x - 1)(x + 1))``,
+  atanh ``dx / ((1 - x)(1 + x))``, erfc ``-2 / sqrt(pi) exp(-x^2) dx``, atan2(y, x)
+  ``(x dy - y dx) / (x^2 + y^2)``: each function's exact rule, whatever ``lowering.py`` computes its value
+  with. (gelu, silu, softplus and the other composites are traced into these, so their derivatives follow.)
 - pow: constant exponent ``n x^(n-1) dx``; positive constant base ``c^x ln(c) dx``; otherwise
   ``x^y (dy ln x + y dx / x)``.
 - where(c, a, b) -> where(c, da, db); min/max pick the derivative of the chosen operand
@@ -170,6 +174,12 @@ def _derive_uncached(node: Node, memo: Dict[int, Optional[Node]]) -> Optional[No
         return _div(d[0], _add(_const(1.0), x))
     if op == "expm1":
         return _mul(_add(node, _const(1.0)), d[0])
+    if op in _INVERSE_AND_HYPERBOLIC:
+        return _mul(_INVERSE_AND_HYPERBOLIC[op](node, x), d[0])
+    if op == "atan2":
+        y, x = args  # d atan2(y, x) = (x dy - y dx) / (x^2 + y^2)
+        numerator = _sub(_mul(x, d[0]), _mul(y, d[1]))
+        return _div(numerator, _add(_mul(x, x), _mul(y, y))) if numerator is not None else None
     if op in ("min", "max"):
         comparison = "le" if op == "min" else "ge"
         pick_first = Node(comparison, (args[0], args[1]), "bool")
@@ -183,6 +193,26 @@ def _derive_uncached(node: Node, memo: Dict[int, Optional[Node]]) -> Optional[No
     if op == "floordiv":
         return None
     raise NotDifferentiableError(f"the operation {op!r}")
+
+
+def _one_minus_square(x: Node) -> Node:
+    """(1 - x)(1 + x): 1 - x^2 without cancellation near |x| = 1."""
+    return Node("mul", (_sub(_const(1.0), x), _add(_const(1.0), x)), "float")
+
+
+# op -> (node, operand) -> d node / d operand, for the unary functions of ``lowering.py``.
+_INVERSE_AND_HYPERBOLIC = {
+    "tan": lambda node, x: _add(_const(1.0), _mul(node, node)),
+    "atan": lambda node, x: _div(_const(1.0), _add(_const(1.0), _mul(x, x))),
+    "asin": lambda node, x: _div(_const(1.0), _unary("sqrt", _one_minus_square(x))),
+    "acos": lambda node, x: _div(_const(-1.0), _unary("sqrt", _one_minus_square(x))),
+    "sinh": lambda node, x: _unary("cosh", x),
+    "cosh": lambda node, x: _unary("sinh", x),
+    "asinh": lambda node, x: _div(_const(1.0), _unary("sqrt", _add(_const(1.0), _mul(x, x)))),
+    "acosh": lambda node, x: _div(_const(1.0), _unary("sqrt", _mul(_sub(x, _const(1.0)), _add(x, _const(1.0))))),
+    "atanh": lambda node, x: _div(_const(1.0), _one_minus_square(x)),
+    "erfc": lambda node, x: _mul(_const(-2.0 / math.sqrt(math.pi)), _unary("exp", _neg(_mul(x, x)))),
+}
 
 
 def _pow_grad(node: Node, base_grad: Optional[Node], exponent_grad: Optional[Node]) -> Optional[Node]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 from ...masks.tracing import Node
+from .lowering import LOWERINGS
 
 # Names of the traced arguments inside the generated functions (their parameters).
 ARG_NAMES = {"b": "batch", "h": "head", "q_idx": "q_idx", "kv_idx": "kv_idx", "score": "score"}
@@ -67,6 +68,22 @@ def _const_expr(value, kind: str) -> _Expr:
     return _Expr(_literal(value), kind, value, True)
 
 
+def _nan_outside_domain(fn: Callable) -> Callable:
+    """``fn`` folded like torch computes it: NaN outside the domain (math raises ValueError), inf at a pole."""
+    def folded(*values):
+        try:
+            return fn(*values)
+        except ValueError:
+            return math.nan
+        except OverflowError:
+            return math.inf
+    return folded
+
+
+def _atanh(a):
+    return math.copysign(math.inf, a) if abs(a) == 1 else math.atanh(a)
+
+
 def _py_floordiv(a, b):
     return math.floor(a / b) if isinstance(a, float) or isinstance(b, float) else a // b
 
@@ -88,7 +105,12 @@ _FOLD_UNARY: Dict[str, Callable] = {
     "sqrt": math.sqrt, "sigmoid": lambda a: 1.0 / (1.0 + math.exp(-a)), "floor": math.floor,
     "ceil": math.ceil, "to_float": float, "to_int": int, "sin": math.sin, "cos": math.cos, "erf": math.erf,
     "log1p": math.log1p, "expm1": math.expm1,
+    "tan": math.tan, "atan": math.atan, "asin": _nan_outside_domain(math.asin),
+    "acos": _nan_outside_domain(math.acos), "sinh": _nan_outside_domain(math.sinh),
+    "cosh": _nan_outside_domain(math.cosh), "asinh": math.asinh, "acosh": _nan_outside_domain(math.acosh),
+    "atanh": _nan_outside_domain(_atanh), "erfc": math.erfc, "signbit": lambda a: math.copysign(1.0, a) < 0,
 }
+_FOLD_BINARY["atan2"] = lambda a, b: math.atan2(float(a), float(b))
 _COMPARE_OPS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _FLOAT_MATH = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
                "sigmoid": "tl.sigmoid", "sin": "tl.sin", "cos": "tl.cos", "erf": "tl.erf"}
@@ -132,6 +154,7 @@ class Emitter:
         self.lines: List[str] = []
         self._by_key: Dict[str, _Expr] = {}
         self._key_of: Dict[int, str] = {}
+        self._lowered: List[Node] = []
 
     # -- helpers ------------------------------------------------------------------------------
     def _bind(self, text: str, kind: str) -> _Expr:
@@ -192,6 +215,10 @@ class Emitter:
         args = [self.value(a) for a in node.args]
         if all(a.is_const for a in args):
             return self._fold(node, args)
+        if op in LOWERINGS:  # no Triton instruction: built from the basic nodes (lowering.py)
+            lowered = LOWERINGS[op](*node.args)
+            self._lowered.append(lowered)  # alive while the emitter is: keys are memoized by id(node)
+            return self._convert(self.value(lowered), node.kind)
         if len(args) == 1:
             return self._unary(node, args[0])
         return self._binary(node, args[0], args[1])
@@ -228,6 +255,12 @@ class Emitter:
             return self._bind(f"({x.text} == 0)", "bool")
         if op == "invert":
             return self._bind(f"~{x.text}", node.kind)
+        if op == "signbit":
+            if x.kind == "bool":
+                return _const_expr(False, "bool")
+            if x.kind == "int":
+                return self._bind(f"({x.text} < 0)", "bool")
+            return self._bind(f"({x.text}.to(tl.int32, bitcast=True) < 0)", "bool")  # -0.0 and -nan too
         if op in ("floor", "ceil"):
             if x.kind != "float":
                 return self._convert(x, node.kind)
@@ -250,10 +283,13 @@ class Emitter:
             return self._bind(f"{_FLOAT_MATH[op]}({self.as_float(x)})", "float")
         if op == "log1p":
             # tl has no portable log1p: log(u) * x / (u - 1) with u = 1 + x cancels the rounding of u
-            # (accurate to a few ulp even where x is tiny); u == 1 means log1p(x) == x to float precision.
+            # (accurate to a few ulp even where x is tiny); u == 1 means log1p(x) == x to float precision,
+            # and u == inf that log1p(x) == inf (the correction would be inf / inf).
             u = self._bind(f"(1.0 + {self.as_float(x)})", "float")
-            return self._bind(f"tl.where({u.text} == 1.0, {self.as_float(x)}, tl.log({u.text}) * "
-                              f"({self.as_float(x)} / tl.where({u.text} == 1.0, 1.0, {u.text} - 1.0)))", "float")
+            corrected = (f"tl.log({u.text}) * ({self.as_float(x)} / "
+                         f"tl.where(({u.text} == 1.0) | ({u.text} == float(\"inf\")), 1.0, {u.text} - 1.0))")
+            return self._bind(f"tl.where({u.text} == 1.0, {self.as_float(x)}, tl.where({u.text} == float(\"inf\"), "
+                              f"{u.text}, {corrected}))", "float")
         if op == "expm1":
             # The same correction: (u - 1) * x / log(u) with u = exp(x); exp(x) - 1 where u - 1 is exact
             # enough (|x| large) or would divide 0 / 0.

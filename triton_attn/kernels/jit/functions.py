@@ -60,7 +60,7 @@ from .expressions import CodegenError, Emitter
 from .modules import KernelMemo, load_module
 
 # Bump when the emitted functions change: part of every generated module's cache key.
-CODEGEN_VERSION = 3
+CODEGEN_VERSION = 4  # 4: log1p(inf) is inf; new float functions (lowering.py)
 
 MASK_NONE = "none"        # every visited block is full: the predicate never runs
 MASK_TRACED = "traced"    # the mask_mod's graph, emitted as ``mask_mod``
