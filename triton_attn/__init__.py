@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "attention": ".api",
-    "flex_attention": ".api",
+    "flex_attention": ".flex",
     "paged_attention": ".api",
     "PagedKVCache": ".paged_cache",
     "PagedBatch": ".paged_cache",

@@ -12,6 +12,7 @@ Files: ``interface`` (the registries, signature checks), ``masking`` (mask funct
 request -> BlockMask), ``model_block_mask`` (the ``ModelBlockMask`` they return, and the tensor operations
 a model may apply to it), ``attention_functions`` (the model-facing attention functions), ``keywords``
 (every keyword models pass to attention functions: implemented, harmless or refused),
+``tensor_mask_models`` (the model types whose own code computes with the mask: they get a dense mask),
 ``registration`` (``register_attention``, ``register_transformers``), ``layers`` (our nn.Modules).
 
 Importing this package does not import transformers; ``register_attention`` and
