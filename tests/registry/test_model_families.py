@@ -17,9 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from triton_attn.masks import causal_mask  # noqa: E402
-from triton_attn.registry import (AttentionInterface, AttentionMaskInterface, ModelBlockMask,  # noqa: E402
-                                  make_attention_function, make_mask_function, register_attention,
-                                  register_transformers)
+from triton_attn.registry import (ModelBlockMask,  # noqa: E402
+                                  make_attention_function, make_mask_function, register_attention)
 from triton_attn.registry import attention_functions  # noqa: E402
 
 from tests.helpers.numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare  # noqa: E402
@@ -28,17 +27,7 @@ VOCAB = 64
 ATOL = 2e-4
 
 
-@pytest.fixture(autouse=True)
-def _registries():
-    """"triton_attn" registered in transformers; every global mapping restored afterwards."""
-    mappings = [transformers.AttentionInterface._global_mapping, transformers.AttentionMaskInterface._global_mapping,
-                AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping]
-    saved = [dict(m) for m in mappings]
-    register_transformers()
-    yield
-    for mapping, old in zip(mappings, saved):
-        mapping.clear()
-        mapping.update(old)
+pytestmark = pytest.mark.usefixtures("transformers_registered")  # tests/registry/conftest.py
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import triton_attn as ta  # noqa: E402
 from triton_attn.masks import alibi_score, document_mask  # noqa: E402
-from triton_attn.registry import (AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning,  # noqa: E402
+from triton_attn.registry import (AttentionInterface, MissingMaskFunctionWarning,  # noqa: E402
                                   make_mask_function, register_attention, register_transformers)
 from triton_attn.registry import attention_functions  # noqa: E402
 
@@ -30,17 +30,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 ATOL = 2e-4  # float32 logits of magnitude ~3 after two layers; observed differences are ~1e-5
 
 
-@pytest.fixture(autouse=True)
-def _registries():
-    """Register "triton_attn" in transformers; restore every global mapping afterwards."""
-    mappings = [HF_ATTENTION._global_mapping, HF_MASK._global_mapping, AttentionInterface._global_mapping,
-                AttentionMaskInterface._global_mapping]
-    saved = [dict(m) for m in mappings]
-    register_transformers()
-    yield
-    for mapping, old in zip(mappings, saved):
-        mapping.clear()
-        mapping.update(old)
+pytestmark = pytest.mark.usefixtures("transformers_registered")  # tests/registry/conftest.py
 
 
 @pytest.fixture
@@ -201,7 +191,7 @@ def test_our_mask_function_agrees_with_transformers_sdpa_mask():
 def test_transformers_combinators_become_traceable():
     """transformers' and_masks/or_masks (q_idx.new_ones, .to(device)) are rebuilt from ours, recursively,
     so the Triton backend can inline the pattern instead of falling back to bitmasks."""
-    from transformers.masking_utils import (and_masks, causal_mask_function, or_masks, padding_mask_function,
+    from transformers.masking_utils import (causal_mask_function, or_masks, padding_mask_function,
                                             remap_positions_for_packed_sequence, sliding_window_causal_mask_function)
 
     from triton_attn.registry.masking import traceable

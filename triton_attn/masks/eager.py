@@ -35,10 +35,11 @@ class HiddenTensorError(ValueError):
     """A score_mod reads a tensor that requires grad where ``closure.captured_tensors`` cannot find it."""
 
 
-def _flatten(values):
+def flatten_args(values):
+    """The leaves of nested tuples / lists of call arguments, in order."""
     for value in values:
         if isinstance(value, (tuple, list)):
-            yield from _flatten(value)
+            yield from flatten_args(value)
         else:
             yield value
 
@@ -121,8 +122,8 @@ class EagerResults:
         name = _torch_name(func)
         if name in _METADATA:
             return
-        inputs = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, torch.Tensor)]
-        outputs = [r for r in _flatten([result]) if isinstance(r, torch.Tensor)]
+        inputs = [v for v in flatten_args(list(args) + list(kwargs.values())) if isinstance(v, torch.Tensor)]
+        outputs = [r for r in flatten_args([result]) if isinstance(r, torch.Tensor)]
         if func is torch.Tensor.__getitem__ and len(outputs) == 1 and isinstance(args[0], torch.Tensor) \
                 and basic_index(args[1]):
             self._recipes[id(result)] = (result, args[0], args[1])
@@ -147,6 +148,6 @@ class EagerTorch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if not any(self.is_traced(v) for v in _flatten(list(args) + list(kwargs.values()))):
+        if not any(self.is_traced(v) for v in flatten_args(list(args) + list(kwargs.values()))):
             self.results.record(func, args, kwargs, result)
         return result

@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .closure import StructuredMod, captured_tensors, positions_by_identity, reach_identity
-from .eager import EagerResults, EagerTorch, HiddenTensorError
+from .eager import EagerResults, EagerTorch, HiddenTensorError, flatten_args
 from .graph import (Node, UntraceableModError, binary, const, evaluate_graph, kind_of_dtype, promote,
                     unary, where)
 
@@ -281,20 +281,12 @@ class Symbol:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tracer = next(a.tracer for a in _flatten(list(args) + list(kwargs.values())) if isinstance(a, Symbol))
+        tracer = next(a.tracer for a in flatten_args(list(args) + list(kwargs.values())) if isinstance(a, Symbol))
         handler = HANDLERS.get(func)
         if handler is None:
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             raise UntraceableModError(f"torch function {name}")
         return handler(tracer, *args, **kwargs)
-
-
-def _flatten(values):
-    for value in values:
-        if isinstance(value, (tuple, list)):
-            yield from _flatten(value)
-        else:
-            yield value
 
 
 # ---------------------------------------------------------------------------------------------
