@@ -42,10 +42,10 @@ rounded lse (whose float32 rounding at |lse| ~ 40, under an amplifying score_mod
 alone puts several times a plain float32 softmax's error into every P). The launcher builds the
 statistics from the lse when the forward did not keep them (``shift = lse * log2(e)``, 1 / sum = 1).
 Rows that attend to nothing have 1 / sum = 0 and only -inf scores: P = 0 and their gradients are 0,
-not NaN. Padding rows of a tile (past ``q_len``, or past the end of their mask block) have no
-statistics: they take shift = +inf and 1 / sum = 0, so P = 0 there whatever their scores -- a
-position-dependent bias (``s + (q - kv)``, ALiBi) is largest in those rows, and ``exp2`` of it
-overflows: with a shift of 0, ``inf * 0`` = NaN would be summed into every key's dK / dV. The next
+not NaN. Padding rows of a tile (past ``q_len``) have no statistics (shift 0, 1 / sum 0): the dK/dV
+kernel clamps their exponent at 64, so P = 0 there whatever their scores -- a position-dependent bias
+(``s + (q - kv)``, ALiBi) is largest in those rows, and unclamped ``exp2`` of it overflows: ``inf * 0`` =
+NaN would be summed into every key's dK / dV (a real row's exponent is <= 0 up to rounding). The next
 query/key block index is loaded one step ahead and carried, as in the forward kernel, so every loop
 keeps ``num_stages - 1`` tile loads in flight.
 """
@@ -211,10 +211,7 @@ def attention_backward_dkdv_kernel(
                 if CHECK_Q_BOUNDS:
                     q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
                     do_tile = tl.load(do_ptrs, mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
-                    # Padding rows: shift +inf, so P = exp2(-inf) * 0 = 0 whatever their scores (a
-                    # position bias is largest there; exp2 of it overflows, and inf * 0 = NaN would
-                    # reach every key's dK / dV through the dots over the rows).
-                    shift = tl.load(stats_ptrs, mask=row_valid, other=float("inf"))
+                    shift = tl.load(stats_ptrs, mask=row_valid, other=0.0)
                     inverse_sum = tl.load(stats_ptrs + 1, mask=row_valid, other=0.0)
                 else:
                     q_tile = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
@@ -260,7 +257,15 @@ def attention_backward_dkdv_kernel(
                     scores = tl.where(kv_valid[:, None], scores, float("-inf"))
 
                 # P exactly as the forward normalized it: its final shift and 1 / sum per row.
-                probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[None, :])) * inverse_sum[None, :]  # P^T
+                exponent = tl.fma(scores, scores_to_log2, -shift[None, :])
+                if CHECK_Q_BOUNDS:
+                    # Padding rows have no statistics (shift 0, 1 / sum 0), and a position bias is largest
+                    # there: exp2 of it overflows, and inf * 0 = NaN would reach every key's dK / dV through
+                    # the dots over the rows. A real row's exponent is <= 0 up to the rounding of its shift
+                    # (an ulp of |shift|), far below the clamp, so only padding rows change: exp2(64) * 0 = 0.
+                    # (Cheaper on sm_90 than a shift of +inf there: ~30 registers and a spill at D = 128.)
+                    exponent = tl.minimum(exponent, 64.0)
+                probs = tl.exp2(exponent) * inverse_sum[None, :]  # P^T
                 if COMPUTE_DV:
                     dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
                 if COMPUTE_DK:
@@ -338,9 +343,9 @@ def attention_backward_dq_kernel(
         q_tile = q_tile.to(tl.float32)
         do_tile = do_tile.to(tl.float32)
     row_base = tl.program_id(1).to(tl.int64) * q_len    # (batch * Hq + head) rows: Stats / Delta are contiguous
-    # Rows that attended to nothing have 1 / sum = 0 (and scores of -inf): P = 0, not NaN. Padding rows
-    # also get shift +inf, so that their P is 0 even where exp2 of their scores would overflow.
-    shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=float("inf"))
+    # Padding rows and rows that attended to nothing have 1 / sum = 0 (a padding row's P may be NaN here,
+    # but it stays in its own row, which is never stored).
+    shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=0.0)
     inverse_sum = tl.load(Stats + (row_base + q_pos) * 2 + 1, mask=row_valid, other=0.0)
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
