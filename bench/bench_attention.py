@@ -165,7 +165,7 @@ def measure_passes(forward: Callable[[bool], Any], grad: torch.Tensor, inputs: S
 
 def run_ours(problem: Problem, repeats: int, passes: Sequence[str]) -> Tuple[float, Dict[str, Tuple[float, float]]]:
     import triton_attn as ta
-    from triton_attn.api import full_block_mask
+    from triton_attn.masks.standard import full_block_mask
 
     named = named_mask(problem)
     q, k, v, grad = make_inputs(problem, requires_grad=True)

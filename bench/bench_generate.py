@@ -148,7 +148,7 @@ def decode_mask_timings(batch: int = 2, cache: int = 4096, kv_heads_group: int =
     step), and the mask with its block lists built (what a Triton launch reads)."""
     import transformers.masking_utils as masking_utils
 
-    from triton_attn import cpu_flash
+    from triton_attn.backends.torch import cpu_flash
     from triton_attn.registry.masking import make_mask_function
 
     attention_mask = torch.ones(batch, cache, dtype=torch.long)

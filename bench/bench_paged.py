@@ -14,7 +14,7 @@ medians too):
   permutation. For Lq = 1 the contiguous call without any BlockMask is timed too (every key is
   visible there): the cheapest contiguous call there is.
 - ``step``: a whole decode step of one layer's cache: the contiguous cache appends the new keys and
-  values (``torch.cat``, as ``registry.layers.KVCache`` does) and attends; the paged cache writes them
+  values (``torch.cat``, as ``triton_attn.models.KVCache`` does) and attends; the paged cache writes them
   into their pages (``PagedKVCache.write``) and attends.
 - ``generate``: ``ReferenceDecoder.generate(cache="contiguous")`` vs ``generate(cache="paged")`` end to
   end (prompt, then one token per step).
@@ -128,7 +128,7 @@ def attention_and_step(dtype, batch: int, q_heads: int, kv_heads: int, head_dim:
 
 def generate_rows(dtype, repeats: int, prompt: int, new_tokens: int):
     """The ``generate`` row: a 2-layer ReferenceDecoder (hidden 512, 8 heads / 2 KV heads, D 64), batch 2."""
-    from triton_attn.registry.layers import ModelConfig, ReferenceDecoder
+    from triton_attn.models import ModelConfig, ReferenceDecoder
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=256, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=2)

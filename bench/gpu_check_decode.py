@@ -75,8 +75,9 @@ def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, backend: str = "triton",
                    with_flex: bool = True, repeats: int = 3, copy_bandwidth: float = COPY_BANDWIDTH_GBS) -> List[dict]:
     """Rows: correctness, then one timing row per implementation, for each (batch, cache length)."""
-    from triton_attn.api import full_block_mask
-    from triton_attn.kernels.decode.launch import decode_attention, plan_decode
+    from triton_attn.masks.standard import full_block_mask
+    from triton_attn.kernels.decode.launch import plan_decode
+    from triton_attn.kernels.entry import decode_forward
 
     rows = []
     for batch in batches:
@@ -95,8 +96,8 @@ def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16
             scale = 1.0 / math.sqrt(head_dim)
             impls: Dict[str, Callable] = {
                 "triton_attn": lambda: ta.attention(q, k, v, enable_gqa=True, backend=backend),
-                "triton_attn_kernel": lambda: decode_attention(q, k, v, block_mask, score_mod=None, scale=scale,
-                                                               interpret=backend == "interpret"),
+                "triton_attn_kernel": lambda: decode_forward(q, k, v, block_mask, score_mod=None, scale=scale,
+                                                             interpret=backend == "interpret"),
                 "sdpa": lambda: _sdpa(q, k, v),
             }
             if with_flex:

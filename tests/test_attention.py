@@ -354,7 +354,7 @@ def test_first_call_with_grad_is_fast():
                                       "prefix_lm_int", "sink_and_window"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (4, 1), (6, 2)])
 def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_heads):
-    from triton_attn import cpu_flash
+    from triton_attn.backends.torch import cpu_flash
 
     calls = []
     original = cpu_flash.fused_attention
@@ -370,18 +370,23 @@ def test_cpu_flash_fast_path_matches_golden(monkeypatch, mod_name, q_heads, kv_h
     assert calls, "the fast path was not taken"
 
 
-def test_cpu_flash_fast_path_not_used_when_it_does_not_apply(monkeypatch):
-    from triton_attn import cpu_flash
-
+def test_cpu_flash_fast_path_not_used_when_it_does_not_apply():
+    """The route (dispatch.plan_call) sends float32 CPU inference with a head-shared mask, no score_mod and
+    D == Dv to the fused CPU kernel, and nothing else."""
     q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
     bm = ta.create_block_mask(causal_mask, None, None, 40, 40, BLOCK_SIZE=16)
     per_head = ta.create_block_mask(causal_mask, None, 2, 40, 40, BLOCK_SIZE=16)
-    assert cpu_flash.applicable(q, k, v, bm, None, needs_grad=False)
-    assert not cpu_flash.applicable(q, k, v, bm, None, needs_grad=True)
-    assert not cpu_flash.applicable(q, k, v, bm, softcap_score(2.0), needs_grad=False)
-    assert not cpu_flash.applicable(q.half(), k.half(), v.half(), bm, None, needs_grad=False)
-    assert not cpu_flash.applicable(q, k, v, per_head, None, needs_grad=False)
-    assert not cpu_flash.applicable(q, k, v[..., :8], bm, None, needs_grad=False)
+
+    def family(*tensors, block_mask=bm, score_mod=None):
+        return ta.explain(*tensors, block_mask=block_mask, score_mod=score_mod).family
+
+    with torch.no_grad():
+        assert family(q, k, v) == "cpu_flash"
+        assert family(q, k, v, score_mod=softcap_score(2.0)) == "blockwise"
+        assert family(q.half(), k.half(), v.half()) != "cpu_flash"
+        assert family(q, k, v, block_mask=per_head) == "blockwise"
+        assert family(q, k, v[..., :8]) == "blockwise"
+    assert family(q.requires_grad_(), k, v) != "cpu_flash"
 
 
 @pytest.mark.parametrize("batch,padded,q_len", [(2, False, 1), (2, True, 1), (3, False, 5), (3, True, 5)])
@@ -410,6 +415,8 @@ def test_eager_cpu_inference_skips_the_op_dispatch(monkeypatch):
     """No gradient, eager, CPU, torch backend: the op's CPU implementation is called directly (the
     dispatcher and the mod table are host time on every decode step); the result is the op's exactly."""
     from triton_attn import ops
+    from triton_attn.dispatch import Route
+    from triton_attn.mod_table import register_mod
 
     q, k, v = random_qkv(2, 4, 2, 33, 70, 16)
     block_mask = ta.create_block_mask(sliding_window_mask(20), None, None, 33, 70, BLOCK_SIZE=16)
@@ -419,12 +426,16 @@ def test_eager_cpu_inference_skips_the_op_dispatch(monkeypatch):
     with torch.no_grad():
         direct = ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
     assert not calls
-    mask, score = ops.register_mod(block_mask.mask_mod, "mask"), ops.register_mod(None, "score")
-    through_op = original(q, k, v, block_mask, mask, score, scale=16 ** -0.5, backend="torch", autotune=None)
+    mask, score = register_mod(block_mask.mask_mod, "mask"), register_mod(None, "score")
+    route = ta.explain(q, k, v, block_mask=block_mask, enable_gqa=True)
+    assert (route.family, route.call) == ("cpu_flash", "direct")
+    op_route = Route("torch", "cpu_flash", "op", "none")
+    through_op = original(op_route, q, k, v, block_mask, mask, score, scale=16 ** -0.5, autotune=None)
     for got, want in zip(direct, through_op):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     q.requires_grad_()
-    ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True).sum().backward()  # gradients: the op
+    # gradients with a score_mod (PyTorch's fused kernels do not take it): the op, recomputed blockwise
+    ta.attention(q, k, v, block_mask=block_mask, score_mod=softcap_score(5.0), enable_gqa=True).sum().backward()
     assert calls and q.grad is not None
 
 

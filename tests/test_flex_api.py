@@ -10,8 +10,8 @@ import torch
 
 import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, random_qkv
-from triton_attn.api import ScoreModFallbackWarning
-from triton_attn.flex import flex_kernel_options
+from triton_attn.dispatch import ScoreModFallbackWarning
+from triton_attn.api.flex import flex_kernel_options
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -97,7 +97,7 @@ def test_uncompilable_score_mod_warns_once_and_stays_exact():
 
 
 def test_exported_from_the_package():
-    assert "flex_attention" in ta.__all__ and ta.flex_attention is ta.flex.flex_attention
+    assert "flex_attention" in ta.__all__ and ta.flex_attention is ta.api.flex.flex_attention
 
 
 def test_untraceable_per_element_mods_run_exactly_with_one_warning():

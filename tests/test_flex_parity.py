@@ -169,20 +169,16 @@ def test_errors_of_flex_forms():
 def _record_kv_launches(monkeypatch):
     """Record (key data_ptr, key batch stride) of every forward that reaches a backend, so that a
     broadcast K/V can be seen to arrive as a stride-0 view of the caller's tensor (no copy)."""
-    from triton_attn import api, reference
-    from triton_attn.kernels.attention import forward_launch
+    from triton_attn.backends import run
 
     seen = []
+    original = run.forward
 
-    def recording(original):
-        def record(query, key, value, *args, **kwargs):
-            seen.append((key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0)))
-            return original(query, key, value, *args, **kwargs)
-        return record
+    def record(route, query, key, value, *args, **kwargs):
+        seen.append((key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0)))
+        return original(route, query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(api, "blockwise_attention", recording(api.blockwise_attention))
-    monkeypatch.setattr(reference, "blockwise_attention", recording(reference.blockwise_attention))
-    monkeypatch.setattr(forward_launch, "attention_forward", recording(forward_launch.attention_forward))
+    monkeypatch.setattr(run, "forward", record)
     return seen
 
 

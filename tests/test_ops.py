@@ -9,6 +9,7 @@ import torch
 
 import triton_attn as ta
 from triton_attn import ops
+from triton_attn.mod_table import register_mod, resolve_mod
 from triton_attn.masks import and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask, softcap_score
 from triton_attn.reference import dense_attention
 
@@ -17,11 +18,12 @@ from tests.helpers.numerics import random_qkv
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _op_args(q, k, v, block_mask, score_mod=None, backend="torch", save_stats=False):
+def _op_args(q, k, v, block_mask, score_mod=None, route="torch/blockwise/blockwise"):
+    """The forward op's arguments; ``route``: the ``dispatch.Route`` token (backend/family/backward)."""
     layout, ints = ops.flatten_block_mask(block_mask)
-    mask_key, mask_captured = ops.register_mod(block_mask.mask_mod, "mask")
-    score_key, score_captured = ops.register_mod(score_mod, "score")
-    return (q, k, v, layout, ints, mask_key, mask_captured, score_key, score_captured, 0.25, backend, -1, save_stats)
+    mask_key, mask_captured = register_mod(block_mask.mask_mod, "mask")
+    score_key, score_captured = register_mod(score_mod, "score")
+    return (q, k, v, layout, ints, mask_key, mask_captured, score_key, score_captured, 0.25, route, -1)
 
 
 CASES = ("causal", "document_softcap", "sliding")
@@ -47,7 +49,7 @@ def test_opcheck_forward_and_backward_torch_backend(name):
     out, lse, stats = torch.ops.triton_attn.attention_forward(*args)
     assert stats.numel() == 0  # the torch backend's backward recomputes everything
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    backward_args = (*(t.detach() for t in (q, k, v, out, lse)), grad_out, grad_lse, *args[3:-1], stats)
+    backward_args = (*(t.detach() for t in (q, k, v, out, lse)), grad_out, grad_lse, *args[3:], stats)
     torch.library.opcheck(torch.ops.triton_attn.attention_backward.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -55,8 +57,9 @@ def test_opcheck_forward_and_backward_torch_backend(name):
 def test_opcheck_interpret_backend():
     q, k, v = random_qkv(1, 2, 2, 32, 32, 16)
     block_mask = ta.create_block_mask(causal_mask, None, None, 32, 32, BLOCK_SIZE=16)
-    for save_stats in (False, True):  # with a gradient needed, the softmax statistics are a third output
-        args = _op_args(q, k, v, block_mask, softcap_score(3.0), backend="interpret", save_stats=save_stats)
+    for save_stats in (False, True):  # with the Triton backward, the softmax statistics are a third output
+        route = "interpret/prefill/kernels" if save_stats else "interpret/prefill/none"
+        args = _op_args(q, k, v, block_mask, softcap_score(3.0), route=route)
         torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args,
                               test_utils=("test_schema", "test_faketensor"))
         assert torch.ops.triton_attn.attention_forward(*args)[2].shape == ((1, 2, 32, 2) if save_stats else (0,))
@@ -68,15 +71,15 @@ def test_opcheck_triton_backend(name):
     mask_mod, score_mod = _case(name, "cuda")
     q, k, v = (t.cuda() for t in random_qkv(1, 2, 1, 64, 64, 16))
     block_mask = ta.create_block_mask(mask_mod, None, None, 64, 64, BLOCK_SIZE=16, device="cuda")
-    args = _op_args(*(t.requires_grad_() for t in (q, k, v)), block_mask, score_mod, backend="triton")
+    args = _op_args(*(t.requires_grad_() for t in (q, k, v)), block_mask, score_mod, route="triton/prefill/kernels")
     torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args)
 
 
 def test_mods_of_one_structure_share_a_key_and_take_their_own_tensors():
     """Two document masks over different ids: one table entry, and each call sees its own ids."""
     first, second = torch.arange(64) // 16, torch.arange(64) // 40
-    key_a, captured_a = ops.register_mod(document_mask(first), "mask")
-    key_b, captured_b = ops.register_mod(document_mask(second), "mask")
+    key_a, captured_a = register_mod(document_mask(first), "mask")
+    key_b, captured_b = register_mod(document_mask(second), "mask")
     assert key_a == key_b and captured_a[0] is first and captured_b[0] is second
     q, k, v = random_qkv(1, 2, 2, 64, 64, 16)
     for ids in (first, second):
@@ -88,9 +91,9 @@ def test_mods_of_one_structure_share_a_key_and_take_their_own_tensors():
 
 def test_bound_mod_evaluates_the_graph_with_new_tensors():
     ids = torch.arange(40) // 10
-    key, _ = ops.register_mod(document_mask(ids), "mask")
+    key, _ = register_mod(document_mask(ids), "mask")
     other = torch.arange(40) // 25
-    bound = ops.resolve_mod(key, [other])
+    bound = resolve_mod(key, [other])
     grid = (torch.zeros(1, 1, 1, 1, dtype=torch.long),) * 2 + (torch.arange(40).view(1, 1, -1, 1),
                                                               torch.arange(40).view(1, 1, 1, -1))
     torch.testing.assert_close(bound(*grid), document_mask(other)(*grid))
@@ -119,10 +122,10 @@ class _ThresholdMod(ta.masks.StructuredMod):
 def test_an_untraceable_structured_mod_carries_its_tensors_and_is_rebuilt_over_new_ones():
     """Keyed by identity (no trace), yet its tensors travel: resolve_mod rebuilds it over the ones it is given."""
     mod, other = _ThresholdMod(torch.tensor(1)), torch.tensor(0)
-    key, captured = ops.register_mod(mod, "mask")
+    key, captured = register_mod(mod, "mask")
     assert "/eager/" in key and captured[0] is mod.threshold
-    assert ops.resolve_mod(key, captured) is mod
-    rebuilt = ops.resolve_mod(key, [other])
+    assert resolve_mod(key, captured) is mod
+    rebuilt = resolve_mod(key, [other])
     assert isinstance(rebuilt, _ThresholdMod) and rebuilt.threshold is other
     q_idx, kv_idx = torch.arange(8).view(-1, 1), torch.arange(8).view(1, -1)
     assert torch.equal(rebuilt(0, 0, q_idx, kv_idx), kv_idx <= q_idx)
@@ -159,7 +162,7 @@ def test_interpret_launch_path_reads_no_tensor_values(monkeypatch, mask):
 
     q, k, v = random_qkv(1, 2, 2, 48, 48, 16)
     block_mask = ta.create_block_mask(causal_mask, None, None, 48, 48, BLOCK_SIZE=16) if mask != "none" \
-        else ta.api.default_block_mask(48, 48, q.device)
+        else ta.masks.standard.default_block_mask(48, 48, q.device)
     score_mod = softcap_score(3.0) if mask != "none" else None
     forward_launch.attention_forward(q, k, v, block_mask, score_mod=score_mod, scale=0.25, interpret=True)  # warm
     launches = []
@@ -179,7 +182,7 @@ def test_launch_plan_is_computed_at_build_time():
     plan = block_mask.__dict__["_launch_plan"]
     assert plan.exact and plan.has_partial_blocks and plan.max_full_blocks == 6 and plan.max_partial_blocks == 1
     assert plan.phases == ("partial", "full")
-    assert ta.api.default_block_mask(100, 100, "cpu") is ta.api.default_block_mask(100, 100, "cpu")
+    assert ta.masks.standard.default_block_mask(100, 100, "cpu") is ta.masks.standard.default_block_mask(100, 100, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def test_launch_plan_is_computed_at_build_time():
 # ---------------------------------------------------------------------------------------------
 def _nan_case(route, monkeypatch):
     """(q, k, v, mask_mod, batch of the mask) with NaN in keys the mask hides from some rows."""
-    from triton_attn import cpu_flash
+    from triton_attn.backends.torch import cpu_flash
 
     if route.startswith("blockwise"):
         monkeypatch.setattr(cpu_flash, "DENSE_BIAS_ELEMENTS", 0)
@@ -219,7 +222,7 @@ def test_nan_in_hidden_keys_does_not_leak(monkeypatch, route):
 
 
 def test_fast_path_is_taken_for_batch_dependent_padding(monkeypatch):
-    from triton_attn import cpu_flash
+    from triton_attn.backends.torch import cpu_flash
 
     calls = []
     original = cpu_flash.fused_attention
@@ -263,7 +266,7 @@ def test_create_block_mask_on_meta_infers_shapes():
 def test_nan_in_hidden_values_does_not_leak(monkeypatch, route):
     """0 * nan: a NaN value the mask hides gets weight 0, which must not turn into NaN in the output
     (the fast paths see the NaN output and take the exact loop, which keeps it out)."""
-    from triton_attn import cpu_flash
+    from triton_attn.backends.torch import cpu_flash
 
     if route.startswith("blockwise"):
         monkeypatch.setattr(cpu_flash, "DENSE_BIAS_ELEMENTS", 0)

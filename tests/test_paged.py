@@ -238,7 +238,7 @@ def test_cache_rejects_bad_sizes():
 
 @pytest.mark.parametrize("sliding", [False, True])
 def test_reference_decoder_generates_the_same_tokens_with_a_paged_cache(sliding):
-    from triton_attn.registry.layers import ModelConfig, ReferenceDecoder
+    from triton_attn.models import ModelConfig, ReferenceDecoder
 
     config = ModelConfig(num_heads=4, num_kv_heads=2, hidden_size=64, num_layers=2,
                          sliding_window=6 if sliding else None, softcap=20.0 if sliding else None)
@@ -252,7 +252,7 @@ def test_reference_decoder_generates_the_same_tokens_with_a_paged_cache(sliding)
 
 
 def test_reference_decoder_paged_logits_match_each_step():
-    from triton_attn.registry.layers import KVCache, ModelConfig, ReferenceDecoder
+    from triton_attn.models import KVCache, ModelConfig, ReferenceDecoder
 
     model = ReferenceDecoder(ModelConfig(num_heads=4, num_kv_heads=1, hidden_size=32, num_layers=2)).eval()
     ids = torch.randint(0, 128, (2, 20))
@@ -268,7 +268,7 @@ def test_reference_decoder_paged_logits_match_each_step():
 
 @pytest.mark.parametrize("q_len", [1, 5, 128])
 def test_closed_form_causal_layout_equals_the_mask_compiler(q_len):
-    from triton_attn.paged import causal_paged_block_mask, logical_mask_mod
+    from triton_attn.masks.paged import causal_paged_block_mask, logical_mask_mod
 
     kv_lens = torch.tensor([q_len, 128, 129, 1000, 1024 + q_len - 1, 2048], dtype=torch.int32)
     closed = causal_paged_block_mask(kv_lens, q_len, 2048)

@@ -24,7 +24,7 @@ def test_variables_are_read_at_call_time(monkeypatch):
     monkeypatch.setenv(settings.GPU_REFINE, "0")
     assert settings.backend() == "interpret" and settings.autotune() is True and settings.gpu_refine() is False
     # ...and by the API, on the next call
-    from triton_attn.api import choose_backend
+    from triton_attn.dispatch import choose_backend
 
     assert choose_backend(None, torch.device("cpu")) == "interpret"
     monkeypatch.setenv(settings.BACKEND, "torch")

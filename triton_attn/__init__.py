@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "attention": ".api",
-    "flex_attention": ".flex",
+    "explain": ".api",
+    "flex_attention": ".api",
     "paged_attention": ".api",
     "PagedKVCache": ".paged_cache",
     "PagedBatch": ".paged_cache",
@@ -24,7 +25,7 @@ _PUBLIC = {
     "CompactBlockMask": ".masks",
 }
 
-__all__ = ["attention", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+__all__ = ["attention", "explain", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 
 def __getattr__(name):

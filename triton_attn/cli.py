@@ -1,6 +1,6 @@
 """The ``triton-attn`` command.
 
-Subcommands: ``demo``, ``tune``, ``bench``, ``show``, ``info``, ``check``. Every user error (a bad flag, a
+Subcommands: ``demo``, ``tune``, ``bench``, ``show``, ``explain``, ``info``, ``check``. Every user error (a bad flag, a
 missing GPU, an unreadable file) prints one line on stderr and exits with code 2; a correctness check that
 fails exits with code 1.
 """
@@ -15,6 +15,7 @@ from . import __version__
 from .commands.check import check_command
 from .commands.common import (LIBRARY_MASKS, CommandError, DefaultsHelpFormatter, OneLineErrorParser,  # noqa: F401
                               Progress, add_mask_options, available_backends, library_mask)
+from .commands.explain import explain_command
 from .commands.info import info_command
 from .commands.show import show_command
 from .commands.tune import SHAPE_FIELDS, tune_command, tune_shapes  # noqa: F401  (re-exported)
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--grid", type=int, default=32, help="characters per side at most (0: one per block)")
     show.add_argument("--png", default=None, metavar="PATH", help="also save the block picture as a PNG (default: no PNG)")
     add_mask_options(show)
+
+    explain = command("explain", "print the route (backend, kernel family, custom op or direct, backward) that "
+                                 "attention() takes for a described call, and why", explain_command)
+    explain.add_argument("mask", choices=LIBRARY_MASKS, metavar="MASK", help=", ".join(LIBRARY_MASKS))
+    explain.add_argument("--seq-len", type=int, default=4096, help="keys (and query rows unless --q-len)")
+    explain.add_argument("--q-len", type=int, default=None, help="query rows, the last of the sequence (default: --seq-len)")
+    explain.add_argument("--batch", type=int, default=1, help="batch size")
+    explain.add_argument("--heads", type=int, default=8, help="query heads")
+    explain.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
+    explain.add_argument("--head-dim", type=int, default=64, help="head dimension")
+    explain.add_argument("--dtype", default="fp32", help="bf16, fp16, fp32")
+    explain.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    explain.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"],
+                         help="torch, triton or interpret (default: triton on CUDA, torch on CPU)")
+    explain.add_argument("--grad", action="store_true", help="a training call (the query requires grad)")
+    add_mask_options(explain)
 
     info = command("info", "device, versions, available backends, autotune cache", info_command)
     info.add_argument("--limit", type=int, default=20, help="cache entries to list")

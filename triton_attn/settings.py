@@ -6,6 +6,8 @@
   config table now (``autotune()``; default off).
 - ``TRITON_ATTN_GPU_REFINE``: ``0`` keeps the mask compiler's eager refinement of undecided tiles on CUDA
   instead of the Triton kernel (``gpu_refine()``; default on).
+- ``TRITON_ATTN_LOG``: a comma-separated list of what to print to stderr; ``route`` prints each distinct
+  route a call takes, with its reasons (``log_routes()``; ``dispatch.py``).
 - ``TRITON_ATTN_CACHE_DIR``: where generated modules (``<dir>/kernels``) and the tuning cache
   (``<dir>/autotune.json``) live. One rule for both (``cache_dir()``): ``$TRITON_ATTN_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/triton_attn``, else ``~/.cache/triton_attn``.
@@ -31,7 +33,8 @@ BACKEND = "TRITON_ATTN_BACKEND"
 AUTOTUNE = "TRITON_ATTN_AUTOTUNE"
 GPU_REFINE = "TRITON_ATTN_GPU_REFINE"
 CACHE_DIR = "TRITON_ATTN_CACHE_DIR"
-VARIABLES = (BACKEND, AUTOTUNE, GPU_REFINE, CACHE_DIR)
+LOG = "TRITON_ATTN_LOG"
+VARIABLES = (BACKEND, AUTOTUNE, GPU_REFINE, CACHE_DIR, LOG)
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -53,6 +56,12 @@ def autotune() -> bool:
 def gpu_refine() -> bool:
     """Whether the mask compiler may refine tiles with the Triton kernel on CUDA (``$TRITON_ATTN_GPU_REFINE`` != 0)."""
     return os.environ.get(GPU_REFINE, "1").strip() != "0"
+
+
+def log_routes() -> bool:
+    """Whether ``$TRITON_ATTN_LOG`` names ``route``."""
+    value = os.environ.get(LOG)
+    return bool(value) and "route" in (part.strip().lower() for part in value.split(","))
 
 
 def cache_dir() -> Path:

@@ -1,6 +1,6 @@
 """Paged-cache test inputs and their contiguous equivalent, shared by the paged and decode tests.
 
-The golden side is built independently of ``triton_attn.paged``: keys are copied position by
+The golden side is built independently of ``triton_attn.masks.paged``: keys are copied position by
 position out of the pages, and the logical mask is written out here again.
 """
 

@@ -34,7 +34,8 @@ from triton_attn.kernels.attention.configs import KernelConfig  # noqa: E402
 from triton_attn.kernels.attention.fallback import (UntraceableMaskWarning, partial_block_bits,  # noqa: E402
                                                     partial_block_ids)
 from triton_attn.kernels.jit import functions  # noqa: E402
-from triton_attn.kernels.attention.forward_launch import attention_forward, new_softmax_stats  # noqa: E402
+from triton_attn.kernels.attention.forward_launch import attention_forward  # noqa: E402
+from triton_attn.kernels.host import new_softmax_stats  # noqa: E402
 from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
                                prefix_lm_mask, sliding_window_mask, softcap_score)
 from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
@@ -314,7 +315,7 @@ def test_learnable_captured_tensor_is_refused_before_any_kernel():
 
 def test_learnable_score_tensor_trains_through_recompute_path():
     """A learnable bias table captured by the score_mod gets gradients (recompute path, warned once)."""
-    from triton_attn.kernels.attention.autograd import LearnableScoreTensorWarning
+    from triton_attn.backends.run import LearnableScoreTensorWarning
 
     table = torch.randn(63, requires_grad=True)
 

@@ -31,7 +31,7 @@ pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
 from tests.helpers.numerics import assert_matches_golden, random_qkv  # noqa: E402
-from triton_attn.kernels.attention.autograd import LearnableScoreTensorWarning  # noqa: E402
+from triton_attn.backends.run import LearnableScoreTensorWarning  # noqa: E402
 from triton_attn.masks import causal_mask, full_mask  # noqa: E402
 
 BACKENDS = ("interpret", "torch")

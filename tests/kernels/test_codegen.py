@@ -119,7 +119,7 @@ def test_bool_captured_tensor_and_min_max():
 
 
 def test_untraceable_score_mod_runs_on_the_blockwise_backend_with_a_warning():
-    from triton_attn.api import ScoreModFallbackWarning
+    from triton_attn.dispatch import ScoreModFallbackWarning
 
     def bad_score(score, b, h, q_idx, kv_idx):
         return torch.special.erfcx(score)

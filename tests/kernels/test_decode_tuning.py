@@ -16,7 +16,8 @@ from triton_attn.masks import causal_mask
 pytest.importorskip("triton")
 
 from triton_attn.kernels.decode.configs import choose_splits  # noqa: E402
-from triton_attn.kernels.decode.launch import decode_candidates, decode_key, plan_decode  # noqa: E402
+from triton_attn.kernels.decode.launch import plan_decode  # noqa: E402
+from triton_attn.kernels.tuned import decode_candidates, decode_key  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 from triton_attn.kernels.attention import aot  # noqa: E402
 from triton_attn.kernels.attention.backward_launch import HOPPER_BACKWARD_CONFIGS, default_backward_config  # noqa: E402
 from triton_attn.kernels.attention.configs import default_config  # noqa: E402
-from triton_attn.kernels.attention.forward_launch import needs_64bit_rows  # noqa: E402
+from triton_attn.kernels.host import needs_64bit_rows  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning.compiled import (pipelined_loops, ptx_instruction_count, wgmma_shapes,  # noqa: E402
                                                  wide_row_products)

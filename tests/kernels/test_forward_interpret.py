@@ -215,7 +215,7 @@ def test_gpu_check_script_dry_run(tmp_path):
 # -- launch decisions of the efficiency work (issue 12) ------------------------------------------
 
 def test_heavy_query_tiles_first_only_for_causal_like_masks():
-    from triton_attn.kernels.attention.forward_launch import heavy_tiles_last
+    from triton_attn.kernels.attention.tiling import heavy_tiles_last
 
     def block_mask(mask_mod):
         return ta.create_block_mask(mask_mod, None, None, 256, 256, BLOCK_SIZE=32)
@@ -231,7 +231,7 @@ def test_heavy_query_tiles_first_only_for_causal_like_masks():
 
 
 def test_64bit_rows_chosen_from_row_strides_not_sizes():
-    from triton_attn.kernels.attention.forward_launch import needs_64bit_rows
+    from triton_attn.kernels.host import needs_64bit_rows
 
     meta = torch.device("meta")
     bshd = torch.empty(1, 600_000, 32, 128, dtype=torch.bfloat16, device=meta).transpose(1, 2)  # stride 4096

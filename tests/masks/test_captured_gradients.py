@@ -96,7 +96,7 @@ def test_table_computed_inside_the_mod_from_a_learnable_one_runs_exactly(backend
     def doubled_transposed(s, b, h, q, kv):
         return s + (table * 2)[q][kv] + table.T[q][kv]
 
-    from triton_attn.api import score_mod_fallback_reason
+    from triton_attn.dispatch import score_mod_fallback_reason
 
     reason = score_mod_fallback_reason(doubled_transposed, needs_grad=True)
     assert reason is not None and "requires grad" in reason

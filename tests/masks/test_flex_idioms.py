@@ -166,7 +166,7 @@ _SCORES = sorted(score_idioms(_captured()))
 
 @pytest.mark.parametrize("name", _SCORES)
 def test_score_idiom_compiles_and_matches_golden_on_torch_backend(name):
-    from triton_attn.api import score_mod_fallback_reason
+    from triton_attn.dispatch import score_mod_fallback_reason
 
     score_mod = score_idioms(_captured())[name]
     trace_score_mod(score_mod)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, compare, random_qkv
 from triton_attn.reference import dense_attention
-from triton_attn.masks.tracing import HANDLERS, UntraceableModError, trace_score_mod
+from triton_attn.masks.torch_ops import HANDLERS
+from triton_attn.masks.tracing import UntraceableModError, trace_score_mod
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -257,7 +258,7 @@ def group_score_mod(names):
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 @pytest.mark.parametrize("name", sorted(GROUPS))
 def test_attention_with_traced_functions_matches_golden(name, backend):
-    from triton_attn.api import ScoreModFallbackWarning, score_mod_fallback_reason
+    from triton_attn.dispatch import ScoreModFallbackWarning, score_mod_fallback_reason
 
     score_mod = group_score_mod(GROUPS[name])
     assert score_mod_fallback_reason(score_mod, needs_grad=True) is None  # value and derivative compile
@@ -296,7 +297,7 @@ def test_refused_function_names_itself_and_runs_exactly_on_the_torch_backend(nam
     with pytest.raises(UntraceableModError, match=expected_name):
         trace_score_mod(score_mod)
     q, k, v = random_qkv(1, HEADS, HEADS, LENGTH, LENGTH, HEAD_DIM)
-    from triton_attn.api import ScoreModFallbackWarning
+    from triton_attn.dispatch import ScoreModFallbackWarning
 
     with pytest.warns(ScoreModFallbackWarning, match="PyTorch blockwise backend"):
         got = ta.attention(q, k, v, score_mod=score_mod, backend="interpret")

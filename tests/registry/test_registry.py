@@ -1,4 +1,5 @@
-"""The registries, the mask function and the attention function of ``triton_attn.registry``.
+"""The mask function and the attention function of ``triton_attn.registry`` (the registries themselves:
+test_interface.py).
 
 No transformers needed here (see test_transformers_integration.py for real models); the README
 section's examples run at the end (their transformers parts skip without transformers).
@@ -13,7 +14,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,183 +21,12 @@ import torch
 
 import triton_attn as ta
 from triton_attn.masks import alibi_score, document_mask, sliding_window_mask
-from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface,
-                                  AttentionMaskInterface, MissingMaskFunctionWarning, ModelBlockMask,
-                                  eager_attention_function, make_attention_function, make_mask_function,
-                                  register_attention)
+from triton_attn.registry import ModelBlockMask, eager_attention_function, make_attention_function, make_mask_function
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("restore_registries")
-
-
-def ok_attention(module, query, key, value, attention_mask, **kwargs):
-    return query.transpose(1, 2), None
-
-
-def ok_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-            **kwargs):
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Import isolation
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_importing_triton_attn_does_not_import_transformers():
-    code = ("import sys, triton_attn, triton_attn.registry, triton_attn.registry.layers\n"
-            "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
-            "assert 'triton_attn' in triton_attn.registry.ALL_ATTENTION_FUNCTIONS\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr
-
-
-def test_registry_uses_public_api_only():
-    """Layering: registry/ imports triton_attn's top level and triton_attn.masks, never kernels or internals."""
-    for path in (ROOT / "triton_attn" / "registry").glob("*.py"):
-        for source in re.findall(r"^\s*from\s+(\S+)\s+import", path.read_text(), re.M):
-            if source.startswith(".."):
-                assert source in ("..", "..masks"), f"{path.name} imports from {source}"
-            assert "kernels" not in source, f"{path.name} imports from {source}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registries
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_defaults_and_dict_behaviour():
-    for name in ("triton_attn", "sdpa", "eager"):
-        assert name in ALL_ATTENTION_FUNCTIONS and name in ALL_MASK_ATTENTION_FUNCTIONS
-        assert ALL_ATTENTION_FUNCTIONS.get(name) is ALL_ATTENTION_FUNCTIONS[name]
-    assert set(ALL_ATTENTION_FUNCTIONS.keys()) >= {"triton_attn", "sdpa", "eager"}
-    assert ALL_ATTENTION_FUNCTIONS.valid_keys() == list(ALL_ATTENTION_FUNCTIONS)
-    assert len(ALL_ATTENTION_FUNCTIONS) == len(list(ALL_ATTENTION_FUNCTIONS))
-    assert ALL_ATTENTION_FUNCTIONS.get("nope") is None
-    assert "nope" not in ALL_ATTENTION_FUNCTIONS
-    with pytest.raises(KeyError, match="registered names: .*triton_attn"):
-        ALL_ATTENTION_FUNCTIONS["nope"]
-    assert isinstance(ALL_ATTENTION_FUNCTIONS, AttentionInterface)
-    assert isinstance(ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface)
-
-
-def test_global_register_and_per_instance_override():
-    AttentionInterface.register("mine", ok_attention, mask_function=ok_mask)
-    mine, other = AttentionInterface(), AttentionInterface()
-    assert mine["mine"] is ok_attention and ALL_ATTENTION_FUNCTIONS["mine"] is ok_attention
-    assert AttentionMaskInterface()["mine"] is ok_mask
-
-    def local(module, query, key, value, attention_mask, **kwargs):
-        return query, None
-
-    mine["sdpa"] = local                      # this instance only
-    assert mine["sdpa"] is local
-    assert other["sdpa"] is not local and ALL_ATTENTION_FUNCTIONS["sdpa"] is not local
-    mine["only_here"] = local
-    assert "only_here" in mine and "only_here" not in other and "only_here" in list(mine.keys())
-    del mine["sdpa"]
-    assert mine["sdpa"] is ALL_ATTENTION_FUNCTIONS["sdpa"]
-    with pytest.raises(KeyError, match="no per-instance override"):
-        del mine["eager"]                     # global entries are not deleted through an instance
-    AttentionInterface.unregister("mine")
-    assert "mine" not in mine
-
-
-def test_get_interface_falls_back_only_for_eager():
-    interface = AttentionInterface()
-    assert interface.get_interface("triton_attn", ok_attention) is ALL_ATTENTION_FUNCTIONS["triton_attn"]
-    with pytest.raises(KeyError, match="nope"):
-        interface.get_interface("nope", ok_attention)
-    del AttentionInterface._global_mapping["eager"]
-    assert interface.get_interface("eager", ok_attention) is ok_attention
-
-
-@pytest.mark.parametrize("fn, message", [
-    (lambda module, query, key, value, attention_mask: None, r"\*\*kwargs"),
-    (lambda module, query, key, **kwargs: None, "5 positional"),
-    (lambda module, query, key, value, attention_mask, extra, **kwargs: None, "'extra' has no default"),
-    (lambda module, query, key, value, attention_mask, *, must, **kwargs: None, "'must' needs a default"),
-    ("not callable", "must be callable"),
-])
-def test_attention_signature_checked_at_registration(fn, message):
-    with pytest.raises(TypeError, match=message):
-        AttentionInterface.register("bad", fn, mask_function=ok_mask)
-    with pytest.raises(TypeError, match=message):
-        AttentionInterface()["bad"] = fn
-    assert "bad" not in ALL_ATTENTION_FUNCTIONS and "bad" not in ALL_MASK_ATTENTION_FUNCTIONS
-
-
-def test_attention_return_annotation_checked():
-    def returns_tensor(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
-        return query
-
-    with pytest.raises(TypeError, match=r"\(attn_output, attn_weights\)"):
-        AttentionInterface.register("bad", returns_tensor, mask_function=ok_mask)
-
-    def star_args(*args, **kwargs) -> "tuple[torch.Tensor, None]":
-        return args[1], None
-
-    AttentionInterface.register("star", star_args, mask_function=ok_mask)
-
-
-@pytest.mark.parametrize("fn, message", [
-    (lambda batch_size, q_length, mask_function, attention_mask: None, "kv_length"),
-    (lambda batch_size, kv_length, mask_function, attention_mask: None, "q_length .* or cache_position"),
-    (lambda batch_size, q_length, kv_length, mask_function, attention_mask, extra: None, "'extra' has no default"),
-])
-def test_mask_signature_checked_at_registration(fn, message):
-    with pytest.raises(TypeError, match=message):
-        AttentionMaskInterface.register("bad", fn)
-    assert "bad" not in ALL_MASK_ATTENTION_FUNCTIONS
-
-
-def test_mask_signature_accepts_both_transformers_forms():
-    def v4(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
-        return None
-
-    AttentionMaskInterface.register("v4", v4)
-    AttentionMaskInterface.register("v5", ok_mask)
-    AttentionMaskInterface.register("anything", lambda **kwargs: None)
-
-
-@pytest.mark.parametrize("name", ["", None, 3])
-def test_bad_names(name):
-    with pytest.raises(TypeError, match="non-empty str"):
-        AttentionInterface.register(name, ok_attention, mask_function=ok_mask)
-
-
-def test_missing_mask_function_warns_loudly():
-    with pytest.warns(MissingMaskFunctionWarning, match=r"attention_mask=None.*register_attention"):
-        AttentionInterface.register("lonely", ok_attention)
-    assert "lonely" in ALL_ATTENTION_FUNCTIONS
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        AttentionMaskInterface.register("paired", ok_mask)
-        AttentionInterface.register("paired", ok_attention)  # mask first: no warning
-
-
-def test_register_attention_registers_both():
-    result = register_attention("doc_x", mask_mod=sliding_window_mask(4), score_mod=alibi_score(2),
-                                transformers=False)
-    assert result.name == "doc_x" and not result.in_transformers
-    assert ALL_ATTENTION_FUNCTIONS["doc_x"] is result.attention_function
-    assert ALL_MASK_ATTENTION_FUNCTIONS["doc_x"] is result.mask_function
-    assert "doc_x" in result.attention_function.__name__
-
-
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(name="sdpa"), ValueError, "transformers' own"),
-    (dict(name="paged|mine"), ValueError, "transformers' own"),
-    (dict(name="x", combine="xor"), ValueError, "combine must be one of"),
-    (dict(name="x", mask_mod=3), TypeError, "mask_mod must be a callable"),
-    (dict(name="x", score_mod="s"), TypeError, "score_mod must be a callable"),
-    (dict(name="x", transformers="yes"), TypeError, "transformers must be True, False or None"),
-    (dict(name="x", mask_heads=0), ValueError, "mask_heads must be a positive int"),
-])
-def test_register_attention_errors(kwargs, error, message):
-    with pytest.raises(error, match=message):
-        register_attention(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def kernels_status(interpret: bool = False) -> Tuple[bool, str]:
         require_triton(interpret=interpret)
         import triton  # noqa: F401  (Triton must import before the kernels can)
 
-        importlib.import_module("triton_attn.kernels.attention.autograd")
+        importlib.import_module("triton_attn.kernels.entry")
     except Exception as error:  # ImportError, or Triton failing to initialise
         return False, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     return True, ""

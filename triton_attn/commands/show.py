@@ -42,7 +42,7 @@ def check_picture_size(seq_len: int, kv_len: int, block_size: Tuple[int, int], g
 
 
 def show_command(args) -> int:
-    from ..api import full_block_mask
+    from ..masks.standard import full_block_mask
     from ..masks import create_block_mask
 
     seq_len = positive_int(args.seq_len, "--seq-len")

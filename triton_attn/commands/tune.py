@@ -243,7 +243,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
                             dtype=dtype, generator=generator)
             named = library_mask(shape.mask, shape.seq_len, device=device, **shape.mask_args)
             if named.mask_mod is None:
-                from ..api import full_block_mask
+                from ..masks.standard import full_block_mask
 
                 block_mask = full_block_mask(1, 1, shape.seq_len, kv_len, device, shape.block_size)
             else:

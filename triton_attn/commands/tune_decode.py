@@ -19,7 +19,7 @@ def _decode_problem(shape, q_len: int, device):
     """(q, k, v, block_mask, mask_mod, score_mod) of one decode step of ``shape``."""
     import torch
 
-    from ..api import full_block_mask
+    from ..masks.standard import full_block_mask
     from ..masks import create_block_mask
 
     dtype = getattr(torch, DTYPES[str(shape.dtype).lower().replace("torch.", "")])  # validated by tune_shapes
@@ -51,6 +51,7 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
     the real launcher (on ``device``; the interpreter with ``interpret``) and store the winners."""
     from ..kernels.decode import launch as decode
     from ..kernels.decode.configs import NOMINAL_SMS, default_decode_config
+    from ..kernels.tuned import decode_candidates, decode_key
     from ..kernels.tuning import search as autotune
 
     q_len = args.q_len
@@ -68,7 +69,7 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
         # Without the GPU (dry run, interpreter) the split count is planned for the target's SM count.
         plan = decode.plan_decode(q, k.shape[1], v.shape[3], block_mask,
                                   sm_count=None if device.type == "cuda" else NOMINAL_SMS.get(arch, 108))
-        candidates = decode.decode_candidates(arch, q, v.shape[3], block_mask, groups=groups)
+        candidates = decode_candidates(arch, q, v.shape[3], block_mask, groups=groups)
         if args.max_configs:
             candidates = candidates[:args.max_configs]
         plans.append((shape, (q, k, v, block_mask, mask_mod, score_mod), plan, candidates))
@@ -95,9 +96,8 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
                     print(f"  {config.name:<18} {'keep' if reason is None else 'drop':<5} smem {stats.shared:>6} B, "
                           f"{stats.registers:>3} regs, spills {stats.spills}{'' if reason is None else f'  ({reason})'}")
                 continue
-            key = decode.decode_key(q, k.shape[1], k.shape[2], v.shape[3], block_mask, plan.num_splits, paged=False,
-                                    score=score_mod is not None,
-                                    structure=decode.decode_mods(block_mask, score_mod)[2].key)
+            key = decode_key(q, k.shape[1], k.shape[2], v.shape[3], block_mask, plan.num_splits, paged=False,
+                             score=score_mod is not None, structure=decode.decode_mods(block_mask, score_mod)[2].key)
             if tuner.lookup(key) is not None and not args.force:
                 print(f"{label}: already tuned ({tuner.lookup(key).name}); --force re-tunes")
                 continue

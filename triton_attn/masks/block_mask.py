@@ -442,6 +442,7 @@ class BlockMask(FlexMethods):
         moved = {name: getattr(self, name).to(device) for name in self._TENSOR_FIELDS}
         copy = BlockMask(**moved, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths, mask_mod=self.mask_mod,
                          launch_plan=self.launch_plan)
+        copy.exact_layout = self.exact_layout  # the same layout
         return copy.trusted() if self.is_trusted() else copy
 
     def is_trusted(self) -> bool:

@@ -393,6 +393,7 @@ class CompactBlockMask(BlockMask):
         copy = CompactBlockMask(csr=csr, layout_shape=self.layout_shape, batch_heads=self._batch_heads,
                                 num_blocks=self._num_blocks, BLOCK_SIZE=self.BLOCK_SIZE,
                                 seq_lengths=self.seq_lengths, mask_mod=self.mask_mod)
+        copy.exact_layout = self.exact_layout  # the same layout
         return copy.trusted() if self.is_trusted() else copy
 
     def __getitem__(self, index) -> "CompactBlockMask":

@@ -172,7 +172,7 @@ def _warn_untraceable(mask_mod: Callable, error: Exception) -> None:
     if len(reason) > 160:
         reason = reason[:157] + "..."
     warnings.warn(f"create_block_mask: mask_mod {mod_name(mask_mod)!r} cannot be traced ({reason}); "
-                  "using the exact chunked compiler, which evaluates every element", stacklevel=3)
+                  "using the exact chunked compiler, which evaluates every element", stacklevel=4)
 
 
 def _check_layout(layout: str) -> str:
@@ -426,6 +426,14 @@ def create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[int], Q_
     FlexAttention's argument forms work unchanged: ``device`` and ``BLOCK_SIZE`` positional, a
     device string (``"cuda"``), and ``_compile``, which is accepted and ignored (nothing to compile).
     """
+    block_mask = _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, layout)
+    # Tiles are full only where the mask_mod allows every element and empty only where it allows none.
+    block_mask.exact_layout = True
+    return block_mask
+
+
+def _create_block_mask(mask_mod: Callable, B, H, Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE: BlockSize,
+                       layout: str) -> BlockMask:
     _check_mask_mod(mask_mod)
     _check_layout(layout)
     B, H = _check_count(B, "B"), _check_count(H, "H")

@@ -22,6 +22,7 @@ built from these by the tracer, so each consumer (Triton emitter, interval analy
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -52,6 +53,21 @@ def kind_of_dtype(dtype: torch.dtype) -> str:
     if dtype == torch.bool:
         return "bool"
     return "float" if dtype.is_floating_point else "int"
+
+
+# What the kernel computes each kind in: float32 for scores, int64 for indices.
+DTYPE_OF_KIND = {"bool": torch.bool, "int": torch.int64, "float": torch.float32}
+
+# A traced value of shape S is a row-major array of prod(S) nodes (``tracing.Symbol``); reductions over it
+# unroll into the graph, so arrays are kept small: this is the largest one (a whole small captured tensor, a
+# partly indexed one, a constant array) a mod may compute with.
+MAX_ELEMENTS = 256
+
+
+def flat_positions(shape: Sequence[int]) -> torch.Tensor:
+    """The position of each element in a row-major array of ``shape`` (int64 tensor of that shape), so that
+    torch's own indexing, broadcasting and permuting tell which node of an array goes where."""
+    return torch.arange(math.prod(shape), dtype=torch.int64).reshape(tuple(shape))
 
 
 def const(value) -> Node:

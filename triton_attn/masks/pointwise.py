@@ -48,7 +48,6 @@ import torch.nn.functional as F
 
 from .composites import relu_node, round_node, softplus_node, trunc_node
 from .graph import Node, UntraceableModError, binary, const, promote, unary, where
-from .tracing import elementwise
 
 LN2 = math.log(2.0)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -187,14 +186,14 @@ def _no_extra(name: str, args, kwargs, allowed=("out",)):
 def _unary(name: str, build: Callable[[Node], Node]):
     def handler(tracer, x, *args, **kwargs):
         _no_extra(name, args, kwargs)
-        return elementwise(tracer, build, x)
+        return tracer.elementwise(build, x)
     return handler
 
 
 def _binary(name: str, build: Callable[[Node, Node], Node]):
     def handler(tracer, a, b=None, *args, other=None, **kwargs):
         _no_extra(name, args, kwargs)
-        return elementwise(tracer, build, a, other if b is None else b)
+        return tracer.elementwise(build, a, other if b is None else b)
     return handler
 
 
@@ -202,11 +201,11 @@ def _round(tracer, x, *args, decimals=0, **kwargs):
     _no_extra("round", args, kwargs)
     if decimals != 0:
         raise UntraceableModError("round with decimals != 0")
-    return elementwise(tracer, round_node, x)
+    return tracer.elementwise(round_node, x)
 
 
 def _nan_to_num(tracer, x, nan=0.0, posinf=None, neginf=None, *, out=None):
-    return elementwise(tracer, lambda n: nan_to_num_node(n, nan, posinf, neginf), x)
+    return tracer.elementwise(lambda n: nan_to_num_node(n, nan, posinf, neginf), x)
 
 
 def _logit(tracer, x, eps=None, *, out=None):
@@ -215,15 +214,15 @@ def _logit(tracer, x, eps=None, *, out=None):
         if eps is not None:
             n = clamp_node(n, eps, 1.0 - eps)
         return unary("log", binary("truediv", n, binary("sub", _c(1.0), n)))
-    return elementwise(tracer, build, x)
+    return tracer.elementwise(build, x)
 
 
 def _lerp(tracer, start, end, weight, *, out=None):
-    return elementwise(tracer, lerp_node, start, end, weight)
+    return tracer.elementwise(lerp_node, start, end, weight)
 
 
 def _heaviside(tracer, x, values, *, out=None):
-    return elementwise(tracer, heaviside_node, x, values)
+    return tracer.elementwise(heaviside_node, x, values)
 
 
 def _activation(build: Callable[..., Node], *names_and_defaults):
@@ -234,7 +233,7 @@ def _activation(build: Callable[..., Node], *names_and_defaults):
                   for i, (name, default) in enumerate(names_and_defaults)]
         if kwargs or len(args) > len(names_and_defaults):
             raise UntraceableModError("extra arguments to an activation", f"{args} {kwargs}")
-        return elementwise(tracer, lambda n: build(n, *values), x)
+        return tracer.elementwise(lambda n: build(n, *values), x)
     return handler
 
 

@@ -1,10 +1,15 @@
-"""The torch functions and tensor methods a traced mod may call, as handlers on ``Symbol``s.
+"""The torch functions and tensor methods a traced mod may call, as handlers on traced values.
 
-``HANDLERS`` (filled here, read by ``tracing.Symbol``) maps a torch function or ``torch.Tensor``
-method to ``handler(tracer, *args, **kwargs) -> Symbol``; the same handlers give Symbols their
-Python operators and method spellings (``x.sum(-1)``, ``x.new_ones(())``). Elementwise functions
-apply per element of an array value; reductions (sum, any, all, amax, dot, ...) unroll into the graph.
+``HANDLERS`` maps a torch function or ``torch.Tensor`` method to ``handler(tracer, *args, **kwargs)``,
+which returns the traced value (``tracing.Symbol``) the call computes. ``tracing.Symbol`` reads it for
+torch functions (``__torch_function__``), method spellings (``x.sum(-1)``, ``x.new_ones(())``) and its
+Python operators (``a + b`` is the handler of ``torch.Tensor.__add__``). Elementwise functions apply per
+element of an array value; reductions (sum, any, all, amax, dot, ...) unroll into the graph.
 ``pointwise.py`` adds the rest of torch's elementwise functions and holds the table of which are traced.
+
+Handlers never name ``Symbol``: they make values through the ``tracing.Tracer`` they are given
+(``lift``, ``elementwise``, ``array``, ``is_traced``), so this module does not import ``tracing``;
+``tracing`` imports it, and the imports of the tracer point one way.
 """
 
 from __future__ import annotations
@@ -17,16 +22,16 @@ import torch.nn.functional as F
 
 from .composites import (as_bool, as_number, fmod_node, gelu_node, relu_node, round_node, sign_node, softplus_node,
                          to_dtype_node, tree_reduce, trunc_div_node, trunc_node)
-from .graph import Node, UntraceableModError, binary, const, kind_of_dtype, unary, where
+from .graph import (DTYPE_OF_KIND, MAX_ELEMENTS, Node, UntraceableModError, binary, const, flat_positions,
+                    kind_of_dtype, unary, where)
 from .pointwise import pointwise_handlers
-from .tracing import DTYPE_OF_KIND, HANDLERS, MAX_ELEMENTS, Symbol, Tracer, elementwise, flat_positions
 
 
 def _op(name: str) -> Callable[..., Node]:
     return lambda a, b: binary(name, a, b)
 
 
-def _reduce(tracer: Tracer, value, combine, empty, prepare=None, dim=None, keepdim=False) -> Symbol:
+def _reduce(tracer, value, combine, empty, prepare=None, dim=None, keepdim=False):
     value = tracer.lift(value)
     shape = value.shape
     dims = tuple(range(len(shape))) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
@@ -45,11 +50,11 @@ def _reduce(tracer: Tracer, value, combine, empty, prepare=None, dim=None, keepd
         else:
             out.append(tree_reduce(combine, nodes))
     out_shape = tuple(1 if d in dims else s for d, s in enumerate(shape)) if keepdim else tuple(shape[d] for d in kept)
-    return Symbol(tracer, tuple(out), out_shape)
+    return tracer.array(tuple(out), out_shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# Handlers: torch functions and tensor methods on Symbols
+# Handlers: torch functions and tensor methods on traced values
 # ---------------------------------------------------------------------------------------------
 
 def _unary_handler(make: Callable[[Node], Node]):
@@ -57,7 +62,7 @@ def _unary_handler(make: Callable[[Node], Node]):
         if args or any(v not in (None, 0) for k, v in kwargs.items() if k in ("out", "decimals")) or (
                 set(kwargs) - {"out", "decimals"}):
             raise UntraceableModError("extra arguments to an elementwise function", f"{args} {kwargs}")
-        return elementwise(tracer, make, x)
+        return tracer.elementwise(make, x)
     return handler
 
 
@@ -67,14 +72,14 @@ def _binary_handler(name: str, reflected: bool = False):
         if reflected:
             a, b = b, a
         if alpha is not None:
-            b = elementwise(tracer, _op("mul"), b, alpha)
+            b = tracer.elementwise(_op("mul"), b, alpha)
         if rounding_mode == "floor":
-            return elementwise(tracer, _op("floordiv"), a, b)
+            return tracer.elementwise(_op("floordiv"), a, b)
         if rounding_mode == "trunc":
-            return elementwise(tracer, trunc_div_node, a, b)
+            return tracer.elementwise(trunc_div_node, a, b)
         if rounding_mode is not None:
             raise UntraceableModError(f"division with rounding_mode={rounding_mode!r}")
-        return elementwise(tracer, _op(name), a, b)
+        return tracer.elementwise(_op(name), a, b)
     return handler
 
 
@@ -86,7 +91,7 @@ def _min_max(name: str):
         if dim is not None:
             raise UntraceableModError(f"torch.{name} over a dim (values and indices)", "use amax/amin")
         if other is not None:
-            return elementwise(tracer, _op(name), x, other)
+            return tracer.elementwise(_op(name), x, other)
         return _reduce(tracer, x, _op(name), None)
     return handler
 
@@ -96,9 +101,9 @@ def _reduction(combine, empty, prepare=None, finish=None):
         result = _reduce(tracer, x, combine, empty, prepare, dim, keepdim)
         if finish is not None:
             count = math.prod(tracer.lift(x).shape) // max(1, math.prod(result.shape))
-            result = elementwise(tracer, lambda n: finish(n, count), result)
+            result = tracer.elementwise(lambda n: finish(n, count), result)
         if dtype is not None:
-            result = elementwise(tracer, lambda n: to_dtype_node(n, dtype), result)
+            result = tracer.elementwise(lambda n: to_dtype_node(n, dtype), result)
         return result
     return handler
 
@@ -106,31 +111,31 @@ def _reduction(combine, empty, prepare=None, finish=None):
 def _dot(tracer, a, b, **kwargs):
     a, b = tracer.lift(a), tracer.lift(b)
     if len(a.shape) == 1 and len(b.shape) == 1:
-        return _reduce(tracer, elementwise(tracer, _op("mul"), a, b), _op("add"), 0, as_number)
+        return _reduce(tracer, tracer.elementwise(_op("mul"), a, b), _op("add"), 0, as_number)
     if len(a.shape) == 2 and len(b.shape) == 1:  # matrix @ vector
-        return _reduce(tracer, elementwise(tracer, _op("mul"), a, b), _op("add"), 0, as_number, dim=-1)
+        return _reduce(tracer, tracer.elementwise(_op("mul"), a, b), _op("add"), 0, as_number, dim=-1)
     if len(a.shape) == 1 and len(b.shape) == 2:  # vector @ matrix
-        column = Symbol(tracer, a.nodes, (a.shape[0], 1))
-        return _reduce(tracer, elementwise(tracer, _op("mul"), column, b), _op("add"), 0, as_number, dim=0)
+        column = tracer.array(a.nodes, (a.shape[0], 1))
+        return _reduce(tracer, tracer.elementwise(_op("mul"), column, b), _op("add"), 0, as_number, dim=0)
     raise UntraceableModError("matmul of shapes other than vector/matrix", f"{a.shape} @ {b.shape}")
 
 
 def _where(tracer, cond, values=None, other=None, **kwargs):
     if values is None or other is None:
         raise UntraceableModError("torch.where with one argument")
-    return elementwise(tracer, where, cond, values, other)
+    return tracer.elementwise(where, cond, values, other)
 
 
 def _tensor_where(tracer, values, cond, other=None, **kwargs):
-    return elementwise(tracer, where, cond, values, kwargs.get("y", other))
+    return tracer.elementwise(where, cond, values, kwargs.get("y", other))
 
 
 def _clamp(tracer, x, min=None, max=None, **kwargs):
     result = tracer.lift(x)
     if min is not None:
-        result = elementwise(tracer, _op("max"), result, min)
+        result = tracer.elementwise(_op("max"), result, min)
     if max is not None:
-        result = elementwise(tracer, _op("min"), result, max)
+        result = tracer.elementwise(_op("min"), result, max)
     return result
 
 
@@ -140,15 +145,15 @@ def _isin(tracer, elements, test_elements, *, assume_unique=False, invert=False)
     def member(x: Node) -> Node:
         hit = tree_reduce(_op("or"), [binary("eq", x, t) for t in tests]) if tests else const(False)
         return unary("not", hit) if invert else hit
-    return elementwise(tracer, member, elements)
+    return tracer.elementwise(member, elements)
 
 
-def _constant_array(tracer, shape, value, kind: str) -> Symbol:
+def _constant_array(tracer, shape, value, kind: str):
     shape = tuple(shape)
     if math.prod(shape) > MAX_ELEMENTS:
         raise UntraceableModError(f"a constant array of shape {shape}")
     cast = {"bool": bool, "int": int, "float": float}[kind]
-    return Symbol(tracer, (const(cast(value)),) * math.prod(shape), shape)
+    return tracer.array((const(cast(value)),) * math.prod(shape), shape)
 
 
 def _size_arg(args, kwargs) -> tuple:
@@ -182,42 +187,42 @@ def _like(fill):
 def _new_tensor(tracer, x, data, *, dtype=None, **kwargs):
     value = tracer.lift(data)
     kind = kind_of_dtype(dtype) if dtype is not None else value.kind
-    return elementwise(tracer, lambda n: to_dtype_node(n, DTYPE_OF_KIND[kind]) if n.kind != kind else n, value)
+    return tracer.elementwise(lambda n: to_dtype_node(n, DTYPE_OF_KIND[kind]) if n.kind != kind else n, value)
 
 
 def _to(tracer, x, *args, dtype=None, **kwargs):
     for arg in args:
         if isinstance(arg, torch.dtype):
             dtype = arg
-        elif isinstance(arg, (torch.Tensor, Symbol)):
+        elif isinstance(arg, torch.Tensor) or tracer.is_traced(arg):
             dtype = arg.dtype
     if dtype is None:
         return tracer.lift(x)
-    return elementwise(tracer, lambda n: to_dtype_node(n, dtype), x)
+    return tracer.elementwise(lambda n: to_dtype_node(n, dtype), x)
 
 
 def _cast(dtype):
-    return lambda tracer, x, *args, **kwargs: elementwise(tracer, lambda n: to_dtype_node(n, dtype), x)
+    return lambda tracer, x, *args, **kwargs: tracer.elementwise(lambda n: to_dtype_node(n, dtype), x)
 
 
 def _reshape(tracer, x, *shape, **kwargs):
     x = tracer.lift(x)
     shape = _size_arg(shape, dict(kwargs, **({"size": kwargs["shape"]} if "shape" in kwargs else {})))
     target = tuple(torch.empty(x.shape, device="meta").reshape(shape).shape)
-    return Symbol(tracer, x.nodes, target)
+    return tracer.array(x.nodes, target)
 
 
 def _unsqueeze(tracer, x, dim):
     x = tracer.lift(x)
     shape = list(x.shape)
     shape.insert(dim % (len(shape) + 1), 1)
-    return Symbol(tracer, x.nodes, tuple(shape))
+    return tracer.array(x.nodes, tuple(shape))
 
 
 def _squeeze(tracer, x, dim=None):
     x = tracer.lift(x)
     target = tuple(torch.empty(x.shape, device="meta").squeeze(*(() if dim is None else (dim,))).shape)
-    return Symbol(tracer, x.nodes, target)
+    return tracer.array(x.nodes, target)
 
 
 def _identity(tracer, x, *args, **kwargs):
@@ -225,7 +230,7 @@ def _identity(tracer, x, *args, **kwargs):
 
 
 def _getitem(tracer, tensor, index):
-    if isinstance(tensor, Symbol):
+    if tracer.is_traced(tensor):
         return tensor[index]
     if not isinstance(tensor, torch.Tensor):
         raise UntraceableModError(f"indexing a {type(tensor).__name__}")
@@ -283,7 +288,7 @@ def _build_handlers() -> Dict[object, Callable]:
             handlers[func] = handlers[getattr(torch, {"expit": "sigmoid"}.get(name, name))]
     for name, op in _BINARY_OPS.items():
         register(name, _binary_handler(op))
-    register("fmod", lambda tracer, a, b, **kw: elementwise(tracer, fmod_node, a, b))
+    register("fmod", lambda tracer, a, b, **kw: tracer.elementwise(fmod_node, a, b))
     for name, op in _DUNDER_OPS.items():
         register(f"__{name}__", _binary_handler(op), (torch.Tensor,))
         register(f"__r{name}__", _binary_handler(op, reflected=True), (torch.Tensor,))
@@ -335,41 +340,19 @@ def _build_handlers() -> Dict[object, Callable]:
         register(name, _identity)
     register("__getitem__", _getitem, (torch.Tensor,))
     register("item", _item, (torch.Tensor,))
-    handlers[F.gelu] = lambda tracer, x, approximate="none": elementwise(
-        tracer, lambda n: gelu_node(n, approximate), x)
-    handlers[F.silu] = lambda tracer, x, inplace=False: elementwise(
-        tracer, lambda n: binary("mul", n, unary("sigmoid", n)), x)
-    handlers[F.softplus] = lambda tracer, x, beta=1.0, threshold=20.0: elementwise(
-        tracer, lambda n: softplus_node(n, beta, threshold), x)
-    handlers[F.relu] = lambda tracer, x, inplace=False: elementwise(tracer, relu_node, x)
+    handlers[F.gelu] = lambda tracer, x, approximate="none": tracer.elementwise(
+        lambda n: gelu_node(n, approximate), x)
+    handlers[F.silu] = lambda tracer, x, inplace=False: tracer.elementwise(
+        lambda n: binary("mul", n, unary("sigmoid", n)), x)
+    handlers[F.softplus] = lambda tracer, x, beta=1.0, threshold=20.0: tracer.elementwise(
+        lambda n: softplus_node(n, beta, threshold), x)
+    handlers[F.relu] = lambda tracer, x, inplace=False: tracer.elementwise(relu_node, x)
     handlers[F.sigmoid] = handlers[torch.sigmoid]
-    handlers[F.leaky_relu] = lambda tracer, x, negative_slope=0.01, inplace=False: elementwise(
-        tracer, lambda n: where(binary("lt", n, const(0)), binary("mul", n, const(float(negative_slope))), n), x)
+    handlers[F.leaky_relu] = lambda tracer, x, negative_slope=0.01, inplace=False: tracer.elementwise(
+        lambda n: where(binary("lt", n, const(0)), binary("mul", n, const(float(negative_slope))), n), x)
     handlers.update(pointwise_handlers())  # the rest of torch's elementwise functions (see pointwise.py)
     return handlers
 
 
-HANDLERS.update(_build_handlers())
-
-
-def _install_operators() -> None:
-    """Python operators on Symbols, the same handlers as the tensor dunder methods."""
-    for name in list(_DUNDER_OPS) + ["eq", "ne", "lt", "le", "gt", "ge"]:
-        for dunder in (f"__{name}__", f"__r{name}__"):
-            func = getattr(torch.Tensor, dunder, None)
-            if func in HANDLERS:
-                handler = HANDLERS[func]
-                setattr(Symbol, dunder, lambda self, other, handler=handler: handler(self.tracer, self, other))
-    for dunder in ("__neg__", "__abs__", "__invert__", "__pos__", "__matmul__", "__rmatmul__"):
-        handler = HANDLERS[getattr(torch.Tensor, dunder)]
-        if dunder in ("__matmul__", "__rmatmul__"):
-            setattr(Symbol, dunder, lambda self, other, handler=handler: handler(self.tracer, self, other))
-        else:
-            setattr(Symbol, dunder, lambda self, handler=handler: handler(self.tracer, self))
-    Symbol.__round__ = lambda self, ndigits=None: elementwise(self.tracer, round_node, self)
-    Symbol.__floor__ = lambda self: elementwise(self.tracer, lambda n: unary("floor", n), self)
-    Symbol.__ceil__ = lambda self: elementwise(self.tracer, lambda n: unary("ceil", n), self)
-    Symbol.__trunc__ = lambda self: elementwise(self.tracer, trunc_node, self)
-
-
-_install_operators()
+# torch function / Tensor method -> handler(tracer, *args, **kwargs) -> traced value.
+HANDLERS: Dict[object, Callable] = _build_handlers()

@@ -3,7 +3,11 @@
 The mod is called once with symbolic values (``Symbol``) in place of its arguments, with
 FlexAttention's per-element semantics: every argument is one value (a 0-d tensor under Flex's
 ``vmap``), and the mod's result is one value. Python operators, the torch functions and tensor
-methods in ``torch_ops.HANDLERS`` record ``Node``s instead of computing.
+methods in ``torch_ops.HANDLERS`` record ``Node``s instead of computing: ``Symbol`` declares its
+operators in its class body, each one the handler of ``torch.Tensor``'s method of the same name.
+The handlers build values through the ``Tracer`` they are given, so ``torch_ops`` and ``pointwise``
+do not import this module: the tracer's modules import one way (graph, composites <- pointwise <-
+torch_ops <- tracing).
 
 Captured tensors are read through indexing, with any mix of forms a per-element mod can use:
 ``ids[b, q_idx]``, chained ``bias[b][q_idx]``, ``table[h][q_idx][kv_idx]``, ``t[..., kv_idx]``,
@@ -40,29 +44,29 @@ import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .closure import StructuredMod, captured_tensors, positions_by_identity, reach_identity
+from .composites import round_node, trunc_node
 from .eager import EagerResults, EagerTorch, HiddenTensorError, flatten_args
-from .graph import (Node, UntraceableModError, binary, const, evaluate_graph, kind_of_dtype, promote,
-                    unary, where)
+from .graph import (DTYPE_OF_KIND, MAX_ELEMENTS, Node, UntraceableModError, binary, const, evaluate_graph,
+                    flat_positions, kind_of_dtype, promote, unary, where)
+from .torch_ops import HANDLERS
 
 __all__ = ["INDEX_ARGS", "MAX_ELEMENTS", "HiddenTensorError", "Node", "Symbol", "TracedMod", "UntraceableModError",
            "evaluate", "trace_mask_mod", "trace_score_mod"]
 
 INDEX_ARGS = ("b", "h", "q_idx", "kv_idx")
-# Largest array (a whole small captured tensor, or a partly indexed one) a mod may compute with.
-MAX_ELEMENTS = 256
-DTYPE_OF_KIND = {"bool": torch.bool, "int": torch.int64, "float": torch.float32}
-# torch function / Tensor method -> handler(tracer, *args, **kwargs), filled by ``torch_ops`` (imported
-# by ``_trace``), which also gives ``Symbol`` its Python operators.
-HANDLERS: Dict[object, Callable] = {}
 
 
 class Tracer:
-    """Collects captured tensors while one mod is traced, and where eager tensors came from."""
+    """Collects captured tensors while one mod is traced, and where eager tensors came from.
+
+    It is also how the handlers (``torch_ops``, ``pointwise``) make traced values: ``lift``,
+    ``elementwise``, ``array`` and ``is_traced``, without naming ``Symbol``.
+    """
 
     def __init__(self):
         self.captured: List[torch.Tensor] = []
@@ -89,6 +93,27 @@ class Tracer:
             return Symbol(self, nodes, (len(items),) + (items[0].shape if items else ()))
         return Symbol(self, (const(value),), ())
 
+    def array(self, nodes: tuple, shape: tuple) -> Symbol:
+        """A traced value of ``shape`` with one node per element, in row-major order."""
+        return Symbol(self, nodes, shape)
+
+    @staticmethod
+    def is_traced(value) -> bool:
+        return isinstance(value, Symbol)
+
+    def elementwise(self, fn: Callable[..., Node], *values) -> Symbol:
+        """``fn`` applied per element to the broadcast of ``values`` (Symbols, scalars, tensors)."""
+        lifted = [self.lift(v) for v in values]
+        try:
+            shape = tuple(torch.broadcast_shapes(*[v.shape for v in lifted]))
+        except RuntimeError as error:
+            raise UntraceableModError("values of shapes that do not broadcast", str(error)) from error
+        if not shape:
+            return Symbol(self, (fn(*[v.nodes[0] for v in lifted]),), ())
+        picks = [flat_positions(v.shape).expand(shape).reshape(-1).tolist() for v in lifted]
+        nodes = tuple(fn(*[v.nodes[p[j]] for v, p in zip(lifted, picks)]) for j in range(math.prod(shape)))
+        return Symbol(self, nodes, shape)
+
     def symbol_of(self, tensor: torch.Tensor) -> "Symbol":
         """A real tensor as a traced value: a lazy view of the tensor the kernel will read."""
         recipe = self.eager.recipe(tensor)
@@ -104,9 +129,6 @@ class Tracer:
         if tensor.dim() == 0:
             return CapturedView(self, tensor, self.slot(tensor), ())
         return CapturedView(self, tensor, self.slot(tensor), tuple(range(s) for s in tensor.shape))
-
-def flat_positions(shape: Sequence[int]) -> torch.Tensor:
-    return torch.arange(math.prod(shape), dtype=torch.int64).reshape(tuple(shape))
 
 
 class CapturedView:
@@ -190,6 +212,26 @@ def _apply_entry(tracer: Tracer, positions: range, entry):
         return node  # negative indices wrap against the dim's size downstream, as in torch
     wrapped = where(binary("lt", node, const(0)), binary("add", node, const(len(positions))), node)
     return binary("add", const(positions.start), binary("mul", const(positions.step), wrapped))
+
+
+def _operator(name: str) -> Callable:
+    """Symbol's binary operator ``name``: the handler of ``torch.Tensor``'s method of that name."""
+    handler = HANDLERS[getattr(torch.Tensor, name)]
+
+    def method(self, other):
+        return handler(self.tracer, self, other)
+    method.__name__, method.__qualname__ = name, f"Symbol.{name}"
+    return method
+
+
+def _unary_operator(name: str) -> Callable:
+    """Symbol's unary operator ``name``: the handler of ``torch.Tensor``'s method of that name."""
+    handler = HANDLERS[getattr(torch.Tensor, name)]
+
+    def method(self):
+        return handler(self.tracer, self)
+    method.__name__, method.__qualname__ = name, f"Symbol.{name}"
+    return method
 
 
 class Symbol:
@@ -278,6 +320,43 @@ class Symbol:
     __int__ = __float__ = __index__
     __hash__ = None  # type: ignore[assignment]
 
+    # Python operators, all of them: each is the handler (torch_ops.HANDLERS) of torch.Tensor's method of
+    # the same name, so ``q_idx >= kv_idx`` on traced values records what it computes on tensors, and the
+    # reflected forms make ``1 + q_idx`` trace too (``tensor + q_idx`` comes through __torch_function__).
+    __add__, __radd__ = _operator("__add__"), _operator("__radd__")
+    __sub__, __rsub__ = _operator("__sub__"), _operator("__rsub__")
+    __mul__, __rmul__ = _operator("__mul__"), _operator("__rmul__")
+    __truediv__, __rtruediv__ = _operator("__truediv__"), _operator("__rtruediv__")
+    __floordiv__, __rfloordiv__ = _operator("__floordiv__"), _operator("__rfloordiv__")
+    __mod__, __rmod__ = _operator("__mod__"), _operator("__rmod__")
+    __pow__, __rpow__ = _operator("__pow__"), _operator("__rpow__")
+    __matmul__, __rmatmul__ = _operator("__matmul__"), _operator("__rmatmul__")
+    __and__, __rand__ = _operator("__and__"), _operator("__rand__")
+    __or__, __ror__ = _operator("__or__"), _operator("__ror__")
+    __xor__, __rxor__ = _operator("__xor__"), _operator("__rxor__")
+    __lshift__, __rlshift__ = _operator("__lshift__"), _operator("__rlshift__")
+    __rshift__, __rrshift__ = _operator("__rshift__"), _operator("__rrshift__")
+    __eq__, __ne__ = _operator("__eq__"), _operator("__ne__")
+    __lt__, __le__ = _operator("__lt__"), _operator("__le__")
+    __gt__, __ge__ = _operator("__gt__"), _operator("__ge__")
+    __neg__, __pos__ = _unary_operator("__neg__"), _unary_operator("__pos__")
+    __abs__, __invert__ = _unary_operator("__abs__"), _unary_operator("__invert__")
+
+    # round(), math.floor/ceil/trunc: torch.Tensor has none of these, so they are ours (as torch.round etc.).
+    def __round__(self, ndigits=None):
+        if ndigits is not None and not (isinstance(ndigits, int) and ndigits == 0):
+            raise UntraceableModError("round with decimals != 0")  # as torch.round(x, decimals=...)
+        return self.tracer.elementwise(round_node, self)
+
+    def __floor__(self):
+        return self.tracer.elementwise(lambda n: unary("floor", n), self)
+
+    def __ceil__(self):
+        return self.tracer.elementwise(lambda n: unary("ceil", n), self)
+
+    def __trunc__(self):
+        return self.tracer.elementwise(trunc_node, self)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -287,24 +366,6 @@ class Symbol:
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             raise UntraceableModError(f"torch function {name}")
         return handler(tracer, *args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Elementwise application
-# ---------------------------------------------------------------------------------------------
-
-def elementwise(tracer: Tracer, fn: Callable[..., Node], *values) -> Symbol:
-    """``fn`` applied per element to the broadcast of ``values`` (Symbols, scalars, tensors)."""
-    lifted = [tracer.lift(v) for v in values]
-    try:
-        shape = tuple(torch.broadcast_shapes(*[v.shape for v in lifted]))
-    except RuntimeError as error:
-        raise UntraceableModError("values of shapes that do not broadcast", str(error)) from error
-    if not shape:
-        return Symbol(tracer, (fn(*[v.nodes[0] for v in lifted]),), ())
-    picks = [flat_positions(v.shape).expand(shape).reshape(-1).tolist() for v in lifted]
-    nodes = tuple(fn(*[v.nodes[p[j]] for v, p in zip(lifted, picks)]) for j in range(math.prod(shape)))
-    return Symbol(tracer, nodes, shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +487,6 @@ def _trace_checked(fn: Callable, kind: str, identity: tuple = ()) -> _Traced:
 
 
 def _trace_now(fn: Callable, kind: str, tracer: Optional[Tracer] = None) -> TracedMod:
-    from . import torch_ops  # noqa: F401  (registers HANDLERS and Symbol's operators on first use)
-
     tracer = Tracer() if tracer is None else tracer
     symbols = [Symbol(tracer, (Node("arg", (name,), "int"),), ()) for name in INDEX_ARGS]
     name = getattr(fn, "__name__", type(fn).__name__)

@@ -1,4 +1,7 @@
-"""Attention and mask registries, the transformers integration, and our own attention layers.
+"""Attention and mask registries and the transformers integration (our own models: ``triton_attn.models``).
+
+Importing this package registers nothing: the built-in names (``triton_attn``, ``sdpa``, ``eager``) are made on
+the first lookup, so ``ALL_ATTENTION_FUNCTIONS["triton_attn"]`` just works (``defaults`` says more).
 
 ```python
 from triton_attn.masks import document_mask
@@ -13,7 +16,8 @@ request -> BlockMask), ``model_block_mask`` (the ``ModelBlockMask`` they return,
 a model may apply to it), ``attention_functions`` (the model-facing attention functions), ``keywords``
 (every keyword models pass to attention functions: implemented, harmless or refused),
 ``tensor_mask_models`` (the model types whose own code computes with the mask: they get a dense mask),
-``registration`` (``register_attention``, ``register_transformers``), ``layers`` (our nn.Modules).
+``defaults`` (the built-in names, made on first lookup), ``registration`` (``register_attention``,
+``register_transformers``).
 
 Importing this package does not import transformers; ``register_attention`` and
 ``register_transformers`` import it when they register there.
@@ -23,17 +27,11 @@ from .attention_functions import eager_attention_function, make_attention_functi
 from .interface import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface,
                         AttentionMaskInterface, MissingMaskFunctionWarning)
 from .masking import ModelBlockMask, dense_mask_function, make_mask_function
-from .registration import (DEFAULT_NAME, RegisteredAttention, register_attention, register_defaults,
-                           register_transformers)
-from .layers import (Attention, KVCache, ModelConfig, ReferenceDecoder, ReferenceVisionLanguageModel,
-                     VisionLanguageConfig)
-
-register_defaults()
+from .registration import DEFAULT_NAME, RegisteredAttention, register_attention, register_transformers
 
 __all__ = [
     "AttentionInterface", "AttentionMaskInterface", "ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS",
     "MissingMaskFunctionWarning", "register_attention", "register_transformers", "RegisteredAttention",
     "make_attention_function", "make_mask_function", "ModelBlockMask", "dense_mask_function",
     "eager_attention_function", "sdpa_attention_function", "DEFAULT_NAME",
-    "Attention", "KVCache", "ModelConfig", "ReferenceDecoder", "ReferenceVisionLanguageModel", "VisionLanguageConfig",
 ]

@@ -9,10 +9,10 @@ Keywords honoured: ``scaling`` (default 1/sqrt(D)), ``dropout`` (must be 0 while
 capping), ``s_aux`` (gpt-oss attention sinks, one logit per query head), ``sinks`` (per-query sink
 logits ``[B or 1, Hq, Lq, 1]``), ``position_bias`` (an additive score bias ``[B or 1, Hq or 1, Lq or 1,
 Lkv]``, T5-style, with its gradient), ``indices`` (DeepSeek sparse attention's top-k keys ``[B or 1, Lq,
-top_k]`` of each query: only those keys that the mask also allows are attended), ``output_attentions`` (weights are never formed: None, with a
-warning). Every other keyword is looked up in ``keywords.ATTENTION_KEYWORDS``: harmless ones are
-ignored, the ones we refuse and unknown ones are errors naming the keyword (``ignore_keywords`` of
-``make_attention_function`` lists unknown keywords to ignore).
+top_k]`` of each query: only those keys that the mask also allows are attended), ``output_attentions``
+(weights are never formed: None, with a warning). Every other keyword is looked up in
+``keywords.ATTENTION_KEYWORDS``: harmless ones are ignored, the ones we refuse and unknown ones are errors
+naming the keyword (``ignore_keywords`` of ``make_attention_function`` lists unknown keywords to ignore).
 
 ``attention_mask`` may be a ``BlockMask`` (ours, from ``make_mask_function``, possibly with a bias a model
 folded into it, see ``model_block_mask``; or FlexAttention's), None (the pattern comes from
@@ -30,7 +30,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .. import attention, create_block_mask, ops
+from .. import attention, create_block_mask, mod_table
 from ..masks import BlockMask, StructuredMod, causal_mask, sliding_window_mask
 from .keywords import check_keywords, normalize_ignore_keywords
 from .masking import CarriesUserMod, ModelBlockMask
@@ -131,8 +131,8 @@ def _selected_keys(indices, batch: int, q_len: int, kv_len: int) -> torch.Tensor
 
 def _with_selected_keys(attention_mask, selected: torch.Tensor, default_keep: Optional[torch.Tensor]):
     """A tensor / None ``attention_mask`` restricted to the ``selected`` keys ``[B or 1, 1, Lq, Lkv]``: a bool
-    (0/1) mask ANDed with them, a float mask filled with its dtype's minimum elsewhere (as eager); None stands for ``default_keep``
-    (bool ``[Lq, Lkv]`` or None: every key)."""
+    (0/1) mask ANDed with them, a float mask filled with its dtype's minimum elsewhere (as eager); None stands for
+    ``default_keep`` (bool ``[Lq, Lkv]`` or None: every key)."""
     if attention_mask is None:
         return selected if default_keep is None else selected & default_keep
     if not isinstance(attention_mask, torch.Tensor):
@@ -158,7 +158,7 @@ def _at(mask: torch.Tensor, layout: tuple, b, h, q_idx, kv_idx):
 class DenseMaskMod(StructuredMod):
     """A model's 4-D bool mask ``[B or 1, H or 1, Lq, Lkv]`` as a mask_mod. ``structure()`` is
     ``(per_batch, per_head)`` (whether ``b`` / ``h`` index the mask or it broadcasts), ``tensors()`` the
-    mask: built inside ``torch.compile``, its table key comes from those constants (``ops.compiled_mod``)."""
+    mask: built inside ``torch.compile``, its table key comes from those constants (``mod_table.compiled_mod``)."""
 
     def __init__(self, mask: torch.Tensor, per_batch: bool, per_head: bool):
         self.mask, self.per_batch, self.per_head = mask, bool(per_batch), bool(per_head)
@@ -192,7 +192,7 @@ class ModelScoreMod(CarriesUserMod):
     the bias (float32 ``[B or 1, H or 1, Lq or 1, Lkv]``; a bias requiring grad gets its gradient); then
     ``user_tensors``, the tensors the user mod captured, read when the
     attention function was made (as ``ModelMaskMod`` does). Built inside ``torch.compile``, its table key
-    thus comes from constants (``ops.compiled_mod``) and every decode step shares it.
+    thus comes from constants (``mod_table.compiled_mod``) and every decode step shares it.
     """
 
     USER_KIND = "score"
@@ -318,7 +318,7 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
     ignored = normalize_ignore_keywords(ignore_keywords)
     # The tensors score_mod captured, read now (see ModelScoreMod): the same objects, so values changed in place
     # are seen by eager and compiled calls alike.
-    user_tensors = () if score_mod is None else tuple(ops.register_mod(score_mod, "score")[1])
+    user_tensors = () if score_mod is None else tuple(mod_table.register_mod(score_mod, "score")[1])
     warned, warned_lse = [], []
 
     def triton_attn_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -3,7 +3,9 @@
 They behave like HuggingFace's ``AttentionInterface`` / ``AttentionMaskInterface``: a class-wide
 (global) mapping that ``register`` writes to, plus per-instance overrides set with ``obj[name] = fn``
 that only that instance sees. ``ALL_ATTENTION_FUNCTIONS`` and ``ALL_MASK_ATTENTION_FUNCTIONS`` are the
-shared instances that our layers read.
+shared instances that models read. A lookup answers from the instance's overrides, then the global
+registrations, then the built-in names (``triton_attn``, ``sdpa``, ``eager``; see ``defaults``), which the
+first read makes: importing registers nothing, and a global registration shadows a built-in.
 
 Registration checks the function's signature, so that a wrong function fails when it is registered
 rather than deep inside a forward pass.
@@ -31,7 +33,9 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import MutableMapping
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Mapping
+
+from .defaults import builtin_functions
 
 __all__ = [
     "AttentionInterface", "AttentionMaskInterface", "ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS",
@@ -137,7 +141,8 @@ def check_mask_function(fn: Callable) -> Callable:
 
 
 class _Registry(MutableMapping):
-    """A class-wide mapping plus per-instance overrides; subclasses set ``_global_mapping`` and ``_check``."""
+    """Per-instance overrides over a class-wide mapping over the built-ins; subclasses set ``_global_mapping``,
+    ``_check`` and ``builtins``."""
 
     _global_mapping: Dict[str, Callable] = {}
     _kind = "function"
@@ -149,11 +154,23 @@ class _Registry(MutableMapping):
     def _check(fn: Callable) -> Callable:
         return fn
 
+    @classmethod
+    def builtins(cls) -> Mapping[str, Callable]:
+        """The names every instance knows without a registration (made on the first call, not at import)."""
+        return {}
+
+    @classmethod
+    def has_global(cls, name: str) -> bool:
+        """Whether ``name`` is registered globally or built in (per-instance overrides aside)."""
+        return name in cls._global_mapping or name in cls.builtins()
+
     def __getitem__(self, name: str) -> Callable:
         if name in self._local_mapping:
             return self._local_mapping[name]
-        try:
+        if name in self._global_mapping:
             return self._global_mapping[name]
+        try:
+            return self.builtins()[name]
         except KeyError:
             raise KeyError(f"no {self._kind} registered under {name!r}; registered names: "
                            f"{', '.join(sorted(self)) or '(none)'}") from None
@@ -170,13 +187,13 @@ class _Registry(MutableMapping):
         del self._local_mapping[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter({**self._global_mapping, **self._local_mapping})
+        return iter({**self.builtins(), **self._global_mapping, **self._local_mapping})
 
     def __len__(self) -> int:
-        return len(self._global_mapping.keys() | self._local_mapping.keys())
+        return len(self.builtins().keys() | self._global_mapping.keys() | self._local_mapping.keys())
 
     def __contains__(self, name) -> bool:
-        return name in self._local_mapping or name in self._global_mapping
+        return name in self._local_mapping or self.has_global(name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({sorted(self)})"
@@ -191,9 +208,12 @@ class _Registry(MutableMapping):
 
     @classmethod
     def unregister(cls, name: str) -> None:
-        """Remove a global registration (for tests and for replacing a whole family of names)."""
+        """Remove a global registration (for tests and for replacing a whole family of names); a built-in
+        name it shadowed answers again."""
         if name not in cls._global_mapping:
-            raise KeyError(f"{name!r} is not registered in {cls.__name__}")
+            builtin = " (it is built in: register another function under it to shadow it)" \
+                if name in cls.builtins() else ""
+            raise KeyError(f"{name!r} is not registered in {cls.__name__}{builtin}")
         del cls._global_mapping[name]
 
 
@@ -206,6 +226,10 @@ class AttentionMaskInterface(_Registry):
     @staticmethod
     def _check(fn: Callable) -> Callable:
         return check_mask_function(fn)
+
+    @classmethod
+    def builtins(cls) -> Mapping[str, Callable]:
+        return builtin_functions().mask
 
 
 class AttentionInterface(_Registry):
@@ -224,13 +248,17 @@ class AttentionInterface(_Registry):
         return check_attention_function(fn)
 
     @classmethod
+    def builtins(cls) -> Mapping[str, Callable]:
+        return builtin_functions().attention
+
+    @classmethod
     def register(cls, name: str, fn: Callable, *, mask_function: Callable = None) -> None:
         """Register ``fn`` under ``name`` globally, and ``mask_function`` under the same name if given."""
         check_name(name)
         check_attention_function(fn)
         if mask_function is not None:
             AttentionMaskInterface.register(name, mask_function)
-        elif name not in AttentionMaskInterface._global_mapping:
+        elif not AttentionMaskInterface.has_global(name):
             warn_missing_mask(name, "triton_attn.registry.AttentionMaskInterface")
         cls._global_mapping[name] = fn
 

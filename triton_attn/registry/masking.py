@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import create_block_mask, create_mask, ops
+from .. import create_block_mask, create_mask, mod_table
 from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
                      window_block_mask)
 from .model_block_mask import ModelBlockMask
@@ -255,7 +255,7 @@ def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
 class CarriesUserMod(StructuredMod):
     """A ``StructuredMod`` of a model attention call that calls a registered user mod: its own tensors
     (offsets, padding, ...; ``own_count`` of them, first in ``tensors()``) and then the tensors the user
-    mod captured (``ops.register_mod`` order). ``USER_KIND`` is ``"mask"`` or ``"score"``; the user mod
+    mod captured (``mod_table.register_mod`` order). ``USER_KIND`` is ``"mask"`` or ``"score"``; the user mod
     object itself sits in the structure (``user_source``)."""
 
     USER_KIND = "mask"
@@ -277,9 +277,9 @@ class CarriesUserMod(StructuredMod):
     @classmethod
     def split(cls, structure: tuple, tensors: tuple):
         """``(iterator over the own tensors, the user mod bound to the rest)``: the user mod itself when
-        the rest are its own tensors, else its traced graph over them (``ops.rebind_mod``)."""
+        the rest are its own tensors, else its traced graph over them (``mod_table.rebind_mod``)."""
         count, source = cls.own_count(structure), cls.user_source(structure)
-        user = None if source is None else ops.rebind_mod(source, cls.USER_KIND, tuple(tensors[count:]))
+        user = None if source is None else mod_table.rebind_mod(source, cls.USER_KIND, tuple(tensors[count:]))
         return iter(tensors[:count]), user
 
     @classmethod
@@ -287,7 +287,7 @@ class CarriesUserMod(StructuredMod):
         # The user mod's own tensors stand in for themselves: its graph may depend on their sizes.
         own = tuple(torch.zeros((1,) * rank, dtype=dtype) for dtype, rank in tensor_specs[:cls.own_count(structure)])
         source = cls.user_source(structure)
-        user = () if source is None else tuple(ops.register_mod(source, cls.USER_KIND)[1])
+        user = () if source is None else tuple(mod_table.register_mod(source, cls.USER_KIND)[1])
         return cls.build(structure, own + user)
 
 
@@ -302,10 +302,10 @@ class ModelMaskMod(CarriesUserMod):
     ``kv_offset`` (int64 0-d: absolute position of query row 0 / key column 0), the padding (bool
     ``[B, >= kv_offset + kv_length]``) when padded, the query positions (int64 ``[q_length]``) when
     positional (transformers 4.5x ``cache_position``), the pattern table (bool ``[B, q_length, kv_length]``)
-    for a ``"table"`` pattern, then ``user_tensors``, the tensors the user mod captured (``ops.register_mod``
+    for a ``"table"`` pattern, then ``user_tensors``, the tensors the user mod captured (``mod_table.register_mod``
     order, read when the mask function was made: inside a compiled graph a mod's closure cannot be read
     once the graph has called the mod). A model mask built inside ``torch.compile`` thus has a table key
-    known without tensor values (``ops.compiled_mod``), every decode step (a new offset) shares it, and new
+    known without tensor values (``mod_table.compiled_mod``), every decode step (a new offset) shares it, and new
     padding / new values of the user mod's tensors are new tensor inputs.
     """
 
@@ -432,7 +432,7 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
     check_combine(combine)
     # The tensors mask_mod captured, read now (see ModelMaskMod): the same objects, so values changed in place
     # are seen by eager and compiled calls alike.
-    user_tensors = () if mask_mod is None else tuple(ops.register_mod(mask_mod, "mask")[1])
+    user_tensors = () if mask_mod is None else tuple(mod_table.register_mod(mask_mod, "mask")[1])
     if mask_heads is not None and (isinstance(mask_heads, bool) or not isinstance(mask_heads, int) or mask_heads <= 0):
         raise ValueError(f"mask_heads must be a positive int (the number of query heads) or None, got {mask_heads!r}")
 

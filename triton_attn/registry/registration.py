@@ -16,14 +16,14 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 from .. import api
 from ..masks import block_mask as block_masks
-from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
+from .attention_functions import make_attention_function
+from .defaults import DEFAULT_NAME, tag_with_name
 from .interface import AttentionInterface, AttentionMaskInterface, MissingMaskFunctionWarning, check_name
-from .masking import check_combine, dense_mask_function, make_mask_function
+from .masking import check_combine, make_mask_function
 
 __all__ = ["register_attention", "check_options", "register_transformers", "RegisteredAttention", "DEFAULT_NAME",
            "TRANSFORMERS_BUILTIN_NAMES", "transformers_available"]
 
-DEFAULT_NAME = "triton_attn"
 # Names transformers defines itself: registering over them would silently change every model using them.
 TRANSFORMERS_BUILTIN_NAMES = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
                                         "flash_attention_4", "paged|eager"})
@@ -54,7 +54,8 @@ def _want_transformers(transformers: Optional[bool]) -> bool:
     if transformers is None:
         return transformers_available()
     if not isinstance(transformers, bool):
-        raise TypeError(f"transformers must be True, False or None (register there if importable), got {transformers!r}")
+        raise TypeError(f"transformers must be True, False or None (register there if importable), "
+                        f"got {transformers!r}")
     if transformers and not transformers_available():
         raise ImportError("transformers=True but transformers is not installed; pip install transformers, "
                           "or pass transformers=False to register in triton_attn's registries only")
@@ -97,7 +98,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
         keyword is an error at the first call (known ones are implemented, ignored as harmless, or refused).
 
     Use it with ``AutoModelForCausalLM.from_config(config, attn_implementation=name)``,
-    ``model.set_attn_implementation(name)``, or ``triton_attn.registry.layers`` models.
+    ``model.set_attn_implementation(name)``, or the ``triton_attn.models`` models.
     """
     check_name(name)
     if name in TRANSFORMERS_BUILTIN_NAMES or name.startswith("paged|"):
@@ -106,10 +107,10 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
     check_combine(combine)
     backend, block_size, mask_heads = check_options(backend, block_size, mask_heads)
     in_transformers = _want_transformers(transformers)
-    attention_function = make_attention_function(score_mod, backend=backend, ignore_keywords=ignore_keywords)
-    mask_function = make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads)
-    for fn in (attention_function, mask_function):
-        fn.__name__ = fn.__qualname__ = f"{fn.__name__}[{name}]"
+    attention_function = tag_with_name(
+        make_attention_function(score_mod, backend=backend, ignore_keywords=ignore_keywords), name)
+    mask_function = tag_with_name(
+        make_mask_function(mask_mod, combine=combine, block_size=block_size, mask_heads=mask_heads), name)
     AttentionInterface.register(name, attention_function, mask_function=mask_function)
     if in_transformers:
         hf_attention, hf_mask = _transformers_interfaces()
@@ -119,7 +120,7 @@ def register_attention(name: str, mask_mod: Optional[Callable] = None, score_mod
 
 
 def register_transformers(*names: str) -> Tuple[str, ...]:
-    """Register implementations from our registries in transformers' (default: ``"triton_attn"``).
+    """Register implementations from our registries in transformers' (default: ``"triton_attn"``, built in).
 
     Each name's attention function goes to ``transformers.AttentionInterface`` and its mask function,
     when it has one, to ``transformers.AttentionMaskInterface``; a name without a mask function warns
@@ -129,14 +130,15 @@ def register_transformers(*names: str) -> Tuple[str, ...]:
     if not transformers_available():
         raise ImportError("register_transformers needs transformers; pip install transformers")
     hf_attention, hf_mask = _transformers_interfaces()
+    attention_functions, mask_functions = AttentionInterface(), AttentionMaskInterface()  # no overrides: global
     for name in names:
         check_name(name)
         if name in TRANSFORMERS_BUILTIN_NAMES:
             raise ValueError(f"{name!r} is one of transformers' own implementations and is not re-registered there")
-        if name not in AttentionInterface._global_mapping:
+        if name not in attention_functions:
             raise KeyError(f"{name!r} is not registered in triton_attn.registry.AttentionInterface; registered: "
-                           f"{', '.join(sorted(AttentionInterface._global_mapping))}")
-        mask_function = AttentionMaskInterface._global_mapping.get(name)
+                           f"{', '.join(sorted(attention_functions))}")
+        mask_function = mask_functions.get(name)
         if mask_function is not None:
             hf_mask.register(name, mask_function)
         else:
@@ -144,12 +146,5 @@ def register_transformers(*names: str) -> Tuple[str, ...]:
                           "will call it with attention_mask=None (padding and sliding windows ignored); register "
                           "one in triton_attn.registry.AttentionMaskInterface first, or use register_attention",
                           MissingMaskFunctionWarning, stacklevel=2)
-        hf_attention.register(name, AttentionInterface._global_mapping[name])
+        hf_attention.register(name, attention_functions[name])
     return tuple(names)
-
-
-def register_defaults() -> None:
-    """Our registries' built-in names: ``triton_attn``, and the PyTorch references ``sdpa`` / ``eager``."""
-    register_attention(DEFAULT_NAME, transformers=False)
-    for name, fn in (("sdpa", sdpa_attention_function), ("eager", eager_attention_function)):
-        AttentionInterface.register(name, fn, mask_function=dense_mask_function)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ...masks.tracing import TracedMod
+from ..host import fast_tanh, layout_arguments, needs_64bit_rows, trace_score
 from ..jit import functions
 from ..tuning.aot import AotResult, compile_kernel
 from ..tuning.search import CompileStats
@@ -24,8 +25,8 @@ from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_p
                               dkdv_arguments, dkdv_constexprs, dq_arguments, dq_constexprs, function_constexprs,
                               preprocess_arguments)
 from .configs import KernelConfig, cdiv, padded_head_dim
-from .forward_launch import (FORWARD_LAYOUT, fast_tanh, forward_arguments, kernel_constexprs, layout_arguments,
-                             needs_64bit_rows)
+from .forward_launch import FORWARD_LAYOUT, forward_arguments
+from .tiling import kernel_constexprs
 
 META = torch.device("meta")
 EXAMPLE_BATCH, EXAMPLE_Q_HEADS, EXAMPLE_KV_HEADS = 2, 8, 2
@@ -179,7 +180,6 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
     import triton.compiler  # noqa: F401  (raises ImportError here, not per candidate, without Triton)
 
     from ...masks.tracing import UntraceableModError, trace_mask_mod
-    from .forward_launch import trace_score
 
     if kernel not in ("fwd", "bwd"):
         raise ValueError(f"ahead-of-time compilation covers the fwd and bwd kernels, got kernel={kernel!r}")

@@ -1,8 +1,8 @@
 """Launching the backward kernels: configs, checks, layouts, allocation and grids.
 
-``attention_backward`` is the one entry point (``autograd.TritonAttentionFunction.backward``
-calls it). It runs, in order, the preprocessing kernel (``delta = rowsum(dO * O) - dLse``), the
-dK/dV kernel over the transposed block layout and the dQ kernel over the forward layout
+``attention_backward`` is the one entry point (``kernels.entry.prefill_backward`` calls it with
+the tuned tiles). It runs, in order, the preprocessing kernel (``delta = rowsum(dO * O) - dLse``),
+the dK/dV kernel over the transposed block layout and the dQ kernel over the forward layout
 (``backward.py``), compiled on CUDA or under the Triton interpreter on CPU tensors. The kernels get
 the generated functions of ``jit.functions.mod_functions(..., derivative=True)``.
 
@@ -10,9 +10,10 @@ the generated functions of ``jit.functions.mod_functions(..., derivative=True)``
 descriptions on the host side: the launch and the ahead-of-time build both take their named
 arguments from them.
 
-``check_backward_supported`` raises *before any kernel runs* (the autograd wrapper calls it
-ahead of the forward launch) for what the Triton backward cannot do: gradients with respect to
-tensors captured by a score_mod (a learnable bias table), and score_mods without a derivative rule.
+``check_backward_supported`` raises *before any kernel runs* (the caller runs it ahead of the
+forward launch of a call that needs gradients) for what the Triton backward cannot do: gradients
+with respect to tensors captured by a score_mod (a learnable bias table), and score_mods without a
+derivative rule.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from ...masks.block_mask import BlockMask
 from ...masks.closure import captured_tensors
 from ...masks.evaluate import mod_name
 from ...masks.tracing import UntraceableModError, trace_score_mod
+from ..host import fast_tanh, layout_arguments, needs_64bit_rows, plan_mask, score_captured, strides, trace_score
 from ..jit import derivative, functions
 from ..jit.modules import launch
 from .blocks import LOG2_E
 from .configs import MIN_TILE, KernelConfig, cdiv, fit_tile, next_power_of_two, padded_head_dim
-from .forward_launch import (fast_tanh, heavy_tiles_last, kernel_constexprs, launch_grid, layout_arguments,
-                             needs_64bit_rows, plan_mask, score_captured, strides, trace_score)
+from .tiling import heavy_tiles_last, kernel_constexprs, launch_grid
 
 
 class UnsupportedBackwardError(NotImplementedError):
@@ -79,6 +80,10 @@ class BackwardConfig:
         return replace(self, dkdv=replace(self.dkdv, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n),
                        dq=self.dq.fitted(q_block_size, kv_block_size, q_len))
 
+
+# choose_config(default, structure) -> the tiles to launch: ``structure`` is the mods' structure class
+# (``ModFunctions.key[:8]``) for the tuning keys; ``kernels.tuned.backward_chooser`` makes one.
+BackwardChooser = Callable[[BackwardConfig, str], BackwardConfig]
 
 # Register budget (255 per thread): the dK/dV program keeps K, V and two float32 accumulators of
 # BLOCK_N x head_dim, about 3 * BLOCK_N * D / (32 * warps) registers per thread at 16 bits; the
@@ -162,53 +167,6 @@ def backward_pair(config: KernelConfig, split_dkdv: bool = False) -> BackwardCon
 def transposed_tiles(config: KernelConfig) -> KernelConfig:
     """The dQ tiles for a ``bwd`` search-space entry (its BLOCK_M / BLOCK_N swapped, same warps and stages)."""
     return KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
-
-
-def _kernel_launch(prepared, name: str):
-    """The launch of one backward kernel from what ``run`` returned (a dict of launches), or None: the
-    autotuner then times the whole ``run`` call. "dkdv" is both launches of a split dK/dV kernel."""
-    if not isinstance(prepared, dict):
-        return None
-    launches = [prepared[part] for part in (DKDV_PARTS if name == "dkdv" else (name,)) if part in prepared]
-    if len(launches) <= 1:
-        return launches[0] if launches else None
-    return lambda: [launch() for launch in launches]
-
-
-def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, default: BackwardConfig,
-                          autotune: Optional[bool], run: Callable[[BackwardConfig], object],
-                          structure: str = "") -> BackwardConfig:
-    """The tuned dK/dV and dQ tiles for this call (tuning keys ``bwd_dkdv`` / ``bwd_dq``), each falling back
-    to ``default``'s; with tuning on and nothing cached, searches the two kernels independently.
-
-    ``run(pair)`` prepares the backward with a ``BackwardConfig`` and returns its launches by kernel name
-    (``prepare_backward``): each candidate is timed on its own kernel's launch alone (a split dK/dV
-    kernel: its two launches), with the other kernel's tiles held at the default. (A ``run`` that
-    returns nothing is timed as a whole.) Whether dK/dV is split is ``default``'s choice; its tiles are
-    tuned (and cached, under a key marked "split") for that choice."""
-    from ..tuning import search as tuning
-
-    variant = "score" if score_mod is not None else ""
-    split = "+".join(part for part in (variant, "split") if part)
-    tuner = tuning.autotuner()
-    keys = {name: tuning.make_key(query, key, value, block_mask, kernel=f"bwd_{name}",
-                                  variant=split if name == "dkdv" and default.split_dkdv else variant,
-                                  structure=structure) for name in ("dkdv", "dq")}
-    tuned = {name: tuner.lookup(tuning_key) for name, tuning_key in keys.items()}
-    if any(found is None for found in tuned.values()) and tuning.autotune_requested(autotune):
-        space = tuning.search_space("bwd", keys["dkdv"].capability, head_dim=query.shape[-1],
-                                    value_dim=value.shape[-1], dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
-                                    q_len=query.shape[2])
-        pairs = {"dkdv": lambda tiles: replace(default, dkdv=tiles), "dq": lambda tiles: replace(default, dq=tiles)}
-        spaces = {"dkdv": space, "dq": [transposed_tiles(config) for config in space]}
-        for name in ("dkdv", "dq"):
-            if tuned[name] is None:
-                tuned[name] = tuner.tune(keys[name], spaces[name],
-                                         lambda tiles, name=name: _kernel_launch(run(pairs[name](tiles)), name),
-                                         device=query.device).best
-    if tuned["dkdv"] is None and tuned["dq"] is None:
-        return default
-    return replace(default, dkdv=tuned["dkdv"] or default.dkdv, dq=tuned["dq"] or default.dq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +292,7 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                        block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
                        config: Optional[BackwardConfig] = None,
-                       autotune: Optional[bool] = None,
+                       choose_config: Optional[BackwardChooser] = None,
                        softmax_stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused attention.
 
@@ -342,14 +300,14 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     lse [B, Hq, Lq] (float32, natural log) from the forward; grad_out like out, grad_lse like lse
     (either may be None = zero). Returns (dq, dk, dv) shaped and typed like query, key, value.
     Deterministic: every gradient element is summed by one program in a fixed order.
-    ``config``: default the tuned winner for this problem (tuning cache, kernel "bwd"), else the
-    heuristic table; ``autotune=True`` (or TRITON_ATTN_AUTOTUNE=1) searches when nothing is cached.
-    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (``forward_launch.new_softmax_stats``),
+    ``config``: default the heuristic table's (``default_backward_config``), or what
+    ``choose_config(default, structure)`` returns for it (the tuned tiles: ``kernels.tuned``).
+    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (``host.new_softmax_stats``),
     which recompute P exactly as the forward normalized it; None: derived from ``lse``.
     """
     launches, grads = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
                                        score_mod=score_mod, scale=scale, interpret=interpret, config=config,
-                                       autotune=autotune, softmax_stats=softmax_stats)
+                                       choose_config=choose_config, softmax_stats=softmax_stats)
     for launch_kernel in launches.values():
         launch_kernel()
     return grads
@@ -358,7 +316,7 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                      block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
-                     config: Optional[BackwardConfig] = None, autotune: Optional[bool] = None,
+                     config: Optional[BackwardConfig] = None, choose_config: Optional[BackwardChooser] = None,
                      softmax_stats: Optional[torch.Tensor] = None):
     """Everything ``attention_backward`` does on the host, once: ``(launches, (dq, dk, dv))`` with
     ``launches`` the kernels by name ("preprocess", "dkdv" -- or "dv" and "dk" when ``split_dkdv`` --,
@@ -380,17 +338,8 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if config is None:
         config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len,
                                          capability=device_capability(device))
-        if not interpret:
-            def run(candidate: BackwardConfig):
-                launches, _ = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
-                                               score_mod=score_mod, scale=scale, interpret=False, config=candidate,
-                                               softmax_stats=softmax_stats)
-                if "preprocess" in launches:
-                    launches["preprocess"]()  # delta, which both timed kernels read
-                return launches
-
-            config = tuned_backward_config(query, key, value, block_mask, score_mod, config, autotune, run=run,
-                                           structure=mods.key[:8])
+        if choose_config is not None:
+            config = choose_config(config, mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len, kv_len)
 
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)

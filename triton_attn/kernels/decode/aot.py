@@ -17,11 +17,12 @@ from ...masks.tracing import trace_mask_mod, trace_score_mod
 from ..attention.configs import KernelConfig
 from ..jit import functions
 from ..tuning.aot import AotResult, compile_kernel
-from .launch import DecodePlan, plan_decode, split_kernel_arguments
+from ..tuning.search import CompileStats
+from .launch import DecodePlan, combine_kernel_arguments, plan_decode, split_kernel_arguments
 
 
 def _block_mask(mask_mod: Optional[Callable], q_len: int, kv_len: int, block_size: Tuple[int, int]):
-    from ...api import full_block_mask
+    from ...masks.standard import full_block_mask
     from ...masks import create_block_mask
 
     if mask_mod is None:
@@ -78,7 +79,6 @@ def compile_combine(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_
                     q_len: int = 1, num_splits: int = 16) -> AotResult:
     """Compile ``decode_combine_kernel`` (merging ``num_splits`` partial results) for ``sm_{arch}``."""
     from .kernel import decode_combine_kernel
-    from .launch import combine_kernel_arguments
 
     meta = dict(device="meta")
     out = torch.empty(1, q_heads, q_len, head_dim_v, dtype=dtype, **meta)
@@ -90,11 +90,9 @@ def compile_combine(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_
                           label=f"decode combine splits={num_splits} Dv={head_dim_v}")
 
 
-def decode_compile_fn(capability: int, **shape) -> Callable[[KernelConfig], "CompileStats"]:
+def decode_compile_fn(capability: int, **shape) -> Callable[[KernelConfig], CompileStats]:
     """A ``compile_fn`` for ``tuning.search.prune``: ``compile_decode(config, arch=capability, **shape)``
     reported as shared memory, registers and spilled bytes."""
-    from ..tuning.search import CompileStats
-
     def compile_fn(config: KernelConfig) -> CompileStats:
         result = compile_decode(config, arch=capability, **shape)
         return CompileStats(shared=result.shared_bytes, registers=result.registers,

@@ -19,6 +19,9 @@ import torch
 
 from ..attention.configs import KernelConfig, fit_tile, next_power_of_two, padded_head_dim
 
+# The query lengths the decode kernel is meant for (up to 16 rows, so at most 16 x the GQA group after
+# packing): the caller (``dispatch.py``) sends inference calls this short to it; the launcher takes any length.
+MAX_DECODE_Q_LEN = 16
 MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4 x 16, ...)
 MAX_SPLITS = 64
 SPLIT_OCCUPANCY = 2      # programs per SM the splits aim for

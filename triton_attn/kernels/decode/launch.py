@@ -1,11 +1,12 @@
 """Launching the decode kernels: packing, split count, config, arguments, and the combine step.
 
-Two entry points:
+Entry points (which calls take the decode kernel is the caller's decision: ``dispatch.py``; the
+tuned config comes from the caller too, as ``choose_config``: ``kernels.entry``):
 
-- ``decode_attention``: ``attention()`` on the triton/interpret backends routes here when the query
-  is short (``use_decode``); same inputs and results as the prefill forward.
-- ``paged_decode``: ``paged_attention()`` on those backends (any Lq): the same kernel reading K/V
-  through the page table, with the mask moved to logical positions (``paged.py``).
+- ``decode_attention``: the split-KV decode kernel on contiguous K/V, same inputs and results as
+  the prefill forward (meant for short queries: ``configs.MAX_DECODE_Q_LEN``).
+- ``paged_problem`` then ``run_decode``: ``paged_attention()`` (any Lq), the same kernel reading K/V
+  through the page table, with the mask moved to logical positions (``masks/paged.py``).
 
 ``plan_decode`` holds every launch decision (heads per program, row tiles, splits, config), so tests
 and benchmarks can see what a call will do without running it.
@@ -15,20 +16,24 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from ...masks.block_mask import BlockMask
-from ..attention.configs import KernelConfig, cdiv, padded_head_dim
-from ..attention.forward_launch import MaskPlan, layout_arguments, plan_mask, score_captured, strides, trace_score
 from ..attention.blocks import LOG2_E
+from ..attention.configs import KernelConfig, cdiv, padded_head_dim
+from ..host import MaskPlan, layout_arguments, plan_mask, score_captured, strides, trace_score, traced_mask_plan
 from ..jit import functions
 from ..jit.modules import launch
 from .configs import choose_splits, default_decode_config, fit_decode, multiprocessor_count
 
-MAX_DECODE_Q_LEN = 16  # attention() takes the decode kernel up to this many query rows
 DECODE_LAYOUT = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+# choose_config(default, num_splits, structure) -> the config to launch with ``num_splits`` splits;
+# ``structure``: the mods' structure class (``ModFunctions.key``) for the tuning key
+# (``kernels.tuned.decode_chooser`` makes one).
+DecodeChooser = Callable[[KernelConfig, int, str], KernelConfig]
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,6 @@ def _sm_count(device_type: str, index: Optional[int]) -> int:
     return multiprocessor_count(torch.device(device_type, index) if index is not None else torch.device(device_type))
 
 
-def use_decode(query: torch.Tensor, key: torch.Tensor, block_mask: BlockMask) -> bool:
-    """Whether ``attention()`` should run the decode kernel: a short query (<= 16 rows, so at most
-    16 x the GQA group after packing)."""
-    return query.shape[2] <= MAX_DECODE_Q_LEN
-
-
 def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask: BlockMask, *,
                 config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
                 tuned: Optional[Callable[[KernelConfig, int], KernelConfig]] = None,
@@ -95,43 +94,12 @@ def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask:
     return DecodePlan(heads_per_tile, rows, row_tiles, num_splits, fitted)
 
 
-def decode_candidates(capability: int, query: torch.Tensor, head_dim_v: int, block_mask: BlockMask, *,
-                      groups: int) -> list:
-    """The decode search space (``tuning.search_space("decode")``) fitted to this call's packed rows, deduplicated."""
-    from ..tuning import search as tuning
-
-    q_bs, kv_bs = block_mask.BLOCK_SIZE
-    rows = min(q_bs, query.shape[2]) * (groups if block_mask.shape[1] == 1 else 1)
-    space = tuning.search_space("decode", capability, head_dim=query.shape[-1], value_dim=head_dim_v,
-                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE, q_len=None)
-    return list(dict.fromkeys(fit_decode(config, rows, kv_bs) for config in space))
-
-
 def decode_mods(block_mask: BlockMask, score_mod: Optional[Callable], mask_plan: Optional[MaskPlan] = None):
     """(mask plan, traced score_mod, generated functions) of a decode launch; ``mods.key`` is the
     structure class in its tuning key."""
     mask_plan = mask_plan or plan_mask(block_mask)
     score_traced = trace_score(score_mod)
     return mask_plan, score_traced, functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode)
-
-
-def decode_key(query: torch.Tensor, kv_heads: int, kv_len: int, head_dim_v: int, block_mask: BlockMask,
-               num_splits: int, *, paged: bool, score: bool, structure: str = ""):
-    """The tuning key of a decode launch: device, dtype, head dims, GQA ratio, Lq and cache-length
-    buckets, the mask's sparsity class, B * Hq, block size, bounds checks, the mods' structure class
-    (``ModFunctions.key``), and (as the variant) the split count, paging and score_mod."""
-    from ..tuning import search as tuning
-
-    name, capability = tuning.device_identity(query.device)
-    q_bs, kv_bs = block_mask.BLOCK_SIZE
-    variant = ".".join([f"splits{num_splits}"] + (["paged"] if paged else []) + (["score"] if score else []))
-    return tuning.TuningKey(kernel="decode", device=name, capability=capability,
-                            dtype=str(query.dtype).replace("torch.", ""), head_dim=int(query.shape[-1]),
-                            value_dim=int(head_dim_v), gqa=int(query.shape[1]) // kv_heads,
-                            q_bucket=tuning.seq_bucket(query.shape[2]), kv_bucket=tuning.seq_bucket(kv_len),
-                            sparsity=tuning.block_mask_sparsity_class(block_mask), variant=variant,
-                            occupancy=tuning.occupancy_bucket(query.shape[0] * query.shape[1]),
-                            block=f"{q_bs}x{kv_bs}", ragged=paged or bool(kv_len % kv_bs), structure=structure)
 
 
 def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, block_mask: BlockMask, plan: DecodePlan, *,
@@ -188,36 +156,62 @@ def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out
     return arguments, constexprs, 4 if head_dim_v >= 128 else 2
 
 
-def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, interpret: bool,
-         page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], config: Optional[KernelConfig],
-         autotune: Optional[bool], num_splits: Optional[int],
-         mask_plan: Optional[MaskPlan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One decode launch (split kernel, then combine when split). K/V contiguous-by-sequence
-    ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` when ``page_table`` is given.
-    mask_plan: how the predicate reaches the kernel, when the caller knows (default ``plan_mask``)."""
+class PagedProblem(NamedTuple):
+    """A ``paged_attention`` call in the terms of ``run_decode``: the BlockMask over logical positions
+    (``masks.paged.paged_block_mask``), the score_mod at logical positions, the mask plan when known
+    without tracing the user's mask (None: ``plan_mask``), and the page table and lengths, contiguous."""
+
+    block_mask: BlockMask
+    score_mod: Optional[Callable]
+    mask_plan: Optional[MaskPlan]
+    page_table: torch.Tensor
+    kv_lens: torch.Tensor
+
+
+def paged_problem(query: torch.Tensor, key_cache: torch.Tensor, page_table: torch.Tensor, kv_lens: torch.Tensor, *,
+                  mask_mod: Optional[Callable], score_mod: Optional[Callable]) -> PagedProblem:
+    """``paged_attention``'s query [B, Hq, Lq, D] over pages ``key_cache`` [num_pages, Hkv, page_size, D]
+    (inputs validated by the API) as a ``PagedProblem``; see ``masks/paged.py`` for the logical positions.
+
+    The default causal mask takes the closed-form BlockMask (``masks.paged.causal_paged_block_mask``) and
+    needs no device read: its launch plan (hence the split count) comes from the page table's capacity."""
+    from ...masks.paged import logical_score_mod, paged_block_mask
+    from ...masks.tracing import trace_mask_mod
+
+    q_len, capacity = query.shape[2], page_table.shape[1] * key_cache.shape[2]
+    block_mask = paged_block_mask(mask_mod, kv_lens, q_len, query.shape[1], capacity)
+    mask_plan = None
+    if mask_mod is None and q_len <= block_mask.BLOCK_SIZE[0]:
+        mask_plan = traced_mask_plan(trace_mask_mod(block_mask.mask_mod))
+    return PagedProblem(block_mask, logical_score_mod(score_mod, kv_lens, q_len), mask_plan,
+                        page_table.contiguous(), kv_lens.contiguous())
+
+
+def run_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+               score_mod: Optional[Callable], scale: float, interpret: bool,
+               page_table: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
+               config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
+               mask_plan: Optional[MaskPlan] = None,
+               choose_config: Optional[DecodeChooser] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decode launch (split kernel, then combine when split): query [B, Hq, Lq, D]; K/V
+    contiguous-by-sequence ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` when
+    ``page_table`` [B, pages per sequence] (int32) and ``kv_lens`` [B] are given (``paged_problem``).
+    Returns out [B, Hq, Lq, Dv] (input dtype) and lse [B, Hq, Lq] float32.
+
+    config / num_splits: force them (None: ``plan_decode``'s, with ``choose_config(default, splits,
+    structure)`` giving the config when passed). mask_plan: how the predicate reaches the kernel,
+    when the caller knows (default ``plan_mask``)."""
     from .kernel import decode_combine_kernel, decode_split_kernel
 
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, head_dim_v = key.shape[1], value.shape[3]
-    paged = page_table is not None
-    kv_len = page_table.shape[1] * key.shape[2] if paged else key.shape[2]
     device = query.device
 
     mask_plan, score_traced, mods = decode_mods(block_mask, score_mod, mask_plan)
-
-    def tuned(default: KernelConfig, splits: int) -> KernelConfig:
-        if interpret:
-            return default
-        from ..tuning import search as tuning
-
-        key_ = decode_key(query, kv_heads, kv_len, head_dim_v, block_mask, splits, paged=paged,
-                          score=score_mod is not None, structure=mods.key)
-        return tuning.select_config(
-            key_, default, autotune=autotune, device=device,
-            candidates=lambda: decode_candidates(key_.capability, query, head_dim_v, block_mask, groups=q_heads // kv_heads),
-            run=lambda candidate: _run(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                       interpret=False, page_table=page_table, kv_lens=kv_lens, config=candidate,
-                                       autotune=False, num_splits=splits))
+    tuned = None
+    if choose_config is not None:
+        def tuned(default: KernelConfig, splits: int) -> KernelConfig:
+            return choose_config(default, splits, mods.key)
 
     plan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits, tuned=tuned)
     config = plan.config
@@ -246,34 +240,9 @@ def _run(query, key, value, block_mask: BlockMask, *, score_mod, scale: float, i
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                      score_mod: Optional[Callable], scale: float, interpret: bool,
-                     config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
-                     num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
+                     choose_config: Optional[DecodeChooser] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The decode kernel on contiguous K/V: query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv,
     Lkv, Dv] (validated by ``attention``). Returns out [B, Hq, Lq, Dv] (input dtype), lse [B, Hq, Lq]."""
-    return _run(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret,
-                page_table=None, kv_lens=None, config=config, autotune=autotune, num_splits=num_splits)
-
-
-def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, page_table: torch.Tensor,
-                 kv_lens: torch.Tensor, *, mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float,
-                 interpret: bool, config: Optional[KernelConfig] = None, autotune: Optional[bool] = None,
-                 num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``paged_attention`` on the Triton kernels (inputs validated by the API); see ``paged.py`` for
-    the logical positions. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
-
-    The default causal mask takes the closed-form BlockMask (``paged.causal_paged_block_mask``) and
-    needs no device read: its launch plan (hence the split count) comes from the page table's capacity."""
-    from ...masks.tracing import trace_mask_mod
-    from ...paged import logical_score_mod, paged_block_mask
-
-    q_len, capacity = query.shape[2], page_table.shape[1] * key_cache.shape[2]
-    block_mask = paged_block_mask(mask_mod, kv_lens, q_len, query.shape[1], capacity)
-    mask_plan = None
-    if mask_mod is None and q_len <= block_mask.BLOCK_SIZE[0]:
-        traced = trace_mask_mod(block_mask.mask_mod)
-        mask_plan = MaskPlan(functions.MASK_TRACED, traced,
-                             lambda device: functions.captured_tuple(traced.captured, device))
-    return _run(query, key_cache, value_cache, block_mask,
-                score_mod=logical_score_mod(score_mod, kv_lens, q_len), scale=scale, interpret=interpret,
-                page_table=page_table.contiguous(), kv_lens=kv_lens.contiguous(), config=config, autotune=autotune,
-                num_splits=num_splits, mask_plan=mask_plan)
+    return run_decode(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret,
+                      config=config, num_splits=num_splits, choose_config=choose_config)

@@ -1,0 +1,110 @@
+"""``attention()``: validate, plan the route once (``dispatch.plan_call``), run it."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import ops
+from ..backends import run
+from ..dispatch import Route, plan_call
+from ..masks.block_mask import BlockMask
+from ..masks.safety import check_mods, check_score_result_type
+from ..masks.standard import default_block_mask
+from ..mod_table import compiled_mod, register_mod
+from ..versions import require_triton
+from .checks import (broadcast_kv_batch, validate_autotune, validate_block_mask, validate_mod_devices, validate_scale,
+                     validate_tensors)
+
+__all__ = ["attention", "attention_call", "explain"]
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+              score_mod: Optional[Callable] = None, block_mask: Optional[BlockMask] = None,
+              scale: Optional[float] = None, enable_gqa: bool = False, return_lse: bool = False,
+              backend: Optional[str] = None, autotune: Optional[bool] = None):
+    """Fused attention with a block-sparse mask and an optional score_mod.
+
+    query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]; key/value may have batch 1,
+    broadcast over the query's batch without a copy (their gradients are summed over it).
+    score_mod(score, b, h, q_idx, kv_idx) -> score, applied to every computed score.
+    block_mask: from ``create_block_mask``; None attends everywhere. A mask with more batch entries
+    (or heads) than the query is read at the first B (Hq) of them, as FlexAttention does.
+    scale: defaults to 1/sqrt(D). enable_gqa: allow Hq a multiple of Hkv.
+    backend: "triton" (CUDA), "interpret" (the Triton kernels on CPU tensors), "torch"; None picks.
+    autotune: on the triton backend, with no tuned config cached for this problem, search the
+    config table now and remember the winner on disk (default: off, unless TRITON_ATTN_AUTOTUNE=1).
+    Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse=True also lse [B, Hq, Lq]
+    float32 (natural log; -inf for rows that attend to nothing, whose output is 0).
+    float64 inputs run on the torch backend only, computed in float64, lse float64 too.
+    Raises ValueError / TypeError naming the bad argument (README, "Errors and guarantees"); the
+    Triton backends raise what the torch backend raises for a mod that indexes a captured tensor
+    out of range, divides an integer by zero, or returns a bool or integer score.
+    The path the call takes is ``dispatch.plan_call``'s (``TRITON_ATTN_LOG=route`` prints it).
+    """
+    out, lse = attention_call(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa, backend=backend, autotune=autotune)
+    return (out, lse) if return_lse else out
+
+
+def attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, score_mod: Optional[Callable],
+                   block_mask: Optional[BlockMask], scale: Optional[float], enable_gqa: bool, backend: Optional[str],
+                   autotune: Optional[bool] = None, tiles: Optional[Callable] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every entry point's one path for a contiguous call: checks, the route, the run -> (out, lse).
+
+    ``tiles(query, value, block_mask)``: the forward ``KernelConfig`` a caller fixes (Flex's
+    ``kernel_options``), used where the route is the direct prefill forward (no gradient, Triton)."""
+    validate_tensors(query, key, value, enable_gqa)
+    scale = validate_scale(scale, query)
+    validate_autotune(autotune)
+    if block_mask is None:
+        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
+    block_mask = validate_block_mask(block_mask, query, key)
+    route = plan_call(query, key, value, block_mask, score_mod, backend=backend, fixed_config=tiles is not None)
+    key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (closure walks and a probe call; under torch.compile the kernels check the tensors)
+        _check_mods(route, query, key, block_mask, score_mod)
+    config = tiles(query, value, block_mask) if tiles is not None and route.tiles else None
+    if route.call == "op":
+        return _through_ops(route, query, key, value, block_mask, score_mod, scale, autotune, compiling)
+    return run.direct(route, query, key, value, block_mask, score_mod=score_mod, scale=scale, autotune=autotune,
+                      config=config)
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, score_mod: Optional[Callable] = None,
+            block_mask: Optional[BlockMask] = None, enable_gqa: bool = False, backend: Optional[str] = None) -> Route:
+    """The ``Route`` that ``attention`` with these arguments would take (under the current grad mode),
+    without running it: ``print(ta.explain(q, k, v, block_mask=bm))``. Same checks as ``attention``."""
+    validate_tensors(query, key, value, enable_gqa)
+    if block_mask is None:
+        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
+    block_mask = validate_block_mask(block_mask, query, key)
+    return plan_call(query, key, value, block_mask, score_mod, backend=backend)
+
+
+def _check_mods(route: Route, query: torch.Tensor, key: torch.Tensor, block_mask: BlockMask,
+                score_mod: Optional[Callable]) -> None:
+    """Mods' devices and results, where the torch backend would fail: a kernel cannot raise."""
+    validate_mod_devices(score_mod, "score_mod", query.device)
+    if score_mod is not None:
+        # Every backend, even where no tile would run the mod; scores are float64 for float64 inputs.
+        score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        check_score_result_type(score_mod, query.device, score_dtype)
+    # Once per mask and device: a mask's mask_mod and what it captures are fixed when it is built.
+    block_mask.derived(f"mask_mod_on_{query.device}",
+                       lambda: validate_mod_devices(block_mask.mask_mod, "block_mask.mask_mod", query.device))
+    if route.backend != "torch":
+        require_triton(interpret=route.interpret)  # a clear error for a missing or too old Triton
+        check_mods(score_mod, block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
+
+
+def _through_ops(route: Route, query, key, value, block_mask: BlockMask, score_mod, scale: float, autotune,
+                 compiling: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    if compiling:
+        mask, score = compiled_mod(block_mask.mask_mod, "mask"), compiled_mod(score_mod, "score")
+    else:
+        mask, score = register_mod(block_mask.mask_mod, "mask"), register_mod(score_mod, "score")
+    return ops.attention_op(route, query, key, value, block_mask, mask, score, scale=scale, autotune=autotune)

@@ -1,0 +1,1 @@
+"""Backends: how a planned call runs (``torch``: plain PyTorch; the Triton kernels live in ``kernels/``)."""

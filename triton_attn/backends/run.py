@@ -1,0 +1,146 @@
+"""Running a planned call: the route's forward and backward, and its direct autograd.
+
+``forward`` / ``backward`` run what a ``Route`` (``dispatch.py``) names and decide nothing: the custom
+ops' implementations call them with the route they carry, and ``attention`` calls ``direct`` for routes
+that skip the ops. The backward is defined once (``backward``); the direct Triton route wraps it in
+``KernelAttention`` (an ``autograd.Function``), the ops register it as their autograd formula.
+
+Triton is imported only when a Triton route runs (``kernels.entry``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..dispatch import Route
+from ..kernels.host import new_softmax_stats  # (Triton-free)
+from ..masks.block_mask import BlockMask
+from ..masks.closure import captured_tensors
+from ..masks.evaluate import mod_name
+from .torch import cpu_flash
+from .torch.blockwise import blockwise_attention, blockwise_backward
+from .torch.paged import paged_attention_torch
+from .torch.sdpa import sdpa_attention
+
+__all__ = ["forward", "backward", "direct", "paged", "new_softmax_stats", "LearnableScoreTensorWarning"]
+
+
+def forward(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+            score_mod: Optional[Callable], scale: float, autotune: Optional[bool] = None,
+            stats: Optional[torch.Tensor] = None, config=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Lq, Dv], lse [B, Hq, Lq] of ``route``'s forward (differentiable on the torch routes).
+
+    query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv], validated. ``stats``: an empty
+    ``new_softmax_stats`` the Triton prefill kernel fills for the backward. ``config``: fixed forward
+    tiles (Flex's kernel_options; prefill only)."""
+    family = route.family
+    if route.backend == "torch":
+        if family == "sdpa":
+            keep = cpu_flash.dense_keep(block_mask) if route.sdpa_mask == "dense" else None
+            result = sdpa_attention(query, key, value, causal=route.sdpa_mask == "causal", keep=keep, scale=scale)
+            # None, or a NaN under a causal mask: a hidden non-finite key/value may have reached the output
+            # (the fused kernel multiplies masked probabilities, 0, by every value of a tile); the loop keeps it out.
+            if result is not None and not (route.sdpa_mask == "causal" and math.isnan(float(result[0].detach().sum()))):
+                return result[0].contiguous(), result[1]
+        elif family == "cpu_flash":
+            result = cpu_flash.fused_attention(query, key, value, block_mask, scale=scale)
+            if result is not None:  # None: as above
+                return result
+        return blockwise_attention(query, key, value, block_mask, score_mod=score_mod, scale=scale)
+    from ..kernels import entry  # Triton is imported only when used
+
+    interpret = route.interpret
+    if family == "decode":
+        return entry.decode_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, autotune=autotune)
+    return entry.prefill_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale, interpret=interpret,
+                                 autotune=autotune, stats=stats, config=config)
+
+
+def backward(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+             block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, autotune: Optional[bool] = None,
+             softmax_stats: Optional[torch.Tensor] = None, learnable: Sequence[torch.Tensor] = ()
+             ) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients (dq, dk, dv, *d learnable) of ``route``'s forward; grad_out [B, Hq, Lq, Dv] / grad_lse
+    [B, Hq, Lq] None count as zero. ``kernels``: the Triton backward, P from ``softmax_stats``
+    (None: from lse). ``blockwise``: PyTorch recomputes each query-block row and differentiates it,
+    reaching ``learnable`` (tensors the score_mod captured) through the closure."""
+    if route.backward == "kernels":
+        from ..kernels import entry
+
+        return entry.prefill_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                      score_mod=score_mod, scale=scale, interpret=route.interpret,
+                                      autotune=autotune, softmax_stats=softmax_stats)
+    if route.backward != "blockwise":
+        raise ValueError(f"route {route.token} has no backward here")
+    return blockwise_backward(query, key, value, block_mask, score_mod=score_mod, scale=scale, grad_out=grad_out,
+                              grad_lse=grad_lse, learnable=learnable)
+
+
+class KernelAttention(torch.autograd.Function):
+    """apply(route, query, key, value, block_mask, score_mod, scale, autotune, *learnable) -> (out, lse):
+    a Triton forward on a direct route, differentiated by ``backward`` (``route.backward``)."""
+
+    @staticmethod
+    def forward(ctx, route, query, key, value, block_mask, score_mod, scale, autotune, *learnable):
+        stats = new_softmax_stats(query) if route.saves_stats else None
+        out, lse = forward(route, query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                           autotune=autotune, stats=stats)
+        ctx.save_for_backward(query, key, value, out, lse, *([] if stats is None else [stats]), *learnable)
+        ctx.call = (route, block_mask, score_mod, scale, autotune, stats is not None, len(learnable))
+        ctx.set_materialize_grads(False)  # an unused lse (or out) gradient arrives as None: no zeros launched
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        route, block_mask, score_mod, scale, autotune, has_stats, learnable_count = ctx.call
+        query, key, value, out, lse, *rest = ctx.saved_tensors
+        stats = rest[0] if has_stats else None
+        learnable = rest[len(rest) - learnable_count:]
+        grads = backward(route, query, key, value, out, lse, grad_out, grad_lse, block_mask, score_mod=score_mod,
+                         scale=scale, autotune=autotune, softmax_stats=stats, learnable=learnable)
+        return (None, *grads[:3], None, None, None, None, *grads[3:])
+
+
+class LearnableScoreTensorWarning(UserWarning):
+    """A score_mod's learnable tensors make the backward pass use the slower recompute path."""
+
+
+_WARNED: set = set()
+
+
+def direct(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+           score_mod: Optional[Callable], scale: float, autotune: Optional[bool] = None,
+           config=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A call on a direct route: out [B, Hq, Lq, Dv], lse [B, Hq, Lq], differentiable as the route says."""
+    if route.backend == "torch" or route.backward == "none":
+        return forward(route, query, key, value, block_mask, score_mod=score_mod, scale=scale, autotune=autotune,
+                       config=config)
+    learnable: List[torch.Tensor] = []
+    if route.backward == "blockwise":
+        learnable = [t for t in captured_tensors(score_mod) if t.requires_grad]
+        name = mod_name(score_mod)
+        if learnable and name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"score_mod {name!r} captures tensors that require grad; their gradients come from a "
+                          "PyTorch recomputation of the backward pass (slower than the fused Triton backward). "
+                          "Detach them if they need no gradient.", LearnableScoreTensorWarning, stacklevel=4)
+    return KernelAttention.apply(route, query, key, value, block_mask, score_mod, scale, autotune, *learnable)
+
+
+def paged(route: Route, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+          page_table: torch.Tensor, kv_lens: torch.Tensor, *, mask_mod: Optional[Callable],
+          score_mod: Optional[Callable], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A ``paged_attention`` call on ``route`` (family ``paged``): out [B, Hq, Lq, Dv], lse [B, Hq, Lq]."""
+    if route.backend == "torch":
+        return paged_attention_torch(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
+                                     score_mod=score_mod, scale=scale)
+    from ..kernels import entry
+
+    return entry.paged_forward(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
+                               score_mod=score_mod, scale=scale, interpret=route.interpret)

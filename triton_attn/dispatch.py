@@ -1,0 +1,325 @@
+"""Which path a call takes, decided in one place: ``plan_call(...) -> Route``.
+
+Every entry point (``attention``, ``flex_attention``, ``paged_attention``, the model attention functions
+through them) validates its arguments, asks ``plan_call`` / ``plan_paged_call`` once, and hands the
+``Route`` to whoever runs it (``backends/run.py`` directly, or the custom ops, which carry the route as a
+string). Nothing downstream decides again: a launcher runs the kernel family it is given.
+
+A route names four things:
+
+- ``backend``: ``triton`` (CUDA), ``interpret`` (the same kernels on CPU tensors), ``torch`` (PyTorch).
+- ``family``: the algorithm. Triton backends: ``prefill`` (the flash forward/backward kernels),
+  ``decode`` (the split-KV kernel, Lq <= 16 and no gradient), ``paged``. Torch backend: ``sdpa``
+  (PyTorch's own fused attention, where it computes the call exactly), ``cpu_flash`` (PyTorch's fused CPU
+  kernel over the mask's tiles, float32 inference), ``blockwise`` (the tile-by-tile loop), ``paged``
+  (pages gathered, then blockwise).
+- ``call``: ``op`` (the ``torch.library`` ops: ``torch.compile`` and ``opcheck`` see them) or ``direct``.
+- ``backward``: ``none`` (no gradient needed), ``kernels`` (the Triton backward kernels, P from the
+  forward's softmax statistics), ``blockwise`` (PyTorch recomputes one query-block row at a time: the
+  torch backend, and score_mods whose captured tensors need gradients), ``sdpa`` (PyTorch's).
+
+``TRITON_ATTN_LOG=route`` prints each distinct route (with the reasons) the first time a call takes it;
+``triton-attn explain`` prints the route of a described call without running it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import settings
+from .masks.block_mask import BlockMask
+from .masks.closure import StructuredMod, captured_tensors
+from .masks.compact import CompactBlockMask
+from .masks.evaluate import mod_name
+from .kernels.decode.configs import MAX_DECODE_Q_LEN  # query rows up to which the decode kernel runs (no Triton)
+from .masks.recognize import is_causal
+
+__all__ = ["Route", "plan_call", "plan_paged_call", "choose_backend", "BACKENDS", "MAX_DECODE_Q_LEN",
+           "ScoreModFallbackWarning", "score_mod_fallback_reason", "structured_fallback_reason"]
+
+BACKENDS = ("torch", "triton", "interpret")
+FAMILIES = ("prefill", "decode", "paged", "sdpa", "cpu_flash", "blockwise")
+BACKWARDS = ("none", "kernels", "blockwise", "sdpa")
+
+_SHORT_QUERY = f"no gradient; Lq <= {MAX_DECODE_Q_LEN}: split-KV decode kernel"
+
+# PyTorch's fused CPU attention computes these exactly (within the numerics rule): backends/torch/sdpa.py's
+# SDPA_DTYPES (tests/test_dispatch.py checks that they agree).
+SDPA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Mask elements (Bm * Lq * Lkv) up to which a mask is materialized as a dense tensor for PyTorch's fused kernel.
+DENSE_MASK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Route:
+    """The path of one call (see the module docstring). ``sdpa_mask``: for the ``sdpa`` family, how the mask
+    reaches PyTorch's kernel (``none``, ``causal``, ``dense``); ``reasons``: why, in words."""
+
+    backend: str
+    family: str
+    call: str
+    backward: str
+    sdpa_mask: str = ""
+    reasons: Tuple[str, ...] = ()
+    tiles: bool = False  # the forward runs the caller's fixed tiles (Flex's kernel_options)
+
+    @property
+    def token(self) -> str:
+        """The route as the custom ops carry it (a string argument): ``backend/family/backward``."""
+        return f"{self.backend}/{self.family}/{self.backward}"
+
+    @classmethod
+    def from_token(cls, token: str) -> "Route":
+        backend, family, backward = token.split("/")
+        return _op_route(backend, family, backward)
+
+    @property
+    def interpret(self) -> bool:
+        return self.backend == "interpret"
+
+    @property
+    def saves_stats(self) -> bool:
+        """Whether the forward keeps the softmax statistics the Triton backward recomputes P from."""
+        return self.backward == "kernels"
+
+    def __str__(self) -> str:
+        mask = f" sdpa_mask={self.sdpa_mask}" if self.sdpa_mask else ""
+        why = f" -- {'; '.join(self.reasons)}" if self.reasons else ""
+        return (f"route: backend={self.backend} family={self.family} call={self.call} "
+                f"backward={self.backward}{mask}{why}")
+
+
+_OP_ROUTES: dict = {}
+
+
+def _op_route(backend: str, family: str, backward: str) -> Route:
+    """The route an op implementation runs (interned: one object per token, no reasons)."""
+    key = (backend, family, backward)
+    route = _OP_ROUTES.get(key)
+    if route is None:
+        if backend not in BACKENDS or family not in FAMILIES or backward not in BACKWARDS:
+            raise ValueError(f"not a route: {backend}/{family}/{backward}")
+        route = _OP_ROUTES[key] = Route(backend, family, "op", backward)
+    return route
+
+
+def choose_backend(backend: Optional[str], device: torch.device) -> str:
+    """``backend`` if given, else ``TRITON_ATTN_BACKEND``, else triton on CUDA and torch elsewhere."""
+    chosen = backend or settings.backend() or ("triton" if device.type == "cuda" else "torch")
+    if chosen not in BACKENDS:
+        source = "backend" if backend else settings.BACKEND
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    if chosen == "triton" and device.type != "cuda":
+        raise ValueError(f"backend 'triton' needs CUDA tensors, got tensors on {device}; "
+                         "use backend='interpret' (Triton interpreter) or 'torch' on CPU")
+    if chosen == "interpret" and device.type != "cpu":
+        raise ValueError(f"backend 'interpret' runs the Triton interpreter on CPU tensors, got tensors on {device}")
+    return chosen
+
+
+def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
+              score_mod: Optional[Callable], *, backend: Optional[str], fixed_config: bool = False) -> Route:
+    """The route of an ``attention()`` call (inputs validated; ``block_mask`` the call's, or the default
+    all-full mask). ``fixed_config``: the caller fixes the forward kernel's tiles (Flex's
+    ``kernel_options``), which only a forward without gradients on a Triton backend takes
+    (``Route.tiles``). Raises TypeError for float64
+    inputs on a Triton backend."""
+    compiling = torch.compiler.is_compiling()
+    chosen = choose_backend(backend, query.device)
+    grad_on = torch.is_grad_enabled()
+    needs_grad = grad_on and (query.requires_grad or key.requires_grad or value.requires_grad)
+    learnable = bool(score_mod is not None and grad_on and not compiling
+                     and any(t.requires_grad for t in captured_tensors(score_mod)))
+    reasons = []
+    if chosen != "torch" and score_mod is not None:
+        fallback = score_mod_fallback(score_mod, needs_grad)
+        if fallback is not None:
+            chosen = "torch"
+            reasons.append(f"score_mod {mod_name(score_mod)!r} cannot be compiled ({fallback})")
+    if chosen != "torch" and query.dtype == torch.float64:
+        raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
+    needs_grad = needs_grad or learnable
+    if chosen == "torch":
+        return _torch_route(query, key, value, block_mask, score_mod, needs_grad, learnable, compiling, reasons)
+    compact = isinstance(block_mask, CompactBlockMask)
+    fixed_config = fixed_config and not needs_grad
+    if not needs_grad:
+        family = "decode" if query.shape[2] <= MAX_DECODE_Q_LEN and not fixed_config else "prefill"
+        reasons.append("no gradient; kernel_options fix the prefill tiles" if fixed_config
+                       else _SHORT_QUERY if family == "decode" else "no gradient; Lq > 16: prefill kernel")
+        backward = "none"
+    else:
+        family, backward = "prefill", "blockwise" if learnable else "kernels"
+        reasons.append("score_mod tensors need gradients: PyTorch recomputes the backward" if learnable
+                       else "gradients: Triton backward kernels")
+    direct = compact or learnable or fixed_config
+    if direct:
+        reasons.append("direct: " + ("a compact BlockMask (the ops take dense index lists)" if compact
+                                     else "kernel_options tiles" if fixed_config else "learnable score_mod tensors"))
+    return _logged(Route(chosen, family, "direct" if direct else "op", backward, "", tuple(reasons), fixed_config),
+                   compiling)
+
+
+def _torch_route(query, key, value, block_mask: BlockMask, score_mod, needs_grad: bool, learnable: bool,
+                 compiling: bool, reasons: list) -> Route:
+    """The torch backend's route: PyTorch's fused kernels where they compute the call exactly, else blockwise."""
+    backward = "blockwise" if needs_grad else "none"
+    cpu_eager = query.device.type == "cpu" and not compiling
+    sdpa_mask = _sdpa_mask(query, key, value, block_mask, score_mod, needs_grad) if cpu_eager else ""
+    if sdpa_mask:
+        reasons.append(f"PyTorch's fused attention computes it exactly (mask: {sdpa_mask})")
+        return _logged(Route("torch", "sdpa", "direct", "sdpa" if needs_grad else "none", sdpa_mask,
+                             tuple(reasons)), compiling)
+    # Eager CPU calls without gradients skip the op (its dispatcher and mod table are host time on every
+    # decode step); compact masks and learnable score tensors keep the direct autograd through PyTorch.
+    direct = (cpu_eager and not needs_grad) or isinstance(block_mask, CompactBlockMask) or learnable
+    call = "direct" if direct else "op"
+    if not needs_grad and query.device.type == "cpu" and _cpu_flash_applies(query, key, value, block_mask, score_mod):
+        reasons.append("float32 CPU inference: PyTorch's fused CPU kernel over the mask's tiles")
+        return _logged(Route("torch", "cpu_flash", call, "none", "", tuple(reasons)), compiling)
+    reasons.append("blockwise PyTorch" + (": learnable score_mod tensors" if learnable else ""))
+    return _logged(Route("torch", "blockwise", call, backward, "", tuple(reasons)), compiling)
+
+
+def _sdpa_mask(query, key, value, block_mask: BlockMask, score_mod, needs_grad: bool) -> str:
+    """How PyTorch's fused CPU attention takes this call exactly ("none" / "causal" / "dense"), or "".
+
+    Exact means: no score_mod, a dtype it computes within the numerics rule, D == Dv, and a mask it
+    represents -- every tile full (no mask), the causal family recognized from the traced mask_mod with a
+    layout built from it, or a mask small enough to materialize (training only: inference has the cached
+    dense route of ``cpu_flash``, shared by a model's layers)."""
+    if (score_mod is not None or query.dtype not in SDPA_DTYPES or key.shape[-1] != value.shape[-1]
+            or not _fused_cpu_ops()):
+        return ""
+    if getattr(block_mask, "visits_every_tile", False):
+        return "none"
+    if not block_mask.exact_layout:
+        return ""
+    q_len, kv_len = block_mask.seq_lengths
+    dense_small = block_mask.shape[0] * q_len * kv_len <= DENSE_MASK_ELEMENTS
+    if not needs_grad and dense_small and query.dtype == torch.float32:
+        return ""  # cpu_flash's dense route: one fused call with a bias cached on the mask
+    if block_mask.shape[1] == 1 and is_causal(block_mask.mask_mod):
+        return "causal"
+    return "dense" if needs_grad and dense_small and block_mask.shape[1] == 1 else ""
+
+
+def _fused_cpu_ops() -> bool:
+    """Whether this torch build has PyTorch's fused CPU attention ops (forward and backward)."""
+    return (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def _cpu_flash_applies(query, key, value, block_mask: BlockMask, score_mod) -> bool:
+    """float32 inference without a score_mod, a mask shared by all heads, D == Dv (``backends/torch/cpu_flash.py``)."""
+    return (score_mod is None and query.dtype == torch.float32 and key.shape[-1] == value.shape[-1]
+            and block_mask.shape[1] == 1 and _fused_cpu_ops())
+
+
+def plan_paged_call(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
+                    backend: Optional[str]) -> Route:
+    """The route of a ``paged_attention`` call: the paged decode kernel, or pages gathered on the torch
+    backend. Raises for float64 on a Triton backend and for gradients there (inference only)."""
+    chosen = choose_backend(backend, query.device)
+    if chosen != "torch" and query.dtype == torch.float64:
+        raise TypeError(f"query/key_cache/value_cache must be float16, bfloat16 or float32 on backend {chosen!r}, "
+                        "got float64")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key_cache, value_cache))
+    if chosen != "torch" and needs_grad:
+        raise NotImplementedError(f"paged_attention has no backward pass on backend {chosen!r} (it serves inference); "
+                                  "call it under torch.no_grad(), detach the inputs, or use backend='torch'")
+    reason = "pages gathered per sequence, then blockwise PyTorch" if chosen == "torch" else "paged split-KV kernel"
+    return _logged(Route(chosen, "paged", "direct", "blockwise" if needs_grad else "none", "", (reason,)),
+                   torch.compiler.is_compiling())
+
+
+_LOGGED: set = set()
+
+
+def _logged(route: Route, compiling: bool) -> Route:
+    """``route``, printed to stderr the first time a call takes it when ``TRITON_ATTN_LOG`` names ``route``
+    (never while torch.compile traces: printing there would break the graph)."""
+    if not compiling and settings.log_routes() and route not in _LOGGED:
+        _LOGGED.add(route)
+        print(f"triton_attn {route}", file=sys.stderr)
+    return route
+
+
+# -- score_mods the Triton kernels cannot compile ------------------------------------------------------
+
+class ScoreModFallbackWarning(UserWarning):
+    """A score_mod the Triton kernels cannot compile runs on the PyTorch blockwise backend instead."""
+
+
+_FALLBACK_WARNED: set = set()
+
+# score_mod -> {needs_grad: reason or None}: the verdict depends on the traced graph's structure, which a
+# score_mod keeps across calls, so a decode loop does not re-trace it for this check on every step.
+_FALLBACK_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def score_mod_fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
+    """Why the Triton kernels cannot run ``score_mod`` (its value, and its derivative when
+    ``needs_grad``); None when they can."""
+    try:
+        verdicts = _FALLBACK_VERDICTS.setdefault(score_mod, {})
+    except TypeError:  # not weakly referenceable: decide every time
+        verdicts = {}
+    if needs_grad not in verdicts:
+        verdicts[needs_grad] = _fallback_reason(score_mod, needs_grad)
+    return verdicts[needs_grad]
+
+
+def _fallback_reason(score_mod: Callable, needs_grad: bool) -> Optional[str]:
+    from .kernels.jit import derivative
+    from .kernels.jit.expressions import CodegenError, Emitter
+    from .masks.tracing import UntraceableModError, trace_score_mod
+
+    try:
+        graph = trace_score_mod(score_mod).graph
+        Emitter("v", "cap").value(graph)
+        if needs_grad:
+            Emitter("d", "cap").value(derivative.score_derivative(graph))
+    except (UntraceableModError, CodegenError, derivative.NotDifferentiableError) as error:
+        return str(error)
+    return None
+
+
+# Inside torch.compile the verdict is a constant of the graph: dynamo runs the check once while tracing (the
+# tracer's symbols cannot be traced by dynamo). See mod_table.mod_key for why the mark is set by hand.
+score_mod_fallback_reason._dynamo_marked_constant = True
+
+
+def structured_fallback_reason(mod_type: type, structure: tuple, tensor_specs: tuple,
+                               needs_grad: bool) -> Optional[str]:
+    """``score_mod_fallback_reason`` of a ``StructuredMod`` from constants only: its stand-in over
+    placeholder tensors of the given ``(dtype, rank)`` (a mod built inside a compiled graph cannot be
+    passed to a constant function; its structure can)."""
+    return _fallback_reason(mod_type.stand_in(structure, tensor_specs), needs_grad)
+
+
+structured_fallback_reason._dynamo_marked_constant = True
+
+
+def score_mod_fallback(score_mod: Callable, needs_grad: bool) -> Optional[str]:
+    """Why ``score_mod`` runs on the torch backend (warning once per score_mod name), or None: the
+    blockwise backend is plain PyTorch, so it runs on the same (CUDA or CPU) tensors, exactly."""
+    if torch.compiler.is_compiling() and isinstance(score_mod, StructuredMod):
+        specs = tuple((t.dtype, t.dim()) for t in score_mod.tensors())
+        reason = structured_fallback_reason(type(score_mod), score_mod.structure(), specs, needs_grad)
+    else:
+        reason = score_mod_fallback_reason(score_mod, needs_grad)
+    if reason is None:
+        return None
+    name = mod_name(score_mod)
+    if name not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(name)
+        warnings.warn(f"score_mod {name!r} cannot be compiled into the Triton kernel ({reason}); running it on "
+                      "the PyTorch blockwise backend instead (exact, slower).", ScoreModFallbackWarning, stacklevel=4)
+    return reason

@@ -1,0 +1,64 @@
+"""What the prefill forward and backward launchers (and their AOT builds) share: tiles and grid.
+
+``kernel_constexprs``: the shape constexprs of the forward, dK/dV and dQ kernels; ``launch_grid``:
+the programs over query (or key) tiles; ``heavy_tiles_last``: whether to launch the tiles
+last-first (causal-like masks). The decode kernels tile differently (``decode/launch.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ...masks.block_mask import BlockMask
+from .configs import KernelConfig, cdiv, padded_head_dim
+
+
+def launch_grid(q_len: int, num_q_blocks: int, q_block_size: int, block_m: int, batch_heads: int) -> Tuple[int, int]:
+    """``(query tiles, B * Hq)``; tiles that would start past ``q_len`` are not launched."""
+    tiles_per_block = cdiv(q_block_size, block_m)
+    last_rows = q_len - (num_q_blocks - 1) * q_block_size
+    return ((num_q_blocks - 1) * tiles_per_block + min(tiles_per_block, cdiv(last_rows, block_m)), batch_heads)
+
+
+def heavy_tiles_last(block_mask: BlockMask) -> bool:
+    """Whether later query block rows visit clearly more KV blocks than earlier ones (causal-like).
+
+    Read once per BlockMask (a device sync) and remembered on it, like the tuning key's sparsity."""
+    cached = getattr(block_mask, "_heavy_tiles_last", None)
+    if cached is not None:
+        return cached
+    work = (block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).double().flatten(0, -2).mean(0)  # [NQ]
+    half = work.shape[0] // 2
+    result = bool(half > 0 and float(work[-half:].sum()) > 1.25 * float(work[:half].sum()))
+    try:
+        block_mask._heavy_tiles_last = result
+    except AttributeError:  # a class with __slots__: recompute next time
+        pass
+    return result
+
+
+def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
+                      config: KernelConfig, kv_len: int, interpret: bool, row_offsets_64: bool = False,
+                      reverse_tiles: bool = False) -> dict:
+    """The shape constexprs of the forward kernel (and of the dQ / dK/dV kernels) for these shapes.
+
+    row_offsets_64: ``host.needs_64bit_rows``; reverse_tiles: launch query tiles last-first
+    (``heavy_tiles_last``)."""
+    q_bs, kv_bs = block_size
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(head_dim_v),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+        Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs,
+        Q_TILES_PER_BLOCK=cdiv(q_bs, config.BLOCK_M), KV_TILES_PER_BLOCK=cdiv(kv_bs, config.BLOCK_N),
+        # Bounds checks on K/V only where a tile can overhang the sequence or its mask block.
+        CHECK_KV_BOUNDS=(kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
+        # float32 inputs: 3xTF32 dots, float32-accurate on tensor cores (plain TF32 would not be).
+        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        # Triton 3.9's interpreter returns garbage for tl.dot on two bf16 operands.
+        UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),
+        ROW_OFFSETS_64=bool(row_offsets_64),
+        HEAVY_TILES_LAST=bool(reverse_tiles),
+    )

@@ -1,0 +1,94 @@
+"""The kernels' entry points, one per kernel family: tuned config (cache lookup, a search when
+autotuning asks), then the launch. The top of the kernels layer: nothing inside ``kernels/`` imports it.
+
+Which family a call takes is decided above (``dispatch.py``); inputs arrive validated (``api/``).
+Tensors are [B, H, L, D] (query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]);
+``interpret`` runs the same kernels under the Triton interpreter on CPU tensors (never tuned).
+``autotune``: True searches when nothing is cached, False never searches, None asks
+``TRITON_ATTN_AUTOTUNE``; a cached winner is used whenever there is one (compiled launches only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..masks.block_mask import BlockMask
+from . import tuned
+from .attention import backward_launch, forward_launch
+from .attention.configs import KernelConfig
+from .host import new_softmax_stats
+from .decode import launch as decode_launch
+
+__all__ = ["prefill_forward", "prefill_backward", "decode_forward", "paged_forward", "new_softmax_stats"]
+
+
+def prefill_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                    score_mod: Optional[Callable], scale: float, interpret: bool, autotune: Optional[bool] = None,
+                    stats: Optional[torch.Tensor] = None,
+                    config: Optional[KernelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The prefill forward kernel (any Lq). Returns out [B, Hq, Lq, Dv] (input dtype) and lse [B, Hq, Lq]
+    float32 (natural log). ``stats``: an empty float32 [B, Hq, Lq, 2] (``new_softmax_stats``) the kernel
+    fills for ``prefill_backward``; None: not written. ``config``: launch these tiles (``flex_attention``'s
+    kernel_options), no tuning."""
+    choose = None
+    if config is None and not interpret:
+        choose = tuned.forward_chooser(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                       autotune=autotune, stats=stats)
+    return forward_launch.attention_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                            interpret=interpret, config=config, choose_config=choose, stats=stats)
+
+
+def prefill_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+                     block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
+                     autotune: Optional[bool] = None, softmax_stats: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of the prefill forward, shaped and typed like (query, key, value).
+
+    out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] from the forward; grad_out like out, grad_lse like lse
+    (either None = zero). ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (None: derived
+    from lse). Raises ``backward_launch.UnsupportedBackwardError`` before any launch for what the
+    Triton backward cannot differentiate."""
+    choose = None
+    if not interpret:
+        choose = tuned.backward_chooser(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                        score_mod=score_mod, scale=scale, autotune=autotune,
+                                        softmax_stats=softmax_stats)
+    return backward_launch.attention_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
+                                              score_mod=score_mod, scale=scale, interpret=interpret,
+                                              choose_config=choose, softmax_stats=softmax_stats)
+
+
+def decode_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
+                   score_mod: Optional[Callable], scale: float, interpret: bool,
+                   autotune: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV decode kernel on contiguous K/V (meant for Lq <= ``decode.configs.MAX_DECODE_Q_LEN``;
+    no softmax statistics, so no backward). Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32,
+    as ``prefill_forward`` does."""
+    choose = None
+    if not interpret:
+        choose = tuned.decode_chooser(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                      autotune=autotune)
+    return decode_launch.run_decode(query, key, value, block_mask, score_mod=score_mod, scale=scale,
+                                    interpret=interpret, choose_config=choose)
+
+
+def paged_forward(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, page_table: torch.Tensor,
+                  kv_lens: torch.Tensor, *, mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float,
+                  interpret: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``paged_attention`` on the decode kernel (any Lq): query [B, Hq, Lq, D] at the end of each
+    sequence, K/V pages [num_pages, Hkv, page_size, D / Dv], page_table [B, pages per sequence],
+    kv_lens [B] (mods at logical positions: ``masks/paged.py``). Returns out [B, Hq, Lq, Dv] and
+    lse [B, Hq, Lq] float32. Tuned like decode; searches only when ``TRITON_ATTN_AUTOTUNE`` asks."""
+    problem = decode_launch.paged_problem(query, key_cache, page_table, kv_lens, mask_mod=mask_mod,
+                                          score_mod=score_mod)
+    choose = None
+    if not interpret:
+        choose = tuned.decode_chooser(query, key_cache, value_cache, problem.block_mask, score_mod=problem.score_mod,
+                                      scale=scale, page_table=problem.page_table, kv_lens=problem.kv_lens,
+                                      autotune=None)
+    return decode_launch.run_decode(query, key_cache, value_cache, problem.block_mask, score_mod=problem.score_mod,
+                                    scale=scale, interpret=interpret, page_table=problem.page_table,
+                                    kv_lens=problem.kv_lens, mask_plan=problem.mask_plan, choose_config=choose)
