@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import json
 import os
@@ -43,18 +42,25 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout, installed or not
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # run from a checkout, installed or not; loaded by path (`triton-attn bench`)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch  # noqa: E402  (after the sys.path line: a checkout's triton_attn)
+import torch.nn.functional as F  # noqa: E402  (idem)
+from attention_report import (  # noqa: E402  (bench/ is on sys.path when this script runs)
+    IMPLS,
+    MASKS,
+    PASSES,
+    cpu_targets,
+    output_stem,
+    sdpa_parity,
+    write_csv,
+    write_png,
+    write_summary,
+)
 
-IMPLS = ("ours", "sdpa", "flex", "flash")
-MASKS = ("none", "causal", "sliding_window", "document", "prefix_lm", "softcap")
-PASSES = ("fwd", "bwd")
 RESULTS = ROOT / "bench" / "results"
-CSV_FIELDS = ["date", "device", "torch", "triton", "python", "threads", "impl", "mask", "pass", "dtype", "batch",
-              "heads", "head_dim", "seq_len", "density", "mask_ms", "first_ms", "steady_ms", "steady_cpu_ms", "tflops", "status"]
 
 
 @dataclass
@@ -173,8 +179,11 @@ def run_ours(problem: Problem, repeats: int, passes: Sequence[str]) -> Tuple[flo
         mask_ms, block_mask = timed(lambda: full_block_mask(1, 1, problem.seq_len, problem.seq_len, problem.device),
                                     problem.device)
     else:
-        mask_ms, block_mask = timed(lambda: ta.create_block_mask(named.mask_mod, None, None, problem.seq_len,
-                                                                 problem.seq_len, device=problem.device), problem.device)
+        def build():
+            return ta.create_block_mask(named.mask_mod, None, None, problem.seq_len, problem.seq_len,
+                                        device=problem.device)
+
+        mask_ms, block_mask = timed(build, problem.device)
 
     def forward(requires_grad: bool):
         args = (q, k, v) if requires_grad else (q.detach(), k.detach(), v.detach())
@@ -191,7 +200,8 @@ def sdpa_mask(problem: Problem, named) -> Tuple[float, Optional[torch.Tensor], b
         return 0.0, None, False
     if problem.mask in ("causal", "softcap"):
         return 0.0, None, True
-    ms, dense = timed(lambda: create_mask(named.mask_mod, 1, 1, problem.seq_len, problem.seq_len, device=problem.device),
+    ms, dense = timed(lambda: create_mask(named.mask_mod, 1, 1, problem.seq_len, problem.seq_len,
+                                          device=problem.device),
                       problem.device)
     return ms, dense, False
 
@@ -238,7 +248,8 @@ def run_flash(problem: Problem, repeats: int, passes: Sequence[str]) -> Tuple[fl
 
 # -- FlexAttention, in a subprocess with a timeout ----------------------------------------------------------
 
-def flex_in_process(problem: Problem, repeats: int, passes: Sequence[str]) -> Tuple[float, Dict[str, Tuple[float, float]]]:
+def flex_in_process(problem: Problem, repeats: int,
+                    passes: Sequence[str]) -> Tuple[float, Dict[str, Tuple[float, float]]]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     named = named_mask(problem)
@@ -272,7 +283,8 @@ def run_flex_group(problems: Sequence[Problem], repeats: int, passes: Sequence[s
         stdout, stderr = done.stdout, done.stderr
     except subprocess.TimeoutExpired as expired:
         timed_out = True
-        stdout = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        stdout = (expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes)
+                  else (expired.stdout or ""))
         stderr = ""
     found = {}
     for line in stdout.splitlines():
@@ -285,8 +297,11 @@ def run_flex_group(problems: Sequence[Problem], repeats: int, passes: Sequence[s
     for index in range(len(problems)):
         data = found.get(index)
         if data is None:
-            results.append(TimeoutError(f"FlexAttention did not finish within {timeout_each:.0f} s per problem "
-                                        "(compile + runs)") if timed_out else RuntimeError(f"FlexAttention worker failed: {tail}"))
+            if timed_out:
+                results.append(TimeoutError(f"FlexAttention did not finish within {timeout_each:.0f} s per problem "
+                                            "(compile + runs)"))
+            else:
+                results.append(RuntimeError(f"FlexAttention worker failed: {tail}"))
         elif "error" in data:
             results.append(RuntimeError(data["error"]))
         else:
@@ -475,151 +490,6 @@ def run_suite(problems: Sequence[Problem], impls: Sequence[str], *, repeats: int
     return rows
 
 
-# -- output -------------------------------------------------------------------------------------------------
-
-def output_stem(rows: Sequence[Dict[str, Any]], out_dir: Path) -> Path:
-    first = rows[0]
-    slug = "".join(c if c.isalnum() else "-" for c in first["device"]).strip("-").lower()
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    when = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-    torch_v = first["torch"].split("+")[0]
-    return out_dir / f"attention_{when}_{slug}_torch{torch_v}_triton{first['triton']}"
-
-
-def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
-def write_png(rows: Sequence[Dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    on_gpu = "CPU" not in rows[0]["device"]
-    masks = [m for m in MASKS if any(r["mask"] == m for r in rows)]
-    groups = sorted({(r["dtype"], r["head_dim"]) for r in rows})
-    panels = [(p, g) for g in groups for p in PASSES]
-    if not on_gpu:
-        panels.append(("first", groups[0]))
-    fig, axes = plt.subplots(len(panels), len(masks), figsize=(3.4 * len(masks), 2.7 * len(panels)), squeeze=False)
-    styles = {"ours": ("C0", "o"), "sdpa": ("C1", "s"), "flex": ("C2", "^"), "flash": ("C3", "d")}
-    for col, mask in enumerate(masks):
-        for row_index, (pass_name, (dtype, head_dim)) in enumerate(panels):
-            ax = axes[row_index][col]
-            for impl, (color, marker) in styles.items():
-                source = "fwd" if pass_name == "first" else pass_name
-                points = sorted((r["seq_len"], r) for r in rows if r["impl"] == impl and r["mask"] == mask
-                                and r["pass"] == source and r["dtype"] == dtype and r["head_dim"] == head_dim
-                                and r["status"] == "ok")
-                if not points:
-                    continue
-                xs = [p[0] for p in points]
-                if pass_name == "first":
-                    ys = [p[1]["first_ms"] for p in points]
-                elif on_gpu:
-                    ys = [p[1]["tflops"] for p in points]
-                else:
-                    ys = [p[1]["steady_ms"] for p in points]
-                ax.plot(xs, ys, color=color, marker=marker, label=impl)
-            ax.set_xscale("log", base=2)
-            if pass_name == "first" or not on_gpu:
-                ax.set_yscale("log")
-            unit = "first call ms (fwd)" if pass_name == "first" else ("TFLOP/s" if on_gpu else "steady ms")
-            title = mask if pass_name == "first" else f"{mask} {pass_name}"
-            ax.set_title(f"{title}\n{dtype} D={head_dim}", fontsize=8)
-            ax.set_ylabel(unit, fontsize=7)
-            ax.set_xlabel("seq len", fontsize=7)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            if row_index == 0 and col == 0 and ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    first = rows[0]
-    fig.suptitle(f"triton-attn attention benchmark - {first['device']} - {first['date']} - torch {first['torch']}, "
-                 f"triton {first['triton']}, {first['threads']} threads", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def cpu_targets(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """The CPU targets: our first call < 1 s; steady state no slower than compiled FlexAttention on
-    sliding-window and document masks at the longest length (8k in the default suite)."""
-    lines = []
-    fwd = [r for r in rows if r["pass"] == "fwd" and r["status"] == "ok"]
-    if not fwd or "CPU" not in rows[0]["device"]:
-        return lines
-    longest = max(r["seq_len"] for r in fwd)
-    for mask in ("sliding_window", "document"):
-        ours = [r for r in fwd if r["impl"] == "ours" and r["mask"] == mask and r["seq_len"] == longest]
-        flex = [r for r in fwd if r["impl"] == "flex" and r["mask"] == mask and r["seq_len"] == longest]
-        if not ours:
-            continue
-        o = ours[0]
-        first_ok = o["first_ms"] < 1000
-        line = (f"- {mask} L={longest}: ours first call {o['first_ms']:.0f} ms ({'meets' if first_ok else 'MISSES'} "
-                f"< 1 s; BlockMask build {o['mask_ms']:.0f} ms separately), steady {o['steady_ms']:.0f} ms")
-        if flex:
-            f = flex[0]
-            steady_ok = o["steady_ms"] <= f["steady_ms"]
-            line += (f"; FlexAttention compiled steady {f['steady_ms']:.0f} ms, first call {f['first_ms'] / 1e3:.1f} s"
-                     f" -> {'meets' if steady_ok else 'MISSES'} 'no slower than FlexAttention' "
-                     f"({o['steady_ms'] / f['steady_ms']:.2f}x wall")
-            if o.get("steady_cpu_ms") not in ("", None) and f.get("steady_cpu_ms") not in ("", None):
-                line += (f"; process CPU time {o['steady_cpu_ms']:.0f} vs {f['steady_cpu_ms']:.0f} ms = "
-                         f"{o['steady_cpu_ms'] / f['steady_cpu_ms']:.2f}x")
-            line += ")"
-        else:
-            line += "; FlexAttention not measured"
-        lines.append(line)
-    return lines
-
-
-def write_summary(rows: Sequence[Dict[str, Any]], path: Path, extra: str = "") -> None:
-    first = rows[0]
-    out = [f"# Attention benchmark, {first['device']}, {first['date']}",
-           "", f"torch {first['torch']}, triton {first['triton']}, python {first['python']}, "
-           f"{first['threads']} torch threads.", ""]
-    if extra:
-        out += [extra, ""]
-    targets = cpu_targets(rows)
-    if targets:
-        out += ["## CPU targets", ""] + targets + [""]
-    out += ["## Results", "",
-            "Each cell: steady-state median wall ms (first call ms) [cpu: median process CPU ms, all threads] and "
-            "TFLOP/s over the computed work (4*B*H*D*allowed pairs forward, 2.5x backward).", "",
-            "| mask | L | dtype | D | pass | " + " | ".join(IMPLS) + " |",
-            "|---|---|---|---|---|" + "---|" * len(IMPLS)]
-    keys = []
-    for r in rows:
-        k = (r["mask"], r["seq_len"], r["dtype"], r["head_dim"], r["pass"])
-        if k not in keys:
-            keys.append(k)
-    for k in keys:
-        cells = []
-        for impl in IMPLS:
-            match = [r for r in rows if (r["mask"], r["seq_len"], r["dtype"], r["head_dim"], r["pass"]) == k
-                     and r["impl"] == impl]
-            if not match:
-                cells.append("")
-            elif match[0]["status"] == "ok":
-                m = match[0]
-                cpu = f" cpu {m['steady_cpu_ms']:.0f}" if m.get("steady_cpu_ms") not in ("", None) else ""
-                cells.append(f"{m['steady_ms']:.1f} ms ({m['first_ms']:.0f}){cpu} {m['tflops']:.3g} TF/s")
-            else:
-                cells.append(match[0]["status"].split(":")[0])
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(out) + "\n")
-
-
 # -- command line -------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -630,7 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", nargs="+", type=int, default=None, metavar="L",
                         help="sequence lengths (default 1k..32k on GPU, 1024 8192 on CPU)")
     parser.add_argument("--dtype", nargs="+", default=None, help="bf16 fp16 (GPU default), fp32 (CPU default)")
-    parser.add_argument("--head-dim", nargs="+", type=int, default=None, metavar="D", help="default 64 128 on GPU, 64 on CPU")
+    parser.add_argument("--head-dim", nargs="+", type=int, default=None, metavar="D",
+                        help="default 64 128 on GPU, 64 on CPU")
     parser.add_argument("--heads", type=int, default=None, help="default 16 on GPU, 8 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default 32768 / L on GPU, 1 on CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -667,7 +538,8 @@ def run_from_args(args, progress_factory=None, log: Callable[[str], None] = prin
     impls = args.impl or [i for i in IMPLS if on_gpu or i != "flash"]
     repeats = args.repeats or (10 if on_gpu else 3)
     sdpa_max_len = args.sdpa_bwd_max_len if args.sdpa_bwd_max_len is not None else (None if on_gpu else 2048)
-    log(f"triton-attn bench: {len(problems)} problems x {len(impls)} implementations on {device_name(problems[0].device)}, "
+    log(f"triton-attn bench: {len(problems)} problems x {len(impls)} implementations on "
+        f"{device_name(problems[0].device)}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     total = len(problems) * len(impls)
     if progress_factory is None:
@@ -681,7 +553,7 @@ def run_from_args(args, progress_factory=None, log: Callable[[str], None] = prin
     write_csv(rows, stem.with_suffix(".csv"))
     wrote_png = write_png(rows, stem.with_suffix(".png"))
     write_summary(rows, stem.with_suffix(".md"), extra=args.note)
-    for line in cpu_targets(rows):
+    for line in cpu_targets(rows) + sdpa_parity(rows):
         log(line)
     log(f"wrote {stem.with_suffix('.csv')}" + (f", {stem.with_suffix('.png').name}" if wrote_png else "")
         + f", {stem.with_suffix('.md').name}")

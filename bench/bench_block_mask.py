@@ -69,6 +69,7 @@ def _reset_peak() -> bool:
 
 def make_mask_mod(kind: str, seq_len: int):
     import torch
+
     from triton_attn.masks import and_masks, causal_mask, document_mask, prefix_lm_mask, sliding_window_mask
 
     if kind == "causal":
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per case (default 180)")
     parser.add_argument("--eager-limit-gib", type=float, default=8.0,
                         help="skip torch_eager cases whose Q*KV int64 temporaries exceed this (default 8)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/results/block_mask_<date>_<host>.csv)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV path (default: bench/results/block_mask_<date>_<host>.csv)")
     args = parser.parse_args(argv)
 
     if args.worker:

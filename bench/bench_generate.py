@@ -207,16 +207,16 @@ def main(argv=None) -> int:
              f"transformers {versions['transformers']})", "",
              f"Llama from a config: {args.layers} layers, hidden {args.hidden}, {args.hidden // 64} heads / "
              f"{args.kv_heads} KV heads; B={args.batch}, {args.prompt}-token prompt with left padding, "
-             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs after a warm-up "
-             "(decode: each run's median step). "
+             f"{args.new_tokens} greedy tokens, static cache; median of {args.repeats} interleaved runs "
+             "after a warm-up (decode: each run's median step). "
              f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs "
              "(a shared machine's load makes single numbers noisy; the runs are interleaved so it hits all alike).", "",
              "| implementation | prefill ms | decode ms/step | prefill / sdpa | decode / sdpa | same tokens |",
              "|---|---|---|---|---|---|"]
     for name, result in results.items():
         lines.append(f"| {name} | {result['prefill_ms']:.1f} | {result['decode_ms']:.2f} | "
-                     f"{result['prefill_ms'] / sdpa['prefill_ms']:.2f}x | {result['decode_ms'] / sdpa['decode_ms']:.2f}x"
-                     f" | {same[name]} |")
+                     f"{result['prefill_ms'] / sdpa['prefill_ms']:.2f}x | "
+                     f"{result['decode_ms'] / sdpa['decode_ms']:.2f}x | {same[name]} |")
     ours = results["triton_attn"]
     for what in ("prefill", "decode"):
         ratio = ours[f"{what}_ms"] / sdpa[f"{what}_ms"]

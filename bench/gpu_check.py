@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
@@ -42,8 +40,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import triton_attn as ta  # noqa: E402
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, padding_mask,  # noqa: E402
-                               prefix_lm_mask, sliding_window_mask)
+from triton_attn.masks import (  # noqa: E402
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 
 FIELDS = ["date", "device", "torch", "triton", "section", "mask", "seq", "head_dim", "dtype", "impl", "ms",
           "tflops", "max_error", "bound", "ok", "batch", "gb_s", "note"]
@@ -138,7 +143,9 @@ def run_forward(args, device, dtype, writer_row) -> bool:
                         writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim, impl=impl,
                                         ok=False, max_error=f"error: {type(error).__name__}: {error}"[:200]))
                         all_ok &= impl != "triton_attn"
-                del dense
+                # Rebind rather than ``del``: the sdpa lambda closes over ``dense``; this drops the mask before the
+                # next length allocates its own.
+                dense = None
     return all_ok
 
 
@@ -159,7 +166,8 @@ def run_backward(args, device, dtype, writer_row) -> bool:
             all_ok &= ok is not False
             writer_row(dict(section="backward", mask=row["mask"], seq=row["seq_len"], head_dim=head_dim,
                             impl=row["impl"], ms=f"{row['ms']:.3f}", tflops=f"{row['tflops']:.1f}",
-                            max_error="" if row["max_grad_error"] != row["max_grad_error"] else f"{row['max_grad_error']:.3e}",
+                            max_error=("" if row["max_grad_error"] != row["max_grad_error"]
+                                       else f"{row['max_grad_error']:.3e}"),
                             bound="" if row["bound"] != row["bound"] else f"{row['bound']:.3e}",
                             ok="" if ok is None else ok))
     return all_ok
@@ -305,7 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--perf-masks", nargs="+", default=["causal", "sliding_window", "document_causal"])
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], help="decode/paged batch sizes")
-    parser.add_argument("--decode-caches", type=int, nargs="+", default=[4096, 32768], help="decode/paged cache lengths")
+    parser.add_argument("--decode-caches", type=int, nargs="+", default=[4096, 32768],
+                        help="decode/paged cache lengths")
     parser.add_argument("--copy-bandwidth", type=float, default=4300.0,
                         help="GB/s the decode rows are compared with (H200 copy bandwidth)")
     parser.add_argument("--efficiency-budget", type=float, default=240.0,

@@ -123,7 +123,8 @@ def backward_section(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
                 plain_grads = torch.autograd.grad(plain_out, plain, grad_out)
                 baseline = max(float((a.float() - b).abs().max()) for a, b in zip(plain_grads, ref_grads))
                 magnitude = max(float(b.abs().max()) for b in ref_grads)
-                bound = 3.0 * baseline + {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5) * max(1.0, magnitude)
+                bound = (3.0 * baseline
+                         + {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5) * max(1.0, magnitude))
 
             timings = {"ours": _backward_timer(ours, (q, k, v), grad_out, repeats)}
             if score_mod is None:

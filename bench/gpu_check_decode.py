@@ -75,9 +75,9 @@ def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, backend: str = "triton",
                    with_flex: bool = True, repeats: int = 3, copy_bandwidth: float = COPY_BANDWIDTH_GBS) -> List[dict]:
     """Rows: correctness, then one timing row per implementation, for each (batch, cache length)."""
-    from triton_attn.masks.standard import full_block_mask
     from triton_attn.kernels.decode.launch import plan_decode
     from triton_attn.kernels.entry import decode_forward
+    from triton_attn.masks.standard import full_block_mask
 
     rows = []
     for batch in batches:
@@ -113,7 +113,9 @@ def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16
                 gbs = moved / us / 1e3
                 rows.append(dict(shape, impl=impl, check="speed", us=us, gb_s=gbs,
                                  note=f"{shape['note']} {100 * gbs / copy_bandwidth:.0f}% of copy bandwidth"))
-            del q, k, v
+            # Rebind rather than ``del`` (the timing lambdas close over these names): frees the tensors before
+            # the next shape allocates.
+            q = k = v = None
     return rows
 
 
@@ -181,7 +183,9 @@ def paged_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16)
                                      note=f"{100 * gbs / copy_bandwidth:.0f}% of copy bandwidth"))
                 rows.append(dict(shape, impl="paged/contiguous", check="ratio",
                                  note=f"{timings['paged'] / timings['contiguous']:.2f}x"))
-                del q, k, v, key_cache, value_cache
+                # Rebind rather than ``del`` (``paged`` and the timing lambda close over these names): frees the
+                # tensors before the next shape allocates.
+                q = k = v = key_cache = value_cache = None
     return rows
 
 

@@ -165,7 +165,9 @@ def run_efficiency(args, device, dtype, writer_row) -> bool:
                     except Exception as error:  # one failing implementation must not hide the others
                         writer_row(dict(row, ok=False, max_error=f"error: {type(error).__name__}: {error}"[:200]))
                         all_ok &= impl != "triton_attn"
-                del q, k, v
+                # Rebind rather than ``del`` (the timing lambda closes over these names): frees the inputs before
+                # the next implementation allocates its own.
+                q = k = v = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return all_ok

@@ -22,8 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import triton_attn as ta  # noqa: E402
-from triton_attn.distributed import (context_parallel_attention, record_ring_stats, shard_sequence,  # noqa: E402
-                                     unshard_sequence)
+from triton_attn.distributed import context_parallel_attention, record_ring_stats, shard_sequence, unshard_sequence  # noqa: E402
 from triton_attn.masks import causal_mask  # noqa: E402
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 1, 4, 2048, 32

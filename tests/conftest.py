@@ -16,12 +16,10 @@ warm-up, and timing noise on shared CI machines must not fail tests.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                print_blob=True)

@@ -10,12 +10,24 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import triton_attn as ta
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score, alibi_score)
 from tests.helpers.numerics import assert_matches_golden, random_qkv
+from triton_attn.masks import (
+    alibi_score,
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 
 
 def torch_attention(block_mask=None, score_mod=None, scale=None, enable_gqa=False):
@@ -108,7 +120,8 @@ def test_gqa_does_not_repeat_kv(monkeypatch):
     """The torch backend never calls repeat_interleave/expand+copy on K/V for GQA."""
     calls = []
     original = torch.Tensor.repeat_interleave
-    monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave",
+                        lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
     q, k, v = random_qkv(1, 8, 2, 64, 64, 16)
     ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, None, None, 64, 64, BLOCK_SIZE=16),
                  enable_gqa=True, backend="torch")
@@ -261,12 +274,14 @@ def test_backend_env_override(no_backend_env):
 
 def test_block_mask_errors():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"block_mask was built for Q_LEN=16, KV_LEN=8 but query has Lq=8 and key has Lkv=8"):
+    with pytest.raises(ValueError,
+                       match=r"block_mask was built for Q_LEN=16, KV_LEN=8 but query has Lq=8 and key has Lkv=8"):
         ta.attention(q, k, v, block_mask=ta.create_block_mask(causal_mask, None, None, 16, 8))
     # (a mask with more batch entries or heads than the query is read at its first ones, as FlexAttention's:
     # tests/test_flex_parity.py; fewer than the query's, but not 1, is an error)
     q4, k4, v4 = _qkv(q=(4, 4, 8, 16), k=(4, 4, 8, 16), v=(4, 4, 8, 16))
-    with pytest.raises(ValueError, match=r"block_mask has batch size 3; expected 1 \(broadcast\) or at least query's B=4"):
+    with pytest.raises(ValueError,
+                       match=r"block_mask has batch size 3; expected 1 \(broadcast\) or at least query's B=4"):
         ta.attention(q4, k4, v4, block_mask=ta.create_block_mask(causal_mask, 3, None, 8, 8))
     with pytest.raises(ValueError, match=r"block_mask has 2 heads; expected 1 \(broadcast\) or at least query's Hq=4"):
         ta.attention(q4, k4, v4, block_mask=ta.create_block_mask(causal_mask, None, 2, 8, 8))
@@ -290,7 +305,8 @@ def test_mod_errors():
         ta.create_block_mask(raises, None, None, 8, 8)
     with pytest.raises(TypeError, match=r"mask_mod 'returns_int' must return a bool tensor, got dtype torch.int64"):
         ta.create_block_mask(returns_int, None, None, 8, 8)
-    with pytest.raises(ValueError, match=r"mask_mod 'returns_wrong_shape' returned shape \(3, 5\), which does not broadcast"):
+    with pytest.raises(ValueError,
+                       match=r"mask_mod 'returns_wrong_shape' returned shape \(3, 5\), which does not broadcast"):
         ta.create_mask(returns_wrong_shape, None, None, 8, 8)
     with pytest.raises(TypeError, match=r"mask_mod must be a callable"):
         ta.create_block_mask("causal", None, None, 8, 8)
@@ -307,7 +323,8 @@ def test_mod_errors():
 
     with pytest.raises(ValueError, match=r"score_mod 'score_raises' raised KeyError"):
         ta.attention(q, k, v, score_mod=score_raises, backend="torch")
-    with pytest.raises(TypeError, match=r"score_mod 'score_returns_bool' must return a floating-point tensor, got dtype torch.bool"):
+    with pytest.raises(TypeError, match=r"score_mod 'score_returns_bool' must return a floating-point tensor, "
+                                        r"got dtype torch.bool"):
         ta.attention(q, k, v, score_mod=score_returns_bool, backend="torch")
     with pytest.raises(TypeError, match=r"score_mod must be callable or None, got int"):
         ta.attention(q, k, v, score_mod=3)
@@ -318,7 +335,8 @@ def test_captured_tensor_on_other_device():
     ids = torch.zeros(8, dtype=torch.long, device="meta")
     bm = ta.create_block_mask(causal_mask, None, None, 8, 8)
     bm.mask_mod = document_mask(ids)
-    with pytest.raises(ValueError, match=r"block_mask.mask_mod 'document.*' captures a tensor on meta .* but query is on cpu"):
+    with pytest.raises(ValueError,
+                       match=r"block_mask.mask_mod 'document.*' captures a tensor on meta .* but query is on cpu"):
         ta.attention(q, k, v, block_mask=bm)
 
 
@@ -343,7 +361,8 @@ def test_first_call_with_grad_is_fast():
             "start = time.perf_counter(); ta.attention(q, q, q, backend='torch').sum().backward()\n"
             "import sys; print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
+                            env={**__import__("os").environ,
+                                 "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
     assert result.stdout.strip() == "clean", result.stdout + result.stderr
 
 

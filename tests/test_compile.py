@@ -10,11 +10,16 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import triton_attn as ta
-from triton_attn.masks import (and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask,
-                               softcap_score, window_block_mask)
-
 from tests.helpers.numerics import random_qkv
-
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    document_mask,
+    padding_mask,
+    sliding_window_mask,
+    softcap_score,
+    window_block_mask,
+)
 
 
 @pytest.fixture(autouse=True)

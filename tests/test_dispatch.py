@@ -13,8 +13,15 @@ import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn import cli
 from triton_attn.dispatch import SDPA_DTYPES, Route
-from triton_attn.masks import (and_masks, causal_mask, document_mask, padding_mask, prefix_lm_mask,
-                               sliding_window_mask, softcap_score)
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    document_mask,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 from triton_attn.reference import dense_attention
 
 
@@ -184,3 +191,23 @@ def test_importing_the_package_plans_nothing_and_imports_no_triton():
             "print('triton' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_large_training_masks_go_dense_only_when_most_tiles_are_computed():
+    """Above the small-mask limit a training mask takes PyTorch's dense kernel when >= 35% of its tiles are
+    computed (prefix-LM), and stays block-sparse when most tiles are skipped (sliding window, documents)."""
+    length = 2304                                                  # 2304^2 > 4M mask elements
+    q = torch.randn(1, 1, length, 8, requires_grad=True)
+    k = v = torch.randn(1, 1, length, 8)
+    cases = {"dense": prefix_lm_mask(length // 4), "": sliding_window_mask(128),
+             "no": and_masks(causal_mask, document_mask(torch.arange(length) // 256))}
+    for expected, mod in cases.items():
+        block_mask = ta.create_block_mask(mod, None, None, length, length)
+        route = ta.explain(q, k, v, block_mask=block_mask)
+        if expected == "dense":
+            assert (route.family, route.sdpa_mask) == ("sdpa", "dense"), (block_mask.sparsity(), route)
+        else:
+            assert route.family == "blockwise", (block_mask.sparsity(), route)
+    with torch.no_grad():  # inference keeps the tile route
+        assert ta.explain(q, k, v, block_mask=ta.create_block_mask(cases["dense"], None, None, length,
+                                                                   length)).family == "cpu_flash"

@@ -10,8 +10,8 @@ import torch
 
 import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, random_qkv
-from triton_attn.dispatch import ScoreModFallbackWarning
 from triton_attn.api.flex import flex_kernel_options
+from triton_attn.dispatch import ScoreModFallbackWarning
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -49,7 +49,8 @@ def test_flex_block_mask_and_argument_forms_are_accepted():
     q, k, v = random_qkv(2, 2, 2, 48, 48, 16, dtype=torch.float32)
     theirs = flex.create_block_mask(_causal, 2, None, 48, 48, device="cpu", BLOCK_SIZE=16, _compile=False)
     ours = ta.create_block_mask(_causal, 2, None, 48, 48, device="cpu", BLOCK_SIZE=(16, 16), _compile=True)
-    torch.testing.assert_close(ta.flex_attention(q, k, v, block_mask=theirs), ta.flex_attention(q, k, v, block_mask=ours))
+    torch.testing.assert_close(ta.flex_attention(q, k, v, block_mask=theirs),
+                               ta.flex_attention(q, k, v, block_mask=ours))
     assert ta.create_block_mask(_causal, None, None, 48, 48, torch.device("cpu"), 32).BLOCK_SIZE == (32, 32)
 
 

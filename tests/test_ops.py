@@ -2,18 +2,16 @@
 handling of masked-out NaN keys, and meta tensors."""
 
 import contextlib
-import math
 
 import pytest
 import torch
 
 import triton_attn as ta
-from triton_attn import ops
-from triton_attn.mod_table import register_mod, resolve_mod
-from triton_attn.masks import and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask, softcap_score
-from triton_attn.reference import dense_attention
-
 from tests.helpers.numerics import random_qkv
+from triton_attn import ops
+from triton_attn.masks import and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask, softcap_score
+from triton_attn.mod_table import register_mod, resolve_mod
+from triton_attn.reference import dense_attention
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -182,7 +180,8 @@ def test_launch_plan_is_computed_at_build_time():
     plan = block_mask.__dict__["_launch_plan"]
     assert plan.exact and plan.has_partial_blocks and plan.max_full_blocks == 6 and plan.max_partial_blocks == 1
     assert plan.phases == ("partial", "full")
-    assert ta.masks.standard.default_block_mask(100, 100, "cpu") is ta.masks.standard.default_block_mask(100, 100, "cpu")
+    assert (ta.masks.standard.default_block_mask(100, 100, "cpu")
+            is ta.masks.standard.default_block_mask(100, 100, "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,11 @@ def _stub_wheel(folder: Path, name: str, version: str, requires=()):
             name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
         f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: stub\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
-                     f"{len(text.encode())}\n" for path, text in files.items())
+
+    def record_hash(text: str) -> str:  # the RECORD form: urlsafe base64 of the digest, no '=' padding
+        return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{path},sha256={record_hash(text)},{len(text.encode())}\n" for path, text in files.items())
     files[f"{dist}.dist-info/RECORD"] = record + f"{dist}.dist-info/RECORD,,\n"
     with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
         for path, text in files.items():

@@ -17,7 +17,8 @@ def _private_imports(path: Path):
                 private_name = alias.name.startswith("_") and not alias.name.startswith("__")
                 private_module = any(part.startswith("_") and not part.startswith("__") for part in module_parts)
                 if private_name or private_module:
-                    yield f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+                    yield (f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: "
+                           f"from {'.' * node.level}{node.module or ''} import {alias.name}")
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("triton_attn") and any(p.startswith("_") and not p.startswith("__")

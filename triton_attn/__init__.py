@@ -25,7 +25,8 @@ _PUBLIC = {
     "CompactBlockMask": ".masks",
 }
 
-__all__ = ["attention", "explain", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch", "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
+__all__ = ["attention", "explain", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch",
+           "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 
 def __getattr__(name):

@@ -13,8 +13,16 @@ from typing import List, Optional
 
 from . import __version__
 from .commands.check import check_command
-from .commands.common import (LIBRARY_MASKS, CommandError, DefaultsHelpFormatter, OneLineErrorParser,  # noqa: F401
-                              Progress, add_mask_options, available_backends, library_mask)
+from .commands.common import (  # noqa: F401
+    LIBRARY_MASKS,
+    CommandError,
+    DefaultsHelpFormatter,
+    OneLineErrorParser,
+    Progress,
+    add_mask_options,
+    available_backends,
+    library_mask,
+)
 from .commands.explain import explain_command
 from .commands.info import info_command
 from .commands.show import show_command
@@ -84,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--force", action="store_true", help="re-tune shapes already in the cache")
     tune.add_argument("--dry-run", action="store_true",
                       help="no GPU needed: list the search space and prune it by ahead-of-time compilation")
-    tune.add_argument("--arch", default=None, help="with --dry-run: target sm_80 or sm_90 (default: this GPU, else sm_90)")
+    tune.add_argument("--arch", default=None,
+                      help="with --dry-run: target sm_80 or sm_90 (default: this GPU, else sm_90)")
     tune.add_argument("--interpret", action="store_true",
                       help="debugging: run the tuning flow with the Triton interpreter on CPU tensors (timings are "
                            "meaningless; entries are keyed to device cpu and never used on a GPU)")
@@ -105,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--kv-len", type=int, default=None, help="key/value length (default: --seq-len)")
     show.add_argument("--block-size", default="128", help="128 or Q,KV")
     show.add_argument("--grid", type=int, default=32, help="characters per side at most (0: one per block)")
-    show.add_argument("--png", default=None, metavar="PATH", help="also save the block picture as a PNG (default: no PNG)")
+    show.add_argument("--png", default=None, metavar="PATH",
+                      help="also save the block picture as a PNG (default: no PNG)")
     add_mask_options(show)
 
     explain = command("explain", "print the route (backend, kernel family, custom op or direct, backward) that "
                                  "attention() takes for a described call, and why", explain_command)
     explain.add_argument("mask", choices=LIBRARY_MASKS, metavar="MASK", help=", ".join(LIBRARY_MASKS))
     explain.add_argument("--seq-len", type=int, default=4096, help="keys (and query rows unless --q-len)")
-    explain.add_argument("--q-len", type=int, default=None, help="query rows, the last of the sequence (default: --seq-len)")
+    explain.add_argument("--q-len", type=int, default=None,
+                         help="query rows, the last of the sequence (default: --seq-len)")
     explain.add_argument("--batch", type=int, default=1, help="batch size")
     explain.add_argument("--heads", type=int, default=8, help="query heads")
     explain.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
@@ -132,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     check.add_argument("--backend", default=None, choices=["torch", "triton", "interpret"],
                        help="check only this backend (default: every available one)")
-    check.add_argument("--dtype", nargs="+", default=None, help="bf16, fp16, fp32 (default: fp32 on CPU; bf16 fp16 on GPU)")
+    check.add_argument("--dtype", nargs="+", default=None,
+                       help="bf16, fp16, fp32 (default: fp32 on CPU; bf16 fp16 on GPU)")
     check.add_argument("--seq-len", type=int, default=80, help="sequence length")
     check.add_argument("--no-backward", action="store_true", help="forward only")
     check.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from .api import attention, choose_backend
-from .masks import (causal_mask, create_block_mask, create_mask, document_mask, prefix_lm_mask,
-                    sliding_window_mask, and_masks)
+from .masks import (
+    and_masks,
+    causal_mask,
+    create_block_mask,
+    create_mask,
+    document_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 from .reference import dense_attention
 
 
@@ -99,7 +106,8 @@ def run_demo(seq_len: Optional[int] = None, heads: int = 4, head_dim: int = 64, 
         bound = 2 * plain_error + (1e-5 if dtype == torch.float32 else 1e-2)
         dense_mask = create_mask(mask_mod, 1, 1, seq_len, seq_len, device=dev)
         ours_ms = _median_ms(lambda: attention(query, key, value, block_mask=block_mask, backend=chosen), dev, repeats)
-        sdpa_ms = _median_ms(lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=dense_mask), dev, repeats)
+        sdpa_ms = _median_ms(lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=dense_mask),
+                             dev, repeats)
         rows.append(DemoRow(label, block_mask.sparsity(), error, bound, ours_ms, sdpa_ms))
     print_fn("")
     header = f"{'mask':<28} {'sparsity':>9} {'max error':>10} {'bound':>9} {'ours ms':>9} {'SDPA ms':>9}  check"

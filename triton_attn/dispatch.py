@@ -24,6 +24,7 @@ A route names four things:
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -33,11 +34,11 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import settings
+from .kernels.decode.configs import MAX_DECODE_Q_LEN  # query rows up to which the decode kernel runs (no Triton)
 from .masks.block_mask import BlockMask
 from .masks.closure import StructuredMod, captured_tensors
 from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
-from .kernels.decode.configs import MAX_DECODE_Q_LEN  # query rows up to which the decode kernel runs (no Triton)
 from .masks.recognize import is_causal
 
 __all__ = ["Route", "plan_call", "plan_paged_call", "choose_backend", "BACKENDS", "MAX_DECODE_Q_LEN",
@@ -54,6 +55,10 @@ _SHORT_QUERY = f"no gradient; Lq <= {MAX_DECODE_Q_LEN}: split-KV decode kernel"
 SDPA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Mask elements (Bm * Lq * Lkv) up to which a mask is materialized as a dense tensor for PyTorch's fused kernel.
 DENSE_MASK_ELEMENTS = 1 << 22
+# Larger masks (up to DENSE_MASK_MAX_ELEMENTS) go dense in training when at least this fraction of their tiles is
+# computed: PyTorch's dense kernel then beats skipping the rest (prefix-LM, 4k tokens: bench/results/attention_*).
+DENSE_MASK_MAX_ELEMENTS = 1 << 26
+DENSE_MASK_MIN_DENSITY = 0.35
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,9 @@ def _sdpa_mask(query, key, value, block_mask: BlockMask, score_mod, needs_grad: 
 
     Exact means: no score_mod, a dtype it computes within the numerics rule, D == Dv, and a mask it
     represents -- every tile full (no mask), the causal family recognized from the traced mask_mod with a
-    layout built from it, or a mask small enough to materialize (training only: inference has the cached
-    dense route of ``cpu_flash``, shared by a model's layers)."""
+    layout built from it, or a mask small enough to materialize, or dense enough that skipping tiles gains
+    less than PyTorch's kernel (training only: inference has the cached dense route of ``cpu_flash``,
+    shared by a model's layers)."""
     if (score_mod is not None or query.dtype not in SDPA_DTYPES or key.shape[-1] != value.shape[-1]
             or not _fused_cpu_ops()):
         return ""
@@ -202,14 +208,22 @@ def _sdpa_mask(query, key, value, block_mask: BlockMask, score_mod, needs_grad: 
     if not block_mask.exact_layout:
         return ""
     q_len, kv_len = block_mask.seq_lengths
-    dense_small = block_mask.shape[0] * q_len * kv_len <= DENSE_MASK_ELEMENTS
+    mask_batch, mask_heads = block_mask.shape[:2]
+    dense_small = mask_batch * q_len * kv_len <= DENSE_MASK_ELEMENTS
     if not needs_grad and dense_small and query.dtype == torch.float32:
         return ""  # cpu_flash's dense route: one fused call with a bias cached on the mask
-    if block_mask.shape[1] == 1 and is_causal(block_mask.mask_mod):
+    if mask_heads == 1 and is_causal(block_mask.mask_mod):
         return "causal"
-    return "dense" if needs_grad and dense_small and block_mask.shape[1] == 1 else ""
+    if not needs_grad or mask_heads != 1:
+        return ""
+    if dense_small:
+        return "dense"
+    elements = mask_batch * q_len * kv_len
+    dense_enough = 100.0 - block_mask.sparsity() >= 100.0 * DENSE_MASK_MIN_DENSITY
+    return "dense" if elements <= DENSE_MASK_MAX_ELEMENTS and dense_enough else ""
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_cpu_ops() -> bool:
     """Whether this torch build has PyTorch's fused CPU attention ops (forward and backward)."""
     return (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")

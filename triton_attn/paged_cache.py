@@ -106,7 +106,8 @@ class PagedKVCache:
     def write(self, layer: int, seqs: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``key`` ``[B, Hkv, S, D]`` / ``value`` ``[B, Hkv, S, Dv]`` as the last S tokens of each sequence."""
         self._check(seqs)
-        if key.dim() != 4 or key.shape[0] != len(seqs) or key.shape[1:2] + key.shape[3:] != self.keys[layer].shape[1:2] + self.keys[layer].shape[3:]:
+        if (key.dim() != 4 or key.shape[0] != len(seqs)
+                or key.shape[1:2] + key.shape[3:] != self.keys[layer].shape[1:2] + self.keys[layer].shape[3:]):
             raise ValueError(f"PagedKVCache.write: key must be [B={len(seqs)}, Hkv={self.keys[layer].shape[1]}, S, "
                              f"D={self.keys[layer].shape[3]}], got {tuple(key.shape)}")
         if value.shape[:3] != key.shape[:3] or value.shape[3] != self.values[layer].shape[3]:

@@ -15,6 +15,7 @@ import torch
 
 from .masks.evaluate import call_mask_mod, call_score_mod
 
+
 def index_grids(batch: int, heads: int, device):
     """Batch and head index grids ``[B, 1, 1, 1]`` and ``[1, H, 1, 1]`` for evaluating mods."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)

@@ -63,7 +63,8 @@ def triton_problem() -> Optional[str]:
     version = triton_version()
     if version is None:
         return (f"Triton is not installed; the triton and interpret backends need triton>={_dotted(MIN_TRITON)} "
-                f"(it comes with torch's CUDA and ROCm builds; with a CPU-only torch: pip install 'triton>={_dotted(MIN_TRITON)}')")
+                f"(it comes with torch's CUDA and ROCm builds; with a CPU-only torch: "
+                f"pip install 'triton>={_dotted(MIN_TRITON)}')")
     parsed = parse_version(version)
     if parsed is not None and parsed < MIN_TRITON:
         return (f"Triton {version} is too old: triton-attn needs triton>={_dotted(MIN_TRITON)} (torch 2.8 ships 3.4); "
@@ -81,7 +82,8 @@ def interpreter_problem() -> Optional[str]:
     if triton < INTERPRETER_NUMPY_FIXED_IN_TRITON and numpy >= INTERPRETER_BREAKING_NUMPY:
         return (f"the interpreter of Triton {triton_version()} fails with numpy {numpy_version} "
                 f"(TypeError: only 0-dimensional arrays can be converted to Python scalars); install "
-                f"numpy<{_dotted(INTERPRETER_BREAKING_NUMPY)} (pip install 'numpy<{_dotted(INTERPRETER_BREAKING_NUMPY)}') "
+                f"numpy<{_dotted(INTERPRETER_BREAKING_NUMPY)} "
+                f"(pip install 'numpy<{_dotted(INTERPRETER_BREAKING_NUMPY)}') "
                 f"or triton>={_dotted(INTERPRETER_NUMPY_FIXED_IN_TRITON)}")
     return None
 

@@ -15,10 +15,16 @@ import torch
 import triton_attn as ta
 from tests.helpers.distributed_harness import run_ranks
 from tests.helpers.numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare, random_qkv
-from triton_attn.distributed import (PerDocumentBalancer, context_parallel_attention, layout_positions,
-                                     record_ring_stats, shard_sequence, unshard_sequence, work_report)
-from triton_attn.masks import (and_masks, causal_mask, document_mask, prefix_lm_mask, sliding_window_mask,
-                               softcap_score)
+from triton_attn.distributed import (
+    PerDocumentBalancer,
+    context_parallel_attention,
+    layout_positions,
+    record_ring_stats,
+    shard_sequence,
+    unshard_sequence,
+    work_report,
+)
+from triton_attn.masks import and_masks, causal_mask, document_mask, prefix_lm_mask, sliding_window_mask, softcap_score
 from triton_attn.reference import dense_attention
 
 SEQ_LEN = 128

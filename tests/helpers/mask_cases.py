@@ -7,8 +7,17 @@ from typing import Callable, Dict
 import torch
 from hypothesis import strategies as st
 
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask)
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 
 
 def document_ids(batch: int, length: int) -> torch.Tensor:

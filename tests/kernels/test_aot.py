@@ -8,19 +8,27 @@ whole range of mask/score constructs pass the real compiler (the interpreter is 
 from __future__ import annotations
 
 import pytest
-from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 import torch
+
+from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
 from triton_attn.kernels.attention.aot import compile_forward  # noqa: E402
+from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
 from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
-from triton_attn.kernels.attention.configs import FLOAT32_CONFIGS, FORWARD_CONFIGS, MAIN_CONFIGS, default_config  # noqa: E402
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
-                               prefix_lm_mask, sliding_window_mask, softcap_score)
-
+from triton_attn.masks import (  # noqa: E402
+    alibi_score,
+    and_masks,
+    causal_mask,
+    document_mask,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")

@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 
-from triton_attn.kernels.tuning import search as autotune
-from triton_attn.kernels.tuning.search import Autotuner, KernelConfig, TuningKey
-from triton_attn.kernels.tuning.cache import TuningCache, TuningCacheWarning
 from tests.helpers.toolchain import nvidia_toolchain_available
+from triton_attn.kernels.tuning import search as autotune
+from triton_attn.kernels.tuning.cache import TuningCache, TuningCacheWarning
+from triton_attn.kernels.tuning.search import Autotuner, KernelConfig, TuningKey
 from triton_attn.masks import causal_mask, create_block_mask, sliding_window_mask
 
 
@@ -46,7 +46,8 @@ def test_key_string_roundtrip_and_fields():
 
 
 def test_seq_buckets_and_sparsity_classes():
-    assert [autotune.seq_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 10**7)] == [16, 16, 32, 1024, 1024, 2048, 1 << 17]
+    assert [autotune.seq_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 10**7)] == [
+        16, 16, 32, 1024, 1024, 2048, 1 << 17]
     assert autotune.block_mask_sparsity_class(None) == "dense"
     causal = create_block_mask(causal_mask, None, None, 2048, 2048)
     window = create_block_mask(sliding_window_mask(128), None, None, 4096, 4096)
@@ -91,7 +92,8 @@ def test_prune_drops_over_shared_memory_spills_and_compile_errors():
         if config.BLOCK_N == 32:
             raise RuntimeError("PassManager::run failed\nmore detail")
         shared = config.num_stages * config.BLOCK_N * 288
-        return {"shared_mem": shared, "n_regs": 200, "n_spills": 64 if config.num_warps == 4 and config.BLOCK_M == 128 else 0}
+        spills = 64 if config.num_warps == 4 and config.BLOCK_M == 128 else 0
+        return {"shared_mem": shared, "n_regs": 200, "n_spills": spills}
 
     seen = []
     result = autotune.prune(configs, fake_compile, capability=80, progress=lambda c, r: seen.append(c))

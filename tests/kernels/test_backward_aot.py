@@ -8,23 +8,34 @@ the transposed bitmask fallback, ragged sub-tiles) pass the real compiler.
 
 from __future__ import annotations
 
-
 import pytest
-from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 import torch
+
+from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
 from triton_attn.kernels.attention import aot as backward_aot  # noqa: E402
+from triton_attn.kernels.attention.backward_launch import (  # noqa: E402
+    BACKWARD_CONFIGS,
+    FLOAT32_BACKWARD_CONFIGS,
+    MAIN_BACKWARD_CONFIGS,
+    SPILLING_CONFIGS,
+    default_backward_config,
+)
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuning import aot  # noqa: E402
 from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import (BACKWARD_CONFIGS, FLOAT32_BACKWARD_CONFIGS,  # noqa: E402
-                                                 MAIN_BACKWARD_CONFIGS, SPILLING_CONFIGS,
-                                                 default_backward_config)
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, document_mask, padding_mask,  # noqa: E402
-                               prefix_lm_mask, sliding_window_mask, softcap_score)
-
+from triton_attn.masks import (  # noqa: E402
+    alibi_score,
+    and_masks,
+    causal_mask,
+    document_mask,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 
 pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(80, 90),
                                 reason="Triton's NVIDIA backend is not installed")

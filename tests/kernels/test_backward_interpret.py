@@ -26,18 +26,31 @@ from triton.runtime.interpreter import InterpreterBuilder, TensorHandle  # noqa:
 import triton_attn as ta  # noqa: E402
 from tests.helpers.mask_cases import composed_masks, document_ids, library_mask_cases
 from tests.helpers.numerics import assert_matches_golden, random_qkv  # noqa: E402
-from triton_attn.kernels.jit import derivative  # noqa: E402
 from triton_attn.kernels.attention import backward_launch  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import (BackwardConfig, UnsupportedBackwardError,  # noqa: E402
-                                                           attention_backward, check_backward_supported)
+from triton_attn.kernels.attention.backward_launch import (  # noqa: E402
+    BackwardConfig,
+    UnsupportedBackwardError,
+    attention_backward,
+    check_backward_supported,
+)
 from triton_attn.kernels.attention.configs import KernelConfig  # noqa: E402
-from triton_attn.kernels.attention.fallback import (UntraceableMaskWarning, partial_block_bits,  # noqa: E402
-                                                    partial_block_ids)
-from triton_attn.kernels.jit import functions  # noqa: E402
+from triton_attn.kernels.attention.fallback import UntraceableMaskWarning, partial_block_bits, partial_block_ids  # noqa: E402
 from triton_attn.kernels.attention.forward_launch import attention_forward  # noqa: E402
 from triton_attn.kernels.host import new_softmax_stats  # noqa: E402
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask,  # noqa: E402
-                               prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.kernels.jit import (
+    derivative,  # noqa: E402
+    functions,  # noqa: E402
+)
+from triton_attn.masks import (  # noqa: E402
+    alibi_score,
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 from triton_attn.masks.tracing import TracedMod, evaluate, trace_score_mod  # noqa: E402
 from triton_attn.reference import dense_attention  # noqa: E402
 

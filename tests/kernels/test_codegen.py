@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import ast
-import warnings
 
 import pytest
 import torch
 
 import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, random_qkv
-from triton_attn.kernels.jit import functions
 from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.kernels.jit import functions
+from triton_attn.masks import (
+    alibi_score,
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 from triton_attn.masks.tracing import Node, TracedMod, trace_mask_mod, trace_score_mod
 
 pytest.importorskip("triton")
@@ -21,8 +31,8 @@ pytest.importorskip("triton")
 
 def _library():
     ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
-    return [causal_mask, sliding_window_mask(3), chunked_mask(2), prefix_lm_mask(2), prefix_lm_mask(torch.tensor([1, 3])),
-            document_mask(ids), document_mask(ids[0]), padding_mask(ids > 0),
+    return [causal_mask, sliding_window_mask(3), chunked_mask(2), prefix_lm_mask(2),
+            prefix_lm_mask(torch.tensor([1, 3])), document_mask(ids), document_mask(ids[0]), padding_mask(ids > 0),
             and_masks(causal_mask, document_mask(ids)), or_masks(causal_mask, chunked_mask(4)), not_mask(causal_mask)]
 
 
@@ -104,7 +114,8 @@ def test_float_arithmetic_in_mask_and_score():
         return torch.floor(q_idx.float() / 3.0) >= torch.ceil(kv_idx * 0.5) - 4
 
     def score_math(score, b, h, q_idx, kv_idx):
-        return score * torch.sigmoid(score) + torch.sqrt((q_idx + 1).float()) * 0.1 - torch.log((kv_idx + 2).float()) ** 2
+        return (score * torch.sigmoid(score) + torch.sqrt((q_idx + 1).float()) * 0.1
+                - torch.log((kv_idx + 2).float()) ** 2)
 
     check_interpreted(float_band, score_math)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")

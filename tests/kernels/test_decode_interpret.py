@@ -15,7 +15,7 @@ import torch
 import triton_attn as ta
 from tests.helpers.mask_cases import document_ids
 from tests.helpers.numerics import assert_matches_golden, random_qkv
-from triton_attn.masks import and_masks, causal_mask, document_mask, sliding_window_mask, softcap_score
+from triton_attn.masks import and_masks, causal_mask, sliding_window_mask, softcap_score
 
 pytest.importorskip("triton")
 
@@ -161,7 +161,8 @@ def test_untraceable_mask_uses_the_bitmask():
         warnings.simplefilter("ignore")
         block_mask = ta.create_block_mask(from_a_python_set, None, None, 4, 200, BLOCK_SIZE=64)
         out, lse = ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, backend="interpret")
-    ref_out, ref_lse = ta.attention(q, k, v, block_mask=ta.create_block_mask(as_tensor, None, None, 4, 200, BLOCK_SIZE=64),
+    ref_out, ref_lse = ta.attention(q, k, v,
+                                    block_mask=ta.create_block_mask(as_tensor, None, None, 4, 200, BLOCK_SIZE=64),
                                     enable_gqa=True, return_lse=True, backend="torch")
     torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)

@@ -20,6 +20,7 @@ import functools
 
 import pytest
 import torch
+
 from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
@@ -29,8 +30,7 @@ from triton_attn.kernels.attention.backward_launch import HOPPER_BACKWARD_CONFIG
 from triton_attn.kernels.attention.configs import default_config  # noqa: E402
 from triton_attn.kernels.host import needs_64bit_rows  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
-from triton_attn.kernels.tuning.compiled import (pipelined_loops, ptx_instruction_count, wgmma_shapes,  # noqa: E402
-                                                 wide_row_products)
+from triton_attn.kernels.tuning.compiled import pipelined_loops, ptx_instruction_count, wgmma_shapes, wide_row_products  # noqa: E402
 from triton_attn.masks import causal_mask, softcap_score  # noqa: E402
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 

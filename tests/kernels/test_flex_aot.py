@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")

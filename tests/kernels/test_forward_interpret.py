@@ -17,8 +17,15 @@ import triton_attn as ta
 from tests.helpers.mask_cases import composed_masks, library_mask_cases
 from tests.helpers.numerics import assert_matches_golden, random_qkv
 from triton_attn.kernels.attention.fallback import UntraceableMaskWarning
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, padding_mask, sliding_window_mask,
-                               softcap_score)
+from triton_attn.masks import (
+    alibi_score,
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    padding_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 
 pytest.importorskip("triton")
 

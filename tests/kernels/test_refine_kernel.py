@@ -9,18 +9,30 @@ exactly the BlockMask it gives without. Plus an ahead-of-time build for sm_80 of
 from __future__ import annotations
 
 import pytest
-from tests.helpers.toolchain import nvidia_toolchain_available
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
 import triton_attn as ta  # noqa: E402
 from triton_attn.kernels import refine  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, compiler, document_mask,  # noqa: E402
-                               full_mask, not_mask, or_masks, padding_mask, prefix_lm_mask, sliding_window_mask)
+from triton_attn.masks import (  # noqa: E402
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    compiler,
+    document_mask,
+    full_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 from triton_attn.masks.tracing import trace_mask_mod  # noqa: E402
 
 

@@ -6,12 +6,23 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import triton_attn as ta
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, full_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask)
-from triton_attn.masks import compiler
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    compiler,
+    document_mask,
+    full_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 
 
 def cdiv(a, b):

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 import triton_attn as ta
-from triton_attn.masks import (and_masks, causal_mask, document_mask, or_masks, padding_mask, prefix_lm_mask,
-                               sliding_window_mask)
-from triton_attn.masks import compiler
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    compiler,
+    document_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 from triton_attn.masks.compact import CompactBlockMask
-
 
 
 def _cases():

@@ -1,11 +1,11 @@
 """Closed-form layouts of the model mask families (masks/closed_form.py) and the decode-step mask path."""
 
 import dataclasses
-import time
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import triton_attn as ta
 from triton_attn.masks import and_masks, causal_mask, document_mask, padding_mask, sliding_window_mask

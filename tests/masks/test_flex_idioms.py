@@ -104,13 +104,15 @@ def assert_same_as_flex(ours, theirs):
     """Same blocks (partial and full) per (b, h, row); Flex orders the valid indices ascending too."""
     shape = (BATCH, HEADS) + tuple(theirs.kv_num_blocks.shape[2:])
     for field in ("kv_num_blocks", "full_kv_num_blocks"):
-        assert torch.equal(getattr(ours, field).expand(shape).long(), getattr(theirs, field).expand(shape).long()), field
+        assert torch.equal(getattr(ours, field).expand(shape).long(),
+                           getattr(theirs, field).expand(shape).long()), field
     for counts, field in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
         count = getattr(theirs, counts).expand(shape)
         mine = getattr(ours, field).expand(shape + getattr(ours, field).shape[-1:]).long()
         flex_indices = getattr(theirs, field).expand(shape + getattr(theirs, field).shape[-1:]).long()
         valid = torch.arange(mine.shape[-1]) < count.unsqueeze(-1)
-        assert torch.equal(torch.where(valid, mine, -1), torch.where(valid, flex_indices[..., :mine.shape[-1]], -1)), field
+        assert torch.equal(torch.where(valid, mine, -1),
+                           torch.where(valid, flex_indices[..., :mine.shape[-1]], -1)), field
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # Flex's own vmap of isin

@@ -6,14 +6,25 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import triton_attn as ta
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, full_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, sliding_window_mask)
-from triton_attn.masks import compiler
-from triton_attn.masks.compact import CompactBlockMask, ordered_from_dense_fast
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    compiler,
+    document_mask,
+    full_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+)
 from triton_attn.masks.block_mask import ordered_from_dense
+from triton_attn.masks.compact import CompactBlockMask, ordered_from_dense_fast
 from triton_attn.masks.interval import IntervalEvaluator, eager_dtypes
 from triton_attn.masks.tracing import trace_mask_mod
 
@@ -27,7 +38,8 @@ def assert_same_block_mask(got, expected, what: str):
     assert got.BLOCK_SIZE == expected.BLOCK_SIZE and got.seq_lengths == expected.seq_lengths, what
     for name in ta.BlockMask._TENSOR_FIELDS:
         a, b = getattr(got, name), getattr(expected, name)
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {name} {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{what}: {name} {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}")
         if not torch.equal(a, b):
             diff = (a != b).nonzero()
             raise AssertionError(f"{what}: {name} differs from the exact compiler at {diff.shape[0]} entries, "

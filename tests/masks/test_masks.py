@@ -11,11 +11,24 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import triton_attn as ta
-from triton_attn.masks import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, full_mask,
-                               not_mask, or_masks, padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+from triton_attn.masks import (
+    alibi_score,
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    full_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    softcap_score,
+)
 
 
 def loop_mask(predicate, B, H, Q, KV) -> torch.Tensor:
@@ -127,8 +140,8 @@ def test_and_or_not_semantics():
         "or1": (or_masks(a), lambda q, k: 0 <= q - k < 3),
     }
     for what, (mod, ref) in defs.items():
-        assert_mask_equal(ta.create_mask(mod, None, None, Q, KV), loop_mask(lambda b_, h_, q, k: ref(q, k), 1, 1, Q, KV),
-                          what)
+        assert_mask_equal(ta.create_mask(mod, None, None, Q, KV),
+                          loop_mask(lambda b_, h_, q, k: ref(q, k), 1, 1, Q, KV), what)
 
 
 def test_head_dependent_captured_tensor():

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 import triton_attn as ta
 from tests.helpers.numerics import assert_matches_golden, compare, random_qkv
-from triton_attn.reference import dense_attention
 from triton_attn.masks.torch_ops import HANDLERS
 from triton_attn.masks.tracing import UntraceableModError, trace_score_mod
+from triton_attn.reference import dense_attention
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -186,7 +186,8 @@ def assert_close_elementwise(got, expected, baseline, what: str, factor: float =
     element by element, against the float64 ``expected``)."""
     got, baseline = got.double(), baseline.double()
     same_special = (torch.isnan(got) == torch.isnan(baseline)) & (torch.isinf(got) == torch.isinf(baseline))
-    assert bool(same_special.all()), f"{what}: NaN/inf differ at x index {(~same_special).nonzero()[:5].flatten().tolist()}"
+    assert bool(same_special.all()), (
+        f"{what}: NaN/inf differ at x index {(~same_special).nonzero()[:5].flatten().tolist()}")
     assert torch.equal(got[torch.isinf(baseline)], baseline[torch.isinf(baseline)]), f"{what}: infinities differ"
     finite = torch.isfinite(expected) & torch.isfinite(baseline)
     error = (got[finite] - expected[finite]).abs()
@@ -309,4 +310,5 @@ def test_every_traced_name_has_a_handler():
 
     names = list(pointwise.UNARY_NODES) + list(pointwise.UNARY_COMPOSITES) + list(pointwise.BINARY_COMPOSITES)
     for name in names + ["round", "nan_to_num", "logit", "lerp", "heaviside"]:
-        assert any(getattr(namespace, name, None) in HANDLERS for namespace in (torch, torch.Tensor, torch.special)), name
+        assert any(getattr(namespace, name, None) in HANDLERS
+                   for namespace in (torch, torch.Tensor, torch.special)), name

@@ -9,8 +9,19 @@ import weakref
 import pytest
 import torch
 
-from triton_attn.masks import (and_masks, causal_mask, chunked_mask, document_mask, full_mask, not_mask, or_masks,
-                               padding_mask, prefix_lm_mask, recognize, sliding_window_mask)
+from triton_attn.masks import (
+    and_masks,
+    causal_mask,
+    chunked_mask,
+    document_mask,
+    full_mask,
+    not_mask,
+    or_masks,
+    padding_mask,
+    prefix_lm_mask,
+    recognize,
+    sliding_window_mask,
+)
 from triton_attn.masks.recognize import is_causal
 
 CAUSAL_SPELLINGS = {

@@ -6,10 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_attn.models import (KVCache, ModelConfig, ReferenceDecoder, ReferenceVisionLanguageModel,
-                                VisionLanguageConfig)
-from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, AttentionInterface, AttentionMaskInterface,
-                                  MissingMaskFunctionWarning, ModelBlockMask)
+from triton_attn.models import (
+    KVCache,
+    ModelConfig,
+    ReferenceDecoder,
+    ReferenceVisionLanguageModel,
+    VisionLanguageConfig,
+)
+from triton_attn.registry import (
+    ALL_ATTENTION_FUNCTIONS,
+    AttentionInterface,
+    AttentionMaskInterface,
+    MissingMaskFunctionWarning,
+    ModelBlockMask,
+)
 
 ATOL = 1e-4
 

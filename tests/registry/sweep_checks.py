@@ -61,6 +61,7 @@ def registered(wrap: Optional[Callable[[Callable], Callable]] = None) -> Iterato
     """``triton_attn`` registered in transformers (counting its calls; ``wrap(function)`` replaces our attention
     function, for negative controls); every global mapping restored afterwards."""
     import transformers
+
     from triton_attn.registry import register_transformers
 
     mappings = (transformers.AttentionInterface._global_mapping, transformers.AttentionMaskInterface._global_mapping)

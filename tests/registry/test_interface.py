@@ -16,9 +16,15 @@ import pytest
 import torch
 
 from triton_attn.masks import alibi_score, sliding_window_mask
-from triton_attn.registry import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface,
-                                  AttentionMaskInterface, MissingMaskFunctionWarning, eager_attention_function,
-                                  register_attention)
+from triton_attn.registry import (
+    ALL_ATTENTION_FUNCTIONS,
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionInterface,
+    AttentionMaskInterface,
+    MissingMaskFunctionWarning,
+    eager_attention_function,
+    register_attention,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

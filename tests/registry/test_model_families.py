@@ -16,12 +16,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from triton_attn.masks import causal_mask  # noqa: E402
-from triton_attn.registry import (ModelBlockMask,  # noqa: E402
-                                  make_attention_function, make_mask_function, register_attention)
-from triton_attn.registry import attention_functions  # noqa: E402
-
 from tests.helpers.numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare  # noqa: E402
+from triton_attn.masks import causal_mask  # noqa: E402
+from triton_attn.registry import (  # noqa: E402
+    ModelBlockMask,
+    attention_functions,  # noqa: E402
+    make_attention_function,
+    make_mask_function,
+    register_attention,
+)
 
 VOCAB = 64
 ATOL = 2e-4
@@ -150,8 +153,8 @@ def test_position_bias_and_per_query_sinks_match_inkling2_eager(backend):
 
 
 # ``name = ALL_ATTENTION_FUNCTIONS...`` / ``name: Callable = getattr(ALL_ATTENTION_FUNCTIONS, ...)`` at a line start.
-_CALL_SITE_NAME = re.compile(r"^[ \t]*((?:self\.)?\w+)[ \t]*(?::[^=\n]*)?=\s*(?:getattr\(\s*)?ALL_ATTENTION_FUNCTIONS\b",
-                             re.MULTILINE)
+_CALL_SITE_NAME = re.compile(r"^[ \t]*((?:self\.)?\w+)[ \t]*(?::[^=\n]*)?=\s*"
+                             r"(?:getattr\(\s*)?ALL_ATTENTION_FUNCTIONS\b", re.MULTILINE)
 
 
 def _call_arguments(text: str, open_paren: int) -> str:
@@ -268,7 +271,8 @@ def test_unknown_and_refused_keywords_are_errors_unless_ignored():
         fn(Module(), q, k, v, None, block_indices=torch.zeros(1, 6, 2, dtype=torch.int32))
     # Harmless keywords, refused ones switched off, and an opted-in unknown keyword change nothing.
     quiet = make_attention_function(ignore_keywords="new_bias_kind")
-    out = quiet(Module(), q, k, v, None, new_bias_kind=1, block_indices=None, position_ids=torch.arange(6), use_cache=True)
+    out = quiet(Module(), q, k, v, None, new_bias_kind=1, block_indices=None, position_ids=torch.arange(6),
+                use_cache=True)
     torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="'position_bias' is implemented"):

@@ -13,13 +13,17 @@ import types
 import pytest
 import torch
 
+from tests.helpers.numerics import FORWARD_FACTOR, compare
 from triton_attn.masks import causal_mask
-from triton_attn.registry import (ModelBlockMask, dense_mask_function, eager_attention_function,
-                                  make_attention_function, make_mask_function)
+from triton_attn.registry import (
+    ModelBlockMask,
+    dense_mask_function,
+    eager_attention_function,
+    make_attention_function,
+    make_mask_function,
+)
 from triton_attn.registry.keywords import ATTENTION_KEYWORDS
 from triton_attn.registry.tensor_mask_models import TENSOR_MASK_MODELS
-
-from tests.helpers.numerics import FORWARD_FACTOR, compare
 
 
 def _padding(batch: int, length: int) -> torch.Tensor:

@@ -17,9 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 import triton_attn as ta  # noqa: E402
 from triton_attn.masks import alibi_score, document_mask  # noqa: E402
-from triton_attn.registry import (AttentionInterface, MissingMaskFunctionWarning,  # noqa: E402
-                                  make_mask_function, register_attention, register_transformers)
-from triton_attn.registry import attention_functions  # noqa: E402
+from triton_attn.registry import (  # noqa: E402
+    AttentionInterface,
+    MissingMaskFunctionWarning,
+    attention_functions,  # noqa: E402
+    make_mask_function,
+    register_attention,
+    register_transformers,
+)
 
 HF_ATTENTION = transformers.AttentionInterface
 HF_MASK = transformers.AttentionMaskInterface
@@ -167,8 +172,13 @@ def test_sliding_window_is_honoured():
 
 @pytest.mark.filterwarnings("error:.*cannot be traced")
 def test_our_mask_function_agrees_with_transformers_sdpa_mask():
-    from transformers.masking_utils import (and_masks, causal_mask_function, packed_sequence_mask_function,
-                                            sdpa_mask, sliding_window_causal_mask_function)
+    from transformers.masking_utils import (
+        and_masks,
+        causal_mask_function,
+        packed_sequence_mask_function,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
 
     padding = torch.ones(2, 14, dtype=torch.bool)
     padding[0, :4] = False
@@ -191,8 +201,13 @@ def test_our_mask_function_agrees_with_transformers_sdpa_mask():
 def test_transformers_combinators_become_traceable():
     """transformers' and_masks/or_masks (q_idx.new_ones, .to(device)) are rebuilt from ours, recursively,
     so the Triton backend can inline the pattern instead of falling back to bitmasks."""
-    from transformers.masking_utils import (causal_mask_function, or_masks, padding_mask_function,
-                                            remap_positions_for_packed_sequence, sliding_window_causal_mask_function)
+    from transformers.masking_utils import (
+        causal_mask_function,
+        or_masks,
+        padding_mask_function,
+        remap_positions_for_packed_sequence,
+        sliding_window_causal_mask_function,
+    )
 
     from triton_attn.registry.masking import traceable
 

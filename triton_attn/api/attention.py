@@ -14,8 +14,14 @@ from ..masks.safety import check_mods, check_score_result_type
 from ..masks.standard import default_block_mask
 from ..mod_table import compiled_mod, register_mod
 from ..versions import require_triton
-from .checks import (broadcast_kv_batch, validate_autotune, validate_block_mask, validate_mod_devices, validate_scale,
-                     validate_tensors)
+from .checks import (
+    broadcast_kv_batch,
+    validate_autotune,
+    validate_block_mask,
+    validate_mod_devices,
+    validate_scale,
+    validate_tensors,
+)
 
 __all__ = ["attention", "attention_call", "explain"]
 
@@ -59,9 +65,10 @@ def attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     validate_tensors(query, key, value, enable_gqa)
     scale = validate_scale(scale, query)
     validate_autotune(autotune)
-    if block_mask is None:
+    if block_mask is None:  # built here for these lengths and this device: nothing to check
         block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
-    block_mask = validate_block_mask(block_mask, query, key)
+    else:
+        block_mask = validate_block_mask(block_mask, query, key)
     route = plan_call(query, key, value, block_mask, score_mod, backend=backend, fixed_config=tiles is not None)
     key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
     compiling = torch.compiler.is_compiling()
@@ -81,7 +88,8 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scor
     validate_tensors(query, key, value, enable_gqa)
     if block_mask is None:
         block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
-    block_mask = validate_block_mask(block_mask, query, key)
+    else:
+        block_mask = validate_block_mask(block_mask, query, key)
     return plan_call(query, key, value, block_mask, score_mod, backend=backend)
 
 

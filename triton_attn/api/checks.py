@@ -43,7 +43,8 @@ def validate_tensors(query, key, value, enable_gqa: bool) -> None:
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
+                         f"{value.device}")
     batch, q_heads, _, head_dim = query.shape
     if key.shape[0] not in (1, batch) or value.shape[0] not in (1, batch):
         raise ValueError(f"batch sizes differ: query has B={batch}, key {key.shape[0]}, value {value.shape[0]} "
@@ -98,8 +99,9 @@ def validate_block_mask(block_mask, query, key) -> BlockMask:
         larger = block_mask.seq_lengths[0] >= q_len and block_mask.seq_lengths[1] >= kv_len
         remedy = (f"crop it with block_mask._adjust({q_len}, {kv_len}) (exact, the upper-left corner) or rebuild it "
                   "with create_block_mask") if larger else "rebuild it with create_block_mask"
-        raise ValueError(f"block_mask was built for Q_LEN={block_mask.seq_lengths[0]}, KV_LEN={block_mask.seq_lengths[1]} "
-                         f"but query has Lq={q_len} and key has Lkv={kv_len}; {remedy}")
+        raise ValueError(f"block_mask was built for Q_LEN={block_mask.seq_lengths[0]}, "
+                         f"KV_LEN={block_mask.seq_lengths[1]} but query has Lq={q_len} and key has Lkv={kv_len}; "
+                         f"{remedy}")
     mask_batch, mask_heads = block_mask.shape[:2]
     batch, q_heads = query.shape[:2]
     if 1 < mask_batch < batch:
@@ -136,7 +138,8 @@ PAGE_SIZE_MULTIPLE = 16  # the smallest key tile of the kernels
 def validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> None:
     """Shapes, dtypes and devices of a ``paged_attention`` call, then the values of the page table and
     lengths (one small device-to-host read of the violations)."""
-    for name, t, layout in (("query", query, "[B, Hq, Lq, D]"), ("key_cache", key_cache, "[num_pages, Hkv, page_size, D]"),
+    for name, t, layout in (("query", query, "[B, Hq, Lq, D]"),
+                            ("key_cache", key_cache, "[num_pages, Hkv, page_size, D]"),
                             ("value_cache", value_cache, "[num_pages, Hkv, page_size, Dv]"),
                             ("page_table", page_table, "int32 [B, max_pages]"), ("kv_lens", kv_lens, "int32 [B]")):
         if not isinstance(t, torch.Tensor):
@@ -160,8 +163,8 @@ def validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> None:
     batch, q_heads, q_len, head_dim = query.shape
     num_pages, kv_heads, page_size, key_dim = key_cache.shape
     if tuple(value_cache.shape[:3]) != (num_pages, kv_heads, page_size):
-        raise ValueError(f"value_cache must be [num_pages, Hkv, page_size, Dv] = [{num_pages}, {kv_heads}, {page_size}, Dv] "
-                         f"like key_cache, got shape {tuple(value_cache.shape)}")
+        raise ValueError(f"value_cache must be [num_pages, Hkv, page_size, Dv] = [{num_pages}, {kv_heads}, "
+                         f"{page_size}, Dv] like key_cache, got shape {tuple(value_cache.shape)}")
     if key_dim != head_dim:
         raise ValueError(f"query and key_cache must have the same head_dim D, got {head_dim} and {key_dim}")
     for name, dim in (("query/key_cache head_dim D", head_dim), ("value_cache head_dim Dv", value_cache.shape[3])):

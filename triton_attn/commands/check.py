@@ -7,8 +7,16 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .common import CommandError, NamedMask, Progress, available_backends, library_mask, parse_device, parse_dtype, positive_int
-
+from .common import (
+    CommandError,
+    NamedMask,
+    Progress,
+    available_backends,
+    library_mask,
+    parse_device,
+    parse_dtype,
+    positive_int,
+)
 
 FLOOR = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
@@ -131,7 +139,8 @@ def check_command(args) -> int:
                                  documents=3, cap=2.0, device=device)
             rows.append(check_case(backend, named, dtype, device, seq_len=seq_len, backward=not args.no_backward))
             progress.advance(f"{backend} {mask_name} {str(dtype).replace('torch.', '')}")
-    header = f"{'backend':<10} {'mask':<15} {'dtype':<9} {'fwd error':>10} {'bound':>9} {'bwd error':>10} {'bound':>9}  result"
+    header = (f"{'backend':<10} {'mask':<15} {'dtype':<9} {'fwd error':>10} {'bound':>9} {'bwd error':>10} "
+              f"{'bound':>9}  result")
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
-
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
@@ -69,8 +68,15 @@ def library_mask(name: str, seq_len: int, *, window: Optional[int] = None, chunk
     documents (default max(2, seq_len // 1024)) with seeded random boundaries. softcap: causal with the
     ``cap * tanh(score / cap)`` score_mod.
     """
-    from ..masks import (and_masks, causal_mask, chunked_mask, document_mask, prefix_lm_mask, sliding_window_mask,
-                        softcap_score)
+    from ..masks import (
+        and_masks,
+        causal_mask,
+        chunked_mask,
+        document_mask,
+        prefix_lm_mask,
+        sliding_window_mask,
+        softcap_score,
+    )
 
     if name not in LIBRARY_MASKS:
         raise CommandError(f"unknown mask {name!r}; the library masks are {', '.join(LIBRARY_MASKS)}")
@@ -107,7 +113,8 @@ def add_mask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=None, help="sliding_window: window in tokens (default L/8)")
     parser.add_argument("--chunk", type=int, default=None, help="chunked: chunk size (default L/4)")
     parser.add_argument("--prefix", type=int, default=None, help="prefix_lm: prefix length (default L/4)")
-    parser.add_argument("--documents", type=int, default=None, help="document: number of documents (default L/1024, >= 2)")
+    parser.add_argument("--documents", type=int, default=None,
+                        help="document: number of documents (default L/1024, >= 2)")
     parser.add_argument("--cap", type=float, default=20.0, help="softcap: the cap (default 20)")
 
 
@@ -150,8 +157,8 @@ class Progress:
             return self
         if sys.stderr.isatty():
             try:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                    TimeElapsedColumn
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import Progress as RichProgress
 
                 self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                          TimeElapsedColumn(), TextColumn("{task.fields[step]}"), transient=False)
@@ -215,7 +222,8 @@ def available_backends(device) -> List[Tuple[str, bool, str]]:
                 ("interpret", False, "the interpreter runs on CPU tensors")]
     interpret_ok, reason = kernels_status(interpret=True)
     return [("torch", True, ""), ("interpret", interpret_ok, reason),
-            ("triton", False, "needs a CUDA GPU" if not torch.cuda.is_available() else "needs CUDA tensors (--device cuda)")]
+            ("triton", False,
+             "needs a CUDA GPU" if not torch.cuda.is_available() else "needs CUDA tensors (--device cuda)")]
 
 
 def parse_device(name: Optional[str]):

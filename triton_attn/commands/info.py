@@ -28,12 +28,12 @@ def info_command(args) -> int:
         raise CommandError(f"--limit must be a non-negative integer, got {args.limit!r}")
     import torch
 
+    from .. import __version__
     from ..kernels.tuning.cache import default_cache
 
-    from .. import __version__
-
     print(f"triton-attn {__version__} ({Path(__file__).resolve().parent.parent})")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version() or 'not installed'}, "
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"triton {triton_version() or 'not installed'}, "
           f"numpy {_version('numpy')}, transformers {_version('transformers')}, flash-attn {_version('flash-attn')}")
     print(f"supported: torch>={'.'.join(map(str, MIN_TORCH))}, triton>={'.'.join(map(str, MIN_TRITON))}")
     for problem in (triton_problem(), interpreter_problem()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Tuple
 
-from .common import CommandError, mask_kwargs, positive_int, library_mask
+from .common import CommandError, library_mask, mask_kwargs, positive_int
 
 
 def parse_block_size(text: str) -> Tuple[int, int]:
@@ -42,8 +42,8 @@ def check_picture_size(seq_len: int, kv_len: int, block_size: Tuple[int, int], g
 
 
 def show_command(args) -> int:
-    from ..masks.standard import full_block_mask
     from ..masks import create_block_mask
+    from ..masks.standard import full_block_mask
 
     seq_len = positive_int(args.seq_len, "--seq-len")
     kv_len = positive_int(args.kv_len, "--kv-len") if args.kv_len is not None else seq_len

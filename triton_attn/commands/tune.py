@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import (DTYPES, LIBRARY_MASKS, CommandError, Progress, library_mask, parse_dtype,
-                     mask_kwargs, positive_int)
+from .common import DTYPES, LIBRARY_MASKS, CommandError, Progress, library_mask, mask_kwargs, parse_dtype, positive_int
 from .show import parse_block_size
 
 
@@ -72,7 +71,8 @@ def _load_spec(path: Path) -> List[Dict[str, Any]]:
 def _expand(spec: Dict[str, Any], defaults: Dict[str, Any], where: str) -> List[TuneShape]:
     unknown = set(spec) - SHAPE_FIELDS
     if unknown:
-        raise CommandError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(SHAPE_FIELDS))}")
+        raise CommandError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                           f"allowed: {', '.join(sorted(SHAPE_FIELDS))}")
     merged = dict(defaults)
     merged.update(spec)
     list_keys = [k for k, v in merged.items() if isinstance(v, list) and k != "block_size"]
@@ -86,7 +86,8 @@ def _expand(spec: Dict[str, Any], defaults: Dict[str, Any], where: str) -> List[
             if item.get(name) is not None:
                 positive_int(item[name], f"{where}: {name}")
         if item["mask"] not in LIBRARY_MASKS:
-            raise CommandError(f"{where}: unknown mask {item['mask']!r}; the library masks are {', '.join(LIBRARY_MASKS)}")
+            raise CommandError(f"{where}: unknown mask {item['mask']!r}; "
+                               f"the library masks are {', '.join(LIBRARY_MASKS)}")
         block = item.get("block_size", 128)
         block = parse_block_size(",".join(str(b) for b in block) if isinstance(block, (list, tuple)) else str(block))
         kv_heads = item.get("kv_heads")
@@ -157,7 +158,6 @@ def tune_command(args) -> int:
 
 
 def _candidates(shape: TuneShape, arch: int, args):
-    from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
@@ -213,9 +213,9 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     import torch
 
     from ..kernels.attention.aot import aot_compile_fn
-    from ..kernels.tuning import search as autotune
     from ..kernels.attention.configs import default_config
     from ..kernels.attention.forward_launch import attention_forward
+    from ..kernels.tuning import search as autotune
     from ..masks import create_block_mask
 
     tuner = autotune.autotuner()
@@ -281,7 +281,8 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
             continue
         speedup = f"{default_ms / result.best_ms:.2f}x" if default_ms else "-"
         print(f"{shape.label:<48} {result.best.name:<18} {result.best_ms:>9.4f} {default.name:<18} "
-              f"{default_ms if default_ms else float('nan'):>9.4f} {speedup:>8}  {len(result.pruned)}/{len(result.failures)}")
+              f"{default_ms if default_ms else float('nan'):>9.4f} {speedup:>8}  "
+              f"{len(result.pruned)}/{len(result.failures)}")
     tuned = [str(key) for _, key, result, _, _ in winners if result.best is not None]
     stored = type(tuner.cache)(tuner.cache.path).entries()  # read back from disk, not from memory
     lost = [key for key in tuned if key not in stored]

@@ -19,8 +19,8 @@ def _decode_problem(shape, q_len: int, device):
     """(q, k, v, block_mask, mask_mod, score_mod) of one decode step of ``shape``."""
     import torch
 
-    from ..masks.standard import full_block_mask
     from ..masks import create_block_mask
+    from ..masks.standard import full_block_mask
 
     dtype = getattr(torch, DTYPES[str(shape.dtype).lower().replace("torch.", "")])  # validated by tune_shapes
     kv_len = shape.kv_len or shape.seq_len
@@ -94,7 +94,8 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
                 for config in candidates:
                     stats, reason = result.stats[config], result.dropped.get(config)
                     print(f"  {config.name:<18} {'keep' if reason is None else 'drop':<5} smem {stats.shared:>6} B, "
-                          f"{stats.registers:>3} regs, spills {stats.spills}{'' if reason is None else f'  ({reason})'}")
+                          f"{stats.registers:>3} regs, spills {stats.spills}"
+                          f"{'' if reason is None else f'  ({reason})'}")
                 continue
             key = decode_key(q, k.shape[1], k.shape[2], v.shape[3], block_mask, plan.num_splits, paged=False,
                              score=score_mod is not None, structure=decode.decode_mods(block_mask, score_mod)[2].key)

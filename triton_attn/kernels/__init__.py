@@ -10,8 +10,8 @@ the modules holding ``@triton.jit`` code do, and they are imported lazily by the
   block-layout arguments, 64-bit rows, fast tanh). It imports no launcher.
 - ``attention/``: the prefill kernels -- ``forward.py`` and ``backward.py`` (real ``@triton.jit`` source),
   ``blocks.py`` (the shared block walk), launchers (``forward_launch``, ``backward_launch``: configs,
-  named arguments, grid), ``tiling`` (the constexprs and grid both launchers share), ``configs``, ``fallback`` (bitmasks for untraceable mask_mods), ``aot``
-  (ahead-of-time builds of these kernels).
+  named arguments, grid), ``tiling`` (the constexprs and grid both launchers share), ``configs``,
+  ``fallback`` (bitmasks for untraceable mask_mods), ``aot`` (ahead-of-time builds of these kernels).
 - ``decode/``: the split-KV decode and paged kernels.
 - ``refine.py``: the mask compiler's tile-refinement kernel (CUDA).
 - ``tuning/``: ``search`` (key, space, pruning, timing; imports no kernel), ``cache`` (the JSON cache),

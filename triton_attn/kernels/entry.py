@@ -18,8 +18,8 @@ from ..masks.block_mask import BlockMask
 from . import tuned
 from .attention import backward_launch, forward_launch
 from .attention.configs import KernelConfig
-from .host import new_softmax_stats
 from .decode import launch as decode_launch
+from .host import new_softmax_stats
 
 __all__ = ["prefill_forward", "prefill_backward", "decode_forward", "paged_forward", "new_softmax_stats"]
 

@@ -5,8 +5,9 @@ list of undecided tiles, each given by its ``(b, h, query block row, kv block co
 evaluates the mask_mod elementwise on them (``compiler.refine_tiles``). Here the same job is one
 launch of ``refine_tiles_kernel``: one program per tile evaluates the mask_mod -- the same
 generated ``MASK_FN`` the attention kernels call (``jit.functions``) -- on ``[BLOCK_Q, BLOCK_KV]``
-sub-tiles covering the mask block, adds the allowed in-bounds positions up in registers and writes one int32 count per tile.
-No dense mask ever exists in memory; the launcher turns the counts into ``(partial, full)``:
+sub-tiles covering the mask block, adds the allowed in-bounds positions up in registers and writes one
+int32 count per tile. No dense mask ever exists in memory; the launcher turns the counts into
+``(partial, full)``:
 
     full    = count == in-bounds positions of the tile   (all allowed)
     partial = 0 < count < in-bounds positions             (some allowed)

@@ -5,8 +5,20 @@ from .closed_form import window_block_mask
 from .closure import StructuredMod
 from .compact import CompactBlockMask
 from .compiler import create_block_mask, create_mask
-from .library import (alibi_score, and_masks, causal_mask, chunked_mask, document_mask, full_mask, not_mask,
-                      or_masks, padding_mask, prefix_lm_mask, sliding_window_mask, softcap_score)
+from .library import (
+                      alibi_score,
+                      and_masks,
+                      causal_mask,
+                      chunked_mask,
+                      document_mask,
+                      full_mask,
+                      not_mask,
+                      or_masks,
+                      padding_mask,
+                      prefix_lm_mask,
+                      sliding_window_mask,
+                      softcap_score,
+)
 
 __all__ = [
     "BlockMask", "CompactBlockMask", "create_block_mask", "create_mask",

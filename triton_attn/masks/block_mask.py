@@ -27,10 +27,20 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .block_mask_flex import (BlockSize, FlexMethods, block_list_problems, dense_from_ordered, is_leading_run,
-                              normalize_block_size, ordered_from_dense, raise_problems, select_positions)
+from .block_mask_flex import (
+    BlockSize,
+    FlexMethods,
+    block_list_problems,
+    dense_from_ordered,
+    is_leading_run,
+    normalize_block_size,
+    ordered_from_dense,
+    raise_problems,
+    select_positions,
+)
 from .library import full_mask
 from .scalars import as_int
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -266,7 +276,8 @@ class BlockMask(FlexMethods):
                         seq_lengths: Tuple[int, int], mask_mod: Optional[Callable]) -> "BlockMask":
         """From bool block maps ``partial``/``full`` ``[B, H, num_q_blocks, num_kv_blocks]``."""
         if partial.shape != full.shape or partial.dim() != 4:
-            raise ValueError(f"block maps must both be [B, H, NQ, NKV], got {tuple(partial.shape)} and {tuple(full.shape)}")
+            raise ValueError(f"block maps must both be [B, H, NQ, NKV], got {tuple(partial.shape)} and "
+                             f"{tuple(full.shape)}")
         if not values_unknown(partial) and bool((partial & full).any()):
             raise ValueError("a block cannot be both partial and full")
         kv_num, kv_idx = ordered_from_dense(partial)

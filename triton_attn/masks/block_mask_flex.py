@@ -21,13 +21,15 @@ nothing from ``block_mask.py``. It knows no Triton.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 
 from .scalars import as_int
 
 BlockSize = Union[int, Tuple[int, int]]
+# The class the mixin is mixed into (``BlockMask`` or a subclass), named without importing it.
+MaskClass = TypeVar("MaskClass", bound="FlexMethods")
 
 __all__ = ["FlexMethods", "normalize_block_size", "ordered_from_dense", "dense_from_ordered", "block_list_problems",
            "raise_problems", "flex_block_maps", "select_positions", "is_leading_run", "query_sliced_mask_mod",
@@ -237,7 +239,7 @@ class FlexMethods:
     """FlexAttention's ``BlockMask`` API on this library's ``BlockMask`` (mixed into it)."""
 
     @classmethod
-    def from_flex(cls, flex_block_mask) -> "BlockMask":
+    def from_flex(cls: Type[MaskClass], flex_block_mask) -> MaskClass:
         """From a ``torch.nn.attention.flex_attention.BlockMask`` (same fields, same meaning).
 
         Its kv block lists are checked first (``ValueError`` naming the field): rows must cover
@@ -252,12 +254,12 @@ class FlexMethods:
                                    mask_mod=flex_block_mask.mask_mod)
 
     @classmethod
-    def from_kv_blocks(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    def from_kv_blocks(cls: Type[MaskClass], kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                        full_kv_num_blocks: Optional[torch.Tensor] = None,
                        full_kv_indices: Optional[torch.Tensor] = None,
                        BLOCK_SIZE: BlockSize = 128, mask_mod: Optional[Callable] = None,
                        seq_lengths: Optional[Tuple[int, int]] = None, compute_q_blocks: bool = True, *,
-                       dq_write_order=None, dq_write_order_full=None, dq_kv_order=None) -> "BlockMask":
+                       dq_write_order=None, dq_write_order_full=None, dq_kv_order=None) -> MaskClass:
         """FlexAttention's ``BlockMask.from_kv_blocks``: a mask from kv block lists, same signature.
 
         kv_num_blocks ``[B, H, rows]`` and kv_indices ``[B, H, rows, width]`` (B, H optional) list the
@@ -298,9 +300,10 @@ class FlexMethods:
         return self.plain_class().from_block_maps(partial, full, BLOCK_SIZE=self.BLOCK_SIZE,
                                                   seq_lengths=self.seq_lengths, mask_mod=query_sliced_mask_mod)
 
-    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+    def _adjust(self, new_q_len: int, new_kv_len: int):
         """FlexAttention's ``BlockMask._adjust``: this mask cropped to its upper-left ``new_q_len x
-        new_kv_len`` corner (block rows and columns past the new lengths dropped), same mask_mod.
+        new_kv_len`` corner (block rows and columns past the new lengths dropped), same mask_mod, as a
+        plain ``BlockMask`` (``plain_class``).
 
         Exact for every mask_mod: a kept tile keeps its kind (a subset of a full tile is full, of an
         empty one empty). Growing is refused (``ValueError``): tiles past the old lengths were never

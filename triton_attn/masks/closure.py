@@ -98,7 +98,8 @@ def _static_attribute(owner, name: str):
             return _MISSING
     if isinstance(value, property):
         return _Bound(value.fget, owner) if value.fget is not None and not isinstance(owner, type) else _MISSING
-    if isinstance(value, types.FunctionType) and not isinstance(owner, type) and name not in getattr(owner, "__dict__", {}):
+    if (isinstance(value, types.FunctionType) and not isinstance(owner, type)
+            and name not in getattr(owner, "__dict__", {})):
         return _Bound(value, owner)
     return value
 

@@ -25,8 +25,17 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import (BlockMask, LaunchPlan, batch_head_maps, normalize_block_size, picture_grid,
-                         raise_problems, render_block_pictures, sliced_mask_mod, values_unknown)
+from .block_mask import (
+    BlockMask,
+    LaunchPlan,
+    batch_head_maps,
+    normalize_block_size,
+    picture_grid,
+    raise_problems,
+    render_block_pictures,
+    sliced_mask_mod,
+    values_unknown,
+)
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 
@@ -47,7 +56,8 @@ def ordered_from_dense_fast(dense_blocks: torch.Tensor) -> Tuple[torch.Tensor, t
     return num, indices
 
 
-def dense_fields_from_maps(partial: torch.Tensor, full: torch.Tensor, batch: int, heads: int) -> Dict[str, torch.Tensor]:
+def dense_fields_from_maps(partial: torch.Tensor, full: torch.Tensor, batch: int,
+                           heads: int) -> Dict[str, torch.Tensor]:
     """The eight FlexAttention fields from bool maps ``[Bl, Hl, NQ, NKV]``, expanded to ``[batch, heads]``."""
     fields = {}
     for prefix, blocks in (("", partial), ("full_", full)):
@@ -192,7 +202,8 @@ class CompactBlockMask(BlockMask):
                         mask_mod: Optional[Callable]) -> "CompactBlockMask":
         """From bool maps ``[B, H, NQ, NKV]`` (B/H of 1 = broadcast)."""
         if partial.shape != full.shape or partial.dim() != 4:
-            raise ValueError(f"block maps must both be [B, H, NQ, NKV], got {tuple(partial.shape)} and {tuple(full.shape)}")
+            raise ValueError(f"block maps must both be [B, H, NQ, NKV], got {tuple(partial.shape)} and "
+                             f"{tuple(full.shape)}")
         if bool((partial & full).any()):
             raise ValueError("a block cannot be both partial and full")
         batch, heads, nq, nkv = partial.shape

@@ -18,19 +18,18 @@ Both bound peak extra memory whatever the sequence length. Long masks come back 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-import contextlib
-import warnings
-
 from .block_mask import BlockMask, BlockSize, normalize_block_size
-from .scalars import as_int
 from .closure import captured_tensors
-from .compact import CSRBuilder, CompactBlockMask, dense_fields_from_maps
+from .compact import CompactBlockMask, CSRBuilder, dense_fields_from_maps
 from .evaluate import call_mask_mod, mod_name
 from .interval import IntervalEvaluator, graph_args
+from .scalars import as_int
 from .tracing import UntraceableModError, trace_mask_mod
 
 # Elements of the [B, H, Q, KV] grid evaluated at once. A mask_mod builds a handful of int64
@@ -78,7 +77,8 @@ def resolve_device(mask_mod: Callable, device) -> torch.device:
 
 def _check_mask_mod(mask_mod) -> None:
     if not callable(mask_mod):
-        raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
+        raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor, "
+                        f"got {type(mask_mod).__name__}")
 
 
 def iter_mask_chunks(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int, device: torch.device,
@@ -90,7 +90,8 @@ def iter_mask_chunks(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int
     every tile lies inside one chunk.
     """
     budget = ELEMENT_BUDGET if budget is None else budget  # read at call time: tests lower it
-    kv_chunk = min(_cdiv(KV_LEN, col_multiple) * col_multiple, max(col_multiple, budget // row_multiple // col_multiple * col_multiple))
+    kv_chunk = min(_cdiv(KV_LEN, col_multiple) * col_multiple,
+                   max(col_multiple, budget // row_multiple // col_multiple * col_multiple))
     q_chunk = max(row_multiple, min(_cdiv(Q_LEN, row_multiple) * row_multiple,
                                     budget // kv_chunk // row_multiple * row_multiple))
     per_bh = q_chunk * kv_chunk
@@ -136,7 +137,8 @@ def block_counts(mask_mod: Callable, B: int, H: int, Q_LEN: int, KV_LEN: int, bl
         pad_rows, pad_cols = _cdiv(rows, q_bs) * q_bs - rows, _cdiv(cols, kv_bs) * kv_bs - cols
         if pad_rows or pad_cols:
             chunk = torch.nn.functional.pad(chunk, (0, pad_cols, 0, pad_rows), value=False)
-        tiles = chunk.reshape(chunk.shape[0], chunk.shape[1], chunk.shape[2] // q_bs, q_bs, chunk.shape[3] // kv_bs, kv_bs)
+        tiles = chunk.reshape(chunk.shape[0], chunk.shape[1], chunk.shape[2] // q_bs, q_bs,
+                              chunk.shape[3] // kv_bs, kv_bs)
         tile_counts = tiles.sum(dim=(3, 5), dtype=torch.int32)
         counts[bs, hs, qs.start // q_bs:qs.start // q_bs + tile_counts.shape[2],
                ks.start // kv_bs:ks.start // kv_bs + tile_counts.shape[3]] = tile_counts

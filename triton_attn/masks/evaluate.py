@@ -50,7 +50,8 @@ def _fits(result, shape: Sequence[int], dtype_ok) -> bool:
     return all(r in (1, s) for r, s in zip(result.shape, shape))
 
 
-def _per_element_result(mod: Callable, args: List[torch.Tensor], shape: Sequence[int], dtype_ok) -> Optional[torch.Tensor]:
+def _per_element_result(mod: Callable, args: List[torch.Tensor], shape: Sequence[int],
+                        dtype_ok) -> Optional[torch.Tensor]:
     """The per-element result squeezed to ``shape``'s rank, or None when that call fails too."""
     try:
         result = per_element(mod, args)

@@ -274,7 +274,7 @@ class IntervalEvaluator:
                              (a.can_true & b.can_false) | (a.can_false & b.can_true))
             return self._both()
         # integer-kind node
-        if eager is None or not (eager in _INT_DTYPES):
+        if eager is None or eager not in _INT_DTYPES:
             return UNKNOWN  # computed in float (or unknown) by eager PyTorch: not modelled
         if eager == torch.bool:
             if op in _ARITH and op not in ("min", "max"):

@@ -120,9 +120,10 @@ def padding_mask(attention_mask: torch.Tensor) -> MaskMod:
     HuggingFace tokenizers return it.
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError(
-            "padding_mask: attention_mask must be a [B, KV_LEN] tensor, got "
-            f"{type(attention_mask).__name__}{'' if not isinstance(attention_mask, torch.Tensor) else ' of shape ' + str(tuple(attention_mask.shape))}")
+        got = type(attention_mask).__name__
+        if isinstance(attention_mask, torch.Tensor):
+            got += f" of shape {tuple(attention_mask.shape)}"
+        raise ValueError(f"padding_mask: attention_mask must be a [B, KV_LEN] tensor, got {got}")
     if attention_mask.dtype.is_floating_point:
         raise ValueError(f"padding_mask: attention_mask must be bool or 0/1 integers, got dtype {attention_mask.dtype}")
     keep = attention_mask.bool()

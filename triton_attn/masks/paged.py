@@ -18,7 +18,7 @@ blockwise backend on it, so there is one specification of attention, not two.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -118,8 +118,10 @@ def causal_paged_block_mask(kv_lens: torch.Tensor, q_len: int, kv_capacity: int,
     partial = (blocks >= full_count) & (blocks < used)
     last = num_blocks - 1
     return BlockMask(
-        kv_num_blocks=partial_count.to(torch.int32), kv_indices=(blocks + full_count).clamp(max=last).to(torch.int32).unsqueeze(2),
-        full_kv_num_blocks=full_count.to(torch.int32), full_kv_indices=blocks.expand_as(full).to(torch.int32).unsqueeze(2),
+        kv_num_blocks=partial_count.to(torch.int32),
+        kv_indices=(blocks + full_count).clamp(max=last).to(torch.int32).unsqueeze(2),
+        full_kv_num_blocks=full_count.to(torch.int32),
+        full_kv_indices=blocks.expand_as(full).to(torch.int32).unsqueeze(2),
         q_num_blocks=partial.to(torch.int32), q_indices=torch.zeros(*partial.shape, 1, dtype=torch.int32,
                                                                     device=kv_lens.device),
         full_q_num_blocks=full.to(torch.int32), full_q_indices=torch.zeros(*full.shape, 1, dtype=torch.int32,

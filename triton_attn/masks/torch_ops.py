@@ -20,10 +20,32 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from .composites import (as_bool, as_number, fmod_node, gelu_node, relu_node, round_node, sign_node, softplus_node,
-                         to_dtype_node, tree_reduce, trunc_div_node, trunc_node)
-from .graph import (DTYPE_OF_KIND, MAX_ELEMENTS, Node, UntraceableModError, binary, const, flat_positions,
-                    kind_of_dtype, unary, where)
+from .composites import (
+    as_bool,
+    as_number,
+    fmod_node,
+    gelu_node,
+    relu_node,
+    round_node,
+    sign_node,
+    softplus_node,
+    to_dtype_node,
+    tree_reduce,
+    trunc_div_node,
+    trunc_node,
+)
+from .graph import (
+    DTYPE_OF_KIND,
+    MAX_ELEMENTS,
+    Node,
+    UntraceableModError,
+    binary,
+    const,
+    flat_positions,
+    kind_of_dtype,
+    unary,
+    where,
+)
 from .pointwise import pointwise_handlers
 
 

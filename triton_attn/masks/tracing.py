@@ -51,8 +51,20 @@ import torch
 from .closure import StructuredMod, captured_tensors, positions_by_identity, reach_identity
 from .composites import round_node, trunc_node
 from .eager import EagerResults, EagerTorch, HiddenTensorError, flatten_args
-from .graph import (DTYPE_OF_KIND, MAX_ELEMENTS, Node, UntraceableModError, binary, const, evaluate_graph,
-                    flat_positions, kind_of_dtype, promote, unary, where)
+from .graph import (
+    DTYPE_OF_KIND,
+    MAX_ELEMENTS,
+    Node,
+    UntraceableModError,
+    binary,
+    const,
+    evaluate_graph,
+    flat_positions,
+    kind_of_dtype,
+    promote,
+    unary,
+    where,
+)
 from .torch_ops import HANDLERS
 
 __all__ = ["INDEX_ARGS", "MAX_ELEMENTS", "HiddenTensorError", "Node", "Symbol", "TracedMod", "UntraceableModError",

@@ -24,8 +24,13 @@ Importing this package does not import transformers; ``register_attention`` and
 """
 
 from .attention_functions import eager_attention_function, make_attention_function, sdpa_attention_function
-from .interface import (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS, AttentionInterface,
-                        AttentionMaskInterface, MissingMaskFunctionWarning)
+from .interface import (
+                        ALL_ATTENTION_FUNCTIONS,
+                        ALL_MASK_ATTENTION_FUNCTIONS,
+                        AttentionInterface,
+                        AttentionMaskInterface,
+                        MissingMaskFunctionWarning,
+)
 from .masking import ModelBlockMask, dense_mask_function, make_mask_function
 from .registration import DEFAULT_NAME, RegisteredAttention, register_attention, register_transformers
 

@@ -23,8 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import create_block_mask, create_mask, mod_table
-from ..masks import (BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask,
-                     window_block_mask)
+from ..masks import BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask, window_block_mask
 from .model_block_mask import ModelBlockMask
 from .tensor_mask_models import as_tensor_mask_form, tensor_mask_form
 

@@ -111,8 +111,8 @@ def _public_lse(lse: torch.Tensor, empty_rows: Optional[torch.Tensor]) -> torch.
     """The op's lse with our contract: -inf for a row with no allowed key, and for a row that saw a NaN."""
     if empty_rows is not None:
         lse = lse.masked_fill(empty_rows, -math.inf)
-    nan = torch.isnan(lse)
-    return lse.masked_fill(nan, -math.inf) if bool(nan.any()) else lse
+    # One elementwise pass, no host read (a decode step pays for every kernel launch and sync).
+    return lse.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _backward(grad_out, grad_lse, query, key, value, out, lse, bias, causal: bool, scale: float):

@@ -21,9 +21,19 @@ from ..jit import functions
 from ..tuning.aot import AotResult, compile_kernel
 from ..tuning.search import CompileStats
 from . import fallback
-from .backward_launch import (DKDV_LAYOUT, DQ_LAYOUT, BackwardConfig, backward_pair, default_backward_config,
-                              dkdv_arguments, dkdv_constexprs, dq_arguments, dq_constexprs, function_constexprs,
-                              preprocess_arguments)
+from .backward_launch import (
+    DKDV_LAYOUT,
+    DQ_LAYOUT,
+    BackwardConfig,
+    backward_pair,
+    default_backward_config,
+    dkdv_arguments,
+    dkdv_constexprs,
+    dq_arguments,
+    dq_constexprs,
+    function_constexprs,
+    preprocess_arguments,
+)
 from .configs import KernelConfig, cdiv, padded_head_dim
 from .forward_launch import FORWARD_LAYOUT, forward_arguments
 from .tiling import kernel_constexprs
@@ -148,8 +158,8 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
             label=f"{part} {config.dkdv.name} {label}")
     dq = compile_kernel(
         attention_backward_dq_kernel,
-        dq_arguments(query, key, value, grad_out, stats, delta, grad_query, _example_layout(rows, columns, DQ_LAYOUT, "m"),
-                     **captured),
+        dq_arguments(query, key, value, grad_out, stats, delta, grad_query,
+                     _example_layout(rows, columns, DQ_LAYOUT, "m"), **captured),
         {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
         arch=arch, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
         label=f"dq {config.dq.name} {label}")

@@ -75,7 +75,8 @@ def partial_block_ids(block_mask: BlockMask, offsets: torch.Tensor) -> torch.Ten
     valid = slots < counts.unsqueeze(-1)                                            # [Bm, Hm, NQ, S]
     ids = torch.full((*counts.shape, num_kv_blocks + 1), -1, dtype=torch.long, device=indices.device)
     # Slots past the row's count go to the spare last column, which is dropped.
-    ids.scatter_(-1, torch.where(valid, indices, num_kv_blocks), torch.where(valid, offsets.long().unsqueeze(-1) + slots, -1))
+    ids.scatter_(-1, torch.where(valid, indices, num_kv_blocks),
+                 torch.where(valid, offsets.long().unsqueeze(-1) + slots, -1))
     return ids[..., :num_kv_blocks].to(torch.int32).contiguous()
 
 

@@ -22,8 +22,8 @@ from .launch import DecodePlan, combine_kernel_arguments, plan_decode, split_ker
 
 
 def _block_mask(mask_mod: Optional[Callable], q_len: int, kv_len: int, block_size: Tuple[int, int]):
-    from ...masks.standard import full_block_mask
     from ...masks import create_block_mask
+    from ...masks.standard import full_block_mask
 
     if mask_mod is None:
         return full_block_mask(1, 1, q_len, kv_len, "cpu", block_size)

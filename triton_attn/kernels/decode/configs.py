@@ -26,7 +26,7 @@ MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4
 MAX_SPLITS = 64
 SPLIT_OCCUPANCY = 2      # programs per SM the splits aim for
 INTERPRETER_SMS = 4      # what the CPU interpreter pretends to have (so tests see several splits)
-NOMINAL_SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A6000-class, L40-class, H100 SXM: for planning without the GPU
+NOMINAL_SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A6000-class, L40-class, H100 SXM: planning without a GPU
 
 # The table: the AOT tests compile every entry; the autotuner searches a wider space (autotune.py).
 DECODE_CONFIGS: List[KernelConfig] = [

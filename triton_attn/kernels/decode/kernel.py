@@ -37,8 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..attention.blocks import (LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, load_tile, online_softmax_step,
-                                tile_positions)
+from ..attention.blocks import LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, load_tile, online_softmax_step, tile_positions
 
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
 

@@ -121,7 +121,8 @@ def ptxas_report(ptx: str, arch: int) -> Tuple[int, int, int]:
         source = os.path.join(tmp, "kernel.ptx")
         with open(source, "w") as stream:
             stream.write(ptx)
-        result = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", source, "-o", os.path.join(tmp, "k.cubin")],
+        result = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", source,
+                                 "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True)
     text = result.stdout + result.stderr
     if result.returncode != 0:

@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from ..attention.configs import KernelConfig, next_power_of_two
 from ... import settings
+from ..attention.configs import KernelConfig, next_power_of_two
 from .cache import TuningCache, default_cache
 
 KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq", "decode")
