@@ -41,7 +41,7 @@ from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
 from .masks.recognize import is_causal
 
-__all__ = ["Route", "plan_call", "plan_paged_call", "choose_backend", "BACKENDS", "MAX_DECODE_Q_LEN",
+__all__ = ["Route", "plan_call", "call_backend", "plan_paged_call", "choose_backend", "BACKENDS", "MAX_DECODE_Q_LEN",
            "ScoreModFallbackWarning", "score_mod_fallback_reason", "structured_fallback_reason"]
 
 BACKENDS = ("torch", "triton", "interpret")
@@ -114,6 +114,22 @@ def _op_route(backend: str, family: str, backward: str) -> Route:
     return route
 
 
+_ROUTES: dict = {}
+MAX_INTERNED_ROUTES = 4096
+
+
+def _interned(backend: str, family: str, call: str, backward: str, sdpa_mask: str, reasons: list,
+              tiles: bool = False) -> Route:
+    """The ``Route`` of these fields, one object per distinct route: a decode loop builds none."""
+    fields = (backend, family, call, backward, sdpa_mask, tuple(reasons), tiles)
+    route = _ROUTES.get(fields)
+    if route is None:
+        if len(_ROUTES) >= MAX_INTERNED_ROUTES:  # reasons naming many different score_mods
+            _ROUTES.clear()
+        route = _ROUTES[fields] = Route(*fields)
+    return route
+
+
 def choose_backend(backend: Optional[str], device: torch.device) -> str:
     """``backend`` if given, else ``TRITON_ATTN_BACKEND``, else triton on CUDA and torch elsewhere."""
     chosen = backend or settings.backend() or ("triton" if device.type == "cuda" else "torch")
@@ -128,29 +144,45 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
     return chosen
 
 
+def call_backend(query: torch.Tensor, score_mod: Optional[Callable],
+                 backend: Optional[str]) -> Tuple[str, Tuple[str, ...]]:
+    """The first decision of ``plan_call``, which entry points take before checking the BlockMask (so a
+    call's errors come in a fixed order): ``(backend, reasons)``. A score_mod the Triton kernels cannot
+    compile moves the call to the torch backend (one warning); float64 on a Triton backend is a TypeError."""
+    chosen = choose_backend(backend, query.device)
+    reasons: Tuple[str, ...] = ()
+    if chosen != "torch" and score_mod is not None:
+        fallback = score_mod_fallback(score_mod, _needs_grad(query))
+        if fallback is not None:
+            chosen, reasons = "torch", (f"score_mod {mod_name(score_mod)!r} cannot be compiled ({fallback})",)
+    if chosen != "torch" and query.dtype == torch.float64:
+        raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
+    return chosen, reasons
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
-              score_mod: Optional[Callable], *, backend: Optional[str], fixed_config: bool = False) -> Route:
+              score_mod: Optional[Callable], *, backend: Optional[str], fixed_config: bool = False,
+              chosen: Optional[Tuple[str, Tuple[str, ...]]] = None) -> Route:
     """The route of an ``attention()`` call (inputs validated; ``block_mask`` the call's, or the default
     all-full mask). ``fixed_config``: the caller fixes the forward kernel's tiles (Flex's
     ``kernel_options``), which only a forward without gradients on a Triton backend takes
-    (``Route.tiles``). Raises TypeError for float64
-    inputs on a Triton backend."""
+    (``Route.tiles``). ``chosen``: ``call_backend``'s answer when the caller asked it first. Raises
+    TypeError for float64 inputs on a Triton backend."""
     compiling = torch.compiler.is_compiling()
-    chosen = choose_backend(backend, query.device)
+    if chosen is None:
+        chosen = call_backend(query, score_mod, backend)
+    backend_name, first_reasons = chosen
+    reasons = list(first_reasons)
     grad_on = torch.is_grad_enabled()
     needs_grad = grad_on and (query.requires_grad or key.requires_grad or value.requires_grad)
     learnable = bool(score_mod is not None and grad_on and not compiling
                      and any(t.requires_grad for t in captured_tensors(score_mod)))
-    reasons = []
-    if chosen != "torch" and score_mod is not None:
-        fallback = score_mod_fallback(score_mod, needs_grad)
-        if fallback is not None:
-            chosen = "torch"
-            reasons.append(f"score_mod {mod_name(score_mod)!r} cannot be compiled ({fallback})")
-    if chosen != "torch" and query.dtype == torch.float64:
-        raise TypeError(f"query/key/value must be float16, bfloat16 or float32 on backend {chosen!r}, got float64")
     needs_grad = needs_grad or learnable
-    if chosen == "torch":
+    if backend_name == "torch":
         return _torch_route(query, key, value, block_mask, score_mod, needs_grad, learnable, compiling, reasons)
     compact = isinstance(block_mask, CompactBlockMask)
     fixed_config = fixed_config and not needs_grad
@@ -167,49 +199,58 @@ def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block
     if direct:
         reasons.append("direct: " + ("a compact BlockMask (the ops take dense index lists)" if compact
                                      else "kernel_options tiles" if fixed_config else "learnable score_mod tensors"))
-    return _logged(Route(chosen, family, "direct" if direct else "op", backward, "", tuple(reasons), fixed_config),
+    return _logged(_interned(backend_name, family, "direct" if direct else "op", backward, "", reasons, fixed_config),
                    compiling)
+
+
+_SDPA_REASONS = {mask: f"PyTorch's fused attention computes it exactly (mask: {mask})"
+                 for mask in ("none", "causal", "dense")}
+_CPU_FLASH_REASON = "float32 CPU inference: PyTorch's fused CPU kernel over the mask's tiles"
+_BLOCKWISE_REASONS = {False: "blockwise PyTorch", True: "blockwise PyTorch: learnable score_mod tensors"}
 
 
 def _torch_route(query, key, value, block_mask: BlockMask, score_mod, needs_grad: bool, learnable: bool,
                  compiling: bool, reasons: list) -> Route:
     """The torch backend's route: PyTorch's fused kernels where they compute the call exactly, else blockwise."""
-    backward = "blockwise" if needs_grad else "none"
-    cpu_eager = query.device.type == "cpu" and not compiling
-    sdpa_mask = _sdpa_mask(query, key, value, block_mask, score_mod, needs_grad) if cpu_eager else ""
+    cpu = query.device.type == "cpu"
+    cpu_eager = cpu and not compiling
+    fused_ok = score_mod is None and key.shape[-1] == value.shape[-1] and _fused_cpu_ops()
+    mask_batch, mask_heads = block_mask.shape[:2]
+    sdpa_mask = _sdpa_mask(query, block_mask, mask_batch, mask_heads, needs_grad) if cpu_eager and fused_ok else ""
     if sdpa_mask:
-        reasons.append(f"PyTorch's fused attention computes it exactly (mask: {sdpa_mask})")
-        return _logged(Route("torch", "sdpa", "direct", "sdpa" if needs_grad else "none", sdpa_mask,
-                             tuple(reasons)), compiling)
+        reasons.append(_SDPA_REASONS[sdpa_mask])
+        return _logged(_interned("torch", "sdpa", "direct", "sdpa" if needs_grad else "none", sdpa_mask, reasons),
+                       compiling)
     # Eager CPU calls without gradients skip the op (its dispatcher and mod table are host time on every
     # decode step); compact masks and learnable score tensors keep the direct autograd through PyTorch.
     direct = (cpu_eager and not needs_grad) or isinstance(block_mask, CompactBlockMask) or learnable
     call = "direct" if direct else "op"
-    if not needs_grad and query.device.type == "cpu" and _cpu_flash_applies(query, key, value, block_mask, score_mod):
-        reasons.append("float32 CPU inference: PyTorch's fused CPU kernel over the mask's tiles")
-        return _logged(Route("torch", "cpu_flash", call, "none", "", tuple(reasons)), compiling)
-    reasons.append("blockwise PyTorch" + (": learnable score_mod tensors" if learnable else ""))
-    return _logged(Route("torch", "blockwise", call, backward, "", tuple(reasons)), compiling)
+    if not needs_grad and cpu and fused_ok and query.dtype == torch.float32 and mask_heads == 1:
+        # float32 inference, no score_mod, a mask shared by all heads, D == Dv: backends/torch/cpu_flash.py
+        reasons.append(_CPU_FLASH_REASON)
+        return _logged(_interned("torch", "cpu_flash", call, "none", "", reasons), compiling)
+    reasons.append(_BLOCKWISE_REASONS[learnable])
+    return _logged(_interned("torch", "blockwise", call, "blockwise" if needs_grad else "none", "", reasons),
+                   compiling)
 
 
-def _sdpa_mask(query, key, value, block_mask: BlockMask, score_mod, needs_grad: bool) -> str:
+def _sdpa_mask(query, block_mask: BlockMask, mask_batch: int, mask_heads: int, needs_grad: bool) -> str:
     """How PyTorch's fused CPU attention takes this call exactly ("none" / "causal" / "dense"), or "".
 
-    Exact means: no score_mod, a dtype it computes within the numerics rule, D == Dv, and a mask it
-    represents -- every tile full (no mask), the causal family recognized from the traced mask_mod with a
-    layout built from it, or a mask small enough to materialize, or dense enough that skipping tiles gains
-    less than PyTorch's kernel (training only: inference has the cached dense route of ``cpu_flash``,
-    shared by a model's layers)."""
-    if (score_mod is not None or query.dtype not in SDPA_DTYPES or key.shape[-1] != value.shape[-1]
-            or not _fused_cpu_ops()):
+    Exact means (the caller checked no score_mod and D == Dv): a dtype it computes within the numerics
+    rule, and a mask it represents -- every tile full (no mask), the causal family recognized from the
+    traced mask_mod with a layout built from it, or a mask small enough to materialize, or dense enough
+    that skipping tiles gains less than PyTorch's kernel (training only: inference has the cached dense
+    route of ``cpu_flash``, shared by a model's layers)."""
+    if query.dtype not in SDPA_DTYPES:
         return ""
     if getattr(block_mask, "visits_every_tile", False):
         return "none"
     if not block_mask.exact_layout:
         return ""
     q_len, kv_len = block_mask.seq_lengths
-    mask_batch, mask_heads = block_mask.shape[:2]
-    dense_small = mask_batch * q_len * kv_len <= DENSE_MASK_ELEMENTS
+    elements = mask_batch * q_len * kv_len
+    dense_small = elements <= DENSE_MASK_ELEMENTS
     if not needs_grad and dense_small and query.dtype == torch.float32:
         return ""  # cpu_flash's dense route: one fused call with a bias cached on the mask
     if mask_heads == 1 and is_causal(block_mask.mask_mod):
@@ -218,7 +259,6 @@ def _sdpa_mask(query, key, value, block_mask: BlockMask, score_mod, needs_grad: 
         return ""
     if dense_small:
         return "dense"
-    elements = mask_batch * q_len * kv_len
     dense_enough = 100.0 - block_mask.sparsity() >= 100.0 * DENSE_MASK_MIN_DENSITY
     return "dense" if elements <= DENSE_MASK_MAX_ELEMENTS and dense_enough else ""
 
@@ -228,12 +268,6 @@ def _fused_cpu_ops() -> bool:
     """Whether this torch build has PyTorch's fused CPU attention ops (forward and backward)."""
     return (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
-
-
-def _cpu_flash_applies(query, key, value, block_mask: BlockMask, score_mod) -> bool:
-    """float32 inference without a score_mod, a mask shared by all heads, D == Dv (``backends/torch/cpu_flash.py``)."""
-    return (score_mod is None and query.dtype == torch.float32 and key.shape[-1] == value.shape[-1]
-            and block_mask.shape[1] == 1 and _fused_cpu_ops())
 
 
 def plan_paged_call(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,

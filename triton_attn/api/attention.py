@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from ..backends import run
-from ..dispatch import Route, plan_call
+from ..dispatch import Route, call_backend, plan_call
 from ..masks.block_mask import BlockMask
 from ..masks.safety import check_mods, check_score_result_type
 from ..masks.standard import default_block_mask
@@ -65,11 +65,13 @@ def attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     validate_tensors(query, key, value, enable_gqa)
     scale = validate_scale(scale, query)
     validate_autotune(autotune)
+    chosen = call_backend(query, score_mod, backend)  # backend errors come before the BlockMask's
     if block_mask is None:  # built here for these lengths and this device: nothing to check
         block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
     else:
         block_mask = validate_block_mask(block_mask, query, key)
-    route = plan_call(query, key, value, block_mask, score_mod, backend=backend, fixed_config=tiles is not None)
+    route = plan_call(query, key, value, block_mask, score_mod, backend=backend, fixed_config=tiles is not None,
+                      chosen=chosen)
     key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
     compiling = torch.compiler.is_compiling()
     if not compiling:  # (closure walks and a probe call; under torch.compile the kernels check the tensors)

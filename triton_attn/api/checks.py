@@ -22,6 +22,7 @@ __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "PAGE_SIZE_MULTIPLE", "describe",
            "validate_paged"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACCEPTED_DTYPES = SUPPORTED_DTYPES + (torch.float64,)  # float64: the torch backend only (dispatch.plan_call)
 MAX_HEAD_DIM = 256
 
 
@@ -30,13 +31,15 @@ def describe(t: torch.Tensor) -> str:
 
 
 def validate_tensors(query, key, value, enable_gqa: bool) -> None:
+    """query [B, Hq, Lq, D], key [B or 1, Hkv, Lkv, D], value [B or 1, Hkv, Lkv, Dv]: one dtype and device,
+    Hq a multiple of Hkv (``enable_gqa`` when they differ). Runs on every call: each shape is read once."""
     for name, t, layout in (("query", query, "[B, Hq, Lq, D]"), ("key", key, "[B, Hkv, Lkv, D]"),
                             ("value", value, "[B, Hkv, Lkv, Dv]")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        if t.dtype not in ACCEPTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if 0 in t.shape:
             raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
@@ -46,19 +49,20 @@ def validate_tensors(query, key, value, enable_gqa: bool) -> None:
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
                          f"{value.device}")
     batch, q_heads, _, head_dim = query.shape
-    if key.shape[0] not in (1, batch) or value.shape[0] not in (1, batch):
-        raise ValueError(f"batch sizes differ: query has B={batch}, key {key.shape[0]}, value {value.shape[0]} "
+    key_batch, kv_heads, kv_len, key_dim = key.shape
+    value_batch, value_heads, value_len, value_dim = value.shape
+    if key_batch not in (1, batch) or value_batch not in (1, batch):
+        raise ValueError(f"batch sizes differ: query has B={batch}, key {key_batch}, value {value_batch} "
                          f"(key/value batch must be B or 1, which broadcasts over the query's batch)")
-    if key.shape[1] != value.shape[1]:
-        raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
-    if key.shape[2] != value.shape[2]:
-        raise ValueError(f"key and value must have the same length Lkv, got {key.shape[2]} and {value.shape[2]}")
-    if key.shape[3] != head_dim:
-        raise ValueError(f"query and key must have the same head_dim D, got {head_dim} and {key.shape[3]}")
-    for name, dim in (("query/key head_dim D", head_dim), ("value head_dim Dv", value.shape[3])):
+    if kv_heads != value_heads:
+        raise ValueError(f"key and value must have the same number of heads, got {kv_heads} and {value_heads}")
+    if kv_len != value_len:
+        raise ValueError(f"key and value must have the same length Lkv, got {kv_len} and {value_len}")
+    if key_dim != head_dim:
+        raise ValueError(f"query and key must have the same head_dim D, got {head_dim} and {key_dim}")
+    for name, dim in (("query/key head_dim D", head_dim), ("value head_dim Dv", value_dim)):
         if dim > MAX_HEAD_DIM:
             raise ValueError(f"{name} must be at most {MAX_HEAD_DIM}, got {dim}")
-    kv_heads = key.shape[1]
     if q_heads != kv_heads:
         if q_heads % kv_heads != 0:
             raise ValueError(f"GQA needs query heads Hq={q_heads} to be a multiple of key/value heads Hkv={kv_heads}")
