@@ -231,6 +231,38 @@ def test_tune_flow_under_the_interpreter_stores_winners(capsys):
     assert "(1 entry)" in out and "fwd|cpu|sm0|float32" in out
 
 
+def test_tune_stores_winners_under_the_key_a_compiled_launch_looks_up(capsys, monkeypatch):
+    """`triton-attn tune` must store its winner under the key the forward launch reads (which includes the
+    mods' structure class), else a tuned config is never used."""
+    pytest.importorskip("triton")
+    import math
+
+    import triton_attn as ta
+    from triton_attn.kernels import entry
+    from triton_attn.kernels.attention import forward_launch
+    from triton_attn.kernels.tuning import search as tuning
+    from triton_attn.masks import causal_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, out, _ = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
+                           "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "2", "--quiet")
+    assert code == 0, out
+    stored = set(TuningCache().entries())
+    looked_up = []
+    original = tuning.select_config
+    monkeypatch.setattr(tuning, "select_config", lambda key, default, **kw: looked_up.append(str(key)) or original(
+        key, default, **kw))
+    monkeypatch.setattr(forward_launch, "launch", lambda *args, **kwargs: None)  # no GPU: the lookup is the point
+    generator = torch.Generator().manual_seed(0)  # the command's inputs
+    q = torch.randn(1, 2, 64, 16, generator=generator)
+    k, v = torch.randn(1, 2, 64, 16, generator=generator), torch.randn(1, 2, 64, 16, generator=generator)
+    block_mask = ta.create_block_mask(causal_mask, None, None, 64, 64, BLOCK_SIZE=32)
+    entry.prefill_forward(q, k, v, block_mask, score_mod=None, scale=1 / math.sqrt(16), interpret=False,
+                          autotune=False)
+    assert looked_up and looked_up[0] in stored, (looked_up, stored)
+
+
 def test_tune_config_file_json_and_yaml(capsys, tmp_path):
     spec = {"shapes": [{"mask": ["causal", "sliding_window"], "seq_len": 512, "head_dim": [64, 128],
                         "dtype": "bf16", "heads": 8, "kv_heads": 2, "window": 128}]}

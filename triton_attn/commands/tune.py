@@ -215,6 +215,7 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
     from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.attention.configs import default_config
     from ..kernels.attention.forward_launch import attention_forward
+    from ..kernels.tuned import forward_key
     from ..kernels.tuning import search as autotune
     from ..masks import create_block_mask
 
@@ -249,13 +250,14 @@ def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool)
             else:
                 block_mask = create_block_mask(named.mask_mod, None, None, shape.seq_len, kv_len, device=device,
                                                BLOCK_SIZE=shape.block_size)
-            key = autotune.make_key(q, k, v, block_mask, variant="score" if named.score_mod else "")
+            scale = 1.0 / math.sqrt(shape.head_dim)
+            # The key a compiled launch of this problem looks up (it names the mods' structure class).
+            key = forward_key(q, k, v, block_mask, score_mod=named.score_mod, scale=scale)
             if tuner.lookup(key) is not None and not args.force:
                 print(f"{shape.label}: already tuned ({tuner.lookup(key).name}); --force re-tunes")
                 for _ in range(len(candidates) * (2 if aot else 1)):
                     progress.advance("cached")
                 continue
-            scale = 1.0 / math.sqrt(shape.head_dim)
 
             def run(config, q=q, k=k, v=v, block_mask=block_mask, named=named, scale=scale):
                 return attention_forward(q, k, v, block_mask, score_mod=named.score_mod, scale=scale,

@@ -63,6 +63,15 @@ def tuned_forward_config(query, key, value, block_mask: BlockMask, score_mod, sc
                                                              stats=stats)[0])
 
 
+def forward_key(query, key, value, block_mask: BlockMask, *, score_mod, scale: float) -> tuning.TuningKey:
+    """The tuning key a compiled prefill forward of this call looks up (``tuned_forward_config``'s): what
+    ``triton-attn tune`` stores its winner under."""
+    structure = forward_launch.forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
+                                            interpret=False)[2].key[:8]
+    return tuning.make_key(query, key, value, block_mask, variant="score" if score_mod is not None else "",
+                           structure=structure)
+
+
 def forward_chooser(query, key, value, block_mask: BlockMask, *, score_mod, scale: float,
                     autotune: Optional[bool], stats: Optional[torch.Tensor]) -> ForwardChooser:
     """``choose_config(default, structure)`` for ``forward_launch.attention_forward``: ``tuned_forward_config``."""

@@ -71,6 +71,17 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out, lse
 
 
+def forward_mods(query: torch.Tensor, block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float,
+                 interpret: bool):
+    """(mask plan, traced score_mod, generated functions) of a forward launch; ``mods.key[:8]`` is the
+    structure class in its tuning key."""
+    mask_plan = plan_mask(block_mask)
+    score_traced = trace_score(score_mod, scale)
+    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode,
+                                   fast_tanh=fast_tanh(query.dtype, interpret))
+    return mask_plan, score_traced, mods
+
+
 def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                     score_mod: Optional[Callable], scale: float, interpret: bool,
                     config: Optional[KernelConfig] = None, choose_config: Optional[ForwardChooser] = None,
@@ -84,10 +95,8 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     device = query.device
     q_bs, kv_bs = block_mask.BLOCK_SIZE
 
-    mask_plan = plan_mask(block_mask)
-    score_traced = trace_score(score_mod, scale)
-    mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode,
-                                   fast_tanh=fast_tanh(query.dtype, interpret))
+    mask_plan, score_traced, mods = forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
+                                                 interpret=interpret)
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
         if choose_config is not None:
