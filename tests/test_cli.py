@@ -213,13 +213,19 @@ def test_tune_dry_run_prunes_by_aot_compile(capsys):
         assert "keep" in out and "smem" in out
 
 
-def test_tune_flow_under_the_interpreter_stores_winners(capsys):
-    """The GPU tuning flow end to end (real launcher, timing, cache), run by the Triton interpreter on CPU."""
-    pytest.importorskip("triton")
+def _tune_tiny_causal_under_the_interpreter(capsys):
+    """``triton-attn tune --interpret`` on one tiny causal problem (L=64, D=16, fp32): (exit code, stdout)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code, out, _ = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
                            "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "2", "--quiet")
+    return code, out
+
+
+def test_tune_flow_under_the_interpreter_stores_winners(capsys):
+    """The GPU tuning flow end to end (real launcher, timing, cache), run by the Triton interpreter on CPU."""
+    pytest.importorskip("triton")
+    code, out = _tune_tiny_causal_under_the_interpreter(capsys)
     assert code == 0, out
     assert "causal L=64 D=16 float32" in out and "winners stored in" in out
     entries = TuningCache().entries()
@@ -243,10 +249,7 @@ def test_tune_stores_winners_under_the_key_a_compiled_launch_looks_up(capsys, mo
     from triton_attn.kernels.tuning import search as tuning
     from triton_attn.masks import causal_mask
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code, out, _ = run(capsys, "tune", "--interpret", "--mask", "causal", "--seq-len", "64", "--head-dim", "16",
-                           "--dtype", "fp32", "--heads", "2", "--block-size", "32", "--max-configs", "2", "--quiet")
+    code, out = _tune_tiny_causal_under_the_interpreter(capsys)
     assert code == 0, out
     stored = set(TuningCache().entries())
     looked_up = []

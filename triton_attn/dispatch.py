@@ -82,7 +82,9 @@ class Route:
     @classmethod
     def from_token(cls, token: str) -> "Route":
         backend, family, backward = token.split("/")
-        return _op_route(backend, family, backward)
+        if backend not in BACKENDS or family not in FAMILIES or backward not in BACKWARDS:
+            raise ValueError(f"not a route: {token}")
+        return _interned(backend, family, "op", backward, "", [])
 
     @property
     def interpret(self) -> bool:
@@ -98,20 +100,6 @@ class Route:
         why = f" -- {'; '.join(self.reasons)}" if self.reasons else ""
         return (f"route: backend={self.backend} family={self.family} call={self.call} "
                 f"backward={self.backward}{mask}{why}")
-
-
-_OP_ROUTES: dict = {}
-
-
-def _op_route(backend: str, family: str, backward: str) -> Route:
-    """The route an op implementation runs (interned: one object per token, no reasons)."""
-    key = (backend, family, backward)
-    route = _OP_ROUTES.get(key)
-    if route is None:
-        if backend not in BACKENDS or family not in FAMILIES or backward not in BACKWARDS:
-            raise ValueError(f"not a route: {backend}/{family}/{backward}")
-        route = _OP_ROUTES[key] = Route(backend, family, "op", backward)
-    return route
 
 
 _ROUTES: dict = {}
@@ -177,9 +165,8 @@ def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block
         chosen = call_backend(query, score_mod, backend)
     backend_name, first_reasons = chosen
     reasons = list(first_reasons)
-    grad_on = torch.is_grad_enabled()
-    needs_grad = grad_on and (query.requires_grad or key.requires_grad or value.requires_grad)
-    learnable = bool(score_mod is not None and grad_on and not compiling
+    needs_grad = _needs_grad(query, key, value)
+    learnable = bool(score_mod is not None and torch.is_grad_enabled() and not compiling
                      and any(t.requires_grad for t in captured_tensors(score_mod)))
     needs_grad = needs_grad or learnable
     if backend_name == "torch":
@@ -278,7 +265,7 @@ def plan_paged_call(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if chosen != "torch" and query.dtype == torch.float64:
         raise TypeError(f"query/key_cache/value_cache must be float16, bfloat16 or float32 on backend {chosen!r}, "
                         "got float64")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key_cache, value_cache))
+    needs_grad = _needs_grad(query, key_cache, value_cache)
     if chosen != "torch" and needs_grad:
         raise NotImplementedError(f"paged_attention has no backward pass on backend {chosen!r} (it serves inference); "
                                   "call it under torch.no_grad(), detach the inputs, or use backend='torch'")

@@ -130,7 +130,7 @@ def attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     planned = Route.from_token(route)
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
-    stats = run.new_softmax_stats(query) if planned.saves_stats else None
+    stats = run.softmax_stats(planned, query)
     out, lse = run.forward(planned, query, key, value, block_mask, score_mod=score_mod, scale=scale,
                            autotune=_autotune_flag(autotune), stats=stats)
     return out.contiguous(), lse.contiguous(), query.new_empty(0, dtype=torch.float32) if stats is None else stats

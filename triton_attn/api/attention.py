@@ -66,10 +66,7 @@ def attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scale = validate_scale(scale, query)
     validate_autotune(autotune)
     chosen = call_backend(query, score_mod, backend)  # backend errors come before the BlockMask's
-    if block_mask is None:  # built here for these lengths and this device: nothing to check
-        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
-    else:
-        block_mask = validate_block_mask(block_mask, query, key)
+    block_mask = _call_mask(block_mask, query, key)
     route = plan_call(query, key, value, block_mask, score_mod, backend=backend, fixed_config=tiles is not None,
                       chosen=chosen)
     key, value = broadcast_kv_batch(key, query.shape[0]), broadcast_kv_batch(value, query.shape[0])
@@ -88,11 +85,15 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scor
     """The ``Route`` that ``attention`` with these arguments would take (under the current grad mode),
     without running it: ``print(ta.explain(q, k, v, block_mask=bm))``. Same checks as ``attention``."""
     validate_tensors(query, key, value, enable_gqa)
+    return plan_call(query, key, value, _call_mask(block_mask, query, key), score_mod, backend=backend)
+
+
+def _call_mask(block_mask: Optional[BlockMask], query: torch.Tensor, key: torch.Tensor) -> BlockMask:
+    """The call's BlockMask, checked; None is the all-full mask, built here for these lengths and this
+    device (nothing to check)."""
     if block_mask is None:
-        block_mask = default_block_mask(query.shape[2], key.shape[2], query.device)
-    else:
-        block_mask = validate_block_mask(block_mask, query, key)
-    return plan_call(query, key, value, block_mask, score_mod, backend=backend)
+        return default_block_mask(query.shape[2], key.shape[2], query.device)
+    return validate_block_mask(block_mask, query, key)
 
 
 def _check_mods(route: Route, query: torch.Tensor, key: torch.Tensor, block_mask: BlockMask,

@@ -17,7 +17,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..dispatch import Route
-from ..kernels.host import new_softmax_stats  # (Triton-free)
 from ..masks.block_mask import BlockMask
 from ..masks.closure import captured_tensors
 from ..masks.evaluate import mod_name
@@ -26,7 +25,18 @@ from .torch.blockwise import blockwise_attention, blockwise_backward
 from .torch.paged import paged_attention_torch
 from .torch.sdpa import sdpa_attention
 
-__all__ = ["forward", "backward", "direct", "paged", "new_softmax_stats", "LearnableScoreTensorWarning"]
+__all__ = ["forward", "backward", "direct", "paged", "softmax_stats", "LearnableScoreTensorWarning"]
+
+
+def softmax_stats(route: Route, query: torch.Tensor) -> Optional[torch.Tensor]:
+    """An empty float32 [B, Hq, Lq, 2] for the forward's softmax statistics when the route's backward is the
+    Triton kernels (which recompute P from them), else None. The kernels' host helpers load only here, so a
+    torch-only process never imports them."""
+    if not route.saves_stats:
+        return None
+    from ..kernels.host import new_softmax_stats
+
+    return new_softmax_stats(query)
 
 
 def forward(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
@@ -35,7 +45,7 @@ def forward(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.T
     """out [B, Hq, Lq, Dv], lse [B, Hq, Lq] of ``route``'s forward (differentiable on the torch routes).
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv], validated. ``stats``: an empty
-    ``new_softmax_stats`` the Triton prefill kernel fills for the backward. ``config``: fixed forward
+    ``softmax_stats`` the Triton prefill kernel fills for the backward. ``config``: fixed forward
     tiles (Flex's kernel_options; prefill only)."""
     family = route.family
     if route.backend == "torch":
@@ -88,7 +98,7 @@ class KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, route, query, key, value, block_mask, score_mod, scale, autotune, *learnable):
-        stats = new_softmax_stats(query) if route.saves_stats else None
+        stats = softmax_stats(route, query)
         out, lse = forward(route, query, key, value, block_mask, score_mod=score_mod, scale=scale,
                            autotune=autotune, stats=stats)
         ctx.save_for_backward(query, key, value, out, lse, *([] if stats is None else [stats]), *learnable)
