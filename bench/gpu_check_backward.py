@@ -78,9 +78,11 @@ def backward_section(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat1
 
     backend: "triton" on the GPU; "interpret" (CPU tensors, ``device="cpu"``) only to smoke-test this script.
     """
-    from torch.nn.attention import flex_attention as flex_module
+    compiled_flex = None
+    if with_flex:  # imported only when asked for: the rest of the check runs without FlexAttention
+        from torch.nn.attention import flex_attention as flex_module
 
-    compiled_flex = torch.compile(flex_module.flex_attention, dynamic=False) if with_flex else None
+        compiled_flex = torch.compile(flex_module.flex_attention, dynamic=False)
     rows = []
     for seq_len in seq_lens:
         for name, mask_mod in _masks(seq_len, device).items():
@@ -170,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one length, fewer repeats, no FlexAttention")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("no CUDA device: the backward GPU check needs one")
+        print("no CUDA or ROCm device: the backward GPU check needs one")
         return 1
     if args.quick:
         rows = backward_section(seq_lens=(1024,), repeats=3, with_flex=False)

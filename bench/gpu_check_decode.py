@@ -3,8 +3,9 @@
 ``decode_section()``: one decode step (Lq = 1) at B = 1 and 16, caches of 4k and 32k tokens, Hq 32 /
 Hkv 8, D 128, bf16. Per shape: correctness of ``triton_attn.attention`` (which routes to the decode
 kernel) against a float32 SDPA reference (error at most 2x bf16 SDPA's, plus 1e-2), the split count
-chosen, and microseconds per call with the K/V bytes read per second against the GPU's copy
-bandwidth (``--copy-bandwidth``, 4.3 TB/s by default), for
+chosen, and microseconds per call with the K/V bytes read per second against the device's peak
+memory bandwidth (``peak_bandwidth``: ``gpu_check.py`` passes the vendor number from ``gpu_peaks.py``,
+or ``--copy-bandwidth``; None leaves the percentage out), for
 
 - ``triton_attn``: the public call (builds its BlockMask and plans the launch every call),
 - ``triton_attn_kernel``: the decode launcher with the BlockMask built once (the kernel's own speed),
@@ -16,6 +17,8 @@ bandwidth (``--copy-bandwidth``, 4.3 TB/s by default), for
 microseconds, GB/s and the paged / contiguous ratio.
 
 Bytes counted: K and V of every (batch, kv head) up to the sequence length, plus Q and the output.
+A shape that does not fit in the GPU's memory (B 16 at 32k tokens with its float32 SDPA reference can
+outgrow a 24 GB card) ends with a skipped row saying so; the other shapes still run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -33,8 +36,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import triton_attn as ta  # noqa: E402
-
-COPY_BANDWIDTH_GBS = 4300.0  # H200 device-to-device copy, GB/s
 
 
 def _time_us(fn: Callable, device: str, repeats: int) -> float:
@@ -60,6 +61,10 @@ def _errors(out: torch.Tensor, reference: torch.Tensor, baseline: torch.Tensor):
     return error, bound
 
 
+def _bandwidth_note(gbs: float, peak_bandwidth: Optional[float]) -> str:
+    return "" if not peak_bandwidth else f"{100 * gbs / peak_bandwidth:.0f}% of {peak_bandwidth:g} GB/s"
+
+
 def _sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
@@ -71,51 +76,69 @@ def _flex(q, k, v):
     return lambda: compiled(q, k, v, enable_gqa=True)
 
 
+def run_shape(rows: List[dict], shape: dict, impl: str, run: Callable[[List[dict]], None]) -> None:
+    """Append the rows ``run`` writes for one shape. A shape that runs out of GPU memory ends with a
+    skipped row saying so (the rows written before stay) and the next shape still runs."""
+    reason = None
+    try:
+        run(rows)
+    except torch.cuda.OutOfMemoryError as error:
+        reason = str(error).splitlines()[0][:120]
+    if reason is not None:  # outside the handler: its traceback, holding the shape's tensors, is gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows.append(dict(shape, impl=impl, check="correctness", ok=None,
+                         note=f"skipped: out of GPU memory ({reason})"))
+
+
 def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16), cache_lens=(4096, 32768),
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, backend: str = "triton",
-                   with_flex: bool = True, repeats: int = 3, copy_bandwidth: float = COPY_BANDWIDTH_GBS) -> List[dict]:
-    """Rows: correctness, then one timing row per implementation, for each (batch, cache length)."""
+                   with_flex: bool = True, repeats: int = 3, peak_bandwidth: Optional[float] = None) -> List[dict]:
+    """Rows: correctness, then one timing row per implementation, for each (batch, cache length).
+    peak_bandwidth: GB/s the speed rows' notes compare with (None: no percentage)."""
     from triton_attn.kernels.decode.launch import plan_decode
     from triton_attn.kernels.entry import decode_forward
     from triton_attn.masks.standard import full_block_mask
 
-    rows = []
+    def one_shape(batch: int, cache_len: int, rows: List[dict]) -> None:
+        q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+        v = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+        block_mask = full_block_mask(1, 1, 1, cache_len, device)
+        plan = plan_decode(q, kv_heads, head_dim, block_mask)
+        shape = dict(batch=batch, seq=cache_len, head_dim=head_dim, note=f"splits={plan.num_splits} "
+                     f"heads_per_program={plan.heads_per_tile} {plan.config.name}")
+        out = ta.attention(q, k, v, enable_gqa=True, backend=backend)
+        error, bound = _errors(out, _sdpa(q.float(), k.float(), v.float()), _sdpa(q, k, v))
+        rows.append(dict(shape, impl="triton_attn", check="correctness", max_error=error, bound=bound,
+                         ok=error <= bound))
+        scale = 1.0 / math.sqrt(head_dim)
+        impls: Dict[str, Callable] = {
+            "triton_attn": lambda: ta.attention(q, k, v, enable_gqa=True, backend=backend),
+            "triton_attn_kernel": lambda: decode_forward(q, k, v, block_mask, score_mod=None, scale=scale,
+                                                         interpret=backend == "interpret"),
+            "sdpa": lambda: _sdpa(q, k, v),
+        }
+        if with_flex:
+            impls["flex_compiled"] = _flex(q, k, v)
+        moved = _bytes(q, batch * cache_len, kv_heads, head_dim)
+        for impl, fn in impls.items():
+            try:
+                us = _time_us(fn, device, repeats)
+            except Exception as error:  # a failing baseline must not hide the other rows
+                rows.append(dict(shape, impl=impl, check="speed", ok=impl.startswith("triton") is False,
+                                 note=f"error: {type(error).__name__}: {error}"[:200]))
+                continue
+            gbs = moved / us / 1e3
+            rows.append(dict(shape, impl=impl, check="speed", us=us, gb_s=gbs,
+                             note=f"{shape['note']} {_bandwidth_note(gbs, peak_bandwidth)}".strip()))
+        # Returning frees the tensors (the timing lambdas die with this frame) before the next shape allocates.
+
+    rows: List[dict] = []
     for batch in batches:
         for cache_len in cache_lens:
-            q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=dtype)
-            k = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
-            v = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
-            block_mask = full_block_mask(1, 1, 1, cache_len, device)
-            plan = plan_decode(q, kv_heads, head_dim, block_mask)
-            shape = dict(batch=batch, seq=cache_len, head_dim=head_dim, note=f"splits={plan.num_splits} "
-                         f"heads_per_program={plan.heads_per_tile} {plan.config.name}")
-            out = ta.attention(q, k, v, enable_gqa=True, backend=backend)
-            error, bound = _errors(out, _sdpa(q.float(), k.float(), v.float()), _sdpa(q, k, v))
-            rows.append(dict(shape, impl="triton_attn", check="correctness", max_error=error, bound=bound,
-                             ok=error <= bound))
-            scale = 1.0 / math.sqrt(head_dim)
-            impls: Dict[str, Callable] = {
-                "triton_attn": lambda: ta.attention(q, k, v, enable_gqa=True, backend=backend),
-                "triton_attn_kernel": lambda: decode_forward(q, k, v, block_mask, score_mod=None, scale=scale,
-                                                             interpret=backend == "interpret"),
-                "sdpa": lambda: _sdpa(q, k, v),
-            }
-            if with_flex:
-                impls["flex_compiled"] = _flex(q, k, v)
-            moved = _bytes(q, batch * cache_len, kv_heads, head_dim)
-            for impl, fn in impls.items():
-                try:
-                    us = _time_us(fn, device, repeats)
-                except Exception as error:  # a failing baseline must not hide the other rows
-                    rows.append(dict(shape, impl=impl, check="speed", ok=impl.startswith("triton") is False,
-                                     note=f"error: {type(error).__name__}: {error}"[:200]))
-                    continue
-                gbs = moved / us / 1e3
-                rows.append(dict(shape, impl=impl, check="speed", us=us, gb_s=gbs,
-                                 note=f"{shape['note']} {100 * gbs / copy_bandwidth:.0f}% of copy bandwidth"))
-            # Rebind rather than ``del`` (the timing lambdas close over these names): frees the tensors before
-            # the next shape allocates.
-            q = k = v = None
+            run_shape(rows, dict(batch=batch, seq=cache_len, head_dim=head_dim), "triton_attn",
+                       lambda out, batch=batch, cache_len=cache_len: one_shape(batch, cache_len, out))
     return rows
 
 
@@ -139,53 +162,58 @@ def _paged_copy(k: torch.Tensor, v: torch.Tensor, page_size: int, generator: tor
 
 def paged_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16), cache_lens=(4096, 32768),
                   page_sizes=(16, 64), q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-                  backend: str = "triton", repeats: int = 3, copy_bandwidth: float = COPY_BANDWIDTH_GBS) -> List[dict]:
-    """Rows: correctness (uniform and ragged lengths) and paged vs contiguous timings."""
+                  backend: str = "triton", repeats: int = 3, peak_bandwidth: Optional[float] = None) -> List[dict]:
+    """Rows: correctness (uniform and ragged lengths) and paged vs contiguous timings.
+    peak_bandwidth: GB/s the speed rows' notes compare with (None: no percentage)."""
     generator = torch.Generator().manual_seed(0)
-    rows = []
+
+    def one_shape(batch: int, cache_len: int, page_size: int, rows: List[dict]) -> None:
+        q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+        v = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+        key_cache, value_cache, page_table = _paged_copy(k, v, page_size, generator)
+        lengths = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+        shape = dict(batch=batch, seq=cache_len, head_dim=head_dim, mask=f"page_size={page_size}")
+
+        def paged(lengths=lengths):
+            return ta.paged_attention(q, key_cache, value_cache, page_table, lengths, backend=backend)
+
+        out = paged()
+        error, bound = _errors(out, _sdpa(q.float(), k.float(), v.float()), _sdpa(q, k, v))
+        rows.append(dict(shape, impl="paged", check="correctness", max_error=error, bound=bound,
+                         ok=error <= bound))
+        if batch > 1:  # ragged: sequence b holds its first lengths[b] tokens
+            ragged = torch.randint(1, cache_len + 1, (batch,), generator=generator).to(torch.int32)
+            ragged[0] = cache_len
+            out = paged(ragged.to(device))
+            keep = torch.arange(cache_len).view(1, 1, 1, -1) < ragged.view(-1, 1, 1, 1)
+            keep = keep.to(device)
+            reference = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=keep, enable_gqa=True)
+            baseline = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                                                        enable_gqa=True)
+            error, bound = _errors(out, reference, baseline)
+            rows.append(dict(shape, impl="paged_ragged", check="correctness", max_error=error, bound=bound,
+                             ok=error <= bound))
+        moved = _bytes(q, batch * cache_len, kv_heads, head_dim)
+        timings = {}
+        for impl, fn in (("paged", paged),
+                         ("contiguous", lambda: ta.attention(q, k, v, enable_gqa=True, backend=backend))):
+            timings[impl] = _time_us(fn, device, repeats)
+            gbs = moved / timings[impl] / 1e3
+            rows.append(dict(shape, impl=impl, check="speed", us=timings[impl], gb_s=gbs,
+                             note=_bandwidth_note(gbs, peak_bandwidth)))
+        rows.append(dict(shape, impl="paged/contiguous", check="ratio",
+                         note=f"{timings['paged'] / timings['contiguous']:.2f}x"))
+        # Returning frees the tensors (``paged`` and the timing lambda die with this frame).
+
+    rows: List[dict] = []
     for batch in batches:
         for cache_len in cache_lens:
             for page_size in page_sizes:
-                q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=dtype)
-                k = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
-                v = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
-                key_cache, value_cache, page_table = _paged_copy(k, v, page_size, generator)
-                lengths = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
                 shape = dict(batch=batch, seq=cache_len, head_dim=head_dim, mask=f"page_size={page_size}")
-
-                def paged(lengths=lengths):
-                    return ta.paged_attention(q, key_cache, value_cache, page_table, lengths, backend=backend)
-
-                out = paged()
-                error, bound = _errors(out, _sdpa(q.float(), k.float(), v.float()), _sdpa(q, k, v))
-                rows.append(dict(shape, impl="paged", check="correctness", max_error=error, bound=bound,
-                                 ok=error <= bound))
-                if batch > 1:  # ragged: sequence b holds its first lengths[b] tokens
-                    ragged = torch.randint(1, cache_len + 1, (batch,), generator=generator).to(torch.int32)
-                    ragged[0] = cache_len
-                    out = paged(ragged.to(device))
-                    keep = torch.arange(cache_len).view(1, 1, 1, -1) < ragged.view(-1, 1, 1, 1)
-                    keep = keep.to(device)
-                    reference = torch.nn.functional.scaled_dot_product_attention(
-                        q.float(), k.float(), v.float(), attn_mask=keep, enable_gqa=True)
-                    baseline = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                                                                enable_gqa=True)
-                    error, bound = _errors(out, reference, baseline)
-                    rows.append(dict(shape, impl="paged_ragged", check="correctness", max_error=error, bound=bound,
-                                     ok=error <= bound))
-                moved = _bytes(q, batch * cache_len, kv_heads, head_dim)
-                timings = {}
-                for impl, fn in (("paged", paged),
-                                 ("contiguous", lambda: ta.attention(q, k, v, enable_gqa=True, backend=backend))):
-                    timings[impl] = _time_us(fn, device, repeats)
-                    gbs = moved / timings[impl] / 1e3
-                    rows.append(dict(shape, impl=impl, check="speed", us=timings[impl], gb_s=gbs,
-                                     note=f"{100 * gbs / copy_bandwidth:.0f}% of copy bandwidth"))
-                rows.append(dict(shape, impl="paged/contiguous", check="ratio",
-                                 note=f"{timings['paged'] / timings['contiguous']:.2f}x"))
-                # Rebind rather than ``del`` (``paged`` and the timing lambda close over these names): frees the
-                # tensors before the next shape allocates.
-                q = k = v = key_cache = value_cache = None
+                run_shape(rows, shape, "paged",
+                           lambda out, b=batch, n=cache_len, p=page_size: one_shape(b, n, p, out))
     return rows
 
 
@@ -203,5 +231,11 @@ if __name__ == "__main__":
     quick = "--dry-run" in sys.argv
     options = dict(device="cpu", backend="interpret", batches=(1, 2), cache_lens=(64,), q_heads=4, kv_heads=2,
                    head_dim=16, repeats=1) if quick else {}
+    if not quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_peaks import device_peaks
+
+        peaks = device_peaks("cuda")
+        options["peak_bandwidth"] = peaks.gb_s if peaks is not None else None
     print(format_rows(decode_section(with_flex=not quick, **options)))
     print(format_rows(paged_section(page_sizes=(16,), **options) if quick else paged_section()))

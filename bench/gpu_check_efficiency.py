@@ -19,6 +19,9 @@ this section) keeps the whole ``gpu_check.py`` run near 5 minutes: when it is sp
 rows are written as skipped, never silently dropped. FlexAttention compiles once per (case,
 length), the most expensive part; ``--no-flex`` drops it.
 
+Rows carry TFLOP/s; ``gpu_check.py`` adds ``pct_peak`` (of the device's peak dense 16-bit tensor-core
+rate, ``gpu_peaks.py``) when it writes them.
+
 ``--dry-run`` runs two cases (GQA, and softcap on the transposed layout) at tiny sizes on CPU through
 the Triton interpreter: a smoke test of this script, not a measurement.
 """
@@ -128,7 +131,9 @@ def _timer(device) -> Callable[[Callable[[], object]], float]:
 def run_efficiency(args, device, dtype, writer_row) -> bool:
     """Write one row per (case, length, implementation, pass); False when triton_attn failed anywhere."""
     backend = "interpret" if args.dry_run else "triton"
-    with_flex = device.type == "cuda" and not args.no_flex
+    # gpu_check settles ``with_flex`` (a GPU, --no-flex, and a torch with FlexAttention); the fallback is for
+    # callers with their own args.
+    with_flex = getattr(args, "with_flex", device.type == "cuda" and not args.no_flex)
     budget = getattr(args, "efficiency_budget", 240.0)
     timer, started, all_ok = _timer(device), time.time(), True
     for case in efficiency_cases(args.dry_run):
@@ -161,7 +166,7 @@ def run_efficiency(args, device, dtype, writer_row) -> bool:
                             torch.autograd.grad(out, inputs, grad, retain_graph=True)  # warm up
                             ms = timer(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
                             del out
-                        writer_row(dict(row, ms=f"{ms:.3f}", tflops=f"{flops / ms / 1e9:.1f}", ok=True))
+                        writer_row(dict(row, ms=f"{ms:.3f}", tflops=flops / ms / 1e9, ok=True))
                     except Exception as error:  # one failing implementation must not hide the others
                         writer_row(dict(row, ok=False, max_error=f"error: {type(error).__name__}: {error}"[:200]))
                         all_ok &= impl != "triton_attn"

@@ -517,3 +517,40 @@ def test_module_entry_point_error_is_one_line_exit_2():
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("triton-attn show: error:")
+
+
+# -- check --targets (the ahead-of-time matrix) ---------------------------------------------------------------
+
+def test_check_targets_builds_the_matrix_and_prints_it(capsys):
+    pytest.importorskip("triton")
+    from tests.helpers.toolchain import nvidia_toolchain_available
+
+    if not nvidia_toolchain_available(80):
+        pytest.skip("no Triton NVIDIA toolchain")
+    code, out, _ = run(capsys, "check", "--targets", "sm_80", "--fast", "--families", "preprocess,combine", "--quiet")
+    assert code == 0, out
+    assert "2 ahead-of-time builds for sm_80" in out
+    lines = [line for line in out.splitlines() if line.startswith("sm_80 ")]
+    assert [line.split()[1] for line in lines] == ["preprocess", "combine"] and all(" ok" in line for line in lines)
+    assert "2/2 builds pass on sm_80" in out
+
+
+def test_check_targets_rejects_unknown_names(capsys):
+    code, _, err = run(capsys, "check", "--targets", "sm_75")
+    assert_one_line_error(code, err, "--targets", "unknown target 'sm_75'", "gfx942")
+    code, _, err = run(capsys, "check", "--targets", "all", "--families", "forward,attention")
+    assert_one_line_error(code, err, "--families", "attention")
+
+
+def test_info_names_the_proven_targets(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert "GPU targets proven ahead of time: sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx90a, gfx942, gfx950" in out
+
+
+def test_info_target_coverage_lines():
+    from triton_attn.commands.info import target_coverage
+
+    assert target_coverage("cuda", 90).startswith("sm_90 (Hopper): covered")
+    assert "not covered" in target_coverage("cuda", 87) and "nearest target, sm_86" in target_coverage("cuda", 87)
+    assert target_coverage("hip", "gfx942").startswith("gfx942 (CDNA3): covered")

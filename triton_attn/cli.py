@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dry-run", action="store_true",
                       help="no GPU needed: list the search space and prune it by ahead-of-time compilation")
     tune.add_argument("--arch", default=None,
-                      help="with --dry-run: target sm_80 or sm_90 (default: this GPU, else sm_90)")
+                      help="with --dry-run: the target (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx90a, gfx942, "
+                           "gfx950; default: this GPU, else sm_90)")
     tune.add_argument("--interpret", action="store_true",
                       help="debugging: run the tuning flow with the Triton interpreter on CPU tensors (timings are "
                            "meaningless; entries are keyed to device cpu and never used on a GPU)")
@@ -148,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seq-len", type=int, default=80, help="sequence length")
     check.add_argument("--no-backward", action="store_true", help="forward only")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.add_argument("--targets", default=None, metavar="NAMES",
+                       help="instead: build the kernels ahead of time for GPU targets (no GPU needed) -- 'all' or a "
+                            "comma-separated list of sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx90a, gfx942, "
+                            "gfx950 -- and print the matrix (kernel family x head_dim x dtype x mask: shared memory, "
+                            "registers, spills, tensor-core instructions)")
+    check.add_argument("--fast", action="store_true",
+                       help="with --targets: one build per target and kernel family (what CI runs)")
+    check.add_argument("--families", default=None, metavar="NAMES",
+                       help="with --targets: comma-separated kernel families (forward, preprocess, dq, dkdv, decode, "
+                            "combine, refine; default all)")
+    check.add_argument("--jobs", type=int, default=1, help="with --targets: parallel build processes")
     return parser
 
 

@@ -242,7 +242,7 @@ def test_aot_pruning_of_the_backward_kernels():
 
 
 def test_backward_launch_searches_the_two_kernels_independently_and_only_when_asked(cache):
-    from triton_attn.kernels.attention.backward_launch import default_backward_config
+    from triton_attn.kernels.attention.configs import default_backward_config
     from triton_attn.kernels.tuned import tuned_backward_config
 
     q = torch.randn(1, 4, 256, 64, dtype=torch.float16)
@@ -276,7 +276,7 @@ def test_backward_search_times_both_launches_of_a_split_dkdv_kernel(cache):
     on its dV and dK launches together, and its winner is cached under a key of its own ("split")."""
     from dataclasses import replace
 
-    from triton_attn.kernels.attention.backward_launch import default_backward_config
+    from triton_attn.kernels.attention.configs import default_backward_config
     from triton_attn.kernels.tuned import tuned_backward_config
 
     q = torch.randn(1, 4, 256, 64, dtype=torch.float16)

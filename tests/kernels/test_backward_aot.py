@@ -15,8 +15,9 @@ from tests.helpers.toolchain import compile_mods, nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
+from triton_attn.kernels import targets  # noqa: E402
 from triton_attn.kernels.attention import aot as backward_aot  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import (  # noqa: E402
+from triton_attn.kernels.attention.configs import (  # noqa: E402
     BACKWARD_CONFIGS,
     FLOAT32_BACKWARD_CONFIGS,
     MAIN_BACKWARD_CONFIGS,
@@ -80,7 +81,8 @@ def test_hopper_backward_at_a_ragged_length_has_no_spills():
     must not turn a large position bias into NaN (their exponent is clamped at 64). Making their shift
     +inf instead cost ~30 registers and a 32-byte spill in the dK launch at head_dim 128 bf16 on sm_90."""
     for head_dim in (64, 128):
-        config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4000, 4000, capability=90)
+        config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4000, 4000,
+                                         target=targets.get(90))
         results = backward_aot.compile_backward(config, arch=90, head_dim=head_dim, dtype=torch.bfloat16,
                                                 q_len=4000, kv_len=4000)  # no mask: every tile bounds-checked
         for name, result in results.items():

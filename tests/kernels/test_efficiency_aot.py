@@ -26,10 +26,14 @@ from tests.helpers.toolchain import nvidia_toolchain_available
 pytest.importorskip("triton")
 
 from triton_attn.kernels.attention import aot  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import HOPPER_BACKWARD_CONFIGS, default_backward_config  # noqa: E402
-from triton_attn.kernels.attention.configs import default_config  # noqa: E402
+from triton_attn.kernels.attention.configs import (  # noqa: E402
+    HOPPER_BACKWARD_CONFIGS,
+    default_backward_config,
+    default_config,  # noqa: E402
+)
 from triton_attn.kernels.host import needs_64bit_rows  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
+from triton_attn.kernels.targets import get as get_target  # noqa: E402
 from triton_attn.kernels.tuning.compiled import pipelined_loops, ptx_instruction_count, wgmma_shapes, wide_row_products  # noqa: E402
 from triton_attn.masks import causal_mask, softcap_score  # noqa: E402
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
@@ -79,7 +83,8 @@ def test_forward_without_partial_blocks_is_pipelined_too():
 def _hopper_backward(head_dim: int):
     """The default sm_90 bf16 backward for ``head_dim`` under a causal mask (kv_len = 4096, a multiple of
     the block size), compiled once for the tests below: (config, {kernel name: AotResult})."""
-    config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4096, 4096, capability=HOPPER)
+    config = default_backward_config(head_dim, head_dim, torch.bfloat16, (128, 128), 4096, 4096,
+                                     target=get_target(HOPPER))
     return config, aot.compile_backward(config, arch=HOPPER, mask=trace_mask_mod(causal_mask), head_dim=head_dim,
                                         q_len=4096, kv_len=4096)
 

@@ -16,8 +16,10 @@ from tests.helpers.toolchain import nvidia_toolchain_available
 pytest.importorskip("triton")
 
 from triton_attn.kernels.attention.aot import compile_backward, compile_forward  # noqa: E402
-from triton_attn.kernels.attention.backward_launch import BACKWARD_CONFIGS  # noqa: E402
-from triton_attn.kernels.attention.configs import MAIN_CONFIGS  # noqa: E402
+from triton_attn.kernels.attention.configs import (
+    BACKWARD_CONFIGS,  # noqa: E402
+    MAIN_CONFIGS,  # noqa: E402
+)
 from triton_attn.kernels.tuning.search import shared_memory_limit  # noqa: E402
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Imports inside ``kernels/`` point one way (function-level imports included):
 
-host helpers and configs <- launchers <- AOT builds <- ``tuned`` <- ``entry``.
+host helpers, configs and targets <- launchers <- AOT builds <- ``tuned`` <- ``entry`` (and the AOT
+matrix, ``matrix``, which only commands and tests import).
 
 A launcher neither tunes nor decides a route, so it imports no AOT build, no tuning module, nothing
 above it; the host helpers import no launcher; nothing in ``kernels/`` imports ``entry``.
@@ -18,11 +19,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "triton_attn"
 KERNELS = "triton_attn.kernels"
 
 HOST = {f"{KERNELS}.host", f"{KERNELS}.attention.tiling", f"{KERNELS}.attention.configs",
-        f"{KERNELS}.decode.configs"}
+        f"{KERNELS}.decode.configs", f"{KERNELS}.targets", f"{KERNELS}.targets.target", f"{KERNELS}.targets.nvidia",
+        f"{KERNELS}.targets.amd"}
 LAUNCHERS = {f"{KERNELS}.attention.forward_launch", f"{KERNELS}.attention.backward_launch",
              f"{KERNELS}.decode.launch"}
 AOT = {f"{KERNELS}.attention.aot", f"{KERNELS}.decode.aot", f"{KERNELS}.tuning.aot"}
-ABOVE_AOT = {f"{KERNELS}.tuned", f"{KERNELS}.entry"}
+ABOVE_AOT = {f"{KERNELS}.tuned", f"{KERNELS}.entry", f"{KERNELS}.matrix"}
 
 
 def module_name(path: Path) -> str:
@@ -78,9 +80,10 @@ def test_aot_builds_import_nothing_above_them(name):
     assert not GRAPH[name] & ABOVE_AOT, GRAPH[name]
 
 
-def test_nothing_in_kernels_imports_entry():
-    importers = {name for name, imports in GRAPH.items() if f"{KERNELS}.entry" in imports}
-    assert not importers, importers
+def test_nothing_in_kernels_imports_entry_or_the_matrix():
+    for top in (f"{KERNELS}.entry", f"{KERNELS}.matrix"):
+        importers = {name for name, imports in GRAPH.items() if top in imports}
+        assert not importers, importers
 
 
 def test_no_import_cycle_among_kernels_modules():

@@ -111,8 +111,38 @@ def check_case(backend: str, named: NamedMask, dtype, device, *, seq_len: int = 
 CHECK_MASKS = ("none", "causal", "sliding_window", "document", "prefix_lm", "softcap")
 
 
+def targets_command(args) -> int:
+    """``check --targets``: the ahead-of-time matrix (``kernels.matrix``) for the named targets."""
+    from ..kernels import matrix, targets
+
+    try:
+        chosen = targets.parse_names(args.targets)
+    except ValueError as error:
+        raise CommandError(f"--targets: {error}") from None
+    families = tuple(f.strip() for f in args.families.split(",")) if args.families else matrix.FAMILIES
+    unknown = [f for f in families if f not in matrix.FAMILIES]
+    if unknown:
+        raise CommandError(f"--families: unknown {', '.join(unknown)}; known: {', '.join(matrix.FAMILIES)}")
+    jobs = positive_int(args.jobs, "--jobs")
+    try:
+        import triton.compiler  # noqa: F401
+    except ImportError as error:
+        raise CommandError(f"building ahead of time needs Triton ({error})") from None
+    cases = matrix.cases(chosen, fast=args.fast, families=families)
+    print(f"triton-attn check --targets: {len(cases)} ahead-of-time builds for {', '.join(t.name for t in chosen)} "
+          f"(default configs; no GPU needed)")
+    with Progress(len(cases), "aot build", enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        rows = matrix.run(cases, jobs=jobs, progress=lambda case: progress.advance(case.label))
+    print(matrix.format_table(rows))
+    print(matrix.summary(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
 def check_command(args) -> int:
     import torch
+
+    if getattr(args, "targets", None):
+        return targets_command(args)
 
     device = parse_device(args.device)
     backends = available_backends(device)

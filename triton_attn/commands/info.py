@@ -23,6 +23,20 @@ def _version(module: str) -> str:
             return "not installed"
 
 
+def target_coverage(backend: str, arch) -> str:
+    """One line on whether the kernels are proven for this GPU's target (``kernels.targets``)."""
+    from ..kernels import targets
+
+    name = f"sm_{arch}" if backend == "cuda" else str(arch)
+    if name in targets.TARGETS:
+        target = targets.TARGETS[name]
+        return (f"{name} ({target.generation}): covered -- built and checked ahead of time for every kernel family; "
+                f"{target.tensor_instructions} tensor cores, {target.shared_memory} B shared memory per block")
+    fallback = targets.nearest(backend, arch)
+    return (f"{name}: not covered -- the kernels run with the configs of the nearest target, {fallback.name} "
+            f"({fallback.generation}); check it with `triton-attn check` and tune it with `triton-attn tune`")
+
+
 def info_command(args) -> int:
     if isinstance(args.limit, bool) or not isinstance(args.limit, int) or args.limit < 0:
         raise CommandError(f"--limit must be a non-negative integer, got {args.limit!r}")
@@ -39,14 +53,21 @@ def info_command(args) -> int:
     for problem in (triton_problem(), interpreter_problem()):
         if problem:
             print(f"warning: {problem}")
+    from ..kernels import targets
+
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            print(f"device cuda:{index}: {props.name}, sm_{props.major}{props.minor}, "
-                  f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
+            backend, arch, _ = targets.device_arch(index)
+            name = f"sm_{arch}" if backend == "cuda" else str(arch)
+            units = "SMs" if backend == "cuda" else "CUs"
+            print(f"device cuda:{index}: {props.name}, {name}, {props.total_memory / 2**30:.0f} GiB, "
+                  f"{props.multi_processor_count} {units}")
+            print(f"  target: {target_coverage(backend, arch)}")
     else:
         print(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"torch threads {torch.get_num_threads()}); no CUDA GPU")
+    print(f"GPU targets proven ahead of time: {', '.join(targets.TARGETS)} (`triton-attn check --targets all`)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = "triton" if device.type == "cuda" else "torch"
     from .. import settings

@@ -117,13 +117,16 @@ def tune_shapes(args) -> List[TuneShape]:
     return _expand({}, defaults, "flags")
 
 
-def _parse_arch(text: Optional[str]) -> Optional[int]:
+def _parse_arch(text: Optional[str]):
+    """The ``kernels.targets.Target`` that ``--arch`` names (None when not given)."""
     if text is None:
         return None
-    digits = str(text).lower().replace("sm_", "").replace("sm", "").replace(".", "")
-    if not digits.isdigit() or int(digits) < 70:
-        raise CommandError(f"--arch must look like sm_80 or sm_90, got {text!r}")
-    return int(digits)
+    from ..kernels import targets
+
+    try:
+        return targets.get(str(text).replace(".", ""))
+    except ValueError:
+        raise CommandError(f"--arch must be one of {', '.join(targets.TARGETS)}, got {text!r}") from None
 
 
 def tune_command(args) -> int:
@@ -135,13 +138,11 @@ def tune_command(args) -> int:
         raise CommandError("tuning times the Triton kernels on a CUDA GPU and this machine has none "
                            "(torch.cuda.is_available() is False); `triton-attn tune --dry-run --arch sm_90` lists "
                            "the search space and prunes it by ahead-of-time compilation without a GPU")
+    from ..kernels import targets
+
     arch = _parse_arch(args.arch)
     if arch is None:
-        if have_gpu:
-            major, minor = torch.cuda.get_device_capability()
-            arch = major * 10 + minor
-        else:
-            arch = 90
+        arch = targets.device_target(torch.device("cuda")) if have_gpu else targets.get("sm_90")
     if getattr(args, "kind", "fwd") == "decode":
         from .tune_decode import tune_decode
 
@@ -151,13 +152,13 @@ def tune_command(args) -> int:
         return _tune_dry_run(args, shapes, arch)
     if args.interpret:
         return _tune_run(args, shapes, arch, torch.device("cpu"), interpret=True)
-    major, minor = torch.cuda.get_device_capability()
-    if arch != major * 10 + minor:
-        raise CommandError(f"--arch sm_{arch} differs from this GPU's sm_{major}{minor}; --arch is for --dry-run")
+    local = targets.device_target(torch.device("cuda"))
+    if arch != local:
+        raise CommandError(f"--arch {arch.name} differs from this GPU's {local.name}; --arch is for --dry-run")
     return _tune_run(args, shapes, arch, torch.device("cuda"), interpret=False)
 
 
-def _candidates(shape: TuneShape, arch: int, args):
+def _candidates(shape: TuneShape, arch, args):
     from ..kernels.tuning import search as autotune
 
     space = autotune.search_space("fwd", arch, head_dim=shape.head_dim, value_dim=shape.value_dim,
@@ -166,11 +167,11 @@ def _candidates(shape: TuneShape, arch: int, args):
     return space[:args.max_configs] if args.max_configs else space
 
 
-def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
+def _tune_dry_run(args, shapes: List[TuneShape], arch) -> int:
     from ..kernels.attention.aot import aot_compile_fn
     from ..kernels.tuning import search as autotune
 
-    print(f"triton-attn tune --dry-run: search space for sm_{arch}, pruned by ahead-of-time compilation "
+    print(f"triton-attn tune --dry-run: search space for {arch.name}, pruned by ahead-of-time compilation "
           f"(shared memory limit {autotune.shared_memory_limit(arch)} B, no register spills); nothing is timed")
     total = sum(len(_candidates(s, arch, args)) for s in shapes)
     aot_ok = True
@@ -202,11 +203,11 @@ def _tune_dry_run(args, shapes: List[TuneShape], arch: int) -> int:
                 print(f"  {config.name:<18} {'keep' if reason is None else 'drop':<5} "
                       f"{detail if not stats.error else ''}{'' if reason is None else f'  ({reason})'}")
     if aot_ok:
-        print(f"\n{kept_total}/{total} configs survive pruning for sm_{arch}")
+        print(f"\n{kept_total}/{total} configs survive pruning for {arch.name}")
     return 0
 
 
-def _tune_run(args, shapes: List[TuneShape], arch: int, device, interpret: bool) -> int:
+def _tune_run(args, shapes: List[TuneShape], arch, device, interpret: bool) -> int:
     """Tune each shape: AOT-prune the candidates for ``arch`` (on a GPU), time the survivors with the real
     launcher, store the winners. ``interpret``: the same flow under the Triton interpreter on CPU tensors
     (for testing the machinery: its timings say nothing about a GPU, and its entries are keyed to device cpu)."""

@@ -46,11 +46,11 @@ def _decode_problem(shape, q_len: int, device):
     return q, k, v, block_mask, at_cache_end, named.score_mod
 
 
-def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_run: bool) -> int:
+def tune_decode(args, shapes: List, arch, device, *, interpret: bool, dry_run: bool) -> int:
     """Dry run: list and AOT-prune each shape's decode candidates for ``arch``. Otherwise time them with
     the real launcher (on ``device``; the interpreter with ``interpret``) and store the winners."""
     from ..kernels.decode import launch as decode
-    from ..kernels.decode.configs import NOMINAL_SMS, default_decode_config
+    from ..kernels.decode.configs import default_decode_config
     from ..kernels.tuned import decode_candidates, decode_key
     from ..kernels.tuning import search as autotune
 
@@ -68,13 +68,13 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
         groups = q.shape[1] // k.shape[1]
         # Without the GPU (dry run, interpreter) the split count is planned for the target's SM count.
         plan = decode.plan_decode(q, k.shape[1], v.shape[3], block_mask,
-                                  sm_count=None if device.type == "cuda" else NOMINAL_SMS.get(arch, 108))
+                                  sm_count=None if device.type == "cuda" else arch.sm_count, target=arch)
         candidates = decode_candidates(arch, q, v.shape[3], block_mask, groups=groups)
         if args.max_configs:
             candidates = candidates[:args.max_configs]
         plans.append((shape, (q, k, v, block_mask, mask_mod, score_mod), plan, candidates))
     mode = "dry run (ahead-of-time pruning only)" if dry_run else ("interpreter" if interpret else str(device))
-    print(f"triton-attn tune --kind decode: Lq={q_len} at the end of each cache, sm_{arch}, {mode}")
+    print(f"triton-attn tune --kind decode: Lq={q_len} at the end of each cache, {arch.name}, {mode}")
     rows = []
     with Progress(sum(len(c) * (2 if aot else 1) for *_, c in plans), "tune decode",
                   enabled=not args.quiet) as progress:
@@ -110,7 +110,7 @@ def tune_decode(args, shapes: List, arch: int, device, *, interpret: bool, dry_r
 
             result = tuner.tune(key, candidates, run, device=device, compile_fn=compile_fn,
                                 progress=lambda stage, c, ms: progress.advance(f"{stage} {c.name}"))
-            default = default_decode_config(q.shape[3], v.shape[3], q.dtype, plan.packed_rows)
+            default = default_decode_config(q.shape[3], v.shape[3], q.dtype, plan.packed_rows, target=arch)
             rows.append((label, result, default, result.timings.get(plan.config)))
     if dry_run:
         return 0

@@ -127,6 +127,8 @@ def needs_64bit_rows(*tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
-def fast_tanh(dtype: torch.dtype, interpret: bool) -> bool:
-    """Whether score functions use the hardware ``tanh.approx.f32``: compiled for NVIDIA, 16-bit inputs."""
-    return bool(not interpret and dtype in (torch.float16, torch.bfloat16) and torch.version.hip is None)
+def fast_tanh(dtype: torch.dtype, interpret: bool, target=None) -> bool:
+    """Whether score functions use the hardware ``tanh.approx.f32`` (inline PTX): compiled for NVIDIA,
+    16-bit inputs. ``target``: the ``kernels.targets.Target`` compiled for (None: this process's GPU vendor)."""
+    nvidia = torch.version.hip is None if target is None else not target.is_amd
+    return bool(not interpret and dtype in (torch.float16, torch.bfloat16) and nvidia)

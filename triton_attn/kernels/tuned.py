@@ -45,16 +45,19 @@ def tuned_forward_config(query, key, value, block_mask: BlockMask, score_mod, sc
                                  structure=structure)
     head_dim, head_dim_v = query.shape[-1], value.shape[-1]
 
+    def target():  # only when a search runs: the hot path does not resolve the target
+        return tuning.call_target(tuning_key, query.device)
+
     def compile_fn(candidate: KernelConfig):
         from .attention.aot import aot_compile_fn
 
-        return aot_compile_fn(tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v, dtype=query.dtype,
+        return aot_compile_fn(target(), head_dim=head_dim, value_dim=head_dim_v, dtype=query.dtype,
                               block_size=block_mask.BLOCK_SIZE, kernel="fwd", mask_mod=block_mask.mask_mod,
                               score_mod=score_mod, kv_len=key.shape[2])(candidate)
 
     return tuning.select_config(
         tuning_key, default, autotune=autotune, device=query.device,
-        candidates=lambda: tuning.search_space("fwd", tuning_key.capability, head_dim=head_dim, value_dim=head_dim_v,
+        candidates=lambda: tuning.search_space("fwd", target(), head_dim=head_dim, value_dim=head_dim_v,
                                                dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
                                                q_len=query.shape[2]),
         compile_fn=compile_fn,
@@ -115,7 +118,7 @@ def tuned_backward_config(query, key, value, block_mask: BlockMask, score_mod, d
                                   structure=structure) for name in ("dkdv", "dq")}
     tuned = {name: tuner.lookup(tuning_key) for name, tuning_key in keys.items()}
     if any(found is None for found in tuned.values()) and tuning.autotune_requested(autotune):
-        space = tuning.search_space("bwd", keys["dkdv"].capability, head_dim=query.shape[-1],
+        space = tuning.search_space("bwd", tuning.call_target(keys["dkdv"], query.device), head_dim=query.shape[-1],
                                     value_dim=value.shape[-1], dtype=query.dtype, block_size=block_mask.BLOCK_SIZE,
                                     q_len=query.shape[2])
         pairs = {"dkdv": lambda tiles: replace(default, dkdv=tiles), "dq": lambda tiles: replace(default, dq=tiles)}
@@ -152,7 +155,7 @@ def backward_chooser(query, key, value, out, lse, grad_out, grad_lse, block_mask
 # Decode and paged
 # ---------------------------------------------------------------------------------------------
 
-def decode_candidates(capability: int, query: torch.Tensor, head_dim_v: int, block_mask: BlockMask, *,
+def decode_candidates(capability, query: torch.Tensor, head_dim_v: int, block_mask: BlockMask, *,
                       groups: int) -> list:
     """The decode search space (``tuning.search_space("decode")``) fitted to this call's packed rows, deduplicated."""
     q_bs, kv_bs = block_mask.BLOCK_SIZE
@@ -192,7 +195,8 @@ def tuned_decode_config(query, key, value, block_mask: BlockMask, *, score_mod, 
                             score=score_mod is not None, structure=structure)
     return tuning.select_config(
         tuning_key, default, autotune=autotune, device=query.device,
-        candidates=lambda: decode_candidates(tuning_key.capability, query, head_dim_v, block_mask,
+        candidates=lambda: decode_candidates(tuning.call_target(tuning_key, query.device), query, head_dim_v,
+                                             block_mask,
                                              groups=query.shape[1] // kv_heads),
         run=lambda candidate: decode_launch.run_decode(query, key, value, block_mask, score_mod=score_mod,
                                                        scale=scale, interpret=False, page_table=page_table,

@@ -1,4 +1,7 @@
-"""Ahead-of-time builds of the attention kernels for sm_80 / sm_90, without a GPU.
+"""Ahead-of-time builds of the attention kernels for any target of ``kernels.targets``, without a GPU.
+
+``arch`` names the target everywhere: 80, 90, "sm_120", "gfx942" or a ``Target``; the build uses
+that target's dot precision, compile options and (for ``aot_compile_fn``) tables.
 
 Each build takes its arguments from the launcher's own argument builders
 (``forward_launch.forward_arguments``, ``backward_launch.dkdv_arguments`` / ``dq_arguments`` /
@@ -18,6 +21,7 @@ import torch
 from ...masks.tracing import TracedMod
 from ..host import fast_tanh, layout_arguments, needs_64bit_rows, trace_score
 from ..jit import functions
+from ..targets import get as get_target
 from ..tuning.aot import AotResult, compile_kernel
 from ..tuning.search import CompileStats
 from . import fallback
@@ -26,7 +30,6 @@ from .backward_launch import (
     DQ_LAYOUT,
     BackwardConfig,
     backward_pair,
-    default_backward_config,
     dkdv_arguments,
     dkdv_constexprs,
     dq_arguments,
@@ -34,7 +37,7 @@ from .backward_launch import (
     function_constexprs,
     preprocess_arguments,
 )
-from .configs import KernelConfig, cdiv, padded_head_dim
+from .configs import KernelConfig, cdiv, default_backward_config, padded_head_dim
 from .forward_launch import FORWARD_LAYOUT, forward_arguments
 from .tiling import kernel_constexprs
 
@@ -88,7 +91,7 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
                     dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                     block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
                     inspect_sass: bool = False, transposed: bool = False) -> AotResult:
-    """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for ``sm_{arch}``.
+    """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for the target ``arch``.
 
     ``mask_mode``: ``functions.MASK_*`` (default: traced when ``mask`` is given, else none).
     ``transposed``: inputs are [B, L, H, D] views, as from transformers. The build is the one a
@@ -97,9 +100,10 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
     from .forward import attention_forward_kernel
 
     mode = _mode(mask, mask_mode)
+    target = get_target(arch)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode,
-                                   fast_tanh=fast_tanh(dtype, interpret=False))
+                                   fast_tanh=fast_tanh(dtype, interpret=False, target=target))
     query, key, value = _example_inputs(q_len, kv_len, head_dim, head_dim_v, dtype, transposed)
     out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
     lse = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
@@ -111,9 +115,9 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
     constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, STORE_STATS=True,
                       **kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
                                           block_size=block_size, config=config, kv_len=kv_len, interpret=False,
-                                          row_offsets_64=needs_64bit_rows(query, key, value, out)))
-    return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=arch, num_warps=config.num_warps,
-                          num_stages=config.num_stages, inspect_sass=inspect_sass,
+                                          row_offsets_64=needs_64bit_rows(query, key, value, out), target=target))
+    return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=target, num_warps=config.num_warps,
+                          num_stages=config.num_stages, inspect_sass=inspect_sass, options=config.amd_options,
                           label=f"forward {mods.name} {config.name} D={head_dim} {dtype}")
 
 
@@ -121,9 +125,11 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                      score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                     inspect_sass: bool = False, transposed: bool = False) -> Dict[str, AotResult]:
-    """Compile the dK/dV and dQ kernels with ``config`` for ``sm_{arch}``: ``{"dkdv": ..., "dq": ...}``, or
-    ``{"dv": ..., "dk": ..., "dq": ...}`` for a config with ``split_dkdv``.
+                     inspect_sass: bool = False, transposed: bool = False,
+                     only: Optional[str] = None) -> Dict[str, AotResult]:
+    """Compile the dK/dV and dQ kernels with ``config`` for the target ``arch``: ``{"dkdv": ..., "dq": ...}``, or
+    ``{"dv": ..., "dk": ..., "dq": ...}`` for a config with ``split_dkdv``; ``only="dkdv"`` or ``"dq"``: that
+    kernel's builds alone.
 
     ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would;
     ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them).
@@ -131,10 +137,11 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel
 
     mode = _mode(mask, mask_mode)
+    target = get_target(arch)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = config.fitted(block_size[0], block_size[1], q_len, kv_len)
     mods = functions.mod_functions(mask if mode == functions.MASK_TRACED else None, score, mask_mode=mode,
-                                   derivative=True, fast_tanh=fast_tanh(dtype, interpret=False))
+                                   derivative=True, fast_tanh=fast_tanh(dtype, interpret=False, target=target))
     query, key, value = _example_inputs(q_len, kv_len, head_dim, head_dim_v, dtype, transposed)
     grad_out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
     grad_query, grad_key, grad_value = (_empty(*t.shape, dtype=dtype) for t in (query, key, value))
@@ -144,46 +151,50 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                     score_captured=_score_captured(score))
     rows, columns = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size, q_len=q_len,
-                  kv_len=kv_len, interpret=False,
+                  kv_len=kv_len, interpret=False, target=target,
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, grad_query, grad_key, grad_value))
     label = f"{mods.name} D={head_dim} {dtype}"
     results = {}
-    for part in config.dkdv_parts:
+    for part in config.dkdv_parts if only in (None, "dkdv") else ():
         results[part] = compile_kernel(
             attention_backward_dkdv_kernel,
             dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value,
                            _example_layout(columns, rows, DKDV_LAYOUT, "n"), **captured),
             {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, part=part, **shapes)},
-            arch=arch, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
-            label=f"{part} {config.dkdv.name} {label}")
+            arch=target, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
+            options=config.dkdv.amd_options, label=f"{part} {config.dkdv.name} {label}")
+    if only == "dkdv":
+        return results
     dq = compile_kernel(
         attention_backward_dq_kernel,
         dq_arguments(query, key, value, grad_out, stats, delta, grad_query,
                      _example_layout(rows, columns, DQ_LAYOUT, "m"), **captured),
         {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
-        arch=arch, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
-        label=f"dq {config.dq.name} {label}")
+        arch=target, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
+        options=config.dq.amd_options, label=f"dq {config.dq.name} {label}")
     results["dq"] = dq
     return results
 
 
 def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128,
                        q_len: int = 4096) -> AotResult:
-    """The delta preprocessing kernel for ``sm_{arch}`` (it has no config to vary)."""
+    """The delta preprocessing kernel for the target ``arch`` (it has no config to vary; the target's warps)."""
     from .backward import attention_backward_preprocess
 
     out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
     grad_lse = delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
     constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), BLOCK_M=64, HAS_DLSE=True)
+    target = get_target(arch)
     return compile_kernel(attention_backward_preprocess, preprocess_arguments(out, out, grad_lse, delta), constexprs,
-                          arch=arch, num_warps=4, num_stages=None, label=f"preprocess Dv={head_dim_v} {dtype}")
+                          arch=target, num_warps=target.tables.preprocess_warps, num_stages=None,
+                          label=f"preprocess Dv={head_dim_v} {dtype}")
 
 
 def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[int] = None, dtype=torch.float16,
                    block_size: Tuple[int, int] = (128, 128), kernel: str = "fwd", mask_mod=None, score_mod=None,
                    kv_len: int = 4096) -> Callable[[KernelConfig], CompileStats]:
     """A ``compile_fn`` for ``tuning.search.prune``: compiles the kernels specialized on
-    ``mask_mod``/``score_mod`` for ``GPUTarget("cuda", capability, 32)`` with one candidate config
+    ``mask_mod``/``score_mod`` for the target ``capability`` (90, "gfx942", a ``Target``) with one candidate config
     (``kernel="bwd"``: both backward kernels, see ``backward_launch.backward_pair``) and reports shared
     memory, registers and spill bytes (for the backward pair: the larger shared memory and register
     count and the sum of the spills). Works without a GPU; raises ImportError without Triton."""
@@ -208,7 +219,7 @@ def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[i
                   head_dim_v=value_dim, block_size=block_size, kv_len=kv_len)
     # The backward candidates run split into dV and dK kernels where the default config does.
     split_dkdv = kernel == "bwd" and default_backward_config(head_dim, value_dim, dtype, block_size, kv_len, kv_len,
-                                                             capability=capability).split_dkdv
+                                                             target=get_target(capability)).split_dkdv
     memo: Dict[KernelConfig, CompileStats] = {}
 
     def compile_fn(config: KernelConfig) -> CompileStats:

@@ -18,7 +18,7 @@ derivative rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -30,8 +30,9 @@ from ...masks.tracing import UntraceableModError, trace_score_mod
 from ..host import fast_tanh, layout_arguments, needs_64bit_rows, plan_mask, score_captured, strides, trace_score
 from ..jit import derivative, functions
 from ..jit.modules import launch
+from ..targets import REFERENCE, device_target
 from .blocks import LOG2_E
-from .configs import MIN_TILE, KernelConfig, cdiv, fit_tile, next_power_of_two, padded_head_dim
+from .configs import DKDV_PARTS, BackwardConfig, KernelConfig, cdiv, default_backward_config, padded_head_dim
 from .tiling import heavy_tiles_last, kernel_constexprs, launch_grid
 
 
@@ -43,130 +44,21 @@ class UnsupportedBackwardError(NotImplementedError):
 # Configs
 # ---------------------------------------------------------------------------------------------
 
-# The dK/dV kernel's launches by name -> (COMPUTE_DK, COMPUTE_DV): one for both, or one each (split).
-DKDV_PARTS = {"dkdv": (True, True), "dk": (True, False), "dv": (False, True)}
-
-
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Tiles of both backward kernels.
-
-    dkdv: ``BLOCK_N`` keys per program (held with their dK/dV accumulators in registers) and
-    ``BLOCK_M`` query rows per inner step. dq: ``BLOCK_M`` query rows per program and ``BLOCK_N``
-    keys per inner step. max_head_dim: the largest padded head_dim the config is meant for.
-    split_dkdv: compute dV and dK in two launches of the dK/dV kernel on ``dkdv``'s tiles (each holds
-    one float32 accumulator, at the price of recomputing P once more), instead of one.
-    """
-
-    dkdv: KernelConfig
-    dq: KernelConfig
-    max_head_dim: int
-    split_dkdv: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{'dk_dv' if self.split_dkdv else 'dkdv'}_{self.dkdv.name}__dq_{self.dq.name}"
-
-    @property
-    def dkdv_parts(self) -> Tuple[str, ...]:
-        """The dK/dV kernel's launches: ("dkdv",), or ("dv", "dk") when split."""
-        return ("dv", "dk") if self.split_dkdv else ("dkdv",)
-
-    def fitted(self, q_block_size: int, kv_block_size: int, q_len: int, kv_len: int) -> "BackwardConfig":
-        """Tiles shrunk to divide the BlockMask's blocks and to not exceed short sequences."""
-        dkdv_n = min(fit_tile(self.dkdv.BLOCK_N, kv_block_size), max(MIN_TILE, next_power_of_two(kv_len)))
-        dkdv_m = fit_tile(self.dkdv.BLOCK_M, q_block_size)
-        dkdv_n = fit_tile(dkdv_n, kv_block_size)
-        return replace(self, dkdv=replace(self.dkdv, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n),
-                       dq=self.dq.fitted(q_block_size, kv_block_size, q_len))
-
-
 # choose_config(default, structure) -> the tiles to launch: ``structure`` is the mods' structure class
 # (``ModFunctions.key[:8]``) for the tuning keys; ``kernels.tuned.backward_chooser`` makes one.
 BackwardChooser = Callable[[BackwardConfig, str], BackwardConfig]
-
-# Register budget (255 per thread): the dK/dV program keeps K, V and two float32 accumulators of
-# BLOCK_N x head_dim, about 3 * BLOCK_N * D / (32 * warps) registers per thread at 16 bits; the
-# dQ program keeps Q, dO and one float32 accumulator. float32 inputs run 3xTF32 dots, whose
-# hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
-# Registers and spills of every entry are checked ahead of time by tests/kernels/test_backward_aot.py.
-BACKWARD_CONFIGS: List[BackwardConfig] = [
-    # 16-bit inputs. Narrow dK/dV steps, chosen while the dK/dV scores were Q K^T, transposed; keys
-    # first (K Q^T) 64 x 64 steps at D = 128 now build for sm_80 at 172 registers without spills (untimed).
-    BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
-    BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
-    BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
-    # float32 inputs
-    BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), max_head_dim=64),     # main fp32, D <= 64
-    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
-    # fp32 at D = 256 still spills a few hundred bytes per thread (known; correct, slower).
-    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 16, 8, 1), max_head_dim=256),
-]
-MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256: BACKWARD_CONFIGS[2]}
-FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
-# Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
-SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
-# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/kernels/test_efficiency_aot.py), all
-# three-stage pipelines (async_wait num > 0) with wgmma N >= 64 for every product. dQ: 128 query rows x 64
-# keys on two warpgroups (m64n64 / m64n128, 229 registers at D = 128, no spills). dK/dV: 128 keys x 64
-# query rows per step on 8 warps; its scores are computed keys first (K Q^T, backward.py), so each
-# warpgroup holds 64 keys x 64 rows (m64n64 for K Q^T and V dO^T, m64n128 / m64n64 for the dV and dK
-# products at D = 128 / 64). A dot whose result feeds another dot gets warpsPerCTA = [num_warps, 1] in
-# Triton 3.9: computed as Q K^T, 64 query rows were replicated in both warpgroups and spilled.
-# Causal mask, bf16, ptxas registers / spill bytes (stores/loads), Triton 3.9:
-#   tiles (keys x rows)          D = 128                     D = 64
-#   old 128 x 32, Q K^T          248, 0 (m64n32)             196, 0 (m64n32)
-#   128 x 64, Q K^T              255, 360/436                255, 4/4 (softcap 52/40)
-#   128 x 64, K Q^T, one kernel  255, 108/108                235, 0 (softcap 8/8)
-#   128 x 64, K Q^T, split: dV   249, 0                      229, 0
-#                        dK      254, 0 (softcap 255, 0)     241, 0 (softcap 254, 0)
-#   128 x 128, K Q^T, split      dV 44/60, dK 456/464
-# At D = 128 the two float32 accumulators (128 registers) leave too little room for one kernel, so the
-# default splits dV and dK (split_dkdv); at D = 64 one kernel fits (a softcap score_mod spills 8 bytes).
-# On sm_80 these tiles spill heavily, hence a table per architecture (not in BACKWARD_CONFIGS, whose
-# entries must build for sm_80 and sm_90 alike).
-HOPPER_BACKWARD_CONFIGS = {
-    64: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
-    128: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128,
-                        split_dkdv=True),
-    256: BACKWARD_CONFIGS[2],
-}
-
-
-def device_capability(device: torch.device) -> int:
-    """Compute capability of a CUDA device as ``major * 10 + minor`` (0 for CPU tensors)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
-def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                            q_len: int, kv_len: int, capability: int = 0) -> BackwardConfig:
-    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``.
-
-    capability: the GPU's compute capability (90 for sm_90; 0: unknown or the interpreter)."""
-    width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
-    if dtype == torch.float32:
-        table = FLOAT32_BACKWARD_CONFIGS
-    else:
-        table = HOPPER_BACKWARD_CONFIGS if capability >= 90 else MAIN_BACKWARD_CONFIGS
-    base = table[min(size for size in table if size >= width)]
-    return base.fitted(block_size[0], block_size[1], q_len, kv_len)
 
 
 def backward_pair(config: KernelConfig, split_dkdv: bool = False) -> BackwardConfig:
     """The backward kernels' tiles for one ``bwd`` tuning candidate: the dK/dV program holds ``BLOCK_N``
     keys and steps over ``BLOCK_M`` query rows; the dQ program holds ``BLOCK_M`` rows and steps over
     ``BLOCK_N`` keys (the same pair transposed), both on the candidate's warps and stages."""
-    dq = KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
-    return BackwardConfig(config, dq, max_head_dim=256, split_dkdv=split_dkdv)
+    return BackwardConfig(config, transposed_tiles(config), max_head_dim=256, split_dkdv=split_dkdv)
 
 
 def transposed_tiles(config: KernelConfig) -> KernelConfig:
     """The dQ tiles for a ``bwd`` search-space entry (its BLOCK_M / BLOCK_N swapped, same warps and stages)."""
-    return KernelConfig(config.BLOCK_N, config.BLOCK_M, config.num_warps, config.num_stages)
+    return replace(config, BLOCK_M=config.BLOCK_N, BLOCK_N=config.BLOCK_M, max_head_dim=256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,13 +223,13 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # Everything that can fail (tracing, code generation, derivative) happens before any launch.
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess
 
+    target = None if interpret else device_target(device)
     mask_plan = plan_mask(block_mask)
     score_traced = trace_score(score_mod, scale)
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True,
-                                   fast_tanh=fast_tanh(dtype, interpret))
+                                   fast_tanh=fast_tanh(dtype, interpret, target))
     if config is None:
-        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len,
-                                         capability=device_capability(device))
+        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len, target=target)
         if choose_config is not None:
             config = choose_config(config, mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len, kv_len)
@@ -356,8 +248,10 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=device)
 
     def launcher(kernel, grid, named: Dict[str, object], tiles: Optional[KernelConfig]) -> Callable[[], None]:
-        options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages) if tiles is not None else dict(
-            num_warps=4)
+        if tiles is None:  # the delta kernel: no tiles to tune
+            options = dict(num_warps=(target or REFERENCE).tables.preprocess_warps)
+        else:
+            options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, options=tiles.amd_options)
         return lambda: launch(kernel, grid, named, interpret=interpret, device=device, **options)
 
     # 1. delta = rowsum(dO * O) - dLse
@@ -370,7 +264,7 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
                   q_len=q_len, kv_len=kv_len, interpret=interpret,
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, dq, dk, dv),
-                  reverse_tiles=heavy_tiles_last(block_mask))
+                  reverse_tiles=heavy_tiles_last(block_mask), target=target)
     captured = dict(scale=scale, mask_captured=mask_plan.captured(device),
                     score_captured=score_captured(score_traced, device))
 

@@ -15,7 +15,7 @@ the block size is a multiple of 16 (``tl.dot`` needs tiles of at least 16). For 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,12 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     max_head_dim: int = 256
+    # AMD compile options (0: the compiler's default; ignored by NVIDIA targets, which never set them).
+    # waves_per_eu: occupancy hint (waves per SIMD) that caps the VGPRs the compiler may use;
+    # matrix_instr_nonkdim: the MFMA tile (16: 16x16 instructions, 32: 32x32); kpack: K elements per LDS read.
+    waves_per_eu: int = 0
+    matrix_instr_nonkdim: int = 0
+    kpack: int = 0
 
     def __post_init__(self):
         for name in ("BLOCK_M", "BLOCK_N"):
@@ -47,10 +53,23 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.waves_per_eu < 0 or self.matrix_instr_nonkdim not in (0, 16, 32) or self.kpack not in (0, 1, 2):
+            raise ValueError("KernelConfig: waves_per_eu must be >= 0, matrix_instr_nonkdim 0, 16 or 32, kpack 0, 1 "
+                             f"or 2; got {self.waves_per_eu}, {self.matrix_instr_nonkdim}, {self.kpack}")
 
     @property
     def name(self) -> str:
-        return f"m{self.BLOCK_M}_n{self.BLOCK_N}_w{self.num_warps}_s{self.num_stages}"
+        amd = "".join(f"_{short}{value}" for short, value in (("wpe", self.waves_per_eu),
+                                                               ("nk", self.matrix_instr_nonkdim), ("kp", self.kpack))
+                      if value)
+        return f"m{self.BLOCK_M}_n{self.BLOCK_N}_w{self.num_warps}_s{self.num_stages}{amd}"
+
+    @property
+    def amd_options(self) -> Dict[str, int]:
+        """The AMD compile options this config sets (empty for every NVIDIA config)."""
+        return {name: value for name, value in (("waves_per_eu", self.waves_per_eu),
+                                                ("matrix_instr_nonkdim", self.matrix_instr_nonkdim),
+                                                ("kpack", self.kpack)) if value}
 
     def fitted(self, q_block_size: int, kv_block_size: int, q_len: Optional[int] = None) -> "KernelConfig":
         """This config with tiles shrunk to fit the BlockMask's ``(Q_BS, KV_BS)`` and a short ``q_len``."""
@@ -116,13 +135,121 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_TILE, next_power_of_two(head_dim))
 
 
+def by_width(table: Dict[int, object], head_dim: int, head_dim_v: int):
+    """The entry of a ``{padded head_dim: config}`` table for D and Dv: the smallest width that holds both."""
+    width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    return table[min(size for size in table if size >= width)]
+
+
 def default_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                   q_len: Optional[int] = None) -> KernelConfig:
+                   q_len: Optional[int] = None, *, target=None) -> KernelConfig:
     """The heuristic config for these shapes, already fitted to ``block_size = (Q_BS, KV_BS)``.
 
-    head_dim / head_dim_v: D and Dv; dtype: the input dtype; q_len: Lq (small values shrink BLOCK_M).
+    head_dim / head_dim_v: D and Dv; dtype: the input dtype; q_len: Lq (small values shrink BLOCK_M);
+    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's).
     """
-    width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
-    table = FLOAT32_CONFIGS if dtype == torch.float32 else MAIN_CONFIGS
-    base = table[min(size for size in table if size >= width)]
-    return base.fitted(block_size[0], block_size[1], q_len)
+    tables = getattr(target, "tables", None)
+    if dtype == torch.float32:
+        table = tables.forward_float32 if tables is not None else FLOAT32_CONFIGS
+    else:
+        table = tables.forward if tables is not None else MAIN_CONFIGS
+    return by_width(table, head_dim, head_dim_v).fitted(block_size[0], block_size[1], q_len)
+
+
+# The dK/dV kernel's launches by name -> (COMPUTE_DK, COMPUTE_DV): one for both, or one each (split).
+DKDV_PARTS = {"dkdv": (True, True), "dk": (True, False), "dv": (False, True)}
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of both backward kernels.
+
+    dkdv: ``BLOCK_N`` keys per program (held with their dK/dV accumulators in registers) and
+    ``BLOCK_M`` query rows per inner step. dq: ``BLOCK_M`` query rows per program and ``BLOCK_N``
+    keys per inner step. max_head_dim: the largest padded head_dim the config is meant for.
+    split_dkdv: compute dV and dK in two launches of the dK/dV kernel on ``dkdv``'s tiles (each holds
+    one float32 accumulator, at the price of recomputing P once more), instead of one.
+    """
+
+    dkdv: KernelConfig
+    dq: KernelConfig
+    max_head_dim: int
+    split_dkdv: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'dk_dv' if self.split_dkdv else 'dkdv'}_{self.dkdv.name}__dq_{self.dq.name}"
+
+    @property
+    def dkdv_parts(self) -> Tuple[str, ...]:
+        """The dK/dV kernel's launches: ("dkdv",), or ("dv", "dk") when split."""
+        return ("dv", "dk") if self.split_dkdv else ("dkdv",)
+
+    def fitted(self, q_block_size: int, kv_block_size: int, q_len: int, kv_len: int) -> "BackwardConfig":
+        """Tiles shrunk to divide the BlockMask's blocks and to not exceed short sequences."""
+        dkdv_n = min(fit_tile(self.dkdv.BLOCK_N, kv_block_size), max(MIN_TILE, next_power_of_two(kv_len)))
+        dkdv_m = fit_tile(self.dkdv.BLOCK_M, q_block_size)
+        dkdv_n = fit_tile(dkdv_n, kv_block_size)
+        return replace(self, dkdv=replace(self.dkdv, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n),
+                       dq=self.dq.fitted(q_block_size, kv_block_size, q_len))
+
+
+# Register budget (255 per thread): the dK/dV program keeps K, V and two float32 accumulators of
+# BLOCK_N x head_dim, about 3 * BLOCK_N * D / (32 * warps) registers per thread at 16 bits; the
+# dQ program keeps Q, dO and one float32 accumulator. float32 inputs run 3xTF32 dots, whose
+# hi/lo operand splits need far more registers: hence 16- and 32-wide tiles for them.
+# Registers and spills of every entry are checked ahead of time by tests/kernels/test_backward_aot.py.
+BACKWARD_CONFIGS: List[BackwardConfig] = [
+    # 16-bit inputs. Narrow dK/dV steps, chosen while the dK/dV scores were Q K^T, transposed; keys
+    # first (K Q^T) 64 x 64 steps at D = 128 now build for sm_80 at 172 registers without spills (untimed).
+    BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 4, 2), max_head_dim=64),     # main, D <= 64
+    BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=128),    # main, D <= 128
+    BackwardConfig(KernelConfig(16, 32, 8, 1), KernelConfig(32, 16, 8, 1), max_head_dim=256),    # main, D <= 256
+    # float32 inputs
+    BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), max_head_dim=64),     # main fp32, D <= 64
+    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 32, 8, 1), max_head_dim=128),    # main fp32, D <= 128
+    # fp32 at D = 256 still spills a few hundred bytes per thread (known; correct, slower).
+    BackwardConfig(KernelConfig(16, 16, 8, 1), KernelConfig(16, 16, 8, 1), max_head_dim=256),
+]
+MAIN_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[0], 128: BACKWARD_CONFIGS[1], 256: BACKWARD_CONFIGS[2]}
+FLOAT32_BACKWARD_CONFIGS = {64: BACKWARD_CONFIGS[3], 128: BACKWARD_CONFIGS[4], 256: BACKWARD_CONFIGS[5]}
+# Entries known to spill registers on sm_80/sm_90 (the AOT test allows these and only these).
+SPILLING_CONFIGS = (BACKWARD_CONFIGS[5],)
+# Hopper (sm_90), 16-bit inputs, chosen from the sm_90 builds (tests/kernels/test_efficiency_aot.py), all
+# three-stage pipelines (async_wait num > 0) with wgmma N >= 64 for every product. dQ: 128 query rows x 64
+# keys on two warpgroups (m64n64 / m64n128, 229 registers at D = 128, no spills). dK/dV: 128 keys x 64
+# query rows per step on 8 warps; its scores are computed keys first (K Q^T, backward.py), so each
+# warpgroup holds 64 keys x 64 rows (m64n64 for K Q^T and V dO^T, m64n128 / m64n64 for the dV and dK
+# products at D = 128 / 64). A dot whose result feeds another dot gets warpsPerCTA = [num_warps, 1] in
+# Triton 3.9: computed as Q K^T, 64 query rows were replicated in both warpgroups and spilled.
+# Causal mask, bf16, ptxas registers / spill bytes (stores/loads), Triton 3.9:
+#   tiles (keys x rows)          D = 128                     D = 64
+#   old 128 x 32, Q K^T          248, 0 (m64n32)             196, 0 (m64n32)
+#   128 x 64, Q K^T              255, 360/436                255, 4/4 (softcap 52/40)
+#   128 x 64, K Q^T, one kernel  255, 108/108                235, 0 (softcap 8/8)
+#   128 x 64, K Q^T, split: dV   249, 0                      229, 0
+#                        dK      254, 0 (softcap 255, 0)     241, 0 (softcap 254, 0)
+#   128 x 128, K Q^T, split      dV 44/60, dK 456/464
+# At D = 128 the two float32 accumulators (128 registers) leave too little room for one kernel, so the
+# default splits dV and dK (split_dkdv); at D = 64 one kernel fits (a softcap score_mod spills 8 bytes).
+# On sm_80 these tiles spill heavily, hence a table per architecture (not in BACKWARD_CONFIGS, whose
+# entries must build for sm_80 and sm_90 alike).
+HOPPER_BACKWARD_CONFIGS = {
+    64: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
+    128: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128,
+                        split_dkdv=True),
+    256: BACKWARD_CONFIGS[2],
+}
+
+
+def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
+                            q_len: int, kv_len: int, *, target=None) -> BackwardConfig:
+    """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``.
+
+    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's)."""
+    tables = getattr(target, "tables", None)
+    if dtype == torch.float32:
+        table = tables.backward_float32 if tables is not None else FLOAT32_BACKWARD_CONFIGS
+    else:
+        table = tables.backward if tables is not None else MAIN_BACKWARD_CONFIGS
+    return by_width(table, head_dim, head_dim_v).fitted(block_size[0], block_size[1], q_len, kv_len)

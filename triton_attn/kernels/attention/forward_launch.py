@@ -22,6 +22,7 @@ from ...masks.block_mask import BlockMask
 from ..host import fast_tanh, layout_arguments, needs_64bit_rows, plan_mask, score_captured, strides, trace_score
 from ..jit import functions
 from ..jit.modules import launch
+from ..targets import device_target
 from .blocks import LOG2_E
 from .configs import KernelConfig, default_config
 from .tiling import heavy_tiles_last, kernel_constexprs, launch_grid
@@ -77,8 +78,9 @@ def forward_mods(query: torch.Tensor, block_mask: BlockMask, *, score_mod: Optio
     structure class in its tuning key."""
     mask_plan = plan_mask(block_mask)
     score_traced = trace_score(score_mod, scale)
+    target = None if interpret else device_target(query.device)
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode,
-                                   fast_tanh=fast_tanh(query.dtype, interpret))
+                                   fast_tanh=fast_tanh(query.dtype, interpret, target))
     return mask_plan, score_traced, mods
 
 
@@ -97,8 +99,9 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     mask_plan, score_traced, mods = forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
                                                  interpret=interpret)
+    target = None if interpret else device_target(device)
     if config is None:
-        config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len)
+        config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len, target=target)
         if choose_config is not None:
             config = choose_config(config, mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len)
@@ -113,13 +116,13 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
                                    block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret,
                                    row_offsets_64=needs_64bit_rows(query, key, value, out),
-                                   reverse_tiles=heavy_tiles_last(block_mask))
+                                   reverse_tiles=heavy_tiles_last(block_mask), target=target)
     constexprs["STORE_STATS"] = stats is not None
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, config.BLOCK_M, batch * q_heads)
     named = {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn, **constexprs}
 
     def run() -> None:
         launch(attention_forward_kernel, grid, named, interpret=interpret, device=device,
-               num_warps=config.num_warps, num_stages=config.num_stages)
+               num_warps=config.num_warps, num_stages=config.num_stages, options=config.amd_options)
 
     return run, out, lse

@@ -15,6 +15,14 @@ from ...masks.block_mask import BlockMask
 from .configs import KernelConfig, cdiv, padded_head_dim
 
 
+def dot_precision(dtype: torch.dtype, target=None) -> str:
+    """``tl.dot``'s input precision on ``target`` (``Target.dot_precision``). Without one, NVIDIA's: float32
+    inputs get 3xTF32 dots, float32-accurate on tensor cores (plain TF32 would not be)."""
+    if target is not None:
+        return target.dot_precision(dtype)
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def launch_grid(q_len: int, num_q_blocks: int, q_block_size: int, block_m: int, batch_heads: int) -> Tuple[int, int]:
     """``(query tiles, B * Hq)``; tiles that would start past ``q_len`` are not launched."""
     tiles_per_block = cdiv(q_block_size, block_m)
@@ -41,11 +49,12 @@ def heavy_tiles_last(block_mask: BlockMask) -> bool:
 
 def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
                       config: KernelConfig, kv_len: int, interpret: bool, row_offsets_64: bool = False,
-                      reverse_tiles: bool = False) -> dict:
+                      reverse_tiles: bool = False, target=None) -> dict:
     """The shape constexprs of the forward kernel (and of the dQ / dK/dV kernels) for these shapes.
 
     row_offsets_64: ``host.needs_64bit_rows``; reverse_tiles: launch query tiles last-first
-    (``heavy_tiles_last``)."""
+    (``heavy_tiles_last``); target: the ``kernels.targets.Target`` compiled for (its dot precision;
+    None: NVIDIA's, which the interpreter accepts too)."""
     q_bs, kv_bs = block_size
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
@@ -55,8 +64,7 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
         Q_TILES_PER_BLOCK=cdiv(q_bs, config.BLOCK_M), KV_TILES_PER_BLOCK=cdiv(kv_bs, config.BLOCK_N),
         # Bounds checks on K/V only where a tile can overhang the sequence or its mask block.
         CHECK_KV_BOUNDS=(kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
-        # float32 inputs: 3xTF32 dots, float32-accurate on tensor cores (plain TF32 would not be).
-        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(dtype, target),
         # Triton 3.9's interpreter returns garbage for tl.dot on two bf16 operands.
         UPCAST_DOT=bool(interpret and dtype == torch.bfloat16),
         ROW_OFFSETS_64=bool(row_offsets_64),

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles of the decode kernels for sm_80 / sm_90 (no GPU needed).
+"""Ahead-of-time compiles of the decode kernels for any target of ``kernels.targets`` (no GPU needed).
 
 ``compile_decode`` builds ``decode_split_kernel`` for one config and one specialization (dtype, head
 dims, GQA packing, paged or not, split or not, the mods' generated functions): the launcher's own
@@ -16,6 +16,7 @@ import torch
 from ...masks.tracing import trace_mask_mod, trace_score_mod
 from ..attention.configs import KernelConfig
 from ..jit import functions
+from ..targets import get as get_target
 from ..tuning.aot import AotResult, compile_kernel
 from ..tuning.search import CompileStats
 from .launch import DecodePlan, combine_kernel_arguments, plan_decode, split_kernel_arguments
@@ -35,7 +36,8 @@ def compile_decode(config: KernelConfig, *, arch: int, dtype: torch.dtype = torc
                    kv_len: int = 4096, paged: bool = False, page_size: int = 16, num_splits: int = 4,
                    block_size: Tuple[int, int] = (128, 128), mask_mod: Optional[Callable] = None,
                    score_mod: Optional[Callable] = None) -> AotResult:
-    """Compile the split kernel with ``config`` (fitted to the packed rows) for ``sm_{arch}``.
+    """Compile the split kernel with ``config`` (fitted to the packed rows) for the target ``arch`` (80,
+    "gfx942", a ``Target``).
 
     mask_mod (over ``q_len x kv_len``; None: no partial block) and score_mod pick the generated
     functions; with ``paged`` the K/V arguments are ``[num_pages, Hkv, page_size, D]`` pages."""
@@ -58,7 +60,9 @@ def compile_decode(config: KernelConfig, *, arch: int, dtype: torch.dtype = torc
         key = torch.empty(1, kv_heads, kv_len, head_dim, dtype=dtype, **meta)
         value = torch.empty(1, kv_heads, kv_len, head_dim_v, dtype=dtype, **meta)
         page_table = kv_lens = None
-    plan: DecodePlan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits)
+    target = get_target(arch)
+    plan: DecodePlan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits,
+                                   target=target)
     out = torch.empty(1, q_heads, q_len, head_dim_v, dtype=dtype, **meta)
     lse = torch.empty(1, q_heads, q_len, dtype=torch.float32, **meta)
     part_out = torch.empty(num_splits, 1, q_heads, q_len, head_dim_v, dtype=torch.float32, **meta)
@@ -68,16 +72,17 @@ def compile_decode(config: KernelConfig, *, arch: int, dtype: torch.dtype = torc
     arguments, constexprs = split_kernel_arguments(
         query, key, value, out, lse, part_out, part_lse, block_mask, plan, scale=head_dim ** -0.5,
         page_table=page_table, kv_lens=kv_lens, mask_captured=captured[0], score_captured=captured[1], mods=mods,
-        interpret=False)
+        interpret=False, target=target)
     label = (f"decode {plan.config.name} D={head_dim} {str(dtype).replace('torch.', '')} rows={plan.packed_rows} "
              f"splits={num_splits}{' paged' if paged else ''}")
-    return compile_kernel(decode_split_kernel, arguments, constexprs, arch=arch, num_warps=plan.config.num_warps,
-                          num_stages=plan.config.num_stages, label=label)
+    return compile_kernel(decode_split_kernel, arguments, constexprs, arch=target, num_warps=plan.config.num_warps,
+                          num_stages=plan.config.num_stages, options=plan.config.amd_options, label=label)
 
 
 def compile_combine(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128, q_heads: int = 32,
                     q_len: int = 1, num_splits: int = 16) -> AotResult:
-    """Compile ``decode_combine_kernel`` (merging ``num_splits`` partial results) for ``sm_{arch}``."""
+    """Compile ``decode_combine_kernel`` (merging ``num_splits`` partial results) for the target
+    ``arch`` (80, "gfx942", a ``Target``)."""
     from .kernel import decode_combine_kernel
 
     meta = dict(device="meta")
@@ -85,8 +90,9 @@ def compile_combine(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_
     lse = torch.empty(1, q_heads, q_len, dtype=torch.float32, **meta)
     part_out = torch.empty(num_splits, 1, q_heads, q_len, head_dim_v, dtype=torch.float32, **meta)
     part_lse = torch.empty(num_splits, 1, q_heads, q_len, dtype=torch.float32, **meta)
-    arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse)
-    return compile_kernel(decode_combine_kernel, arguments, constexprs, arch=arch, num_warps=num_warps, num_stages=1,
+    target = get_target(arch)
+    arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse, target)
+    return compile_kernel(decode_combine_kernel, arguments, constexprs, arch=target, num_warps=num_warps, num_stages=1,
                           label=f"decode combine splits={num_splits} Dv={head_dim_v}")
 
 

@@ -13,7 +13,8 @@ non-empty blocks, at most ``MAX_SPLITS``.
 
 from __future__ import annotations
 
-from typing import List
+from dataclasses import replace
+from typing import Dict, List
 
 import torch
 
@@ -26,7 +27,6 @@ MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4
 MAX_SPLITS = 64
 SPLIT_OCCUPANCY = 2      # programs per SM the splits aim for
 INTERPRETER_SMS = 4      # what the CPU interpreter pretends to have (so tests see several splits)
-NOMINAL_SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A6000-class, L40-class, H100 SXM: planning without a GPU
 
 # The table: the AOT tests compile every entry; the autotuner searches a wider space (autotune.py).
 DECODE_CONFIGS: List[KernelConfig] = [
@@ -37,21 +37,28 @@ DECODE_CONFIGS: List[KernelConfig] = [
     KernelConfig(16, 32, 4, 2, max_head_dim=256),     # head_dim 256, few rows; float32 inputs
 ]
 MAIN_DECODE_CONFIGS = DECODE_CONFIGS[:2]
+# The heuristic's picks by case (a target's ``KernelTables.decode`` has the same four keys): "few_rows" and
+# "packed" for 16-bit inputs at D <= 128 (up to 16 packed rows, or more), "wide_packed" for D > 128 with
+# more than 16 rows, "wide" for the rest (D > 128 with few rows, and float32).
+DECODE_PICKS: Dict[str, KernelConfig] = {"few_rows": DECODE_CONFIGS[0], "packed": DECODE_CONFIGS[1],
+                                         "wide_packed": DECODE_CONFIGS[3], "wide": DECODE_CONFIGS[4]}
 
 
-def default_decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, packed_rows: int) -> KernelConfig:
-    """The heuristic config for these shapes (before ``fit_decode``)."""
+def default_decode_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, packed_rows: int, *,
+                          target=None) -> KernelConfig:
+    """The heuristic config for these shapes (before ``fit_decode``); ``target``: a ``kernels.targets.Target``
+    whose tables to read (None: sm_80's, also the interpreter's)."""
+    picks = target.tables.decode if target is not None else DECODE_PICKS
     width = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if width > 128 or dtype == torch.float32:
-        return DECODE_CONFIGS[3] if packed_rows > 16 and dtype != torch.float32 else DECODE_CONFIGS[4]
-    return DECODE_CONFIGS[1] if packed_rows > 16 else DECODE_CONFIGS[0]
+        return picks["wide_packed"] if packed_rows > 16 and dtype != torch.float32 else picks["wide"]
+    return picks["packed"] if packed_rows > 16 else picks["few_rows"]
 
 
 def fit_decode(config: KernelConfig, packed_rows: int, kv_block_size: int) -> KernelConfig:
     """``config`` with ``BLOCK_M`` shrunk to the packed rows (>= 16) and ``BLOCK_N`` dividing the KV block."""
     block_m = min(config.BLOCK_M, max(16, next_power_of_two(packed_rows)))
-    return KernelConfig(block_m, fit_tile(config.BLOCK_N, kv_block_size), config.num_warps, config.num_stages,
-                        config.max_head_dim)
+    return replace(config, BLOCK_M=block_m, BLOCK_N=fit_tile(config.BLOCK_N, kv_block_size))
 
 
 def multiprocessor_count(device: torch.device) -> int:

@@ -23,9 +23,11 @@ import torch
 from ...masks.block_mask import BlockMask
 from ..attention.blocks import LOG2_E
 from ..attention.configs import KernelConfig, cdiv, padded_head_dim
+from ..attention.tiling import dot_precision
 from ..host import MaskPlan, layout_arguments, plan_mask, score_captured, strides, trace_score, traced_mask_plan
 from ..jit import functions
 from ..jit.modules import launch
+from ..targets import REFERENCE, device_target
 from .configs import choose_splits, default_decode_config, fit_decode, multiprocessor_count
 
 DECODE_LAYOUT = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
@@ -69,19 +71,21 @@ def _sm_count(device_type: str, index: Optional[int]) -> int:
 def plan_decode(query: torch.Tensor, kv_heads: int, head_dim_v: int, block_mask: BlockMask, *,
                 config: Optional[KernelConfig] = None, num_splits: Optional[int] = None,
                 tuned: Optional[Callable[[KernelConfig, int], KernelConfig]] = None,
-                sm_count: Optional[int] = None) -> DecodePlan:
+                sm_count: Optional[int] = None, target=None) -> DecodePlan:
     """The launch decisions for ``query`` [B, Hq, Lq, D] over ``block_mask`` (see ``DecodePlan``).
 
     num_splits: force a split count (None: ``configs.choose_splits`` from the SM count and the
     mask's non-empty blocks). tuned(default, splits): the tuning cache's winner, if any. sm_count:
-    the SMs to fill (default: the query's device; ``configs.NOMINAL_SMS`` for another target).
+    the SMs to fill (default: the query's device; a target's ``sm_count`` for another one). target: the
+    ``kernels.targets.Target`` whose tables to read (default: the query's device's; sm_80's on CPU).
     """
     batch, q_heads, q_len, head_dim = query.shape
     groups = q_heads // kv_heads
     q_bs, kv_bs = block_mask.BLOCK_SIZE
     heads_per_tile = groups if block_mask.shape[1] == 1 else 1
     rows = min(q_bs, q_len) * heads_per_tile
-    chosen = config or default_decode_config(head_dim, head_dim_v, query.dtype, rows)
+    target = target if target is not None else device_target(query.device)
+    chosen = config or default_decode_config(head_dim, head_dim_v, query.dtype, rows, target=target)
     fitted = fit_decode(chosen, rows, kv_bs)
     row_tiles = cdiv(rows, fitted.BLOCK_M)
     programs = block_mask.num_blocks[0] * row_tiles * batch * q_heads // heads_per_tile
@@ -104,10 +108,11 @@ def decode_mods(block_mask: BlockMask, score_mod: Optional[Callable], mask_plan:
 
 def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, block_mask: BlockMask, plan: DecodePlan, *,
                            scale: float, page_table: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor],
-                           mask_captured: tuple, score_captured: tuple, mods, interpret: bool):
+                           mask_captured: tuple, score_captured: tuple, mods, interpret: bool, target=None):
     """(runtime arguments, constexprs) of ``decode_split_kernel`` by name, for a launch or an AOT build.
 
-    K/V are ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` with ``page_table``."""
+    K/V are ``[B, Hkv, L, D]``, or pages ``[num_pages, Hkv, page_size, D]`` with ``page_table``;
+    target: the ``kernels.targets.Target`` compiled for (its dot precision)."""
     q_len, q_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
     head_dim_v = value.shape[3]
     paged = page_table is not None
@@ -138,22 +143,24 @@ def split_kernel_arguments(query, key, value, out, lse, part_out, part_lse, bloc
         PAGED=paged, PAGE_SIZE=key.shape[2] if paged else 1,
         # Paged: the last page of a sequence is ragged (kv_lens), so keys are always bounds-checked.
         CHECK_KV_BOUNDS=paged or (kv_len % kv_bs != 0) or (kv_bs % config.BLOCK_N != 0),
-        DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(query.dtype, target),
         UPCAST_DOT=bool(interpret and query.dtype == torch.bfloat16),
     )
     return arguments, constexprs
 
 
-def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+def combine_kernel_arguments(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             target=None):
     """(runtime arguments, constexprs, num_warps) of ``decode_combine_kernel``; part_out float32
-    [S, B, Hq, Lq, Dv] and part_lse [S, B, Hq, Lq], contiguous."""
+    [S, B, Hq, Lq, Dv] and part_lse [S, B, Hq, Lq], contiguous; target: the ``kernels.targets.Target``
+    whose warps to use (None: sm_80's; AMD wavefronts are 64 wide, so half as many)."""
     splits, batch, q_heads, q_len, head_dim_v = part_out.shape
     arguments = dict(PartOut=part_out, PartLse=part_lse, Out=out, Lse=lse,
                      **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
                      num_rows=batch * q_heads * q_len, q_len=q_len, num_q_heads=q_heads)
     constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), NUM_SPLITS=splits,
                       BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()))
-    return arguments, constexprs, 4 if head_dim_v >= 128 else 2
+    return arguments, constexprs, (target or REFERENCE).tables.combine_num_warps(head_dim_v)
 
 
 class PagedProblem(NamedTuple):
@@ -213,7 +220,9 @@ def run_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
         def tuned(default: KernelConfig, splits: int) -> KernelConfig:
             return choose_config(default, splits, mods.key)
 
-    plan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits, tuned=tuned)
+    target = None if interpret else device_target(device)
+    plan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits, tuned=tuned,
+                       target=target)
     config = plan.config
     splits = plan.num_splits
 
@@ -227,12 +236,12 @@ def run_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
     arguments, constexprs = split_kernel_arguments(
         query, key, value, out, lse, part_out, part_lse, block_mask, plan, scale=scale, page_table=page_table,
         kv_lens=kv_lens, mask_captured=mask_plan.captured(device), score_captured=score_captured(score_traced, device),
-        mods=mods, interpret=interpret)
+        mods=mods, interpret=interpret, target=target)
     grid = plan.grid(block_mask.num_blocks[0], batch, q_heads)
     launch(decode_split_kernel, grid, {**arguments, **constexprs}, interpret=interpret, device=device,
-           num_warps=config.num_warps, num_stages=config.num_stages)
+           num_warps=config.num_warps, num_stages=config.num_stages, options=config.amd_options)
     if splits > 1:
-        arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse)
+        arguments, constexprs, num_warps = combine_kernel_arguments(part_out, part_lse, out, lse, target)
         launch(decode_combine_kernel, (batch * q_heads * q_len,), {**arguments, **constexprs}, interpret=interpret,
                device=device, num_warps=num_warps, num_stages=1)
     return out, lse

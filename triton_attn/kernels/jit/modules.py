@@ -190,17 +190,19 @@ ENABLE_FP_FUSION = True
 
 
 def launch(kernel, grid, arguments: Dict[str, object], *, interpret: bool, device, num_warps: Optional[int] = None,
-           num_stages: Optional[int] = None) -> None:
+           num_stages: Optional[int] = None, options: Optional[Dict[str, int]] = None) -> None:
     """Run a ``@triton.jit`` kernel with named ``arguments`` (runtime and constexpr): compiled on
-    ``device`` (CUDA) with these compile options, or under the interpreter (CPU tensors)."""
+    ``device`` (CUDA) with these compile options, or under the interpreter (CPU tensors).
+    ``options``: further compile options (a config's ``amd_options``)."""
     if interpret:
         interpreted(kernel)[grid](**arguments)
         return
     import torch
 
     # FP fusion stated explicitly: Triton 3.9 warns that its default flips in 3.10.
-    options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
-               if value is not None}
-    options["enable_fp_fusion"] = ENABLE_FP_FUSION
+    compile_options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
+                       if value is not None}
+    compile_options.update(options or {})
+    compile_options["enable_fp_fusion"] = ENABLE_FP_FUSION
     with torch.cuda.device(device):
-        kernel[grid](**arguments, **options)
+        kernel[grid](**arguments, **compile_options)

@@ -1,10 +1,11 @@
-"""Ahead-of-time compilation for NVIDIA targets without a GPU, and what ptxas says about it.
+"""Ahead-of-time compilation for any supported target without a GPU, and what the compiler says about it.
 
-``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``
-runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the bundled
-``ptxas``) on any machine. CI uses it to prove that every config compiles for sm_80 and sm_90,
-that the sm_90 build uses Hopper's ``wgmma`` tensor-core instructions, and that the main configs
-do not spill registers (read from ``ptxas -v``).
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(...))`` runs Triton's
+whole pipeline on any machine: for NVIDIA (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the
+bundled ``ptxas``) and for AMD (-> AMDGCN -> hsaco through the bundled LLVM). CI uses it to prove
+that the kernels compile for every target of ``kernels.targets``, fit its shared memory (LDS), do not
+spill (ptxas ``-v`` on NVIDIA; the AMDGCN metadata's VGPR spills and scratch on AMD), and use the
+target's tensor-core instructions (wgmma on sm_90, tcgen05 on sm_100, mfma on AMD).
 
 ``compile_kernel`` takes the kernel's *named arguments* -- the same dict a launcher passes at run
 time, built from example (e.g. ``meta``) tensors -- and derives the signature from them the way
@@ -21,20 +22,29 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from ..jit.functions import TRITON_DTYPES
+from ..targets import Target
+from ..targets import get as get_target
 
-ARCHS = (80, 90)
+ARCHS = (80, 90)  # the targets every kernel variant is built for in the tests (the matrix covers the rest)
+TENSOR_INSTRUCTIONS = {"wgmma": "wgmma.mma_async", "tcgen05": "tcgen05.mma", "mma.sync": "mma.sync.aligned",
+                       "mfma": "v_mfma"}
 
 
 @dataclass
 class AotResult:
-    """What one ahead-of-time build produced and what ptxas said about it."""
+    """What one ahead-of-time build produced and what the compiler said about it.
 
-    arch: int
+    arch: the target's arch (90, "gfx942"); ptx / amdgcn: the assembly (the other one is empty);
+    registers: per thread (NVIDIA) or VGPRs per lane (AMD); spill_stores / spill_loads: ptxas's spill
+    bytes (NVIDIA); scratch_bytes / vgpr_spills: private memory per lane and VGPRs spilled (AMD);
+    shared_bytes: shared memory (LDS) per block."""
+
+    arch: Union[int, str]
     label: str
     ptx: str
     ttgir: str
@@ -43,6 +53,13 @@ class AotResult:
     spill_loads: int
     shared_bytes: int
     sass_has_wgmma: Optional[bool]
+    amdgcn: str = ""
+    scratch_bytes: int = 0
+    vgpr_spills: int = 0
+
+    @property
+    def target(self) -> Target:
+        return get_target(self.arch)
 
     @property
     def ptx_has_wgmma(self) -> bool:
@@ -50,7 +67,16 @@ class AotResult:
 
     @property
     def spills(self) -> bool:
-        return self.spill_stores > 0 or self.spill_loads > 0
+        return self.spill_bytes > 0
+
+    @property
+    def spill_bytes(self) -> int:
+        """Spilled bytes: ptxas spill stores + loads (NVIDIA), or scratch bytes per lane (AMD)."""
+        return self.spill_stores + self.spill_loads + max(self.scratch_bytes, 4 * self.vgpr_spills)
+
+    def uses(self, instructions: str) -> bool:
+        """Whether the assembly holds ``instructions`` ("wgmma", "tcgen05", "mma.sync", "mfma")."""
+        return TENSOR_INSTRUCTIONS[instructions] in (self.amdgcn or self.ptx)
 
     @property
     def async_waits(self) -> int:
@@ -58,7 +84,11 @@ class AotResult:
         return self.ttgir.count("async_wait")
 
     def __str__(self) -> str:
-        return (f"sm_{self.arch} {self.label}: {self.registers} registers, "
+        name = self.arch if isinstance(self.arch, str) else f"sm_{self.arch}"
+        if self.amdgcn:
+            return (f"{name} {self.label}: {self.registers} VGPRs, spills {self.vgpr_spills} VGPRs / scratch "
+                    f"{self.scratch_bytes} B, LDS {self.shared_bytes} B, mfma {self.uses('mfma')}")
+        return (f"{name} {self.label}: {self.registers} registers, "
                 f"spills {self.spill_stores}/{self.spill_loads} bytes, shared {self.shared_bytes} B, "
                 f"wgmma {self.ptx_has_wgmma}, async_wait {self.async_waits}")
 
@@ -149,23 +179,41 @@ def sass_has_wgmma(cubin: bytes) -> Optional[bool]:
     return "HGMMA" in result.stdout
 
 
-def compile_kernel(kernel, arguments: Dict[str, object], constexprs: Dict[str, object], *, arch: int,
-                   num_warps: int, num_stages: Optional[int], label: str = "", inspect_sass: bool = False) -> AotResult:
-    """``triton.compile`` a ``@triton.jit`` kernel for ``sm_{arch}`` with these named arguments
-    (example tensors, e.g. on the ``meta`` device) and constexprs, and read what ptxas says."""
+def amdgcn_report(amdgcn: str) -> Tuple[int, int, int]:
+    """(VGPRs, VGPRs spilled, scratch bytes per lane) from the metadata of an AMDGCN listing."""
+    def number(pattern: str) -> int:
+        found = re.findall(pattern, amdgcn)
+        return max(int(value) for value in found) if found else 0
+
+    vgprs = max(number(r"\.vgpr_count:\s+(\d+)"), number(r"; TotalNumVgprs: (\d+)"), number(r"; NumVgprs: (\d+)"))
+    return vgprs, number(r"\.vgpr_spill_count:\s+(\d+)"), number(r"; ScratchSize: (\d+)")
+
+
+def compile_kernel(kernel, arguments: Dict[str, object], constexprs: Dict[str, object], *,
+                   arch: Union[int, str, Target], num_warps: int, num_stages: Optional[int], label: str = "",
+                   inspect_sass: bool = False, options: Optional[Mapping[str, int]] = None) -> AotResult:
+    """``triton.compile`` a ``@triton.jit`` kernel for the target ``arch`` (90, "sm_120", "gfx942", a
+    ``Target``) with these named arguments (example tensors, e.g. on the ``meta`` device) and constexprs,
+    and read what the compiler says. ``options``: extra compile options (a config's ``amd_options``)."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    target = get_target(arch)
     signature, all_constexprs, attrs = build_signature(kernel, arguments, constexprs)
-    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    compile_options = {"num_warps": num_warps, "enable_fp_fusion": True, **(options or {})}
     if num_stages is not None:
-        options["num_stages"] = num_stages
-    compiled = triton.compile(ASTSource(kernel, signature, all_constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
-    ptx = compiled.asm["ptx"]
-    registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
+        compile_options["num_stages"] = num_stages
+    compiled = triton.compile(ASTSource(kernel, signature, all_constexprs, attrs), target=target.gpu_target(),
+                              options=compile_options)
     shared = int(getattr(compiled.metadata, "shared", 0))
+    ttgir = compiled.asm.get("ttgir", "")
+    if target.is_amd:
+        amdgcn = compiled.asm["amdgcn"]
+        vgprs, vgpr_spills, scratch = amdgcn_report(amdgcn)
+        return AotResult(target.arch, label or kernel.__name__, "", ttgir, vgprs, 0, 0, shared, None, amdgcn=amdgcn,
+                         scratch_bytes=scratch, vgpr_spills=vgpr_spills)
+    ptx = compiled.asm["ptx"]
+    registers, spill_stores, spill_loads = ptxas_report(ptx, target.arch)
     wgmma = sass_has_wgmma(compiled.asm["cubin"]) if inspect_sass else None
-    return AotResult(arch, label or kernel.__name__, ptx, compiled.asm.get("ttgir", ""), registers, spill_stores,
-                     spill_loads, shared, wgmma)
+    return AotResult(target.arch, label or kernel.__name__, ptx, ttgir, registers, spill_stores, spill_loads, shared,
+                     wgmma)

@@ -8,12 +8,14 @@ Three pieces, each usable without a GPU except the timing itself:
   Lq and of Lkv), the mask's sparsity class (share of blocks computed: dense / half / sparse / tiny),
   the B * H occupancy bucket, the BlockMask's block size, whether the last block is ragged, and the
   (mask_mod, score_mod) structure class (they change register pressure and bounds checks).
-- **Search space** (``search_space``): tile sizes x num_warps x num_stages per kernel, plus on Hopper
-  (sm_90+) the variants that pay off there (deeper pipelines, 128x128 tiles on two warpgroups). Every
-  candidate is fitted to the BlockMask's block size with ``KernelConfig.fitted``.
-- **Pruning** (``prune``): each candidate is compiled ahead of time for the target (``GPUTarget("cuda",
-  80|90, 32)`` works on a machine without a GPU) and dropped when its shared memory exceeds the device's
-  limit, when ptxas reports register spills, or when it fails to compile. Nothing runs before this.
+- **Search space** (``search_space``): tile sizes x num_warps x num_stages per kernel and target
+  (``kernels.targets``): on targets with large shared memory (sm_90, sm_100) the variants that pay off
+  there (deeper pipelines, 128x128 tiles on two warpgroups); on AMD shallower pipelines and the
+  ``waves_per_eu`` occupancy hint. Every candidate is fitted to the BlockMask's block size with
+  ``KernelConfig.fitted``.
+- **Pruning** (``prune``): each candidate is compiled ahead of time for the target (works on a machine
+  without a GPU) and dropped when its shared memory (LDS) exceeds the target's limit, when it spills
+  registers, or when it fails to compile. Nothing runs before this.
 
 At call time ``select_config`` returns, in order: a winner already in this process's memory, a winner from
 the JSON cache on disk (``cache``), or -- only when tuning was asked for (``autotune=True`` or
@@ -34,18 +36,24 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 
 from ... import settings
+from .. import targets
 from ..attention.configs import KernelConfig, next_power_of_two
 from .cache import TuningCache, default_cache
 
 KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq", "decode")
+MAX_REGISTERS_PER_THREAD = 255  # NVIDIA; a target's own limit is ``Target.max_registers``
 
-# Largest dynamic shared memory one block may opt into, in bytes (CUDA programming guide, table of
-# compute capabilities). Used when no GPU can be asked (ahead-of-time pruning for another machine).
-SHARED_MEMORY_LIMIT = {
-    70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
-    100: 232448, 101: 232448, 103: 232448, 120: 101376, 121: 101376,
-}
-MAX_REGISTERS_PER_THREAD = 255
+
+def known_target(arch) -> targets.Target:
+    """The target ``arch`` names (80, "sm_90", "gfx942", a ``Target``), or for an unknown capability the
+    nearest known one (no warning: this is planning, not a launch)."""
+    try:
+        return targets.get(arch)
+    except ValueError:
+        text = str(arch).lower()
+        if text.startswith("gfx"):
+            return targets.nearest("hip", text)
+        return targets.nearest("cuda", int(text.replace("sm_", "").replace("sm", "")))
 
 SPARSITY_CLASSES = ("dense", "half", "sparse", "tiny")
 
@@ -160,6 +168,14 @@ def device_identity(device) -> Tuple[str, int]:
     return torch.cuda.get_device_name(device), major * 10 + minor
 
 
+def call_target(key: "TuningKey", device=None) -> targets.Target:
+    """The target a tuning search runs for: the GPU's (``targets.device_target``), else the key's capability
+    (the interpreter: sm_80's tables). On ROCm the key's capability is torch's (94 for gfx942), not a target."""
+    if device is not None and torch.device(device).type == "cuda":
+        return targets.device_target(device)
+    return known_target(key.capability or 80)
+
+
 def occupancy_bucket(batch_heads: int) -> int:
     """B * H rounded up to a power of two, at most 1024: few (batch, head) pairs leave SMs idle unless
     the tiles are small; many fill every SM several times over with any tile."""
@@ -189,14 +205,17 @@ def _grid(block_m: Iterable[int], block_n: Iterable[int], warps: Iterable[int], 
     return [KernelConfig(m, n, w, s) for m in block_m for n in block_n for w in warps for s in stages]
 
 
-def search_space(kernel: str = "fwd", capability: int = 80, *, head_dim: int = 128, value_dim: Optional[int] = None,
+def search_space(kernel: str = "fwd", capability=80, *, head_dim: int = 128, value_dim: Optional[int] = None,
                  dtype=torch.bfloat16, block_size: Tuple[int, int] = (128, 128),
                  q_len: Optional[int] = None) -> List[KernelConfig]:
-    """Every candidate config for one kernel on one architecture, fitted to ``block_size`` (deduplicated).
+    """Every candidate config for one kernel on one target (``capability``: 80, "sm_120", "gfx942", a
+    ``Target``), fitted to ``block_size`` (deduplicated).
 
-    Forward: BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} (sm_8x), stages
-    {2, 3, 4} plus the Hopper variants on sm_90+ (128x128 and 128x64 tiles on 8 warps = two warpgroups of
-    wgmma, with 4-5 stage pipelines that TMA-less loads still profit from on 228 KB of shared memory).
+    Forward: BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3}; on targets with
+    ``deep_pipelines`` (sm_90, sm_100) stages {2, 3, 4} plus 128x128 and 128x64 tiles on 8 warps (two
+    warpgroups of wgmma) with 5-stage pipelines that TMA-less loads still profit from on 228 KB of shared
+    memory. AMD: stages {1, 2} (its stream pipeliner double-buffers in LDS), each with ``waves_per_eu``
+    {0, 2} (the compiler's choice, or two waves per SIMD).
     Backward: smaller query tiles (BLOCK_M {32, 64}), BLOCK_N {64, 128}. Decode (``kernels/decode/``):
     BLOCK_M {16, 64} is the most packed rows per program (the launcher shrinks it to the rows there are),
     BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} (and 4 on sm_90+); pass ``q_len=None``.
@@ -206,16 +225,25 @@ def search_space(kernel: str = "fwd", capability: int = 80, *, head_dim: int = 1
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     value_dim = head_dim if value_dim is None else value_dim
     width = max(next_power_of_two(max(16, head_dim)), next_power_of_two(max(16, value_dim)))
-    hopper = capability >= 90
-    if kernel == "fwd":
-        stages = (2, 3, 4) if hopper else (2, 3)
-        space = _grid((64, 128), (32, 64, 128), (4, 8), stages)
-        if hopper:
+    target = known_target(capability)
+    deep = target.deep_pipelines
+    if target.is_amd:
+        stages = (1, 2)
+        if kernel == "fwd":
+            space = _grid((64, 128), (32, 64, 128), (4, 8), stages)
+        elif kernel == "decode":
+            space = _grid((16, 64), (32, 64, 128), (4, 8), stages)
+        else:
+            space = _grid((32, 64), (32, 64, 128), (4, 8), stages)
+        space = [dataclasses.replace(config, waves_per_eu=waves) for config in space for waves in (0, 2)]
+    elif kernel == "fwd":
+        space = _grid((64, 128), (32, 64, 128), (4, 8), (2, 3, 4) if deep else (2, 3))
+        if deep:
             space += _grid((128,), (64, 128), (8,), (5,))
     elif kernel == "decode":
-        space = _grid((16, 64), (32, 64, 128), (4, 8), (2, 3, 4) if hopper else (2, 3))
+        space = _grid((16, 64), (32, 64, 128), (4, 8), (2, 3, 4) if deep else (2, 3))
     else:
-        space = _grid((32, 64), (64, 128), (4, 8), (1, 2, 3) if hopper else (1, 2))
+        space = _grid((32, 64), (64, 128), (4, 8), (1, 2, 3) if deep else (1, 2))
     if width > 128 or dtype == torch.float32:
         space = [c for c in space if c.BLOCK_M * c.BLOCK_N <= 128 * 64]
     seen, fitted = set(), []
@@ -240,8 +268,9 @@ class CompileStats:
     error: Optional[str] = None
 
 
-def shared_memory_limit(capability: int, device=None) -> int:
-    """Opt-in shared memory per block: asked of the GPU when ``device`` is given, else from the table."""
+def shared_memory_limit(capability, device=None) -> int:
+    """Opt-in shared memory (LDS) per block: asked of the GPU when ``device`` is given, else the target's
+    (``capability``: 80, "gfx942", a ``Target``; an unknown capability: the nearest known target's)."""
     if device is not None and torch.device(device).type == "cuda":
         try:
             from triton.runtime import driver
@@ -251,10 +280,7 @@ def shared_memory_limit(capability: int, device=None) -> int:
             return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
         except Exception:  # an older Triton without this helper: the table is right for released GPUs
             pass
-    if capability in SHARED_MEMORY_LIMIT:
-        return SHARED_MEMORY_LIMIT[capability]
-    known = [cc for cc in SHARED_MEMORY_LIMIT if cc <= capability]
-    return SHARED_MEMORY_LIMIT[max(known)] if known else 49152
+    return known_target(capability).shared_memory
 
 
 def stats_from(result: Any) -> CompileStats:
@@ -281,7 +307,7 @@ def stats_from(result: Any) -> CompileStats:
                         error=read("error", default=None))
 
 
-def rejection(stats: CompileStats, shared_limit: int) -> Optional[str]:
+def rejection(stats: CompileStats, shared_limit: int, max_registers: int = MAX_REGISTERS_PER_THREAD) -> Optional[str]:
     """Why a config cannot run (None when it can)."""
     if stats.error:
         return f"does not compile: {stats.error}"
@@ -289,8 +315,8 @@ def rejection(stats: CompileStats, shared_limit: int) -> Optional[str]:
         return f"shared memory {stats.shared} B > limit {shared_limit} B"
     if stats.spills > 0:
         return f"spills {stats.spills} B of registers"
-    if stats.registers > MAX_REGISTERS_PER_THREAD:
-        return f"{stats.registers} registers per thread > {MAX_REGISTERS_PER_THREAD}"
+    if stats.registers > max_registers:
+        return f"{stats.registers} registers per thread > {max_registers}"
     return None
 
 
@@ -301,16 +327,18 @@ class PruneResult:
     stats: Dict[KernelConfig, CompileStats]
 
 
-def prune(configs: Sequence[KernelConfig], compile_fn: Callable[[KernelConfig], Any], *, capability: int,
+def prune(configs: Sequence[KernelConfig], compile_fn: Callable[[KernelConfig], Any], *, capability,
           shared_limit: Optional[int] = None, progress: Optional[Callable[[KernelConfig, Optional[str]], None]] = None
           ) -> PruneResult:
     """Compile each config ahead of time with ``compile_fn(config)`` and keep those that fit.
 
     ``compile_fn`` returns a ``CompileStats`` (or anything ``stats_from`` reads) and may raise: a config
-    that raises is dropped with the error's first line. ``shared_limit`` defaults to the table for
-    ``capability``. ``progress(config, reason_or_None)`` is called after each compile.
+    that raises is dropped with the error's first line. ``capability``: the target (80, "gfx942", a
+    ``Target``); ``shared_limit`` defaults to its limit. ``progress(config, reason_or_None)`` is called
+    after each compile.
     """
     limit = shared_memory_limit(capability) if shared_limit is None else shared_limit
+    max_registers = known_target(capability).max_registers
     kept, dropped, all_stats = [], {}, {}
     for config in configs:
         try:
@@ -319,7 +347,7 @@ def prune(configs: Sequence[KernelConfig], compile_fn: Callable[[KernelConfig], 
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             stats = CompileStats(error=f"{type(error).__name__}: {first_line}"[:300])
         all_stats[config] = stats
-        reason = rejection(stats, limit)
+        reason = rejection(stats, limit, max_registers)
         if reason is None:
             kept.append(config)
         else:
@@ -423,8 +451,9 @@ class Autotuner:
         """
         pruned: Dict[KernelConfig, str] = {}
         if compile_fn is not None:
-            result = prune(candidates, compile_fn, capability=key.capability,
-                           shared_limit=shared_memory_limit(key.capability, device),
+            target = call_target(key, device)
+            result = prune(candidates, compile_fn, capability=target,
+                           shared_limit=shared_memory_limit(target, device),
                            progress=(lambda c, r: progress("prune", c, None)) if progress else None)
             candidates, pruned = result.kept, result.dropped
         timings: Dict[KernelConfig, float] = {}
