@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --targets: comma-separated kernel families (forward, preprocess, dq, dkdv, decode, "
                             "combine, refine; default all)")
     check.add_argument("--jobs", type=int, default=1, help="with --targets: parallel build processes")
+    check.add_argument("--markdown", action="store_true",
+                       help="with --targets: print one line per target (the README's Supported GPUs table)")
     return parser
 
 

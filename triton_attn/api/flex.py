@@ -76,8 +76,10 @@ def _flex_config(tiles: dict, query: torch.Tensor, value: torch.Tensor, block_ma
     from dataclasses import replace
 
     from ..kernels.attention.configs import default_config
+    from ..kernels.targets import device_target
 
-    base = default_config(query.shape[-1], value.shape[-1], query.dtype, block_mask.BLOCK_SIZE, query.shape[2])
+    base = default_config(query.shape[-1], value.shape[-1], query.dtype, block_mask.BLOCK_SIZE, query.shape[2],
+                          target=device_target(query.device))
     try:
         return replace(base, **tiles)
     except ValueError as error:

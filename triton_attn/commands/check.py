@@ -133,7 +133,7 @@ def targets_command(args) -> int:
           f"(default configs; no GPU needed)")
     with Progress(len(cases), "aot build", enabled=not args.quiet and sys.stderr.isatty()) as progress:
         rows = matrix.run(cases, jobs=jobs, progress=lambda case: progress.advance(case.label))
-    print(matrix.format_table(rows))
+    print(matrix.markdown_table(rows) if args.markdown else matrix.format_table(rows))
     print(matrix.summary(rows))
     return 0 if all(row.ok for row in rows) else 1
 

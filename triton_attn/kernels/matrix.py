@@ -256,3 +256,25 @@ def summary(rows: Sequence[Row]) -> str:
     targets_seen = sorted({row.case.target for row in rows}, key=list(targets_module.TARGETS).index)
     return (f"{len(rows) - len(failed)}/{len(rows)} builds pass on {', '.join(targets_seen)}"
             + (f"; {len(failed)} FAIL" if failed else ""))
+
+
+def markdown_table(rows: Sequence[Row] = (), measured: Optional[dict] = None) -> str:
+    """The README's "Supported GPUs" table: one line per target (limits, tensor cores, how many matrix builds
+    pass in ``rows``, and ``measured[name]``: the committed GPU run, if any), then the listed spills."""
+    measured = measured or {}
+    lines = ["| target | GPUs | tensor cores (Triton 3.9) | shared memory / LDS per block | warp | "
+             "proven ahead of time | measured on a GPU |",
+             "|---|---|---|---|---|---|---|"]
+    for target in targets_module.TARGETS.values():
+        own = [row for row in rows if row.case.target == target.name]
+        passed = sum(row.ok for row in own)
+        proven = f"{passed}/{len(own)} builds pass" if own else "not built"
+        lines.append(f"| {target.name} | {target.devices} | {target.tensor_instructions} | "
+                     f"{target.shared_memory:,} B | {target.warp_size} | {proven} | "
+                     f"{measured.get(target.name, 'not yet')} |")
+    spills = [(target, spill) for target in targets_module.TARGETS.values() for spill in target.known_spills]
+    if spills:
+        lines += ["", "Listed spills (default builds that spill, accepted with their size):", ""]
+        lines += [f"- {target.name} {spill.kernel} D={spill.head_dim} {spill.dtype}: up to {spill.spill_bytes} B "
+                  f"({spill.why})" for target, spill in spills]
+    return "\n".join(lines)

@@ -238,7 +238,11 @@ HOPPER_BACKWARD_CONFIGS = {
     64: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=64),
     128: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3), max_head_dim=128,
                         split_dkdv=True),
-    256: BACKWARD_CONFIGS[2],
+    # D = 256: sm_80's 16/32-row tiles are below wgmma's 64-row minimum (mma.sync on Hopper). 64 keys x 16 rows
+    # per dK/dV step (keys first, so the warpgroup's M is 64 keys), split into dV and dK, and 64-row dQ tiles:
+    # wgmma for every product, no spills (dV 65.7 KB / 168-204 registers, dK 98.6 KB / 214-227, dQ 131 KB /
+    # 198-233; fp16 and bf16 x no mask, causal, document, softcap).
+    256: BackwardConfig(KernelConfig(16, 64, 8, 2), KernelConfig(64, 32, 8, 2), max_head_dim=256, split_dkdv=True),
 }
 
 

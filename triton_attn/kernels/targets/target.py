@@ -42,7 +42,7 @@ class KernelTables:
 @dataclass(frozen=True)
 class KnownSpill:
     """A default build that spills on a target, accepted with its size and the reason (the AOT matrix
-    fails on any spill not listed). kernel: "forward", "dkdv", "dk", "dv", "dq", "decode"; dtype:
+    fails on any spill not listed). kernel: "forward", "dkdv", "dk", "dv", "dq", "decode", "preprocess"; dtype:
     "float16", "bfloat16" or "float32"; spill_bytes: at most this many (ptxas spill stores + loads on
     NVIDIA, scratch bytes on AMD)."""
 
