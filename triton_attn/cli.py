@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: build the kernels ahead of time for GPU targets (no GPU needed) -- 'all' or a "
                             "comma-separated list of sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx90a, gfx942, "
                             "gfx950 -- and print the matrix (kernel family x head_dim x dtype x mask: shared memory, "
-                            "registers, spills, tensor-core instructions)")
+                            "registers, spills, tensor-core instructions); default: the backend check above")
     check.add_argument("--fast", action="store_true",
                        help="with --targets: one build per target and kernel family (what CI runs)")
     check.add_argument("--families", default=None, metavar="NAMES",

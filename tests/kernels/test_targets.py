@@ -212,3 +212,14 @@ def test_prune_rejects_over_the_amd_register_file_not_over_nvidias():
 def test_the_target_dataclasses_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         targets.get("sm_90").shared_memory = 1
+
+
+def test_the_readme_table_names_every_target_with_its_limits():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- supported-gpus:begin -->")[1].split("<!-- supported-gpus:end -->")[0]
+    for target in targets.TARGETS.values():
+        row = next(line for line in block.splitlines() if line.startswith(f"| {target.name} |"))
+        assert target.devices in row and f"| {target.tensor_instructions} |" in row, row
+        assert f"{target.shared_memory:,} B" in row and f"| {target.warp_size} |" in row, row

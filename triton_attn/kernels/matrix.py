@@ -32,6 +32,7 @@ MOD_FAMILIES = ("forward", "dq", "dkdv", "decode")
 DOT_FAMILIES = ("forward", "dq", "dkdv", "decode")
 # Example lengths: long enough that the launch's bounds checks and 64-bit decisions are the usual ones.
 SEQ_LEN = 4096
+DECODE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,11 @@ def _build(case: Case, target: Target):
         return {"preprocess": ("", attention_aot.compile_preprocess(arch=target, dtype=dtype,
                                                                      head_dim_v=case.head_dim))}
     if case.family == "decode":
-        config = default_decode_config(case.head_dim, case.head_dim, dtype, 32, target=target)
-        result = decode_aot.compile_decode(config, arch=target, dtype=dtype, head_dim=case.head_dim,
-                                           mask_mod=mask_mod, score_mod=score_mod, kv_len=SEQ_LEN)
+        # 4 query rows x a GQA group of 8 = 32 packed rows: the "packed" / "wide_packed" picks at full size.
+        config = default_decode_config(case.head_dim, case.head_dim, dtype, DECODE_ROWS, target=target)
+        result = decode_aot.compile_decode(config, arch=target, dtype=dtype, head_dim=case.head_dim, q_heads=32,
+                                           kv_heads=4, q_len=DECODE_ROWS // 8, mask_mod=mask_mod,
+                                           score_mod=score_mod, kv_len=SEQ_LEN)
         return {"decode": (config.name, result)}
     mods = dict(mask=trace_mask_mod(mask_mod) if mask_mod is not None else None,
                 score=trace_score_mod(score_mod) if score_mod is not None else None)
