@@ -73,12 +73,14 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def forward_mods(query: torch.Tensor, block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float,
-                 interpret: bool):
+                 interpret: bool, target=None):
     """(mask plan, traced score_mod, generated functions) of a forward launch; ``mods.key[:8]`` is the
-    structure class in its tuning key."""
+    structure class in its tuning key. target: the launch's ``kernels.targets.Target`` (default: the query's
+    device's)."""
     mask_plan = plan_mask(block_mask)
     score_traced = trace_score(score_mod, scale)
-    target = None if interpret else device_target(query.device)
+    if target is None and not interpret:
+        target = device_target(query.device)
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode,
                                    fast_tanh=fast_tanh(query.dtype, interpret, target))
     return mask_plan, score_traced, mods
@@ -97,9 +99,9 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     device = query.device
     q_bs, kv_bs = block_mask.BLOCK_SIZE
 
-    mask_plan, score_traced, mods = forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
-                                                 interpret=interpret)
     target = None if interpret else device_target(device)
+    mask_plan, score_traced, mods = forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
+                                                 interpret=interpret, target=target)
     if config is None:
         config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len, target=target)
         if choose_config is not None:
