@@ -19,10 +19,13 @@ medians too):
 - ``generate``: ``ReferenceDecoder.generate(cache="contiguous")`` vs ``generate(cache="paged")`` end to
   end (prompt, then one token per step).
 
-The torch backend has no kernel that reads pages in place: ``paged_attention`` gathers each
-sequence's pages into a contiguous slab (one extra pass over K/V), which is what the ``attention``
-rows price. A contiguous cache pays the same pass when it grows by concatenation, which the
-``step`` and ``generate`` rows include.
+The torch backend has no kernel that reads pages in place: ``paged_attention`` reads the pages one
+chunk at a time (about 2 MB of keys and as much of values, ``backends/torch/paged.py``) into a buffer
+that stays in cache and attends each chunk with PyTorch's fused CPU kernel, merging the chunks by
+their log-sum-exps. What the ``attention`` rows price is that copy of each chunk, which one thread
+cannot overlap with the attention as the contiguous kernel overlaps its reads. A contiguous cache
+pays a full pass over K/V when it grows by concatenation, which the ``step`` and ``generate`` rows
+include.
 """
 
 from __future__ import annotations

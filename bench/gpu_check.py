@@ -1,35 +1,45 @@
-"""GPU check of the Triton forward kernel: correctness per mask family, and speed.
+"""GPU check of the Triton kernels: correctness of every kernel family, and speed, within a time budget.
 
-On a CUDA or ROCm machine (bf16, head_dim 64 and 128), on any supported target (``triton_attn.kernels.targets``:
-NVIDIA sm_80 to sm_120, AMD gfx90a, gfx942, gfx950):
+On a CUDA or ROCm machine, on any supported target (``triton_attn.kernels.targets``: NVIDIA sm_80 to sm_120,
+AMD gfx90a, gfx942, gfx950). Sections, in run order (``--sections`` picks some):
 
-1. correctness: ``triton_attn.attention`` against PyTorch SDPA (fed the dense mask) for each mask
-   family, judged like the numerics rule: error vs a float32 SDPA reference at most 2x that of
-   bf16 SDPA, plus 1e-2;
-2. forward speed at 4k and 16k tokens: TFLOP/s (counting only attended score elements) of
-   triton_attn, SDPA and compiled FlexAttention.
+- ``forward`` (``gpu_check_forward.py``): correctness per mask family at head_dim 64 and 128, judged like the
+  numerics rule against a float32 SDPA reference; TFLOP/s at 4k and 16k tokens vs SDPA;
+- ``backward`` (``gpu_check_backward.py``): dQ/dK/dV vs float32 SDPA (3x rule), determinism, TFLOP/s vs SDPA;
+  a comparison that fails or raises is a FAIL row and the run goes on;
+- ``decode`` and ``paged`` (``gpu_check_decode.py``): one decode step at B 1/16, caches 4k/32k, Hq 32 / Hkv 8,
+  D 128; us per call and GB/s; paged_attention vs the contiguous decode;
+- ``cuda_graph`` (``gpu_check_graphs.py``): a 4-layer paged decode step (``ta.plan_paged`` + ``ta.write_paged_kv``)
+  and a prefill forward + backward step captured in CUDA graphs, replayed on new inputs, checked each replay;
+- ``efficiency`` (``gpu_check_efficiency.py``): forward and backward TFLOP/s of issue 12's cases; last, and cut
+  short by the budget.
 
-Rows go to ``bench/results/gpu_check_<date>_<device>.csv``, each naming the device (as torch reports it) and
-its target ("sm_90", "gfx942"; "interpreter" in a dry run); the run prints both first, with the device's peaks.
-About 5 minutes on an H100; slower GPUs take longer (the efficiency section keeps to its own time budget).
-``--dry-run`` runs the same code on CPU through the Triton interpreter at tiny sizes (for tests).
+``--quick`` (about 2 minutes, budget 180 s) checks every kernel family once at one small shape in bf16 and
+float32 (``gpu_check_quick.py``: prefill forward, backward dQ/dK/dV, decode split + combine, paged decode, the
+tile refiner) and captures the decode step in a CUDA graph; PASS/FAIL rows, exit code 1 on any failure.
 
-``pct_peak``: measured TFLOP/s (forward, backward and efficiency rows) as a percentage of the device's peak dense
-16-bit tensor-core rate, and GB/s (decode and paged rows) of its peak memory bandwidth, both the vendor's numbers
-from ``gpu_peaks.py``; ``--peak-tflops`` / ``--copy-bandwidth`` override them. A device the table does not know
-leaves the column empty (never a guessed peak). Compiled FlexAttention runs where torch provides it, on CUDA and
-ROCm alike; ``--no-flex`` drops it.
+Time: ``gpu_check_plan.py`` estimates each section's seconds on one H100 from its shapes (kernel compiles
+dominate); the default run's estimates sum to at most 480 s, ``--quick``'s to at most 180 s. ``--plan``
+prints the plan and exits; every run prints it first, and a line per section with its measured and
+estimated seconds. ``--budget SECONDS`` (default 480, 180 with ``--quick``; counted from the start) is
+enforced at run time: a section whose estimate no longer fits in what is left becomes one skipped row; the
+efficiency table and the quick checks consult it between their rows and skip the rest.
+Compiled FlexAttention is opt-in (``--flex``: each shape compiles for tens of seconds, so raise ``--budget`` as
+the plan says) and timed where speed is the point, the efficiency and decode sections; it is compiled once per
+shape with dynamo's recompile limit raised, and a row whose calls did not run compiled says so
+(``gpu_check_flex.py``).
 
-Sections are functions in ``SECTIONS``: ``forward``, ``backward`` (``gpu_check_backward.py``),
-``efficiency`` (``gpu_check_efficiency.py``: dense, causal, sliding window, document, softcap, GQA 4:1,
-the transposed layout and a ragged length, forward and backward, vs SDPA and FlexAttention),
-``cuda_graph`` (capture + replay of ``attention()`` forward and backward under
-``torch.cuda.set_sync_debug_mode("error")``, replay compared bit for bit with an eager call), ``decode`` and
-``paged`` (``gpu_check_decode.py``: one decode step at B 1/16, caches 4k/32k, Hq 32 / Hkv 8, D 128; us per call and
-GB/s against the peak memory bandwidth, vs SDPA and FlexAttention; paged_attention vs the contiguous decode).
+Rows go to ``OUT/gpu_check[_quick]_<date>_<device>_torch<v>_triton<v>.csv`` (``--out``, default
+``bench/results``, created if missing; nothing is written elsewhere), each naming the device (as torch reports
+it) and its target ("sm_90", "gfx942"; "interpreter" in a dry run). ``pct_peak``: TFLOP/s as a percentage of
+the device's peak dense 16-bit tensor-core rate, GB/s of its peak memory bandwidth, both the vendor's numbers
+from ``gpu_peaks.py`` by device name; ``--peak-tflops`` / ``--copy-bandwidth`` override them. A device the
+table does not know leaves the column empty (never a guessed peak).
 
-    python bench/gpu_check.py                 # the full check on a CUDA or ROCm GPU
-    python bench/gpu_check.py --dry-run       # CPU smoke run
+    python bench/gpu_check.py                 # the full check on a CUDA or ROCm GPU (<= 8 minutes on an H100)
+    python bench/gpu_check.py --quick         # every kernel family once (<= 3 minutes)
+    python bench/gpu_check.py --plan          # the plan, with estimated seconds per section
+    python bench/gpu_check.py --dry-run       # CPU smoke run through the Triton interpreter at tiny sizes
 """
 
 from __future__ import annotations
@@ -41,24 +51,25 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+BENCH = ROOT / "bench"
+for _path in (ROOT, BENCH):  # the package from this checkout; the section modules beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-import triton_attn as ta  # noqa: E402
-from triton_attn.masks import (  # noqa: E402
-    and_masks,
-    causal_mask,
-    chunked_mask,
-    document_mask,
-    padding_mask,
-    prefix_lm_mask,
-    sliding_window_mask,
-)
+from gpu_check_backward import backward_section  # noqa: E402
+from gpu_check_efficiency import run_efficiency  # noqa: E402
+from gpu_check_flex import CompiledFlex, flex_limits  # noqa: E402
+
+# mask_families: the forward section's masks, which tests read from this module.
+from gpu_check_forward import mask_families, run_forward  # noqa: E402, F401
+from gpu_check_graphs import run_cuda_graph  # noqa: E402
+from gpu_check_plan import DEFAULT_BUDGET, QUICK_BUDGET, Budget, build_plan, format_plan  # noqa: E402
+from gpu_check_quick import run_quick  # noqa: E402
 
 FIELDS = ["date", "device", "target", "torch", "triton", "section", "mask", "seq", "head_dim", "dtype", "impl", "ms",
           "tflops", "max_error", "bound", "ok", "batch", "gb_s", "pct_peak", "note"]
@@ -75,11 +86,17 @@ def percent_of_peak(row: dict, peak_tflops: Optional[float], peak_gb_s: Optional
     return ""
 
 
-def results_path(out: Path, stamp: str, device_name: str) -> Path:
-    """``out/gpu_check_<stamp>_<device>.csv``; the device name reduced to a safe file name (ROCm reports
-    names like "AMD Instinct MI250X/MI250")."""
-    safe = re.sub(r"[^A-Za-z0-9.+-]+", "_", device_name).strip("_") or "device"
-    return out / f"gpu_check_{stamp}_{safe}.csv"
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def results_path(out: Path, stamp: str, device_name: str, versions: Sequence[tuple] = (), mode: str = "") -> Path:
+    """``out/gpu_check[_mode]_<stamp>_<device>[_<name><version>...].csv``: the device name and the versions
+    (``(("torch", "2.11.0"), ("triton", "3.6.0"))``) reduced to a safe file name (ROCm reports names like
+    "AMD Instinct MI250X/MI250")."""
+    parts = ["gpu_check" + (f"_{mode}" if mode else ""), stamp, _safe(device_name) or "device"]
+    parts += [_safe(f"{name}{version}") for name, version in versions]
+    return Path(out) / ("_".join(parts) + ".csv")
 
 
 def flex_available(device) -> bool:
@@ -94,203 +111,30 @@ def flex_available(device) -> bool:
     return True
 
 
-def mask_families(batch: int, length: int, device) -> Dict[str, Callable]:
-    """The mask families checked: name -> mask_mod (captured tensors on ``device``)."""
-    generator = torch.Generator().manual_seed(0)
-    cuts = torch.sort(torch.randint(1, length, (max(1, length // 1024 + 3),), generator=generator)).values
-    ids = torch.bucketize(torch.arange(length), cuts, right=True).to(device)
-    keep = torch.ones(batch, length, dtype=torch.bool)
-    keep[:, length - length // 5:] = False  # the last fifth is padding
-    return {
-        "causal": causal_mask,
-        "sliding_window": sliding_window_mask(max(1, length // 8)),
-        "chunked_causal": and_masks(causal_mask, chunked_mask(max(1, length // 4))),
-        "prefix_lm": prefix_lm_mask(length // 4),
-        "document_causal": and_masks(causal_mask, document_mask(ids)),
-        "padding": padding_mask(keep.to(device)),
-    }
+def backward_csv_row(row: dict, head_dim: int) -> dict:
+    """A ``backward_section`` row as a CSV row (NaN numbers left empty; ``ok`` None: empty)."""
+    def number(value, spec):
+        return "" if value is None or value != value else format(value, spec)
 
-
-def _time_ms(fn: Callable, device) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100))
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _sdpa(q, k, v, dense_mask):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
-
-
-def check_correctness(name, mask_mod, q, k, v, backend, device) -> dict:
-    batch, heads, length, _ = q.shape
-    block_mask = ta.create_block_mask(mask_mod, batch, None, length, length, device=device)
-    dense = ta.create_mask(mask_mod, batch, 1, length, length, device=device)
-    out = ta.attention(q, k, v, block_mask=block_mask, backend=backend)
-    reference = _sdpa(q.float(), k.float(), v.float(), dense)
-    baseline = _sdpa(q, k, v, dense)
-    error = float((out.float() - reference).abs().max())
-    bound = 2 * float((baseline.float() - reference).abs().max()) + 1e-2
-    return dict(mask=name, impl="triton_attn", max_error=f"{error:.3e}", bound=f"{bound:.3e}", ok=error <= bound)
-
-
-def _flex_fn(q, k, v, block_mask):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-    flex_mask = block_mask.to_flex()
-    return lambda: compiled(q, k, v, block_mask=flex_mask)
-
-
-def run_forward(args, device, dtype, writer_row) -> bool:
-    """Correctness at ``args.check_seq`` for every family, then speed at each of ``args.seqs``."""
-    backend = "interpret" if args.dry_run else "triton"
-    all_ok = True
-    for head_dim in args.head_dims:
-        q, k, v = (torch.randn(args.batch, args.heads, args.check_seq, head_dim, device=device, dtype=dtype)
-                   for _ in range(3))
-        for name, mask_mod in mask_families(args.batch, args.check_seq, device).items():
-            row = check_correctness(name, mask_mod, q, k, v, backend, device)
-            all_ok &= bool(row["ok"])
-            writer_row(dict(row, section="forward_correctness", seq=args.check_seq, head_dim=head_dim))
-        for length in args.seqs:
-            q, k, v = (torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
-                       for _ in range(3))
-            families = mask_families(args.batch, length, device)
-            for name in args.perf_masks:
-                mask_mod = families[name]
-                block_mask = ta.create_block_mask(mask_mod, args.batch, None, length, length, device=device)
-                dense = ta.create_mask(mask_mod, args.batch, 1, length, length, device=device)
-                attended = float(dense.sum()) * args.heads
-                flops = 4.0 * attended * head_dim  # QK^T and PV, 2 flops per multiply-add
-                impls = {"triton_attn": lambda: ta.attention(q, k, v, block_mask=block_mask, backend=backend)}
-                if name == "causal":
-                    impls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                else:
-                    impls["sdpa"] = lambda: _sdpa(q, k, v, dense)
-                if args.with_flex:
-                    try:
-                        impls["flex_compiled"] = _flex_fn(q, k, v, block_mask)
-                    except Exception as error:  # its BlockMask conversion failed: a row, not the end of the run
-                        writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim,
-                                        impl="flex_compiled", ok=False,
-                                        max_error=f"error: {type(error).__name__}: {error}"[:200]))
-                for impl, fn in impls.items():
-                    try:
-                        fn()  # compile / warm up outside the timing
-                        ms = _time_ms(fn, device)
-                        writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim, impl=impl,
-                                        ms=f"{ms:.3f}", tflops=flops / ms / 1e9))
-                    except Exception as error:  # one failing baseline must not hide the other rows
-                        writer_row(dict(section="forward_speed", mask=name, seq=length, head_dim=head_dim, impl=impl,
-                                        ok=False, max_error=f"error: {type(error).__name__}: {error}"[:200]))
-                        all_ok &= impl != "triton_attn"
-                # Rebind rather than ``del``: the sdpa lambda closes over ``dense``; this drops the mask before the
-                # next length allocates its own.
-                dense = None
-    return all_ok
+    ok, tflops = row.get("ok"), row.get("tflops")
+    return dict(section="backward", mask=row["mask"], seq=row["seq_len"], head_dim=head_dim, impl=row["impl"],
+                ms=number(row.get("ms"), ".3f"), tflops="" if tflops is None or tflops != tflops else float(tflops),
+                max_error=number(row.get("max_grad_error"), ".3e"), bound=number(row.get("bound"), ".3e"),
+                ok="" if ok is None else ok, note=row.get("note", ""))
 
 
 def run_backward(args, device, dtype, writer_row) -> bool:
     """Backward: gradients vs a float32 SDPA reference (3x rule), determinism, TFLOP/s vs SDPA and FlexAttention."""
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_check_backward import backward_section
-
     all_ok = True
     for head_dim in args.head_dims:
         rows = backward_section(device=device.type, dtype=dtype, batch=args.batch, q_heads=args.heads,
                                 kv_heads=args.heads, head_dim=head_dim, seq_lens=args.backward_seqs,
-                                repeats=3 if args.dry_run else 10, with_flex=args.with_flex,
+                                repeats=3 if args.dry_run else 10,
                                 backend="interpret" if args.dry_run else "triton", log=lambda line: None)
         for row in rows:
-            ok = row.get("ok")
-            all_ok &= ok is not False
-            writer_row(dict(section="backward", mask=row["mask"], seq=row["seq_len"], head_dim=head_dim,
-                            impl=row["impl"], ms=f"{row['ms']:.3f}", tflops=float(row["tflops"]),
-                            max_error=("" if row["max_grad_error"] != row["max_grad_error"]
-                                       else f"{row['max_grad_error']:.3e}"),
-                            bound="" if row["bound"] != row["bound"] else f"{row['bound']:.3e}",
-                            ok="" if ok is None else ok))
+            all_ok &= row.get("ok") is not False or row["impl"] != "ours"
+            writer_row(backward_csv_row(row, head_dim))
     return all_ok
-
-
-def run_cuda_graph(args, device, dtype, writer_row) -> bool:
-    """CUDA-graph capture and replay of ``attention()`` (forward, and forward + backward).
-
-    The launch path reads no tensor value (the BlockMask's launch plan is fixed when it is built), so
-    the whole call can be captured: warm up on a side stream (kernels compile, masks and tuned configs
-    are cached), capture one call into a ``torch.cuda.CUDAGraph`` under ``set_sync_debug_mode("error")``
-    (a device-to-host sync would raise), then write new inputs into the static tensors, replay, and
-    compare with an eager call on the same inputs. In ``--dry-run`` (no CUDA) the section is skipped.
-    """
-    if device.type != "cuda":
-        writer_row(dict(section="cuda_graph", impl="triton_attn", ok="", max_error="skipped: no CUDA"))
-        return True
-    all_ok = True
-    length, head_dim = args.check_seq, args.head_dims[0]
-    for name, mask_mod in mask_families(args.batch, length, device).items():
-        block_mask = ta.create_block_mask(mask_mod, args.batch, None, length, length, device=device)
-        for with_backward in (False, True):
-            static = [torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
-                      .requires_grad_(with_backward) for _ in range(3)]
-            grad_out = torch.randn(args.batch, args.heads, length, head_dim, device=device, dtype=dtype)
-
-            def step():
-                out = ta.attention(*static, block_mask=block_mask, backend="triton")
-                if not with_backward:
-                    return (out,)
-                return (out, *torch.autograd.grad(out, static, grad_out))
-
-            try:
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        step()
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    with torch.cuda.graph(graph):
-                        captured = step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                fresh = [torch.randn_like(t) for t in static]
-                with torch.no_grad():
-                    for target, source in zip(static, fresh):
-                        target.copy_(source)
-                graph.replay()
-                torch.cuda.synchronize(device)
-                eager = [t.detach().clone().requires_grad_(with_backward) for t in fresh]
-                out = ta.attention(*eager, block_mask=block_mask, backend="triton")
-                expected = (out,) if not with_backward else (out, *torch.autograd.grad(out, eager, grad_out))
-                error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(captured, expected))
-                ok = error == 0.0  # same kernels, same inputs: replay must be bit-identical
-                ms = _time_ms(graph.replay, device)
-                writer_row(dict(section="cuda_graph", mask=name, seq=length, head_dim=head_dim,
-                                impl="triton_attn+bwd" if with_backward else "triton_attn", ms=f"{ms:.3f}",
-                                max_error=f"{error:.3e}", ok=ok))
-            except Exception as error:  # report and go on: one family must not hide the others
-                ok = False
-                writer_row(dict(section="cuda_graph", mask=name, seq=length, head_dim=head_dim,
-                                impl="triton_attn+bwd" if with_backward else "triton_attn", ok=False,
-                                max_error=f"error: {type(error).__name__}: {error}"[:200]))
-            all_ok &= ok
-    return all_ok
-
-
-def run_efficiency(args, device, dtype, writer_row) -> bool:
-    """Issue 12's table: fwd + bwd TFLOP/s of triton_attn, SDPA and compiled FlexAttention per case
-    (``gpu_check_efficiency.py``)."""
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_check_efficiency import run_efficiency as efficiency_section
-
-    return efficiency_section(args, device, dtype, writer_row)
 
 
 def _decode_rows(section: str, rows, writer_row) -> bool:
@@ -318,67 +162,90 @@ def _decode_options(args, device) -> dict:
 
 def run_decode(args, device, dtype, writer_row) -> bool:
     """Decode step (Lq = 1, Hq 32 / Hkv 8, D 128): correctness, split count, us and GB/s vs SDPA and FlexAttention."""
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_check_decode import decode_section
 
-    rows = decode_section(dtype=dtype, with_flex=args.with_flex,
-                          **_decode_options(args, device))
+    rows = decode_section(dtype=dtype, flex=getattr(args, "flex_compiled", None), **_decode_options(args, device))
     return _decode_rows("decode", rows, writer_row)
 
 
 def run_paged(args, device, dtype, writer_row) -> bool:
     """paged_attention over shuffled pages vs the contiguous decode kernel: correctness (ragged too), us, GB/s."""
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_check_decode import paged_section
 
-    options = _decode_options(args, device)
-    rows = paged_section(dtype=dtype, page_sizes=(16,) if args.dry_run else (16, 64), **options)
+    rows = paged_section(dtype=dtype, page_sizes=tuple(args.page_sizes), **_decode_options(args, device))
     return _decode_rows("paged", rows, writer_row)
 
 
-SECTIONS = {"forward": run_forward, "backward": run_backward, "efficiency": run_efficiency,
-            "cuda_graph": run_cuda_graph, "decode": run_decode, "paged": run_paged}
+SECTIONS: Dict[str, Callable] = {"quick": run_quick, "forward": run_forward, "backward": run_backward,
+                                 "decode": run_decode, "paged": run_paged, "cuda_graph": run_cuda_graph,
+                                 "efficiency": run_efficiency}
+DEFAULT_SECTIONS = ["forward", "backward", "decode", "paged", "cuda_graph", "efficiency"]
+# Sections that consult the budget between their rows (``args.budget_clock``): they start when a first slice of
+# them fits, and write what the budget cannot hold as skipped rows.
+CUT_SHORT = {"efficiency": 15.0, "quick": 15.0}
+QUICK_SECTIONS = ["quick", "cuda_graph"]
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU smoke run through the Triton interpreter at tiny sizes")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    parser.add_argument("--seqs", type=int, nargs="+", default=None, help="speed lengths (default 4096 16384)")
-    parser.add_argument("--backward-seqs", type=int, nargs="+", default=None,
-                        help="backward lengths (default 4096: keeps the whole run under 5 minutes)")
+                        help="CPU smoke run through the Triton interpreter at tiny sizes (after the GPU run's plan)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every kernel family once at one small shape, bf16 and float32, and one CUDA graph")
+    parser.add_argument("--plan", action="store_true", help="print the plan (estimated seconds per section), exit")
+    parser.add_argument("--sections", nargs="+", default=None, choices=list(SECTIONS),
+                        help=f"default {' '.join(DEFAULT_SECTIONS)}; with --quick {' '.join(QUICK_SECTIONS)}")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"wall-clock seconds (default {DEFAULT_BUDGET:.0f}, {QUICK_BUDGET:.0f} with --quick, "
+                             "none in --dry-run): a section whose estimate no longer fits is skipped, with a row")
+    parser.add_argument("--flex", action="store_true",
+                        help="also time compiled FlexAttention (tens of seconds of compile per shape: raise --budget)")
+    parser.add_argument("--no-flex", action="store_true", help="no FlexAttention (the default; kept for old scripts)")
+    parser.add_argument("--seqs", type=int, nargs="+", default=None, help="forward speed lengths (default 4096 16384)")
+    parser.add_argument("--backward-seqs", type=int, nargs="+", default=None, help="backward lengths (default 4096)")
     parser.add_argument("--check-seq", type=int, default=None, help="correctness length (default 1024)")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="default 64 128")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="correctness head dims (default 64 128)")
+    parser.add_argument("--speed-head-dims", type=int, nargs="+", default=None,
+                        help="forward speed head dims (default 64: the efficiency section times 128)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default 16")
     parser.add_argument("--perf-masks", nargs="+", default=["causal", "sliding_window", "document_causal"])
-    parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16], help="decode/paged batch sizes")
     parser.add_argument("--decode-caches", type=int, nargs="+", default=[4096, 32768],
                         help="decode/paged cache lengths")
+    parser.add_argument("--page-sizes", type=int, nargs="+", default=[16],
+                        help="paged section page sizes (default 16; the cuda_graph decode step uses 64)")
     parser.add_argument("--copy-bandwidth", type=float, default=None,
                         help="GB/s the decode/paged rows are compared with (default: the device's peak memory "
                              "bandwidth from bench/gpu_peaks.py)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="TFLOP/s the forward/backward/efficiency rows are compared with (default: the device's "
                              "peak dense 16-bit tensor-core rate from bench/gpu_peaks.py)")
-    parser.add_argument("--efficiency-budget", type=float, default=240.0,
-                        help="seconds for the efficiency section; rows past it are written as skipped")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args(argv)
-    tiny = args.dry_run
+    parser.add_argument("--efficiency-budget", type=float, default=None,
+                        help="seconds for the efficiency section alone (default: what the run's budget leaves)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the results")
+    return parser
+
+
+def parse_args(argv=None, *, gpu_sizes: bool = False):
+    """The arguments with the run's sizes settled: the dry run's tiny ones, or (``gpu_sizes``, or no
+    ``--dry-run``) a GPU run's; ``budget_seconds`` is the budget enforced (None: none)."""
+    args = build_parser().parse_args(argv)
+    tiny = args.tiny = args.dry_run and not gpu_sizes
     args.seqs = args.seqs or ([64] if tiny else [4096, 16384])
     args.backward_seqs = args.backward_seqs or ([64] if tiny else [4096])
     args.check_seq = args.check_seq or (48 if tiny else 1024)
     args.head_dims = args.head_dims or ([16] if tiny else [64, 128])
+    args.speed_head_dims = args.speed_head_dims or ([16] if tiny else [64])
     args.heads = args.heads or (2 if tiny else 16)
+    args.page_sizes = [16] if tiny else args.page_sizes
+    args.sections = args.sections or list(QUICK_SECTIONS if args.quick else DEFAULT_SECTIONS)
     # What ``main`` settles from the device (a section called on these args alone gets the overrides).
-    args.with_flex = not tiny and not args.no_flex and flex_available("cuda")
+    args.with_flex = args.flex and not args.no_flex and not tiny
     args.peak_gb_s = args.copy_bandwidth
+    default_budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    args.budget_seconds = args.budget if args.budget is not None else (None if tiny else default_budget)
     return args
 
 
@@ -387,8 +254,6 @@ def identify_device(device):
     a CPU device (the dry run) is ("cpu-interpreter", "interpreter", None, None)."""
     if device.type != "cuda":
         return "cpu-interpreter", "interpreter", None, None
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_peaks import lookup
 
     from triton_attn.kernels.targets import device_target
@@ -416,8 +281,46 @@ def settle_peaks(args, peaks) -> list:
     return lines
 
 
+def row_status(row: dict) -> str:
+    """PASS / FAIL / SKIP for a row that judges something (its ``ok``), "" for a measurement."""
+    ok = row.get("ok")
+    if ok is True or ok == "True":
+        return "PASS"
+    if ok is False or ok == "False":
+        return "FAIL"
+    return "SKIP" if str(row.get("note", "")).lower().startswith("skip") else ""
+
+
+def run_sections(args, plan: Dict[str, float], device, dtype, write_row, clock: Budget,
+                 log: Callable[[str], None] = print) -> bool:
+    """Run ``args.sections`` in order; one whose estimate (``plan``: section -> seconds; for a ``CUT_SHORT``
+    section its first slice) no longer fits in the budget is one skipped row instead. False when a section
+    reported a failure (or raised)."""
+    ok = True
+    for section in args.sections:
+        estimate = plan.get(section, 0.0)
+        if not clock.admits(min(estimate, CUT_SHORT.get(section, estimate))):
+            write_row(dict(section=section, impl="all", ok="", note=clock.skip_note(estimate)))
+            continue
+        started = clock.elapsed()
+        try:
+            ok &= bool(SECTIONS[section](args, device, dtype, write_row))
+        except Exception as error:  # a section that raised: a FAIL row, and the next section still runs
+            write_row(dict(section=section, impl="all", ok=False, note=f"error: {type(error).__name__}: {error}"[:300]))
+            ok = False
+        log(f"-- {section}: {clock.elapsed() - started:.0f} s (estimated {estimate:.0f} s); "
+            f"{clock.elapsed():.0f} s into the run")
+    return ok
+
+
 def main(argv=None) -> int:
+    clock_start = time.monotonic()
     args = parse_args(argv)
+    plan_args = parse_args(argv, gpu_sizes=True)  # the plan is the GPU run's, also in a dry run
+    plan = build_plan(plan_args, plan_args.sections)
+    print(format_plan(plan, plan_args.budget_seconds))
+    if args.plan:
+        return 0
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA or ROCm device; run with --dry-run for the CPU smoke run", file=sys.stderr)
         return 2
@@ -439,14 +342,18 @@ def main(argv=None) -> int:
         triton_version = "none"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = results_path(args.out, stamp, device_name)
+    path = results_path(args.out, stamp, device_name, (("torch", torch.__version__), ("triton", triton_version)),
+                        mode="quick" if args.quick else "")
     common = dict(date=stamp, device=device_name, target=target, torch=torch.__version__, triton=triton_version,
                   dtype="bf16")
-    started = time.time()
-    ok = True
-    with open(path, "w", newline="") as stream:
+    clock = Budget(args.budget_seconds)
+    clock.started = clock_start  # the budget counts the setup too
+    args.budget_clock = clock
+    counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+    with open(path, "w", newline="") as stream, flex_limits():
         writer = csv.DictWriter(stream, fieldnames=FIELDS)
         writer.writeheader()
+        args.flex_compiled = CompiledFlex() if args.with_flex else None
 
         def write_row(row):
             full = {**common, **row}
@@ -456,14 +363,16 @@ def main(argv=None) -> int:
                     full[key] = format(full[key], spec)
             writer.writerow({key: full.get(key, "") for key in FIELDS})
             stream.flush()
-            print(", ".join(f"{key}={full[key]}" for key in ("section", "mask", "batch", "seq", "head_dim", "impl",
-                                                             "ms", "tflops", "gb_s", "pct_peak", "max_error", "ok",
-                                                             "note")
-                            if full.get(key, "") != ""))
+            status = row_status(full)
+            counts[status] = counts.get(status, 0) + 1
+            print(f"{status or '    '} " + ", ".join(
+                f"{key}={full[key]}" for key in ("section", "mask", "batch", "seq", "head_dim", "dtype", "impl", "ms",
+                                                 "tflops", "gb_s", "pct_peak", "max_error", "bound", "note")
+                if full.get(key, "") != ""))
 
-        for section in args.sections:
-            ok &= SECTIONS[section](args, device, dtype, write_row)
-    print(f"wrote {path} in {time.time() - started:.0f}s; {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
+        ok = run_sections(args, {entry.section: entry.seconds for entry in plan}, device, dtype, write_row, clock)
+    print(f"wrote {path} in {clock.elapsed():.0f} s; {counts['PASS']} passed, {counts['FAIL']} failed, "
+          f"{counts['SKIP']} skipped; {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
     return 0 if ok else 1
 
 

@@ -10,7 +10,8 @@ or ``--copy-bandwidth``; None leaves the percentage out), for
 - ``triton_attn``: the public call (builds its BlockMask and plans the launch every call),
 - ``triton_attn_kernel``: the decode launcher with the BlockMask built once (the kernel's own speed),
 - ``sdpa``: ``scaled_dot_product_attention(enable_gqa=True)``,
-- ``flex_compiled``: ``torch.compile(flex_attention)`` (its decoding kernel for short queries).
+- ``flex_compiled``: compiled FlexAttention (its decoding kernel for short queries), when a
+  ``gpu_check_flex.CompiledFlex`` is given: a row whose calls did not all run compiled says so.
 
 ``paged_section()``: ``triton_attn.paged_attention`` over a shuffled page table (page sizes 16 and
 64) against the contiguous decode kernel on the same keys: correctness (also with ragged lengths),
@@ -69,13 +70,6 @@ def _sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
-def _flex(q, k, v):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, enable_gqa=True)
-
-
 def run_shape(rows: List[dict], shape: dict, impl: str, run: Callable[[List[dict]], None]) -> None:
     """Append the rows ``run`` writes for one shape. A shape that runs out of GPU memory ends with a
     skipped row saying so (the rows written before stay) and the next shape still runs."""
@@ -93,9 +87,10 @@ def run_shape(rows: List[dict], shape: dict, impl: str, run: Callable[[List[dict
 
 def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16), cache_lens=(4096, 32768),
                    q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128, backend: str = "triton",
-                   with_flex: bool = True, repeats: int = 3, peak_bandwidth: Optional[float] = None) -> List[dict]:
+                   flex=None, repeats: int = 3, peak_bandwidth: Optional[float] = None) -> List[dict]:
     """Rows: correctness, then one timing row per implementation, for each (batch, cache length).
-    peak_bandwidth: GB/s the speed rows' notes compare with (None: no percentage)."""
+    flex: a ``gpu_check_flex.CompiledFlex`` to time too (None: not timed). peak_bandwidth: GB/s the speed
+    rows' notes compare with (None: no percentage)."""
     from triton_attn.kernels.decode.launch import plan_decode
     from triton_attn.kernels.entry import decode_forward
     from triton_attn.masks.standard import full_block_mask
@@ -119,19 +114,24 @@ def decode_section(*, device: str = "cuda", dtype=torch.bfloat16, batches=(1, 16
                                                          interpret=backend == "interpret"),
             "sdpa": lambda: _sdpa(q, k, v),
         }
-        if with_flex:
-            impls["flex_compiled"] = _flex(q, k, v)
+        if flex is not None:
+            impls["flex_compiled"] = lambda: flex(q, k, v, enable_gqa=True)
         moved = _bytes(q, batch * cache_len, kv_heads, head_dim)
         for impl, fn in impls.items():
+            since = flex.snapshot() if impl == "flex_compiled" else None
             try:
                 us = _time_us(fn, device, repeats)
             except Exception as error:  # a failing baseline must not hide the other rows
                 rows.append(dict(shape, impl=impl, check="speed", ok=impl.startswith("triton") is False,
                                  note=f"error: {type(error).__name__}: {error}"[:200]))
                 continue
+            verdict = None if since is None else flex.verdict(since)
+            if verdict is not None and not verdict.ok:  # an eager fallback's time is no compiled row
+                rows.append(dict(shape, impl=impl, check="speed", ok=False, note=f"{verdict.note}; {us:.1f} us"))
+                continue
             gbs = moved / us / 1e3
-            rows.append(dict(shape, impl=impl, check="speed", us=us, gb_s=gbs,
-                             note=f"{shape['note']} {_bandwidth_note(gbs, peak_bandwidth)}".strip()))
+            note = f"{shape['note']} {_bandwidth_note(gbs, peak_bandwidth)} {verdict.note if verdict else ''}"
+            rows.append(dict(shape, impl=impl, check="speed", us=us, gb_s=gbs, note=" ".join(note.split())))
         # Returning frees the tensors (the timing lambdas die with this frame) before the next shape allocates.
 
     rows: List[dict] = []
@@ -231,11 +231,14 @@ if __name__ == "__main__":
     quick = "--dry-run" in sys.argv
     options = dict(device="cpu", backend="interpret", batches=(1, 2), cache_lens=(64,), q_heads=4, kv_heads=2,
                    head_dim=16, repeats=1) if quick else {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if not quick:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_peaks import device_peaks
 
         peaks = device_peaks("cuda")
         options["peak_bandwidth"] = peaks.gb_s if peaks is not None else None
-    print(format_rows(decode_section(with_flex=not quick, **options)))
+    from gpu_check_flex import CompiledFlex, flex_limits
+
+    with flex_limits():
+        print(format_rows(decode_section(flex=None if quick else CompiledFlex(), **options)))
     print(format_rows(paged_section(page_sizes=(16,), **options) if quick else paged_section()))

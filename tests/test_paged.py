@@ -1,6 +1,6 @@
 """``paged_attention`` against the float64 golden result, its input checks, and ``PagedKVCache``.
 
-Backends: ``torch`` (gathers pages) everywhere, ``interpret`` (the decode kernel reading pages under
+Backends: ``torch`` (reads pages in chunks) everywhere, ``interpret`` (the decode kernel reading pages under
 the Triton interpreter) on a few small shapes. Decode-kernel specifics (splits, packing, routing
 from ``attention()``) live in tests/kernels/test_decode_interpret.py.
 """

@@ -17,6 +17,9 @@ _PUBLIC = {
     "explain": ".api",
     "flex_attention": ".api",
     "paged_attention": ".api",
+    "plan_paged": ".api",
+    "PagedDecodePlan": ".api",
+    "write_paged_kv": ".api",
     "PagedKVCache": ".paged_cache",
     "PagedBatch": ".paged_cache",
     "create_block_mask": ".masks",
@@ -25,7 +28,8 @@ _PUBLIC = {
     "CompactBlockMask": ".masks",
 }
 
-__all__ = ["attention", "explain", "flex_attention", "paged_attention", "PagedKVCache", "PagedBatch",
+__all__ = ["attention", "explain", "flex_attention", "paged_attention", "plan_paged", "PagedDecodePlan",
+           "write_paged_kv", "PagedKVCache", "PagedBatch",
            "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 

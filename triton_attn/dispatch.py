@@ -12,7 +12,7 @@ A route names four things:
   ``decode`` (the split-KV kernel, Lq <= 16 and no gradient), ``paged``. Torch backend: ``sdpa``
   (PyTorch's own fused attention, where it computes the call exactly), ``cpu_flash`` (PyTorch's fused CPU
   kernel over the mask's tiles, float32 inference), ``blockwise`` (the tile-by-tile loop), ``paged``
-  (pages gathered, then blockwise).
+  (pages read a chunk at a time; gathered, then blockwise, with gradients).
 - ``call``: ``op`` (the ``torch.library`` ops: ``torch.compile`` and ``opcheck`` see them) or ``direct``.
 - ``backward``: ``none`` (no gradient needed), ``kernels`` (the Triton backward kernels, P from the
   forward's softmax statistics), ``blockwise`` (PyTorch recomputes one query-block row at a time: the
@@ -41,7 +41,8 @@ from .masks.compact import CompactBlockMask
 from .masks.evaluate import mod_name
 from .masks.recognize import is_causal
 
-__all__ = ["Route", "plan_call", "call_backend", "plan_paged_call", "choose_backend", "BACKENDS", "MAX_DECODE_Q_LEN",
+__all__ = ["Route", "plan_call", "call_backend", "plan_paged_call", "grad_needed", "choose_backend", "BACKENDS",
+           "MAX_DECODE_Q_LEN",
            "ScoreModFallbackWarning", "score_mod_fallback_reason", "structured_fallback_reason"]
 
 BACKENDS = ("torch", "triton", "interpret")
@@ -140,7 +141,7 @@ def call_backend(query: torch.Tensor, score_mod: Optional[Callable],
     chosen = choose_backend(backend, query.device)
     reasons: Tuple[str, ...] = ()
     if chosen != "torch" and score_mod is not None:
-        fallback = score_mod_fallback(score_mod, _needs_grad(query))
+        fallback = score_mod_fallback(score_mod, grad_needed(query))
         if fallback is not None:
             chosen, reasons = "torch", (f"score_mod {mod_name(score_mod)!r} cannot be compiled ({fallback})",)
     if chosen != "torch" and query.dtype == torch.float64:
@@ -148,7 +149,8 @@ def call_backend(query: torch.Tensor, score_mod: Optional[Callable],
     return chosen, reasons
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
+def grad_needed(*tensors: torch.Tensor) -> bool:
+    """Whether a call's result needs a gradient: autograd on and an input requiring one."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -165,7 +167,7 @@ def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block
         chosen = call_backend(query, score_mod, backend)
     backend_name, first_reasons = chosen
     reasons = list(first_reasons)
-    needs_grad = _needs_grad(query, key, value)
+    needs_grad = grad_needed(query, key, value)
     learnable = bool(score_mod is not None and torch.is_grad_enabled() and not compiling
                      and any(t.requires_grad for t in captured_tensors(score_mod)))
     needs_grad = needs_grad or learnable
@@ -257,19 +259,19 @@ def _fused_cpu_ops() -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
-def plan_paged_call(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
-                    backend: Optional[str]) -> Route:
-    """The route of a ``paged_attention`` call: the paged decode kernel, or pages gathered on the torch
-    backend. Raises for float64 on a Triton backend and for gradients there (inference only)."""
-    chosen = choose_backend(backend, query.device)
-    if chosen != "torch" and query.dtype == torch.float64:
+def plan_paged_call(dtype: torch.dtype, device: torch.device, *, needs_grad: bool, backend: Optional[str]) -> Route:
+    """The route of a ``paged_attention`` call or ``plan_paged`` plan (inputs of ``dtype`` on ``device``; a
+    plan has no query yet, so ``needs_grad`` is False there and its ``run`` refuses gradients on a Triton
+    route): the paged decode kernel, or pages attended on the torch backend. Raises for float64 on a Triton
+    backend and for gradients there (inference only)."""
+    chosen = choose_backend(backend, device)
+    if chosen != "torch" and dtype == torch.float64:
         raise TypeError(f"query/key_cache/value_cache must be float16, bfloat16 or float32 on backend {chosen!r}, "
                         "got float64")
-    needs_grad = _needs_grad(query, key_cache, value_cache)
     if chosen != "torch" and needs_grad:
         raise NotImplementedError(f"paged_attention has no backward pass on backend {chosen!r} (it serves inference); "
                                   "call it under torch.no_grad(), detach the inputs, or use backend='torch'")
-    reason = "pages gathered per sequence, then blockwise PyTorch" if chosen == "torch" else "paged split-KV kernel"
+    reason = "pages attended on PyTorch" if chosen == "torch" else "paged split-KV kernel"
     return _logged(Route(chosen, "paged", "direct", "blockwise" if needs_grad else "none", "", (reason,)),
                    torch.compiler.is_compiling())
 

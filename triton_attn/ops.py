@@ -69,7 +69,8 @@ def flatten_block_mask(block_mask: BlockMask) -> Tuple[List[torch.Tensor], List[
     if not torch.compiler.is_compiling():
         _remember(block_mask)
     ints = [*block_mask.BLOCK_SIZE, *block_mask.seq_lengths, plan.max_partial_blocks, plan.max_full_blocks,
-            plan.max_partial_q_blocks, plan.max_full_q_blocks, int(plan.exact), plan.computed_blocks]
+            plan.max_partial_q_blocks, plan.max_full_q_blocks, int(plan.exact), plan.computed_blocks,
+            -1 if plan.heavy_tiles_last is None else int(plan.heavy_tiles_last)]
     return [getattr(block_mask, name) for name in BlockMask._TENSOR_FIELDS], ints
 
 
@@ -80,7 +81,8 @@ def unflatten_block_mask(layout: Sequence[torch.Tensor], ints: Sequence[int], ma
     if original is not None:
         return original
     fields = dict(zip(BlockMask._TENSOR_FIELDS, layout))
-    plan = LaunchPlan(*ints[4:8], exact=bool(ints[8]), computed_blocks=ints[9])
+    plan = LaunchPlan(*ints[4:8], exact=bool(ints[8]), computed_blocks=ints[9],
+                      heavy_tiles_last=None if ints[10] < 0 else bool(ints[10]))
     return BlockMask(**fields, BLOCK_SIZE=(ints[0], ints[1]), seq_lengths=(ints[2], ints[3]), mask_mod=mask_mod,
                      launch_plan=plan)
 

@@ -2,7 +2,9 @@
 
 ``attention()`` routes short queries (Lq <= 16) to it; every result is checked against the float64
 golden result (numerics rule), against the prefill kernel (same out and LSE), across split counts,
-and for determinism. Paged K/V is covered in tests/test_paged.py.
+and for determinism. Paged K/V is covered in tests/test_paged.py; here also several splits over several
+sequences and heads, paged and not, with 32- and (forced) 64-bit offsets, the launch grid's limits at
+serving batch sizes, and which score functions use the hardware tanh.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import torch
 import triton_attn as ta
 from tests.helpers.mask_cases import document_ids
 from tests.helpers.numerics import assert_matches_golden, random_qkv
+from tests.helpers.paged_cases import contiguous_kv, logical_mask, make_paged
 from triton_attn.masks import and_masks, causal_mask, sliding_window_mask, softcap_score
 
 pytest.importorskip("triton")
 
+from triton_attn.kernels.attention import configs as attention_configs  # noqa: E402
 from triton_attn.kernels.attention.configs import default_config  # noqa: E402
 from triton_attn.kernels.attention.forward_launch import attention_forward  # noqa: E402
-from triton_attn.kernels.decode.launch import decode_attention, plan_decode  # noqa: E402
+from triton_attn.kernels.decode import configs as decode_configs  # noqa: E402
+from triton_attn.kernels.decode import launch as decode_launch  # noqa: E402
+from triton_attn.kernels.decode.launch import DecodePlan, decode_attention, decode_mods, plan_decode  # noqa: E402
+from triton_attn.kernels.targets import get as get_target  # noqa: E402
 
 
 def at_offset(mask_mod, offset: int):
@@ -187,3 +194,104 @@ def test_gpu_check_decode_and_paged_sections_dry_run(tmp_path):
     assert {row["impl"] for row in rows if row["section"] == "decode_speed"} == {
         "triton_attn", "triton_attn_kernel", "sdpa"}
     assert any(row["impl"] == "paged_ragged" for row in rows)
+
+
+# -- serving scale ----------------------------------------------------------------------------------------
+
+def force_64bit_offsets(monkeypatch):
+    """Launch with ROW_OFFSETS_64 and LAYOUT_OFFSETS_64 on (what 2**31-element problems get) at a tiny size."""
+    monkeypatch.setattr(decode_launch, "needs_64bit_rows", lambda *tensors, paged: True)
+    monkeypatch.setattr(decode_launch, "needs_64bit_layout", lambda layout: True)
+
+
+@pytest.mark.parametrize("case", ["packed", "per_sequence_and_head", "64bit_offsets"])
+def test_several_splits_over_several_sequences_and_heads(case, monkeypatch):
+    """Three splits of 3 sequences x 4 query heads (GQA 2): every (split, sequence, head tile) program of the
+    grid -- head tiles on axis 0, splits on axis 1 -- writes its own partials and the combine puts each row
+    back in place; with a mask per sequence and head too (one head per program), and with 64-bit offsets."""
+    if case == "64bit_offsets":
+        force_64bit_offsets(monkeypatch)
+    q, k, v = random_qkv(3, 4, 2, 2, 200, 16, dtype=torch.float16)
+    if case == "per_sequence_and_head":
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx + 198) & (((b + h) % 2 == 0) | (kv_idx < 40 + 50 * b))
+        block_mask = ta.create_block_mask(mask_mod, 3, 4, 2, 200, BLOCK_SIZE=32)
+    else:
+        mask_mod = at_offset(causal_mask, 198)
+        block_mask = ta.create_block_mask(mask_mod, None, None, 2, 200, BLOCK_SIZE=32)
+    plan = plan_decode(q, 2, 16, block_mask, num_splits=3)
+    assert plan.heads_per_tile == (1 if case == "per_sequence_and_head" else 2)
+    assert plan.grid(block_mask.num_blocks[0], 3, 4) == (3 * 4 // plan.heads_per_tile, 3, 1)
+
+    def candidate(q_, k_, v_):
+        return decode_attention(q_, k_, v_, block_mask, score_mod=None, scale=16 ** -0.5, interpret=True,
+                                num_splits=3)
+
+    assert_matches_golden(candidate, q, k, v, mask_mod=mask_mod, backward=False, context=case)
+
+
+@pytest.mark.parametrize("offsets", ["32bit", "64bit"])
+def test_paged_several_splits_over_several_sequences_and_heads(offsets, monkeypatch):
+    """paged_attention over 3 ragged sequences x 4 query heads (GQA 2) in 16-row pages, made to take 3 splits:
+    the carried page-row offsets follow each split's run of blocks (also across a block's sub-tiles)."""
+    asked = []
+
+    def three_splits(programs, max_visits, sm_count):
+        asked.append(programs)
+        return 3
+
+    monkeypatch.setattr(decode_launch, "choose_splits", three_splits)
+    if offsets == "64bit":
+        force_64bit_offsets(monkeypatch)
+    inputs = make_paged([150, 37, 90], 2, 4, 2, 16, 16)
+    key, value = contiguous_kv(inputs)
+
+    def candidate(q_, k_, v_):
+        return ta.paged_attention(q_, inputs.key_cache, inputs.value_cache, inputs.page_table, inputs.kv_lens,
+                                  return_lse=True, backend="interpret")
+
+    assert_matches_golden(candidate, inputs.query, key, value, backward=False,
+                          mask_mod=logical_mask(None, inputs.kv_lens, 2), context=offsets)
+    assert asked, "the paged launch did not plan its split count"
+
+
+@pytest.mark.parametrize("kv_heads", [32, 8], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("num_splits", [1, 4, decode_configs.MAX_SPLITS])
+def test_serving_batches_launch_within_the_grid_limits(kv_heads, num_splits):
+    """2,048 and 4,096 sequences x 32 query heads (one program per head without GQA packing: 131,072 of them)
+    fit CUDA's grid: the (row tile, head tile) programs on axis 0, the splits on axis 1."""
+    block_mask = ta.create_block_mask(causal_mask, None, None, 1, 4096, BLOCK_SIZE=128)
+    for batch in (2048, 4096):
+        query = torch.empty(batch, 32, 1, 128, dtype=torch.bfloat16, device="meta")
+        plan = plan_decode(query, kv_heads, 128, block_mask, num_splits=num_splits)
+        grid = plan.grid(block_mask.num_blocks[0], batch, 32)
+        assert grid == (batch * 32 // plan.heads_per_tile, num_splits, 1)
+        assert grid[0] <= attention_configs.MAX_GRID_X
+        assert max(grid[1:]) <= attention_configs.MAX_GRID_YZ
+
+
+def test_a_grid_past_the_limits_is_a_clear_error():
+    config = decode_configs.DECODE_PICKS["few_rows"]
+    plan = DecodePlan(heads_per_tile=1, packed_rows=16, row_tiles=1, num_splits=4, config=config)
+    with pytest.raises(ValueError, match="split the batch"):
+        plan.grid(2 ** 16, 2 ** 10, 32)   # 2**31 programs on axis 0
+    too_many_splits = DecodePlan(1, 16, 1, attention_configs.MAX_GRID_YZ + 1, config)
+    with pytest.raises(ValueError, match="num_splits"):
+        too_many_splits.grid(1, 1, 32)
+
+
+def test_hardware_tanh_only_for_score_mods_compiled_for_nvidia_with_16_bit_inputs():
+    """decode_mods picks the hardware tanh as the prefill launchers do (``host.fast_tanh``); without a score_mod,
+    or on the interpreter, the functions (and the tuning key) are the exact ones."""
+    block_mask = ta.create_block_mask(causal_mask, None, None, 1, 256, BLOCK_SIZE=128)
+    softcap, sm90 = softcap_score(30.0), get_target(90)
+
+    def key(score_mod, dtype, interpret):
+        return decode_mods(block_mask, score_mod, dtype=dtype, interpret=interpret, target=sm90)[2].key
+
+    exact = decode_mods(block_mask, softcap)[2].key
+    assert key(softcap, torch.bfloat16, interpret=False) != exact
+    assert key(softcap, torch.float16, interpret=False) == key(softcap, torch.bfloat16, interpret=False)
+    assert key(softcap, torch.float32, interpret=False) == exact
+    assert key(softcap, torch.bfloat16, interpret=True) == exact
+    assert key(None, torch.bfloat16, interpret=False) == decode_mods(block_mask, None)[2].key

@@ -8,8 +8,8 @@ its TTGIR / PTX / ptxas report with ``kernels/tuning/compiled.py``:
   rings of ``num_stages`` buffers, ``async_wait`` with a nonzero count);
 - the Hopper backward tiles use wgmma with N >= 64 for every product, without spills;
 - the default configs do not spill;
-- row offsets are 64-bit exactly when the launch needs them, and captured-tensor index products
-  always are;
+- row offsets are 64-bit exactly when the launch needs them (the delta kernel's too), block-list
+  offsets exactly when the layout needs them, and captured-tensor index products always are;
 - a softcap score_mod uses the hardware ``tanh.approx.f32`` for 16-bit inputs;
 - the softmax scales each score once, in one FMA (the row max is taken on raw scores).
 """
@@ -17,6 +17,7 @@ its TTGIR / PTX / ptxas report with ``kernels/tuning/compiled.py``:
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from tests.helpers.toolchain import nvidia_toolchain_available
 
 pytest.importorskip("triton")
 
-from triton_attn.kernels.attention import aot  # noqa: E402
+from triton_attn.kernels.attention import aot, blocks  # noqa: E402
 from triton_attn.kernels.attention.configs import (  # noqa: E402
     HOPPER_BACKWARD_CONFIGS,
     default_backward_config,
@@ -34,7 +35,13 @@ from triton_attn.kernels.attention.configs import (  # noqa: E402
 from triton_attn.kernels.host import needs_64bit_rows  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.targets import get as get_target  # noqa: E402
-from triton_attn.kernels.tuning.compiled import pipelined_loops, ptx_instruction_count, wgmma_shapes, wide_row_products  # noqa: E402
+from triton_attn.kernels.tuning.compiled import (  # noqa: E402
+    pipelined_loops,
+    ptx_instruction_count,
+    scalar_products,
+    wgmma_shapes,
+    wide_row_products,
+)
 from triton_attn.masks import causal_mask, softcap_score  # noqa: E402
 from triton_attn.masks.tracing import trace_mask_mod, trace_score_mod  # noqa: E402
 
@@ -42,6 +49,9 @@ pytestmark = pytest.mark.skipif(not nvidia_toolchain_available(90), reason="Trit
 
 HOPPER = 90
 LONG = 2_200_000  # tokens: L x row stride passes 2**31 in the example builds' [B, L, 8, 128] query view
+# Tokens (a multiple of the block size) at which per-(batch, head) block lists [2, 8, 17000, 17000] pass 2**31
+# elements, while contiguous rows (L x 128) stay below it.
+LAYOUT_LONG = 17_000 * 128
 
 
 def _forward(**kwargs):
@@ -145,6 +155,48 @@ def test_row_offsets_are_64_bit_exactly_when_the_launch_needs_them():
                                     transposed=True)
     for name, result in backward.items():
         assert wide_row_products(result.ttgir)[64] > 0, f"{name}: no 64-bit row products: {result}"
+
+
+def test_delta_row_offsets_are_64_bit_exactly_when_the_launch_needs_them():
+    """The delta kernel reads dO, through transformers a [B, S, H, D] view of row stride H * D: its row
+    offsets pass 2**31 at 2**31 / (8 * 128) = 2M tokens in the example build (524k at 32 heads x 128)."""
+    wide = aot.compile_preprocess(arch=HOPPER, q_len=LONG, transposed=True)
+    assert wide_row_products(wide.ttgir)[64] > 0, f"no 64-bit row products: {wide}"
+    assert not wide.spills, str(wide)
+    for narrow in (aot.compile_preprocess(arch=HOPPER, q_len=LONG),            # contiguous: L x 128 fits
+                   aot.compile_preprocess(arch=HOPPER, q_len=4096, transposed=True)):
+        products = wide_row_products(narrow.ttgir)
+        assert products[64] == 0 and products[32] > 0, f"64-bit row products where 32 bits suffice: {products}"
+
+
+def _layout_products(result):
+    """Width -> count of the scalar products computed in ``blocks.layout_offsets`` (block count and block
+    list offsets of one layout row) in ``result``'s TTGIR."""
+    source, start = inspect.getsourcelines(blocks.layout_offsets.fn)
+    return scalar_products(result.ttgir, "attention/blocks.py", range(start, start + len(source)))
+
+
+def test_block_list_offsets_are_64_bit_exactly_when_the_layout_needs_them():
+    """``batch * stride_b + head * stride_h + row * stride_row`` into the [B, H, NQ, NKV] block lists passes
+    2**31 with many (batch, head) pairs and blocks (2,048 sequences x 32 heads at 32k tokens): 64-bit in
+    every kernel when a layout tensor has 2**31 elements, 32-bit otherwise (same lengths, broadcast layout)."""
+    mask = trace_mask_mod(causal_mask)
+    config = default_config(128, 128, torch.bfloat16, (128, 128), 4096)
+    lengths = dict(q_len=LAYOUT_LONG, kv_len=LAYOUT_LONG)
+    wide = {"forward": aot.compile_forward(config, arch=HOPPER, mask=mask, per_head_layout=True, **lengths)}
+    narrow = {"forward": aot.compile_forward(config, arch=HOPPER, mask=mask, **lengths)}
+    backward_config = default_backward_config(64, 64, torch.bfloat16, (128, 128), 4096, 4096,
+                                              target=get_target(HOPPER))
+    wide.update(aot.compile_backward(backward_config, arch=HOPPER, mask=mask, head_dim=64, per_head_layout=True,
+                                     **lengths))
+    narrow.update(aot.compile_backward(backward_config, arch=HOPPER, mask=mask, head_dim=64, **lengths))
+    assert set(wide) == {"forward", "dkdv", "dq"}
+    for name, result in wide.items():
+        products = _layout_products(result)
+        assert products[64] > 0 and products[32] == 0, f"{name}: {products} in {result}"
+        assert not result.spills, str(result)
+        products = _layout_products(narrow[name])
+        assert products[32] > 0 and products[64] == 0, f"{name}: 64-bit block-list products where 32 bits suffice"
 
 
 def test_captured_tensor_index_products_are_64_bit():

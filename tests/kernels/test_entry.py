@@ -24,6 +24,7 @@ from triton_attn.kernels import entry  # noqa: E402
 from triton_attn.kernels.attention import backward_launch, forward_launch  # noqa: E402
 from triton_attn.kernels.attention.configs import KernelConfig  # noqa: E402
 from triton_attn.kernels.decode import launch as decode_launch  # noqa: E402
+from triton_attn.kernels.decode.paged import paged_problem  # noqa: E402
 from triton_attn.kernels.host import fast_tanh, plan_mask, trace_score  # noqa: E402
 from triton_attn.kernels.jit import functions  # noqa: E402
 from triton_attn.kernels.tuned import decode_key  # noqa: E402
@@ -199,7 +200,8 @@ def test_compiled_decode_and_paged_take_the_cached_winner(cache, monkeypatch, pa
     if paged:
         inputs = make_paged([200, 120], q_len=1, q_heads=8, kv_heads=2, head_dim=32, page_size=16)
         q, k, v = inputs.query, inputs.key_cache, inputs.value_cache
-        problem = decode_launch.paged_problem(q, k, inputs.page_table, inputs.kv_lens, mask_mod=None, score_mod=None)
+        problem = paged_problem(inputs.kv_lens, q_len=1, q_heads=8, capacity=inputs.page_table.shape[1] * k.shape[2],
+                                mask_mod=None, score_mod=None)
         block_mask, kv_len = problem.block_mask, inputs.page_table.shape[1] * k.shape[2]
         structure = decode_launch.decode_mods(block_mask, None, problem.mask_plan)[2].key
     else:

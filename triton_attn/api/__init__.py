@@ -14,9 +14,10 @@ from ..masks import compiler
 from ..versions import require_triton
 from .attention import attention, explain
 from .flex import flex_attention
-from .paged import paged_attention
+from .paged import PagedDecodePlan, paged_attention, plan_paged, write_paged_kv
 
-__all__ = ["attention", "explain", "flex_attention", "paged_attention", "choose_backend", "BACKENDS",
+__all__ = ["attention", "explain", "flex_attention", "paged_attention", "plan_paged", "PagedDecodePlan",
+           "write_paged_kv", "choose_backend", "BACKENDS",
            "ScoreModFallbackWarning"]
 
 

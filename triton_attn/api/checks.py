@@ -7,7 +7,7 @@ Each raises ``TypeError`` / ``ValueError`` naming the argument at fault and what
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -19,7 +19,8 @@ from ..masks.scalars import as_float
 
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "PAGE_SIZE_MULTIPLE", "describe", "validate_tensors",
            "validate_scale", "validate_autotune", "broadcast_kv_batch", "validate_block_mask", "validate_mod_devices",
-           "validate_paged"]
+           "validate_paged", "validate_paged_cache", "validate_paged_query", "validate_paged_heads",
+           "validate_paged_layout", "validate_paged_values"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACCEPTED_DTYPES = SUPPORTED_DTYPES + (torch.float64,)  # float64: the torch backend only (dispatch.plan_call)
@@ -139,67 +140,121 @@ def validate_mod_devices(mod: Optional[Callable], what: str, device: torch.devic
 PAGE_SIZE_MULTIPLE = 16  # the smallest key tile of the kernels
 
 
-def validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> None:
-    """Shapes, dtypes and devices of a ``paged_attention`` call, then the values of the page table and
-    lengths (one small device-to-host read of the violations)."""
-    for name, t, layout in (("query", query, "[B, Hq, Lq, D]"),
-                            ("key_cache", key_cache, "[num_pages, Hkv, page_size, D]"),
-                            ("value_cache", value_cache, "[num_pages, Hkv, page_size, Dv]"),
-                            ("page_table", page_table, "int32 [B, max_pages]"), ("kv_lens", kv_lens, "int32 [B]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-        rank = layout.count(",") + 1
-        if t.dim() != rank:
-            raise ValueError(f"{name} must be a {rank}-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
-        if t.device != query.device:
-            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+def _check_tensor(name: str, t, layout: str, device: Optional[torch.device]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    rank = layout.count(",") + 1
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be a {rank}-D tensor {layout}, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on query's device {device}, got {t.device}")
+
+
+def validate_paged_cache(key_cache, value_cache, device: Optional[torch.device] = None) -> None:
+    """key_cache [num_pages, Hkv, page_size, D] and value_cache [num_pages, Hkv, page_size, Dv]: one dtype,
+    page_size a multiple of ``PAGE_SIZE_MULTIPLE``, head dims at most ``MAX_HEAD_DIM`` (shapes only)."""
+    for name, t, layout in (("key_cache", key_cache, "[num_pages, Hkv, page_size, D]"),
+                            ("value_cache", value_cache, "[num_pages, Hkv, page_size, Dv]")):
+        _check_tensor(name, t, layout, device)
+        if t.dtype not in ACCEPTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if any(s == 0 for s in t.shape):
             raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
-    if not (query.dtype == key_cache.dtype == value_cache.dtype):
-        raise TypeError(f"query, key_cache and value_cache must share one dtype, got {query.dtype}, "
-                        f"{key_cache.dtype}, {value_cache.dtype}")
-    for name, t in (("page_table", page_table), ("kv_lens", kv_lens)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-    batch, q_heads, q_len, head_dim = query.shape
-    num_pages, kv_heads, page_size, key_dim = key_cache.shape
+    if key_cache.dtype != value_cache.dtype:
+        raise TypeError(f"key_cache and value_cache must share one dtype, got {key_cache.dtype}, {value_cache.dtype}")
+    if key_cache.device != value_cache.device:
+        raise ValueError(f"key_cache and value_cache must be on one device, got {key_cache.device}, "
+                         f"{value_cache.device}")
+    num_pages, kv_heads, page_size, _ = key_cache.shape
     if tuple(value_cache.shape[:3]) != (num_pages, kv_heads, page_size):
         raise ValueError(f"value_cache must be [num_pages, Hkv, page_size, Dv] = [{num_pages}, {kv_heads}, "
                          f"{page_size}, Dv] like key_cache, got shape {tuple(value_cache.shape)}")
-    if key_dim != head_dim:
-        raise ValueError(f"query and key_cache must have the same head_dim D, got {head_dim} and {key_dim}")
-    for name, dim in (("query/key_cache head_dim D", head_dim), ("value_cache head_dim Dv", value_cache.shape[3])):
+    for name, dim in (("key_cache head_dim D", key_cache.shape[3]), ("value_cache head_dim Dv", value_cache.shape[3])):
         if dim > MAX_HEAD_DIM:
             raise ValueError(f"{name} must be at most {MAX_HEAD_DIM}, got {dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"query heads Hq={q_heads} must be a multiple of the cache's key/value heads Hkv={kv_heads}")
     if page_size % PAGE_SIZE_MULTIPLE:
         raise ValueError(f"key_cache page_size (dim 2) must be a multiple of {PAGE_SIZE_MULTIPLE}, got {page_size}")
-    if page_table.shape[0] != batch or kv_lens.shape[0] != batch:
+
+
+def validate_paged_query(query, key_cache, value_cache) -> None:
+    """query [B, Hq, Lq, D] against the caches (validated): dtype, device, head_dim, GQA ratio (shapes only)."""
+    _check_tensor("query", query, "[B, Hq, Lq, D]", None)
+    if query.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
+    if any(s == 0 for s in query.shape):
+        raise ValueError(f"query must not have an empty dimension, got shape {tuple(query.shape)}")
+    if query.dtype != key_cache.dtype:
+        raise TypeError(f"query, key_cache and value_cache must share one dtype, got {query.dtype}, "
+                        f"{key_cache.dtype}, {value_cache.dtype}")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
+    validate_paged_heads(query.shape[1], query.shape[3], key_cache)
+
+
+def validate_paged_heads(q_heads: int, head_dim: int, key_cache) -> None:
+    kv_heads, key_dim = key_cache.shape[1], key_cache.shape[3]
+    if key_dim != head_dim:
+        raise ValueError(f"query and key_cache must have the same head_dim D, got {head_dim} and {key_dim}")
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads Hq={q_heads} must be a multiple of the cache's key/value heads Hkv={kv_heads}")
+
+
+def validate_paged_layout(page_table, kv_lens, batch: Optional[int], device: torch.device) -> None:
+    """page_table int32 [B, max_pages] and kv_lens int32 [B] on ``device`` (shapes only); batch: the
+    query's B when known."""
+    for name, t, layout in (("page_table", page_table, "int32 [B, max_pages]"), ("kv_lens", kv_lens, "int32 [B]")):
+        _check_tensor(name, t, layout, device)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if batch is not None and (page_table.shape[0] != batch or kv_lens.shape[0] != batch):
         raise ValueError(f"page_table [B, max_pages] and kv_lens [B] must have query's batch size B={batch}, "
                          f"got page_table {tuple(page_table.shape)} and kv_lens {tuple(kv_lens.shape)}")
+    if page_table.shape[0] != kv_lens.shape[0]:
+        raise ValueError(f"page_table [B, max_pages] and kv_lens [B] must have one batch size B, got page_table "
+                         f"{tuple(page_table.shape)} and kv_lens {tuple(kv_lens.shape)}")
+    if page_table.shape[0] == 0:
+        raise ValueError("page_table and kv_lens must hold at least one sequence, got B=0")
     if page_table.shape[1] == 0:
         raise ValueError("page_table must have at least one page per sequence, got max_pages=0")
+
+
+def validate_paged_values(page_table, kv_lens, *, num_pages: int, page_size: int, q_len: int) -> List[int]:
+    """The values of the page table and lengths: each kv_lens[b] in [q_len, max_pages * page_size], and
+    every page a sequence uses in [0, num_pages). One small device-to-host read; returns kv_lens as ints."""
     capacity = page_table.shape[1] * page_size
     lengths = kv_lens.long()
     pages_used = (lengths + page_size - 1) // page_size                                     # [B]
     in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
     bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
-    problems = torch.stack([lengths.max(), lengths.min(), bad_page.any().long()]).tolist()
-    longest, shortest, any_bad_page = problems
+    # One read: the lengths and the first bad (b, slot) of the table (-1 when none).
+    flat_bad = torch.where(bad_page.flatten(), torch.arange(bad_page.numel(), device=bad_page.device), bad_page.numel())
+    first_bad = flat_bad.min() if flat_bad.numel() else torch.zeros((), dtype=torch.long, device=lengths.device)
+    values = torch.cat([lengths, first_bad.view(1)]).tolist()
+    host_lengths, first_bad = values[:-1], values[-1]
+    longest, shortest = max(host_lengths), min(host_lengths)
     if longest > capacity:
-        worst = int(lengths.argmax())
+        worst = host_lengths.index(longest)
         raise ValueError(f"kv_lens[{worst}]={longest} exceeds the page table's capacity max_pages * page_size = "
                          f"{page_table.shape[1]} * {page_size} = {capacity}")
     if shortest < q_len:
-        worst = int(lengths.argmin())
+        worst = host_lengths.index(shortest)
         raise ValueError(f"kv_lens[{worst}]={shortest} is shorter than the query (Lq={q_len}): the query rows are "
                          "the last Lq tokens of each sequence, so kv_lens must count them")
-    if any_bad_page:
-        b, j = (int(i) for i in bad_page.nonzero()[0])
+    if first_bad < bad_page.numel():
+        b, j = divmod(first_bad, page_table.shape[1])
         raise ValueError(f"page_table[{b}, {j}]={int(page_table[b, j])} is not a page of key_cache "
                          f"(expected 0 <= page < num_pages={num_pages}); sequence {b} uses its first "
-                         f"{int(pages_used[b])} pages")
+                         f"{-(-host_lengths[b] // page_size)} pages")
+    return host_lengths
+
+
+def validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> List[int]:
+    """Shapes, dtypes and devices of a ``paged_attention`` call, then the values of the page table and
+    lengths (one small device-to-host read). Returns kv_lens as Python ints."""
+    _check_tensor("query", query, "[B, Hq, Lq, D]", None)
+    validate_paged_cache(key_cache, value_cache, query.device)
+    validate_paged_query(query, key_cache, value_cache)
+    validate_paged_layout(page_table, kv_lens, query.shape[0], query.device)
+    return validate_paged_values(page_table, kv_lens, num_pages=key_cache.shape[0], page_size=key_cache.shape[2],
+                                 q_len=query.shape[2])

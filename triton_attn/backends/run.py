@@ -25,7 +25,7 @@ from .torch.blockwise import blockwise_attention, blockwise_backward
 from .torch.paged import paged_attention_torch
 from .torch.sdpa import sdpa_attention
 
-__all__ = ["forward", "backward", "direct", "paged", "softmax_stats", "LearnableScoreTensorWarning"]
+__all__ = ["forward", "backward", "direct", "plan_paged", "TorchPaged", "softmax_stats", "LearnableScoreTensorWarning"]
 
 
 def softmax_stats(route: Route, query: torch.Tensor) -> Optional[torch.Tensor]:
@@ -143,14 +143,35 @@ def direct(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return KernelAttention.apply(route, query, key, value, block_mask, score_mod, scale, autotune, *learnable)
 
 
-def paged(route: Route, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-          page_table: torch.Tensor, kv_lens: torch.Tensor, *, mask_mod: Optional[Callable],
-          score_mod: Optional[Callable], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A ``paged_attention`` call on ``route`` (family ``paged``): out [B, Hq, Lq, Dv], lse [B, Hq, Lq]."""
+class TorchPaged:
+    """A paged plan on the torch backend: the table, lengths (tensors and, once read, ints) and mods, for
+    ``paged_attention_torch`` per layer (differentiable: the torch route keeps autograd)."""
+
+    def __init__(self, page_table: torch.Tensor, kv_lens: torch.Tensor, lengths: Optional[List[int]], *,
+                 mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float):
+        self.mask_mod, self.score_mod, self.scale = mask_mod, score_mod, scale
+        self.update(page_table, kv_lens, lengths)
+
+    def update(self, page_table: torch.Tensor, kv_lens: torch.Tensor, lengths: Optional[List[int]] = None) -> None:
+        self.page_table, self.kv_lens = page_table, kv_lens
+        self.lengths = lengths if lengths is not None else [int(n) for n in kv_lens.tolist()]
+
+    def run(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return paged_attention_torch(query, key_cache, value_cache, self.page_table, self.kv_lens,
+                                     mask_mod=self.mask_mod, score_mod=self.score_mod, scale=self.scale,
+                                     lengths=self.lengths)
+
+
+def plan_paged(route: Route, page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch.Tensor,
+               value_cache: torch.Tensor, *, num_q_heads: int, q_len: int, mask_mod: Optional[Callable],
+               score_mod: Optional[Callable], scale: float, lengths: Optional[List[int]]):
+    """The prepared paged call of ``route`` (family ``paged``): an object with ``run(query, key_cache,
+    value_cache) -> (out [B, Hq, Lq, Dv], lse [B, Hq, Lq])`` and ``update(page_table, kv_lens, lengths)``."""
     if route.backend == "torch":
-        return paged_attention_torch(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
-                                     score_mod=score_mod, scale=scale)
+        return TorchPaged(page_table, kv_lens, lengths, mask_mod=mask_mod, score_mod=score_mod, scale=scale)
     from ..kernels import entry
 
-    return entry.paged_forward(query, key_cache, value_cache, page_table, kv_lens, mask_mod=mask_mod,
-                               score_mod=score_mod, scale=scale, interpret=route.interpret)
+    return entry.paged_plan(page_table, kv_lens, key_cache, value_cache, num_q_heads=num_q_heads, q_len=q_len,
+                            mask_mod=mask_mod, score_mod=score_mod, scale=scale, interpret=route.interpret,
+                            lengths=lengths)

@@ -98,7 +98,9 @@ def tune_decode(args, shapes: List, arch, device, *, interpret: bool, dry_run: b
                           f"{'' if reason is None else f'  ({reason})'}")
                 continue
             key = decode_key(q, k.shape[1], k.shape[2], v.shape[3], block_mask, plan.num_splits, paged=False,
-                             score=score_mod is not None, structure=decode.decode_mods(block_mask, score_mod)[2].key)
+                             score=score_mod is not None,
+                             structure=decode.decode_mods(block_mask, score_mod, dtype=q.dtype, interpret=interpret,
+                                                          target=arch)[2].key)
             if tuner.lookup(key) is not None and not args.force:
                 print(f"{label}: already tuned ({tuner.lookup(key).name}); --force re-tunes")
                 continue

@@ -10,7 +10,7 @@ Tensors are [B, H, L, D] (query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,9 +19,10 @@ from . import tuned
 from .attention import backward_launch, forward_launch
 from .attention.configs import KernelConfig
 from .decode import launch as decode_launch
+from .decode.paged import PagedDecode
 from .host import new_softmax_stats
 
-__all__ = ["prefill_forward", "prefill_backward", "decode_forward", "paged_forward", "new_softmax_stats"]
+__all__ = ["prefill_forward", "prefill_backward", "decode_forward", "paged_plan", "paged_forward", "new_softmax_stats"]
 
 
 def prefill_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
@@ -75,20 +76,32 @@ def decode_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                                     interpret=interpret, choose_config=choose)
 
 
+def paged_plan(page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
+               num_q_heads: int, q_len: int, mask_mod: Optional[Callable], score_mod: Optional[Callable],
+               scale: float, interpret: bool, lengths: Optional[Sequence[int]] = None) -> PagedDecode:
+    """``paged_attention`` on the decode kernel (any Lq), planned: a ``decode.paged.PagedDecode`` whose
+    ``run(query, key_cache, value_cache)`` launches with no device read. page_table int32 [B, max_pages],
+    kv_lens int32 [B] (``lengths``: the same as ints, when read), K/V pages [num_pages, Hkv, page_size, D /
+    Dv] (mods at logical positions: ``masks/paged.py``). Tuned like decode; searches only when
+    ``TRITON_ATTN_AUTOTUNE`` asks."""
+    make_chooser = None
+    if not interpret:
+        def make_chooser(query, block_mask, logical_score_mod):
+            # The chooser's own copies of the buffers are the plan's (a search launches with them).
+            return tuned.decode_chooser(query, key_cache, value_cache, block_mask, score_mod=logical_score_mod,
+                                        scale=scale, page_table=plan_buffers[0], kv_lens=plan_buffers[1],
+                                        autotune=None)
+    plan_buffers = (page_table.contiguous(), kv_lens.contiguous())
+    return PagedDecode(page_table, kv_lens, key_cache, value_cache, num_q_heads=num_q_heads, q_len=q_len,
+                       mask_mod=mask_mod, score_mod=score_mod, scale=scale, interpret=interpret, lengths=lengths,
+                       make_chooser=make_chooser)
+
+
 def paged_forward(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, page_table: torch.Tensor,
                   kv_lens: torch.Tensor, *, mask_mod: Optional[Callable], score_mod: Optional[Callable], scale: float,
                   interpret: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``paged_attention`` on the decode kernel (any Lq): query [B, Hq, Lq, D] at the end of each
-    sequence, K/V pages [num_pages, Hkv, page_size, D / Dv], page_table [B, pages per sequence],
-    kv_lens [B] (mods at logical positions: ``masks/paged.py``). Returns out [B, Hq, Lq, Dv] and
-    lse [B, Hq, Lq] float32. Tuned like decode; searches only when ``TRITON_ATTN_AUTOTUNE`` asks."""
-    problem = decode_launch.paged_problem(query, key_cache, page_table, kv_lens, mask_mod=mask_mod,
-                                          score_mod=score_mod)
-    choose = None
-    if not interpret:
-        choose = tuned.decode_chooser(query, key_cache, value_cache, problem.block_mask, score_mod=problem.score_mod,
-                                      scale=scale, page_table=problem.page_table, kv_lens=problem.kv_lens,
-                                      autotune=None)
-    return decode_launch.run_decode(query, key_cache, value_cache, problem.block_mask, score_mod=problem.score_mod,
-                                    scale=scale, interpret=interpret, page_table=problem.page_table,
-                                    kv_lens=problem.kv_lens, mask_plan=problem.mask_plan, choose_config=choose)
+    """One ``paged_attention`` call: ``paged_plan`` then its ``run``. query [B, Hq, Lq, D] at the end of each
+    sequence. Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32."""
+    plan = paged_plan(page_table, kv_lens, key_cache, value_cache, num_q_heads=query.shape[1], q_len=query.shape[2],
+                      mask_mod=mask_mod, score_mod=score_mod, scale=scale, interpret=interpret)
+    return plan.run(query, key_cache, value_cache)

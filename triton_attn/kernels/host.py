@@ -3,8 +3,9 @@
 - How the user's mods reach a kernel: ``plan_mask`` (generated predicate, bitmask fallback, or none)
   and ``trace_score`` / ``score_captured`` (the traced score_mod and its captured tuple).
 - Named kernel arguments: ``strides`` and ``layout_arguments`` (a BlockMask's block lists).
-- Launch decisions read from the inputs: ``needs_64bit_rows`` (row offsets past int32) and
-  ``fast_tanh`` (the hardware tanh in score functions).
+- Launch decisions read from the inputs: ``needs_64bit_rows`` (row offsets past int32),
+  ``needs_64bit_offsets`` / ``needs_64bit_layout`` (block-layout offsets past int32) and ``fast_tanh``
+  (the hardware tanh in score functions).
 
 This module imports no launcher and no kernel source: launchers and AOT builds import it.
 """
@@ -125,6 +126,26 @@ def needs_64bit_rows(*tensors: Optional[torch.Tensor]) -> bool:
         if reach >= INT32_LIMIT:
             return True
     return False
+
+
+def needs_64bit_offsets(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the largest element offset in any of these tensors, ``sum((size - 1) * |stride|)`` over its
+    dims, reaches 2**31: then a kernel that computes it as one sum of index * stride products needs 64 bits.
+    A block layout's index lists ``[Bm, Hm, NQ, NKV]`` get there with many (batch, head) pairs and blocks
+    (2,048 sequences x 32 heads x 256 x 256 blocks of 128 at 32k tokens); an empty tensor never does."""
+    for tensor in tensors:
+        if tensor is None or tensor.numel() == 0:
+            continue
+        reach = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+        if reach >= INT32_LIMIT:
+            return True
+    return False
+
+
+def needs_64bit_layout(layout: Dict[str, object]) -> bool:
+    """``needs_64bit_offsets`` of the block counts and index lists a ``layout_arguments`` dict passes (the
+    tensors as the kernel reads them): the launch's ``LAYOUT_OFFSETS_64``."""
+    return needs_64bit_offsets(*(value for value in layout.values() if isinstance(value, torch.Tensor)))
 
 
 def fast_tanh(dtype: torch.dtype, interpret: bool, target=None) -> bool:

@@ -60,6 +60,9 @@ class LaunchPlan:
     max_full_q_blocks: int
     exact: bool = True
     computed_blocks: int = -1  # partial + full blocks over all (b, h) (-1: not known)
+    # Whether the later half of the query block rows visits clearly more KV blocks than the earlier half
+    # (causal-like: the kernels launch heavy tiles first); None when not known.
+    heavy_tiles_last: Optional[bool] = None
 
     @property
     def has_partial_blocks(self) -> bool:
@@ -96,8 +99,14 @@ def plan_from_counts(counts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     zero = torch.zeros((), dtype=torch.int64, device=counts[0].device)
     values = [t.max().to(torch.int64) if t.numel() else zero for t in counts]
     values.append(counts[0].sum(dtype=torch.int64) + counts[1].sum(dtype=torch.int64))
-    *maxima, computed = torch.stack(values).tolist()
-    return LaunchPlan(*(int(m) for m in maxima), computed_blocks=int(computed))
+    # KV blocks visited by the early and the late half of the query block rows, summed over (b, h).
+    rows = counts[0].shape[-1] if counts[0].dim() else 0
+    half = rows // 2
+    for part in (slice(0, half), slice(rows - half, rows)):
+        values.append(sum(t[..., part].sum(dtype=torch.int64) for t in counts[:2]) if half else zero)
+    *maxima, computed, early, late = torch.stack(values).tolist()
+    return LaunchPlan(*(int(m) for m in maxima), computed_blocks=int(computed),
+                      heavy_tiles_last=bool(half > 0 and late > 1.25 * early))
 
 
 def _index_map(positions: torch.Tensor):

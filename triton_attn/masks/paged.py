@@ -12,13 +12,14 @@ Every backend computes attention over logical positions with the mask
 (``logical_mask_mod``), so a mask_mod written for contiguous attention (causal, sliding window,
 documents) means the same thing here. The Triton kernels get a ``BlockMask`` of that mask over
 ``[B, H, Lq, max_pages * page_size]`` and read K/V through the page table; the ``torch`` backend
-(``backends/torch/paged.py``) gathers each sequence's pages into a contiguous slab and runs the
-blockwise backend on it, so there is one specification of attention, not two.
+(``backends/torch/paged.py``) reads the pages a bounded chunk at a time and applies the same logical
+mask and score_mod (with gradients: gathers them and runs the blockwise backend), so there is one
+specification of attention, not two.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -52,44 +53,47 @@ def depends_on_head(mod: Optional[Callable], kind: str = "mask") -> bool:
 def logical_mask_mod(mask_mod: Optional[Callable], kv_lens: torch.Tensor, q_len: int) -> Callable:
     """The mask over (b, h, query row, logical kv position) of a paged call (see the module docstring).
 
-    mask_mod: sees logical positions; None means causal. kv_lens: int32 ``[B]``.
+    mask_mod: sees logical positions; None means causal. kv_lens: int32 ``[B]``, captured as it is (no
+    copy): a plan that refreshes it in place (``PagedDecodePlan.update``) moves the mask with it, which is
+    what a CUDA graph replaying the launch reads.
     """
     user_mask = causal_mask if mask_mod is None else mask_mod
-    lengths = kv_lens.long()
-    first_position = lengths - q_len  # logical position of query row 0, per sequence
 
     def paged_mask(b, h, q_idx, kv_idx):
+        length = kv_lens[b]
         # Past the end the result is False whatever the user's mask says; clamping the position it sees
         # keeps a mask that indexes a [B, S] tensor (documents, padding) inside that tensor.
-        inside = torch.minimum(kv_idx, lengths[b] - 1)
-        return (kv_idx < lengths[b]) & user_mask(b, h, q_idx + first_position[b], inside)
+        inside = torch.minimum(kv_idx, length - 1)
+        return (kv_idx < length) & user_mask(b, h, q_idx + (length - q_len), inside)
 
     paged_mask.__name__ = f"paged_{getattr(user_mask, '__name__', 'mask')}"
     return paged_mask
 
 
 def logical_score_mod(score_mod: Optional[Callable], kv_lens: torch.Tensor, q_len: int) -> Optional[Callable]:
-    """``score_mod`` with the query row moved to its logical position (None stays None)."""
+    """``score_mod`` with the query row moved to its logical position (None stays None); ``kv_lens``
+    captured as it is, like ``logical_mask_mod``."""
     if score_mod is None:
         return None
-    first_position = kv_lens.long() - q_len
 
     def paged_score(score, b, h, q_idx, kv_idx):
-        return score_mod(score, b, h, q_idx + first_position[b], kv_idx)
+        return score_mod(score, b, h, q_idx + (kv_lens[b] - q_len), kv_idx)
 
     paged_score.__name__ = f"paged_{getattr(score_mod, '__name__', 'score')}"
     return paged_score
 
 
 def paged_block_mask(mask_mod: Optional[Callable], kv_lens: torch.Tensor, q_len: int, q_heads: int,
-                     kv_capacity: int, kv_block_size: int = PAGED_KV_BLOCK_SIZE) -> BlockMask:
+                     kv_capacity: int, kv_block_size: int = PAGED_KV_BLOCK_SIZE, *,
+                     lengths: Optional[Sequence[int]] = None) -> BlockMask:
     """The BlockMask of ``logical_mask_mod`` over ``[B, H, q_len, kv_capacity]``.
 
     H is ``q_heads`` only when the mask reads ``h`` (else it broadcasts, which lets the decode kernel
     pack all query heads of a GQA group into one program). The query block covers every row up to 128.
+    lengths: ``kv_lens`` as Python ints when the caller has read them (the closed form then counts its blocks).
     """
     if mask_mod is None and q_len <= kv_block_size:
-        return causal_paged_block_mask(kv_lens, q_len, kv_capacity, kv_block_size)
+        return causal_paged_block_mask(kv_lens, q_len, kv_capacity, kv_block_size, lengths=lengths)
     logical = logical_mask_mod(mask_mod, kv_lens, q_len)
     heads = q_heads if depends_on_head(mask_mod) else None
     q_block = 128 if q_len <= 128 else 64
@@ -98,18 +102,22 @@ def paged_block_mask(mask_mod: Optional[Callable], kv_lens: torch.Tensor, q_len:
 
 
 def causal_paged_block_mask(kv_lens: torch.Tensor, q_len: int, kv_capacity: int,
-                            block_size: int = PAGED_KV_BLOCK_SIZE) -> BlockMask:
+                            block_size: int = PAGED_KV_BLOCK_SIZE, *,
+                            lengths: Optional[Sequence[int]] = None) -> BlockMask:
     """The BlockMask of the default (causal) paged mask in closed form: no mask compile, no device sync.
 
     kv_lens: int32 ``[B]``; the ``q_len <= block_size`` query rows of sequence b are its last tokens,
     in one query block. Key block j is full when the first query row (position ``kv_lens[b] - q_len``)
     sees all of it, partial when only later rows see part of it (at most two blocks), empty from
-    ``kv_lens[b]`` on. The q-side fields describe the same single query-block row.
+    ``kv_lens[b]`` on. The q-side fields describe the same single query-block row. lengths: ``kv_lens``
+    as Python ints, when known, for the count of computed blocks (else the shapes' upper bound).
     """
     if q_len > block_size:
         raise ValueError(f"causal_paged_block_mask needs q_len <= block_size, got {q_len} > {block_size}")
-    lengths = kv_lens.long().view(-1, 1, 1)                                           # [B, 1, 1]
     num_blocks = -(-kv_capacity // block_size)
+    computed = (sum(-(-int(n) // block_size) for n in lengths) if lengths is not None
+                else int(kv_lens.shape[0]) * num_blocks)
+    lengths = kv_lens.long().view(-1, 1, 1)                                           # [B, 1, 1]
     blocks = torch.arange(num_blocks, device=kv_lens.device).view(1, 1, -1)           # [1, 1, NKV]
     full_count = (lengths - q_len + 1) // block_size                                  # blocks 0 .. f-1 are full
     used = (lengths + block_size - 1) // block_size
@@ -129,4 +137,4 @@ def causal_paged_block_mask(kv_lens: torch.Tensor, q_len: int, kv_capacity: int,
         BLOCK_SIZE=(block_size, block_size), seq_lengths=(q_len, kv_capacity),
         mask_mod=logical_mask_mod(None, kv_lens, q_len),
         # Bounds from the shapes, so building the mask never reads the device: at most two partial blocks.
-        launch_plan=LaunchPlan(min(2, num_blocks), num_blocks, 1, 1, exact=False))
+        launch_plan=LaunchPlan(min(2, num_blocks), num_blocks, 1, 1, exact=False, computed_blocks=computed)).trusted()

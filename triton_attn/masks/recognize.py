@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from .graph import Node
 from .tracing import TracedMod, trace_mask_mod
 
-__all__ = ["is_causal"]
+__all__ = ["is_causal", "distance_set"]
 
 # A linear form over the index arguments: {"q_idx": a, "kv_idx": b, "b": ..., "h": ..., "": constant}.
 Linear = Dict[str, int]
@@ -222,3 +222,27 @@ def is_causal(mask_mod: Union[None, Callable, TracedMod]) -> bool:
     if answer is None:
         answer = _BY_GRAPH[graph] = graph_is_causal(graph)
     return answer
+
+
+# traced graph -> its distance set (None: not a function of the distance); see ``distance_set``.
+_SETS_BY_GRAPH: "weakref.WeakKeyDictionary[Node, Optional[IntSet]]" = weakref.WeakKeyDictionary()
+
+
+def distance_set(mask_mod: Optional[Callable]) -> Optional[IntSet]:
+    """The distances ``d = q_idx - kv_idx`` where ``mask_mod`` is True, as sorted disjoint closed intervals
+    ``[(low, high), ...]`` (None: an unbounded end), when the mask depends on its indices only through ``d``
+    (causal ``[(0, None)]``, ``sliding_window_mask(w)`` ``[(0, w - 1)]``); None otherwise, or when the mod
+    cannot be traced. Exact in the same sense as ``is_causal`` (the module docstring)."""
+    if mask_mod is None:
+        return None
+    try:
+        graph = trace_mask_mod(mask_mod).graph
+    except TypeError:  # UntraceableModError, or a mask_mod that returns a non-bool
+        return None
+    if graph not in _SETS_BY_GRAPH:
+        try:
+            _SETS_BY_GRAPH[graph] = _distance_set(graph)
+        except (_Unrecognized, RecursionError):
+            _SETS_BY_GRAPH[graph] = None
+    answer = _SETS_BY_GRAPH[graph]
+    return None if answer is None else list(answer)

@@ -1,1 +1,1 @@
-"""The PyTorch backend: blockwise attention over a BlockMask, its fused-CPU and SDPA routes, paged gathers."""
+"""The PyTorch backend: blockwise attention over a BlockMask, its fused-CPU and SDPA routes, paged attention."""

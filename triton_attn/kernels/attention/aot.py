@@ -9,7 +9,9 @@ Each build takes its arguments from the launcher's own argument builders
 signature is described once; ``tuning.aot.compile_kernel`` turns the named arguments into the
 ``ASTSource`` signature the way the JIT specializes a launch. Example shapes: batch 2, 8 query
 heads on 2 KV heads (GQA 4), contiguous tensors -- so strides divide by 16, unit strides are
-constants, and head counts and lengths stay runtime values, as in a real launch.
+constants, and head counts and lengths stay runtime values, as in a real launch. The launch-time
+decisions (64-bit row and layout offsets, the folded batch-head grid) are the launcher's own,
+made from the example tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ...masks.tracing import TracedMod
-from ..host import fast_tanh, layout_arguments, needs_64bit_rows, trace_score
+from ..host import fast_tanh, layout_arguments, needs_64bit_layout, needs_64bit_rows, trace_score
 from ..jit import functions
 from ..targets import get as get_target
 from ..tuning.aot import AotResult, compile_kernel
@@ -36,8 +38,9 @@ from .backward_launch import (
     dq_constexprs,
     function_constexprs,
     preprocess_arguments,
+    preprocess_constexprs,
 )
-from .configs import KernelConfig, cdiv, default_backward_config, padded_head_dim
+from .configs import KernelConfig, cdiv, default_backward_config
 from .forward_launch import FORWARD_LAYOUT, forward_arguments
 from .tiling import kernel_constexprs
 
@@ -49,9 +52,12 @@ def _empty(*shape, dtype) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=META)
 
 
-def _example_layout(rows: int, columns: int, names, row: str) -> Dict[str, object]:
-    """A broadcast (``[1, 1, ...]``) block layout of ``rows`` x ``columns`` blocks, as a BlockMask has."""
-    counts, indices = _empty(1, 1, rows, dtype=torch.int32), _empty(1, 1, rows, columns, dtype=torch.int32)
+def _example_layout(rows: int, columns: int, names, row: str, heads: int, per_head: bool) -> Dict[str, object]:
+    """A block layout of ``rows`` x ``columns`` blocks, as a BlockMask has: broadcast (``[1, 1, ...]``), or
+    (``per_head``) one per (example batch, query head) -- ``heads`` of them -- as a mask built with B and H."""
+    batch, heads = (EXAMPLE_BATCH, heads) if per_head else (1, 1)
+    counts = _empty(batch, heads, rows, dtype=torch.int32)
+    indices = _empty(batch, heads, rows, columns, dtype=torch.int32)
     return layout_arguments(counts, indices, counts, indices, META, names, row)
 
 
@@ -90,12 +96,13 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
                     score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                     dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                     block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                    inspect_sass: bool = False, transposed: bool = False) -> AotResult:
+                    inspect_sass: bool = False, transposed: bool = False, per_head_layout: bool = False) -> AotResult:
     """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for the target ``arch``.
 
     ``mask_mode``: ``functions.MASK_*`` (default: traced when ``mask`` is given, else none).
-    ``transposed``: inputs are [B, L, H, D] views, as from transformers. The build is the one a
-    training launch makes (softmax statistics stored), with the launch's own 64-bit decision.
+    ``transposed``: inputs are [B, L, H, D] views, as from transformers. ``per_head_layout``: a block
+    layout per (batch, head) instead of a broadcast one. The build is the one a training launch makes
+    (softmax statistics stored), with the launch's own 64-bit and grid decisions.
     """
     from .forward import attention_forward_kernel
 
@@ -108,14 +115,17 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
     out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
     lse = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
     stats = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, 2, dtype=torch.float32)
-    layout = _example_layout(cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1]), FORWARD_LAYOUT, "m")
+    layout = _example_layout(cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1]), FORWARD_LAYOUT, "m",
+                             EXAMPLE_Q_HEADS, per_head_layout)
     arguments = forward_arguments(query, key, value, out, lse, layout, scale=0.125,
                                   mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
                                   score_captured=_score_captured(score), stats=stats)
     constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, STORE_STATS=True,
                       **kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
                                           block_size=block_size, config=config, kv_len=kv_len, interpret=False,
-                                          row_offsets_64=needs_64bit_rows(query, key, value, out), target=target))
+                                          row_offsets_64=needs_64bit_rows(query, key, value, out),
+                                          layout_offsets_64=needs_64bit_layout(layout),
+                                          batch_heads=EXAMPLE_BATCH * EXAMPLE_Q_HEADS, target=target))
     return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=target, num_warps=config.num_warps,
                           num_stages=config.num_stages, inspect_sass=inspect_sass, options=config.amd_options,
                           label=f"forward {mods.name} {config.name} D={head_dim} {dtype}")
@@ -125,14 +135,15 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                      score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                     inspect_sass: bool = False, transposed: bool = False,
+                     inspect_sass: bool = False, transposed: bool = False, per_head_layout: bool = False,
                      only: Optional[str] = None) -> Dict[str, AotResult]:
     """Compile the dK/dV and dQ kernels with ``config`` for the target ``arch``: ``{"dkdv": ..., "dq": ...}``, or
     ``{"dv": ..., "dk": ..., "dq": ...}`` for a config with ``split_dkdv``; ``only="dkdv"`` or ``"dq"``: that
     kernel's builds alone.
 
     ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would;
-    ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them).
+    ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them);
+    ``per_head_layout``: block layouts per (batch, query head), as ``compile_forward``.
     """
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel
 
@@ -155,21 +166,25 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, grad_query, grad_key, grad_value))
     label = f"{mods.name} D={head_dim} {dtype}"
     results = {}
+    dkdv_layout = _example_layout(columns, rows, DKDV_LAYOUT, "n", EXAMPLE_Q_HEADS, per_head_layout)
     for part in config.dkdv_parts if only in (None, "dkdv") else ():
         results[part] = compile_kernel(
             attention_backward_dkdv_kernel,
-            dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value,
-                           _example_layout(columns, rows, DKDV_LAYOUT, "n"), **captured),
-            {**function_constexprs(mods), **dkdv_constexprs(tiles=config.dkdv, part=part, **shapes)},
+            dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value, dkdv_layout, **captured),
+            {**function_constexprs(mods),
+             **dkdv_constexprs(tiles=config.dkdv, part=part, batch_heads=EXAMPLE_BATCH * EXAMPLE_KV_HEADS,
+                               layout_offsets_64=needs_64bit_layout(dkdv_layout), **shapes)},
             arch=target, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
             options=config.dkdv.amd_options, label=f"{part} {config.dkdv.name} {label}")
     if only == "dkdv":
         return results
+    dq_layout = _example_layout(rows, columns, DQ_LAYOUT, "m", EXAMPLE_Q_HEADS, per_head_layout)
     dq = compile_kernel(
         attention_backward_dq_kernel,
-        dq_arguments(query, key, value, grad_out, stats, delta, grad_query,
-                     _example_layout(rows, columns, DQ_LAYOUT, "m"), **captured),
-        {**function_constexprs(mods), **dq_constexprs(tiles=config.dq, **shapes)},
+        dq_arguments(query, key, value, grad_out, stats, delta, grad_query, dq_layout, **captured),
+        {**function_constexprs(mods),
+         **dq_constexprs(tiles=config.dq, batch_heads=EXAMPLE_BATCH * EXAMPLE_Q_HEADS,
+                         layout_offsets_64=needs_64bit_layout(dq_layout), **shapes)},
         arch=target, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
         options=config.dq.amd_options, label=f"dq {config.dq.name} {label}")
     results["dq"] = dq
@@ -177,16 +192,22 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
 
 
 def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_dim_v: int = 128,
-                       q_len: int = 4096) -> AotResult:
-    """The delta preprocessing kernel for the target ``arch`` (it has no config to vary; the target's warps)."""
+                       q_len: int = 4096, transposed: bool = False) -> AotResult:
+    """The delta preprocessing kernel for the target ``arch`` (it has no config to vary; the target's warps).
+
+    ``transposed``: the incoming gradient is a [B, L, H, Dv] view, as through transformers (the output is
+    contiguous, as the forward makes it); with the launch's own 64-bit row decision."""
     from .backward import attention_backward_preprocess
 
     out = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, head_dim_v, dtype=dtype)
+    grad_out = out
+    if transposed:
+        grad_out = _empty(EXAMPLE_BATCH, q_len, EXAMPLE_Q_HEADS, head_dim_v, dtype=dtype).transpose(1, 2)
     grad_lse = delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
-    constexprs = dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), BLOCK_M=64, HAS_DLSE=True)
+    constexprs = preprocess_constexprs(out, grad_out, has_grad_lse=True)
     target = get_target(arch)
-    return compile_kernel(attention_backward_preprocess, preprocess_arguments(out, out, grad_lse, delta), constexprs,
-                          arch=target, num_warps=target.tables.preprocess_warps, num_stages=None,
+    return compile_kernel(attention_backward_preprocess, preprocess_arguments(out, grad_out, grad_lse, delta),
+                          constexprs, arch=target, num_warps=target.tables.preprocess_warps, num_stages=None,
                           label=f"preprocess Dv={head_dim_v} {dtype}")
 
 

@@ -55,7 +55,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .blocks import LOG2_E_IN_KERNEL, head_dim_lanes, phase_blocks, query_tile_program, tile_positions
+from .blocks import (
+    LOG2_E_IN_KERNEL,
+    batch_head_program,
+    head_dim_lanes,
+    layout_offsets,
+    phase_blocks,
+    query_tile_program,
+    tile_positions,
+)
 
 
 @triton.jit
@@ -80,21 +88,30 @@ def shifted_dp_transposed(v_tile, do_tile, delta_ptrs, row_valid, CHECK_Q_BOUNDS
     return tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION) - delta[None, :]
 
 
-@triton.jit(do_not_specialize=["q_len"])
+@triton.jit(do_not_specialize=["q_len", "batch_heads"])
 def attention_backward_preprocess(
     Out, DOut, DLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dlse_b, stride_dlse_h,
-    q_len, num_q_heads,
+    q_len, num_q_heads, batch_heads,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
 ):
     """``Delta[b, h, i] = sum_d dOut * Out - dLse`` in float32.
 
     Out, DOut [B, Hq, Lq, Dv] (input dtype), DLse [B, Hq, Lq] float32 (unused unless HAS_DLSE),
-    Delta [B, Hq, Lq] float32, contiguous. Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``.
+    Delta [B, Hq, Lq] float32, contiguous. Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``, the pairs folded over
+    axes 1 and 2 when ``FOLD_BATCH_HEADS`` (``tiling.batch_head_axes``; ``batch_heads`` = B * Hq).
+    ROW_OFFSETS_64: row * row stride can reach 2**31 (dO as a [B, S, H, D] view: row stride H * D).
     """
-    batch_head = tl.program_id(1)
+    batch_head = batch_head_program(FOLD_BATCH_HEADS)
+    if FOLD_BATCH_HEADS:
+        if batch_head >= batch_heads:  # a spare program of the folded grid
+            return
+    if ROW_OFFSETS_64:
+        stride_om = stride_om.to(tl.int64)
+        stride_dom = stride_dom.to(tl.int64)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,7 +130,7 @@ def attention_backward_preprocess(
     tl.store(Delta + batch_head.to(tl.int64) * q_len + rows, delta, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["q_len", "kv_len"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "batch_heads"])
 def attention_backward_dkdv_kernel(
     Q, K, V, DOut, Stats, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -125,7 +142,7 @@ def attention_backward_dkdv_kernel(
     q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
     stride_layout_b, stride_layout_h, stride_layout_n,
     stride_index_b, stride_index_h, stride_index_n,
-    q_len, kv_len, num_kv_heads, gqa_groups,
+    q_len, kv_len, num_kv_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
@@ -136,14 +153,19 @@ def attention_backward_dkdv_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_Q_BOUNDS: tl.constexpr, CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
+    HEAVY_TILES_LAST: tl.constexpr,
     KEYS_FIRST: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
     # Q [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv]; K, DK [B, Hkv, Lkv, D]; V, DV [B, Hkv, Lkv, Dv];
-    # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv), key
-    # tiles in order (under a causal-like mask the first key tiles are the heaviest already).
+    # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv) (folded over
+    # axes 1 and 2 past 65,535 pairs, ``batch_heads`` = B * Hkv), key tiles in order (under a causal-like
+    # mask the first key tiles are the heaviest already).
     tile_id = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head = batch_head_program(FOLD_BATCH_HEADS)
+    if FOLD_BATCH_HEADS:
+        if batch_head >= batch_heads:  # a spare program of the folded grid
+            return
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
     num_q_heads = num_kv_heads * gqa_groups
@@ -190,8 +212,9 @@ def attention_backward_dkdv_kernel(
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         row_base = (batch * num_q_heads + head).to(tl.int64) * q_len     # Stats / Delta are contiguous
-        layout_offset = batch * stride_layout_b + head * stride_layout_h + mask_col * stride_layout_n
-        index_offset = batch * stride_index_b + head * stride_index_h + mask_col * stride_index_n
+        layout_offset, index_offset = layout_offsets(LAYOUT_OFFSETS_64, batch, head, mask_col, stride_layout_b,
+                                                     stride_layout_h, stride_layout_n, stride_index_b,
+                                                     stride_index_h, stride_index_n)
         for phase in tl.static_range(2):
             # phase 0: partial query blocks of this column, predicate applied; phase 1: full ones.
             block_count, block_list = phase_blocks(phase, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
@@ -294,7 +317,7 @@ def attention_backward_dkdv_kernel(
 
 
 
-@triton.jit(do_not_specialize=["q_len", "kv_len"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "batch_heads"])
 def attention_backward_dq_kernel(
     Q, K, V, DOut, Stats, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -305,7 +328,7 @@ def attention_backward_dq_kernel(
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     stride_layout_b, stride_layout_h, stride_layout_m,
     stride_index_b, stride_index_h, stride_index_m,
-    q_len, kv_len, num_q_heads, gqa_groups,
+    q_len, kv_len, num_q_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
@@ -316,13 +339,18 @@ def attention_backward_dq_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
+    HEAVY_TILES_LAST: tl.constexpr,
 ):
     # Q, DQ [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv], K [B, Hkv, Lkv, D], V [B, Hkv, Lkv, Dv];
     # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as
-    # the forward, and like it heaviest tiles first under causal-like masks.
+    # the forward (folded alike), and like it heaviest tiles first under causal-like masks.
+    batch_head = batch_head_program(FOLD_BATCH_HEADS)
+    if FOLD_BATCH_HEADS:
+        if batch_head >= batch_heads:  # a spare program of the folded grid
+            return
     batch, head, kv_head, mask_row, rows_in_block, q_pos, row_valid = query_tile_program(
-        HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
+        batch_head, HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
     offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
     if ROW_OFFSETS_64:
@@ -342,7 +370,7 @@ def attention_backward_dq_kernel(
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
         do_tile = do_tile.to(tl.float32)
-    row_base = tl.program_id(1).to(tl.int64) * q_len    # (batch * Hq + head) rows: Stats / Delta are contiguous
+    row_base = batch_head.to(tl.int64) * q_len    # (batch * Hq + head) rows: Stats / Delta are contiguous
     # Padding rows and rows that attended to nothing have 1 / sum = 0 (a padding row's P may be NaN here,
     # but it stays in its own row, which is never stored).
     shift = tl.load(Stats + (row_base + q_pos) * 2, mask=row_valid, other=0.0)
@@ -352,8 +380,9 @@ def attention_backward_dq_kernel(
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    layout_offset = batch * stride_layout_b + head * stride_layout_h + mask_row * stride_layout_m
-    index_offset = batch * stride_index_b + head * stride_index_h + mask_row * stride_index_m
+    layout_offset, index_offset = layout_offsets(LAYOUT_OFFSETS_64, batch, head, mask_row, stride_layout_b,
+                                                 stride_layout_h, stride_layout_m, stride_index_b, stride_index_h,
+                                                 stride_index_m)
     for phase in tl.static_range(2):
         block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                                                layout_offset, index_offset)

@@ -27,13 +27,22 @@ from ...masks.block_mask import BlockMask
 from ...masks.closure import captured_tensors
 from ...masks.evaluate import mod_name
 from ...masks.tracing import UntraceableModError, trace_score_mod
-from ..host import fast_tanh, layout_arguments, needs_64bit_rows, plan_mask, score_captured, strides, trace_score
+from ..host import (
+    fast_tanh,
+    layout_arguments,
+    needs_64bit_layout,
+    needs_64bit_rows,
+    plan_mask,
+    score_captured,
+    strides,
+    trace_score,
+)
 from ..jit import derivative, functions
 from ..jit.modules import launch
 from ..targets import REFERENCE, device_target
 from .blocks import LOG2_E
 from .configs import DKDV_PARTS, BackwardConfig, KernelConfig, cdiv, default_backward_config, padded_head_dim
-from .tiling import heavy_tiles_last, kernel_constexprs, launch_grid
+from .tiling import batch_head_axes, folds_batch_heads, heavy_tiles_last, kernel_constexprs, launch_grid
 
 
 class UnsupportedBackwardError(NotImplementedError):
@@ -115,7 +124,23 @@ def preprocess_arguments(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: Op
                 **strides("o", out, "bhmd"), **strides("do", grad_out, "bhmd"),
                 stride_dlse_b=grad_lse.stride(0) if grad_lse is not None else 0,
                 stride_dlse_h=grad_lse.stride(1) if grad_lse is not None else 0,
-                q_len=out.shape[2], num_q_heads=out.shape[1])
+                q_len=out.shape[2], num_q_heads=out.shape[1], batch_heads=out.shape[0] * out.shape[1])
+
+
+def preprocess_constexprs(out: torch.Tensor, grad_out: torch.Tensor, *, has_grad_lse: bool,
+                          block_m: int = 64) -> Dict[str, object]:
+    """Constexprs of ``attention_backward_preprocess`` for out / grad_out [B, Hq, Lq, Dv]: 64-bit row
+    offsets when either's rows reach 2**31 (``host.needs_64bit_rows``), the (batch, head) pairs folded
+    over two grid axes past one axis' limit (``tiling.batch_head_axes``)."""
+    head_dim_v = out.shape[3]
+    return dict(HEAD_DIM_V=head_dim_v, BLOCK_DV=padded_head_dim(head_dim_v), BLOCK_M=block_m,
+                HAS_DLSE=has_grad_lse, ROW_OFFSETS_64=needs_64bit_rows(out, grad_out),
+                FOLD_BATCH_HEADS=folds_batch_heads(out.shape[0] * out.shape[1]))
+
+
+def preprocess_grid(out: torch.Tensor, block_m: int = 64) -> Tuple[int, int, int]:
+    """The preprocess kernel's grid for out [B, Hq, Lq, Dv]: row tiles x ``batch_head_axes(B * Hq)``."""
+    return (cdiv(out.shape[2], block_m), *batch_head_axes(out.shape[0] * out.shape[1]))
 
 
 def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -145,7 +170,7 @@ def dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_val
     return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
                                     score_captured=score_captured),
                 DK=grad_key, DV=grad_value, **strides("dk", grad_key, "bhnd"), **strides("dv", grad_value, "bhnd"),
-                **layout, num_kv_heads=key.shape[1])
+                **layout, num_kv_heads=key.shape[1], batch_heads=query.shape[0] * key.shape[1])
 
 
 def dq_arguments(query, key, value, grad_out, stats, delta, grad_query, layout: Dict[str, object], *, scale: float,
@@ -153,7 +178,8 @@ def dq_arguments(query, key, value, grad_out, stats, delta, grad_query, layout: 
     """Runtime arguments of ``attention_backward_dq_kernel`` by name (``layout``: the forward one)."""
     return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
                                     score_captured=score_captured),
-                DQ=grad_query, **strides("dq", grad_query, "bhmd"), **layout, num_q_heads=query.shape[1])
+                DQ=grad_query, **strides("dq", grad_query, "bhmd"), **layout, num_q_heads=query.shape[1],
+                batch_heads=query.shape[0] * query.shape[1])
 
 
 def function_constexprs(mods: functions.ModFunctions) -> Dict[str, object]:
@@ -255,11 +281,10 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return lambda: launch(kernel, grid, named, interpret=interpret, device=device, **options)
 
     # 1. delta = rowsum(dO * O) - dLse
-    pre_block = 64
     launches = {"preprocess": launcher(
-        attention_backward_preprocess, (cdiv(q_len, pre_block), batch * q_heads),
-        {**preprocess_arguments(out, grad_out, grad_lse, delta), "HEAD_DIM_V": head_dim_v,
-         "BLOCK_DV": padded_head_dim(head_dim_v), "BLOCK_M": pre_block, "HAS_DLSE": grad_lse is not None}, None)}
+        attention_backward_preprocess, preprocess_grid(out),
+        {**preprocess_arguments(out, grad_out, grad_lse, delta),
+         **preprocess_constexprs(out, grad_out, has_grad_lse=grad_lse is not None)}, None)}
 
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=(q_bs, kv_bs),
                   q_len=q_len, kv_len=kv_len, interpret=interpret,
@@ -278,7 +303,9 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     for part in config.dkdv_parts:
         launches[part] = launcher(attention_backward_dkdv_kernel, grid,
                                   {**arguments, **function_constexprs(mods),
-                                   **dkdv_constexprs(tiles=tiles, part=part, **shapes)}, tiles)
+                                   **dkdv_constexprs(tiles=tiles, part=part, batch_heads=batch * kv_heads,
+                                                     layout_offsets_64=needs_64bit_layout(layout), **shapes)},
+                                  tiles)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
     tiles = config.dq
@@ -287,5 +314,7 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     arguments = dq_arguments(query, key, value, grad_out, stats, delta, dq, layout, **captured)
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, tiles.BLOCK_M, batch * q_heads)
     launches["dq"] = launcher(attention_backward_dq_kernel, grid,
-                              {**arguments, **function_constexprs(mods), **dq_constexprs(tiles=tiles, **shapes)}, tiles)
+                              {**arguments, **function_constexprs(mods),
+                               **dq_constexprs(tiles=tiles, batch_heads=batch * q_heads,
+                                               layout_offsets_64=needs_64bit_layout(layout), **shapes)}, tiles)
     return launches, (dq, dk, dv)

@@ -18,6 +18,32 @@ LOG2_E_IN_KERNEL = tl.constexpr(LOG2_E)
 
 
 @triton.jit
+def batch_head_program(FOLD_BATCH_HEADS: tl.constexpr):
+    """The (batch * heads + head) pair this program works on: grid axis 1, or, for more pairs than one axis
+    takes (``tiling.batch_head_axes``), folded over axes 1 and 2. A folded grid has spare programs past
+    the last pair: the kernel returns for them (a return must sit in the kernel itself)."""
+    if FOLD_BATCH_HEADS:
+        return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    else:
+        return tl.program_id(1)
+
+
+@triton.jit
+def layout_offsets(LAYOUT_OFFSETS_64: tl.constexpr, batch, head, row, stride_layout_b, stride_layout_h,
+                   stride_layout_row, stride_index_b, stride_index_h, stride_index_row):
+    """(offset of the block count, offset of the block list) of one row (or column) of a block layout:
+    ``counts[batch, head, row]`` and ``indices[batch, head, row, :]``. In 64 bits when the launcher saw
+    a layout tensor of 2**31 elements or more (``host.needs_64bit_offsets``: many (batch, head) pairs
+    x blocks), else in 32, which address math prefers."""
+    if LAYOUT_OFFSETS_64:
+        batch = batch.to(tl.int64)
+        head = head.to(tl.int64)
+        row = row.to(tl.int64)
+    return (batch * stride_layout_b + head * stride_layout_h + row * stride_layout_row,
+            batch * stride_index_b + head * stride_index_h + row * stride_index_row)
+
+
+@triton.jit
 def phase_blocks(PHASE: tl.constexpr, num_blocks, indices, full_num_blocks, full_indices, layout_offset,
                  index_offset):
     """(block count, pointer to the block list) of one row of the layout in phase 0 (partial) or 1 (full)."""
@@ -31,10 +57,11 @@ def phase_blocks(PHASE: tl.constexpr, num_blocks, indices, full_num_blocks, full
 
 
 @triton.jit
-def query_tile_program(HEAVY_TILES_LAST: tl.constexpr, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK: tl.constexpr,
-                       Q_BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, q_len):
-    """What a program of a query-tile grid ``(query tiles, B * Hq)`` works on: (batch, head, kv_head, mask
-    block row, rows' offsets in that block, query positions, valid) -- the last three ``[BLOCK_M]``.
+def query_tile_program(batch_head, HEAVY_TILES_LAST: tl.constexpr, num_q_heads, gqa_groups,
+                       Q_TILES_PER_BLOCK: tl.constexpr, Q_BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, q_len):
+    """What a program of a query-tile grid ``(query tiles, B * Hq)`` (``batch_head``: its pair,
+    ``batch_head_program``) works on: (batch, head, kv_head, mask block row, rows' offsets in that block,
+    query positions, valid) -- the last three ``[BLOCK_M]``.
 
     HEAVY_TILES_LAST: under causal-like masks the last query tiles see the most keys; they are launched
     first, so light tiles fill the gaps at the end instead of one long tile finishing alone. GQA: query
@@ -43,7 +70,6 @@ def query_tile_program(HEAVY_TILES_LAST: tl.constexpr, num_q_heads, gqa_groups, 
         tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         tile_id = tl.program_id(0)
-    batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
     mask_row = tile_id // Q_TILES_PER_BLOCK

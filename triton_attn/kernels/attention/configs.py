@@ -20,6 +20,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 MIN_TILE = 16  # smallest tile tl.dot accepts on every target
+# CUDA's grid limits: axis 0 takes 2**31 - 1 programs, axes 1 and 2 take 65,535 each.
+MAX_GRID_X = 2 ** 31 - 1
+MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)

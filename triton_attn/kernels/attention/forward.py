@@ -35,7 +35,8 @@ sizes and their strides are 0 when the mask broadcasts):
 - ``kv_num_blocks`` / ``full_kv_num_blocks`` int32 [Bm, Hm, NQ] (strides ``stride_layout_*``),
   ``kv_indices`` / ``full_kv_indices`` int32 [Bm, Hm, NQ, NKV] (strides ``stride_index_*``).
 
-Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)`` (``forward_launch.launch_grid``).
+Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)`` (``tiling.launch_grid``; past 65,535 (batch, head) pairs
+folded over axes 1 and 2, ``FOLD_BATCH_HEADS``, with ``batch_heads`` = B * Hq to stop the spare programs).
 """
 
 from __future__ import annotations
@@ -43,12 +44,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .blocks import LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, phase_blocks, query_tile_program, tile_positions
+from .blocks import (
+    LN_2,
+    LOG2_E_IN_KERNEL,
+    batch_head_program,
+    head_dim_lanes,
+    layout_offsets,
+    phase_blocks,
+    query_tile_program,
+    tile_positions,
+)
 
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
 
 
-@triton.jit(do_not_specialize=["q_len", "kv_len"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "batch_heads"])
 def attention_forward_kernel(
     Q, K, V, Out, Lse, Stats,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -59,7 +69,7 @@ def attention_forward_kernel(
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     stride_layout_b, stride_layout_h, stride_layout_m,
     stride_index_b, stride_index_h, stride_index_m,
-    q_len, kv_len, num_q_heads, gqa_groups,
+    q_len, kv_len, num_q_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
@@ -70,10 +80,15 @@ def attention_forward_kernel(
     Q_TILES_PER_BLOCK: tl.constexpr, KV_TILES_PER_BLOCK: tl.constexpr,
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROW_OFFSETS_64: tl.constexpr, HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
+    HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
 ):
+    batch_head = batch_head_program(FOLD_BATCH_HEADS)
+    if FOLD_BATCH_HEADS:
+        if batch_head >= batch_heads:  # a spare program of the folded grid
+            return
     batch, head, kv_head, mask_row, rows_in_block, q_pos, row_valid = query_tile_program(
-        HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
+        batch_head, HEAVY_TILES_LAST, num_q_heads, gqa_groups, Q_TILES_PER_BLOCK, Q_BLOCK_SIZE, BLOCK_M, q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
     offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
 
@@ -107,8 +122,9 @@ def attention_forward_kernel(
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # Where this (batch, head, mask_row) finds its block lists; stride 0 where the mask broadcasts.
-    layout_offset = batch * stride_layout_b + head * stride_layout_h + mask_row * stride_layout_m
-    index_offset = batch * stride_index_b + head * stride_index_h + mask_row * stride_index_m
+    layout_offset, index_offset = layout_offsets(LAYOUT_OFFSETS_64, batch, head, mask_row, stride_layout_b,
+                                                 stride_layout_h, stride_layout_m, stride_index_b, stride_index_h,
+                                                 stride_index_m)
     for phase in tl.static_range(2):
         # phase 0: partial blocks, predicate applied; phase 1: full blocks, no predicate.
         block_count, block_list = phase_blocks(phase, kv_num_blocks, kv_indices, full_kv_num_blocks,
@@ -196,6 +212,6 @@ def attention_forward_kernel(
         # an error ~ 2e-6 in every P, several times a plain float32 softmax's).
         final_shift = tl.where(attended, running_shift, 0.0)
         inverse_sum = tl.where(attended, 1.0 / safe_sum, 0.0)
-        stats_ptrs = Stats + (tl.program_id(1).to(tl.int64) * q_len + q_pos) * 2  # program 1: batch * Hq + head
+        stats_ptrs = Stats + (batch_head.to(tl.int64) * q_len + q_pos) * 2  # batch_head = batch * Hq + head
         tl.store(stats_ptrs, final_shift, mask=row_valid)
         tl.store(stats_ptrs + 1, inverse_sum, mask=row_valid)

@@ -19,7 +19,16 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ...masks.block_mask import BlockMask
-from ..host import fast_tanh, layout_arguments, needs_64bit_rows, plan_mask, score_captured, strides, trace_score
+from ..host import (
+    fast_tanh,
+    layout_arguments,
+    needs_64bit_layout,
+    needs_64bit_rows,
+    plan_mask,
+    score_captured,
+    strides,
+    trace_score,
+)
 from ..jit import functions
 from ..jit.modules import launch
 from ..targets import device_target
@@ -47,6 +56,7 @@ def forward_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         **strides("o", out, "bhmd"), stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         **layout,
         q_len=query.shape[2], kv_len=key.shape[2], num_q_heads=q_heads, gqa_groups=q_heads // kv_heads,
+        batch_heads=query.shape[0] * q_heads,
         scale_log2=scale * LOG2_E, score_scale=scale,
         mask_captured=mask_captured, score_captured=score_captured,
     )
@@ -118,6 +128,7 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
                                    block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret,
                                    row_offsets_64=needs_64bit_rows(query, key, value, out),
+                                   layout_offsets_64=needs_64bit_layout(layout), batch_heads=batch * q_heads,
                                    reverse_tiles=heavy_tiles_last(block_mask), target=target)
     constexprs["STORE_STATS"] = stats is not None
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, config.BLOCK_M, batch * q_heads)

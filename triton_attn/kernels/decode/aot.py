@@ -1,8 +1,9 @@
 """Ahead-of-time compiles of the decode kernels for any target of ``kernels.targets`` (no GPU needed).
 
 ``compile_decode`` builds ``decode_split_kernel`` for one config and one specialization (dtype, head
-dims, GQA packing, paged or not, split or not, the mods' generated functions): the launcher's own
-``split_kernel_arguments`` on ``meta`` tensors gives the named arguments, and
+dims, GQA packing, paged or not, split or not, the mods' generated functions -- with the hardware tanh
+where the launch would use it, ``host.fast_tanh`` --, 32- or 64-bit offsets as the shapes ask): the
+launcher's own ``split_kernel_arguments`` on ``meta`` tensors gives the named arguments, and
 ``tuning.aot.compile_kernel`` derives the signature from them as the JIT would and reads registers
 and spills from ptxas.
 """
@@ -13,8 +14,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ...masks.block_mask import BlockMask
 from ...masks.tracing import trace_mask_mod, trace_score_mod
 from ..attention.configs import KernelConfig
+from ..host import fast_tanh
 from ..jit import functions
 from ..targets import get as get_target
 from ..tuning.aot import AotResult, compile_kernel
@@ -35,38 +38,43 @@ def compile_decode(config: KernelConfig, *, arch: int, dtype: torch.dtype = torc
                    head_dim_v: Optional[int] = None, q_heads: int = 32, kv_heads: int = 8, q_len: int = 1,
                    kv_len: int = 4096, paged: bool = False, page_size: int = 16, num_splits: int = 4,
                    block_size: Tuple[int, int] = (128, 128), mask_mod: Optional[Callable] = None,
-                   score_mod: Optional[Callable] = None) -> AotResult:
+                   score_mod: Optional[Callable] = None, batch: int = 1,
+                   block_mask: Optional[BlockMask] = None) -> AotResult:
     """Compile the split kernel with ``config`` (fitted to the packed rows) for the target ``arch`` (80,
     "gfx942", a ``Target``).
 
     mask_mod (over ``q_len x kv_len``; None: no partial block) and score_mod pick the generated
-    functions; with ``paged`` the K/V arguments are ``[num_pages, Hkv, page_size, D]`` pages."""
+    functions; with ``paged`` the K/V arguments are ``[num_pages, Hkv, page_size, D]`` pages (``kv_len``
+    tokens per sequence, ``batch`` sequences). block_mask: the BlockMask to take the block lists from
+    (meta tensors will do) instead of ``mask_mod``'s over ``q_len x kv_len``."""
     from .kernel import decode_split_kernel
 
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    block_mask = _block_mask(mask_mod, q_len, kv_len, block_size)
+    block_mask = block_mask if block_mask is not None else _block_mask(mask_mod, q_len, kv_len, block_size)
+    target = get_target(arch)
     mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
     score = trace_score_mod(score_mod) if score_mod is not None else None
-    mods = functions.mod_functions(mask, score)
+    # As ``launch.decode_mods``: the hardware tanh for a score_mod compiled for NVIDIA with 16-bit inputs.
+    mods = functions.mod_functions(mask, score,
+                                   fast_tanh=score is not None and fast_tanh(dtype, interpret=False, target=target))
     meta = dict(device="meta")
-    query = torch.empty(1, q_heads, q_len, head_dim, dtype=dtype, **meta)
+    query = torch.empty(batch, q_heads, q_len, head_dim, dtype=dtype, **meta)
     if paged:
         pages = -(-kv_len // page_size)
-        key = torch.empty(pages, kv_heads, page_size, head_dim, dtype=dtype, **meta)
-        value = torch.empty(pages, kv_heads, page_size, head_dim_v, dtype=dtype, **meta)
-        page_table = torch.empty(1, pages, dtype=torch.int32, **meta)
-        kv_lens = torch.empty(1, dtype=torch.int32, **meta)
+        key = torch.empty(batch * pages, kv_heads, page_size, head_dim, dtype=dtype, **meta)
+        value = torch.empty(batch * pages, kv_heads, page_size, head_dim_v, dtype=dtype, **meta)
+        page_table = torch.empty(batch, pages, dtype=torch.int32, **meta)
+        kv_lens = torch.empty(batch, dtype=torch.int32, **meta)
     else:
-        key = torch.empty(1, kv_heads, kv_len, head_dim, dtype=dtype, **meta)
-        value = torch.empty(1, kv_heads, kv_len, head_dim_v, dtype=dtype, **meta)
+        key = torch.empty(batch, kv_heads, kv_len, head_dim, dtype=dtype, **meta)
+        value = torch.empty(batch, kv_heads, kv_len, head_dim_v, dtype=dtype, **meta)
         page_table = kv_lens = None
-    target = get_target(arch)
     plan: DecodePlan = plan_decode(query, kv_heads, head_dim_v, block_mask, config=config, num_splits=num_splits,
                                    target=target)
-    out = torch.empty(1, q_heads, q_len, head_dim_v, dtype=dtype, **meta)
-    lse = torch.empty(1, q_heads, q_len, dtype=torch.float32, **meta)
-    part_out = torch.empty(num_splits, 1, q_heads, q_len, head_dim_v, dtype=torch.float32, **meta)
-    part_lse = torch.empty(num_splits, 1, q_heads, q_len, dtype=torch.float32, **meta)
+    out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=dtype, **meta)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, **meta)
+    part_out = torch.empty(num_splits, batch, q_heads, q_len, head_dim_v, dtype=torch.float32, **meta)
+    part_lse = torch.empty(num_splits, batch, q_heads, q_len, dtype=torch.float32, **meta)
     captured = [functions.captured_tuple(t.captured, torch.device("cpu")) if t is not None else ()
                 for t in (mask, score)]
     arguments, constexprs = split_kernel_arguments(

@@ -14,27 +14,34 @@ non-empty blocks, at most ``MAX_SPLITS``.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..attention.configs import KernelConfig, fit_tile, next_power_of_two, padded_head_dim
+from ..host import INT32_LIMIT
 
 # The query lengths the decode kernel is meant for (up to 16 rows, so at most 16 x the GQA group after
 # packing): the caller (``dispatch.py``) sends inference calls this short to it; the launcher takes any length.
 MAX_DECODE_Q_LEN = 16
 MAX_PACKED_ROWS = 64     # rows of one program: GQA heads x query rows (8 x 8, 4 x 16, ...)
 MAX_SPLITS = 64
+# The decode grid puts its (row tile, head tile) programs on axis 0 (up to MAX_GRID_X) and the splits, at most
+# MAX_SPLITS, on axis 1 (CUDA's grid limits: ``attention.configs``).
 SPLIT_OCCUPANCY = 2      # programs per SM the splits aim for
 INTERPRETER_SMS = 4      # what the CPU interpreter pretends to have (so tests see several splits)
 
 # The table: the AOT tests compile every entry; the autotuner searches a wider space (autotune.py).
+# Three stages (where they fit): at two, Triton keeps one K/V buffer and waits for each copy before its dot (TTGIR:
+# ``async_wait {num = 0}``), so a memory-bound decode step never overlaps its loads; at three the next
+# step's K/V tiles are in flight during this step's dots (tests/kernels/test_decode_serving_aot.py).
 DECODE_CONFIGS: List[KernelConfig] = [
-    KernelConfig(16, 64, 4, 2, max_head_dim=128),     # main config: MHA / small groups, 16-bit, D <= 128
-    KernelConfig(64, 64, 4, 2, max_head_dim=128),     # main config: packed GQA groups (up to 64 rows)
-    KernelConfig(16, 128, 4, 3, max_head_dim=128),    # longer key steps, deeper pipeline (autotuning candidate)
-    KernelConfig(64, 32, 8, 2, max_head_dim=256),     # head_dim 256
-    KernelConfig(16, 32, 4, 2, max_head_dim=256),     # head_dim 256, few rows; float32 inputs
+    KernelConfig(16, 64, 4, 3, max_head_dim=128),     # main config: MHA / small groups, 16-bit, D <= 128
+    KernelConfig(64, 64, 4, 3, max_head_dim=128),     # main config: packed GQA groups (up to 64 rows)
+    KernelConfig(16, 128, 4, 3, max_head_dim=128),    # longer key steps (autotuning candidate)
+    KernelConfig(64, 32, 8, 3, max_head_dim=256),     # head_dim 256
+    # head_dim 256, few rows; float32 inputs. Two stages: three need 167,936 B at float32 D = 256 (over sm_80's).
+    KernelConfig(16, 32, 4, 2, max_head_dim=256),
 ]
 MAIN_DECODE_CONFIGS = DECODE_CONFIGS[:2]
 # The heuristic's picks by case (a target's ``KernelTables.decode`` has the same four keys): "few_rows" and
@@ -74,3 +81,24 @@ def choose_splits(programs: int, max_visits: int, sm_count: int) -> int:
     block to visit would only cost a launch slot and a combine term)."""
     wanted = -(-SPLIT_OCCUPANCY * sm_count // max(1, programs))
     return max(1, min(wanted, max_visits, MAX_SPLITS))
+
+
+def _reach(tensor: Optional[torch.Tensor], dims: Tuple[int, ...]) -> int:
+    """The largest offset ``sum((size - 1) * |stride|)`` over ``dims`` of ``tensor`` (0 for None or empty)."""
+    if tensor is None or tensor.numel() == 0:
+        return 0
+    return sum((tensor.shape[d] - 1) * abs(tensor.stride(d)) for d in dims)
+
+
+def needs_64bit_rows(query: torch.Tensor, out: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     part_out: Optional[torch.Tensor], *, paged: bool) -> bool:
+    """The split kernel's ``ROW_OFFSETS_64``: whether an offset it computes per row or per key, from a
+    64-bit per-program base, can reach 2**31. Those are: a packed row's head and query row inside one
+    sequence of ``query`` / ``out`` [B, Hq, Lq, D] (a long paged Lq); a key's position inside one (sequence,
+    KV head) of contiguous ``key`` / ``value`` [B, Hkv, L, D], or its page and row inside the page pool
+    [num_pages, Hkv, page_size, D] when ``paged`` (a big cache); a row of one (split, sequence) of
+    ``part_out`` [S, B, Hq, Lq, Dv] (None: unsplit)."""
+    reaches = [_reach(query, (1, 2, 3)), _reach(out, (1, 2, 3)), _reach(part_out, (2, 3, 4))]
+    kv_dims = (0, 2, 3) if paged else (2, 3)
+    reaches += [_reach(key, kv_dims), _reach(value, kv_dims)]
+    return max(reaches) >= INT32_LIMIT

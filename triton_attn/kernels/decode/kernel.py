@@ -9,7 +9,7 @@ in a mostly empty 16-row tile, reading every K/V head once per query head of its
   ``first_head + r % HEADS_PER_TILE``. All of them share one read of K/V. (The launcher packs a
   whole group when the BlockMask is the same for every head, else one head per program.)
 - **Split KV.** The non-empty blocks of a row of the BlockMask (partial blocks, then full ones) are
-  cut into ``NUM_SPLITS`` contiguous runs, one per program along grid axis 0. Each program writes
+  cut into ``NUM_SPLITS`` contiguous runs, one per program along grid axis 1. Each program writes
   its normalized partial output and its base-2 LSE; ``decode_combine_kernel`` merges the splits in
   split order (deterministic, no atomics). With one split the kernel writes the result directly.
 - **Block sparsity** as in prefill: empty blocks are never visited, full blocks run without the
@@ -29,7 +29,21 @@ Tensors: ``Q`` [B, Hq, Lq, D]; ``K`` [B, Hkv, Lkv, D] (or pages); ``V`` likewise
 Lq, Dv] and ``PartLse`` float32 [NUM_SPLITS, B, Hq, Lq] (base 2), both contiguous; BlockMask lists
 as in prefill (``Bm``/``Hm`` strides 0 where the mask broadcasts).
 
-Grid: ``(NUM_SPLITS, NQ * ROW_TILES_PER_BLOCK, B * Hq // HEADS_PER_TILE)``.
+- **Pipelined loads.** The next step's block index and (paged) its keys' K/V row offsets, read
+  from the page table, are computed at the end of a step and carried, so K/V addresses never wait
+  on a load of their own step and K/V tiles stay in flight while a step computes (num_stages >= 3;
+  at 2 stages Triton keeps one buffer for ``mma.sync`` operands in any case).
+- **Offsets.** Per-row and per-key offsets (``position * stride``, ``page * page stride``) and the
+  block-list offsets are 32-bit unless the launcher saw they can reach 2**31 (``ROW_OFFSETS_64``,
+  ``LAYOUT_OFFSETS_64``); per-program bases (batch, head) are always 64-bit.
+
+Grid: ``(NQ * ROW_TILES_PER_BLOCK * B * Hq // HEADS_PER_TILE, NUM_SPLITS)`` (``launch.DecodePlan.grid``):
+axis 0 has room for any batch (2**31 - 1 programs), axis 1 for ``configs.MAX_SPLITS``. On axis 0 the row
+tiles of one head tile come first (``row_programs`` = NQ * ROW_TILES_PER_BLOCK of them), then the head
+tiles in (batch, head) order, so that the programs that read the same K/V -- the row tiles of one head
+tile, and the head tiles of one GQA group when heads are not packed -- are launched side by side and
+share its trip through L2. The splits of one row read disjoint key ranges and share nothing but the
+block list: they go on the slow axis, each split a pass over every sequence.
 """
 
 from __future__ import annotations
@@ -37,9 +51,31 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..attention.blocks import LN_2, LOG2_E_IN_KERNEL, head_dim_lanes, load_tile, online_softmax_step, tile_positions
+from ..attention.blocks import (
+    LN_2,
+    LOG2_E_IN_KERNEL,
+    head_dim_lanes,
+    layout_offsets,
+    load_tile,
+    online_softmax_step,
+    tile_positions,
+)
 
 LN_2_IN_KERNEL = tl.constexpr(LN_2)
+
+
+@triton.jit
+def paged_rows(pages, kv_block, sub_tile, seq_len, stride_kb, stride_kn, stride_vb, stride_vn,
+               KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(K row offsets, V row offsets) ``[BLOCK_N]`` of the keys of sub-tile ``sub_tile`` of logical block
+    ``kv_block``: ``page * page stride + row in page * row stride``, the physical page read from this
+    sequence's row ``pages`` of the page table (page 0 for a key at or past ``seq_len``, which is not read).
+    Only positions below ``seq_len`` read the table, so a block index of 0 (what the walk carries past its
+    last step) reads entries that exist."""
+    _, kv_pos, kv_valid = tile_positions(kv_block, sub_tile, KV_BLOCK_SIZE, BLOCK_N, seq_len)
+    page = tl.load(pages + kv_pos // PAGE_SIZE, mask=kv_valid, other=0)
+    row_in_page = kv_pos % PAGE_SIZE
+    return page * stride_kb + row_in_page * stride_kn, page * stride_vb + row_in_page * stride_vn
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len"])
@@ -53,7 +89,7 @@ def decode_split_kernel(
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     stride_layout_b, stride_layout_h, stride_layout_m,
     stride_index_b, stride_index_h, stride_index_m,
-    q_len, kv_len, num_q_heads, gqa_groups,
+    q_len, kv_len, num_q_heads, gqa_groups, row_programs,
     scale_log2, score_scale,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
@@ -65,10 +101,14 @@ def decode_split_kernel(
     HEADS_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    tile_id = tl.program_id(1)
-    head_tile = tl.program_id(2)
+    # Grid axis 0: the row tiles of one head tile (row_programs = NQ * ROW_TILES_PER_BLOCK of them, adjacent),
+    # then the head tiles in (batch, head) order; axis 1: the splits (see the module docstring for why).
+    program = tl.program_id(0)
+    split = tl.program_id(1)
+    tile_id = program % row_programs
+    head_tile = program // row_programs
     tiles_per_batch = num_q_heads // HEADS_PER_TILE
     batch = head_tile // tiles_per_batch
     first_head = (head_tile % tiles_per_batch) * HEADS_PER_TILE
@@ -78,7 +118,8 @@ def decode_split_kernel(
     mask_row = tile_id // ROW_TILES_PER_BLOCK
     packed = (tile_id % ROW_TILES_PER_BLOCK) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in_block = packed // HEADS_PER_TILE
-    head = first_head + packed % HEADS_PER_TILE                             # [BLOCK_M]
+    head_in_tile = packed % HEADS_PER_TILE
+    head = first_head + head_in_tile                                        # [BLOCK_M]
     q_pos = mask_row * Q_BLOCK_SIZE + row_in_block
     row_valid = (row_in_block < Q_BLOCK_SIZE) & (q_pos < q_len)
     q_idx = q_pos[:, None]                                                  # [BLOCK_M, 1]
@@ -86,8 +127,23 @@ def decode_split_kernel(
 
     offs_d, offs_dv, d_valid, dv_valid = head_dim_lanes(BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V)
 
-    q_rows = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_pos * stride_qm     # [BLOCK_M]
-    q_tile = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd,
+    if ROW_OFFSETS_64:
+        # The launcher saw a per-row (or per-key) offset that can reach 2**31: the packed heads' and query
+        # rows' offsets in one sequence of Q / Out (a long paged Lq), a key's in one (sequence, head) of
+        # contiguous K / V, a page's in the page pool. Otherwise 32 bits, which address math prefers;
+        # the per-program base offsets (batch, first head, KV head) are 64-bit either way.
+        # (tl.cast, not .to: a stride of 1 arrives as a constexpr int.)
+        stride_qh = tl.cast(stride_qh, tl.int64)
+        stride_qm = tl.cast(stride_qm, tl.int64)
+        stride_oh = tl.cast(stride_oh, tl.int64)
+        stride_om = tl.cast(stride_om, tl.int64)
+        stride_kn = tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_kb = tl.cast(stride_kb, tl.int64)
+        stride_vb = tl.cast(stride_vb, tl.int64)
+    q_base = Q + batch.to(tl.int64) * stride_qb + first_head.to(tl.int64) * stride_qh
+    q_rows = head_in_tile * stride_qh + q_pos * stride_qm                      # [BLOCK_M]
+    q_tile = tl.load(q_base + q_rows[:, None] + offs_d[None, :] * stride_qd,
                      mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST_DOT:
         q_tile = q_tile.to(tl.float32)
@@ -106,8 +162,11 @@ def decode_split_kernel(
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # This program's run of the row's visits: partial blocks are visits [0, P), full ones [P, P + F).
-    layout_offset = batch * stride_layout_b + first_head * stride_layout_h + mask_row * stride_layout_m
-    index_offset = batch * stride_index_b + first_head * stride_index_h + mask_row * stride_index_m
+    # (The block lists of all packed heads are those of the first: the launcher packs heads only when the
+    # BlockMask is the same for every head.)
+    layout_offset, index_offset = layout_offsets(LAYOUT_OFFSETS_64, batch, first_head, mask_row, stride_layout_b,
+                                                 stride_layout_h, stride_layout_m, stride_index_b, stride_index_h,
+                                                 stride_index_m)
     partial_count = tl.load(kv_num_blocks + layout_offset)
     full_count = tl.load(full_kv_num_blocks + layout_offset)
     per_split = tl.cdiv(partial_count + full_count, NUM_SPLITS)
@@ -117,23 +176,30 @@ def decode_split_kernel(
         if phase == 0:
             slot_start = tl.minimum(visit_start, partial_count)
             slot_end = tl.minimum(visit_end, partial_count)
-            block_list = kv_indices + index_offset
+            block_list = kv_indices + index_offset + slot_start
         else:
             slot_start = tl.maximum(visit_start, partial_count) - partial_count
             slot_end = tl.maximum(visit_end, partial_count) - partial_count
-            block_list = full_kv_indices + index_offset
-        for step in range(slot_start * KV_TILES_PER_BLOCK, slot_end * KV_TILES_PER_BLOCK):
-            kv_block = tl.load(block_list + step // KV_TILES_PER_BLOCK)
+            block_list = full_kv_indices + index_offset + slot_start
+        # One flat loop over this run's (block, sub-tile) steps. The block index -- and, paged, the K/V row
+        # offsets of the keys, read from the page table -- are loaded one step ahead and carried: no K/V
+        # address depends on a load of its own step, so the pipeliner keeps K/V tiles in flight in both
+        # phases (loaded inside the step, they make it treat K/V as indirect loads: one buffer, async_wait
+        # 0 at every step). The row offsets, not the pages, are carried: the pages would have to be kept
+        # in both the K and the V tile's layout next to what the step computes from them (about 40 more
+        # registers per thread on sm_90).
+        num_steps = (slot_end - slot_start) * KV_TILES_PER_BLOCK
+        kv_block = tl.load(block_list, mask=num_steps > 0, other=0)
+        if PAGED:
+            k_rows, v_rows = paged_rows(pages, kv_block, 0, seq_len, stride_kb, stride_kn, stride_vb, stride_vn,
+                                        KV_BLOCK_SIZE, BLOCK_N, PAGE_SIZE)
+        for step in range(0, num_steps):
             _, kv_pos, kv_valid = tile_positions(kv_block, step % KV_TILES_PER_BLOCK, KV_BLOCK_SIZE, BLOCK_N,
                                                  seq_len)                       # [BLOCK_N] logical positions
             kv_idx = kv_pos[None, :]
-            if PAGED:
-                page = tl.load(pages + kv_pos // PAGE_SIZE, mask=kv_valid, other=0)
-                k_rows = page.to(tl.int64) * stride_kb + (kv_pos % PAGE_SIZE) * stride_kn
-                v_rows = page.to(tl.int64) * stride_vb + (kv_pos % PAGE_SIZE) * stride_vn
-            else:
-                k_rows = kv_pos.to(tl.int64) * stride_kn
-                v_rows = kv_pos.to(tl.int64) * stride_vn
+            if not PAGED:
+                k_rows = kv_pos * stride_kn
+                v_rows = kv_pos * stride_vn
 
             k_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd      # [BLOCK_D, BLOCK_N]
             k_tile = load_tile(k_ptrs, kv_valid[None, :], d_valid[:, None], CHECK_KV_BOUNDS, BLOCK_D != HEAD_DIM,
@@ -159,6 +225,12 @@ def decode_split_kernel(
                                UPCAST_DOT)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
+            # The next step's block index and row offsets (nothing is read past the last step).
+            has_next = step + 1 < num_steps
+            kv_block = tl.load(block_list + (step + 1) // KV_TILES_PER_BLOCK, mask=has_next, other=0)
+            if PAGED:
+                k_rows, v_rows = paged_rows(pages, kv_block, (step + 1) % KV_TILES_PER_BLOCK, seq_len, stride_kb,
+                                            stride_kn, stride_vb, stride_vn, KV_BLOCK_SIZE, BLOCK_N, PAGE_SIZE)
 
     attended = running_sum > 0.0
     safe_sum = tl.where(attended, running_sum, 1.0)
@@ -166,17 +238,25 @@ def decode_split_kernel(
     lse_log2 = tl.where(attended, running_max + tl.log2(safe_sum), float("-inf"))
     store_mask = row_valid[:, None] & dv_valid[None, :]
     if NUM_SPLITS == 1:
-        out_rows = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_pos * stride_om
-        tl.store(Out + out_rows[:, None] + offs_dv[None, :] * stride_od, out_tile.to(Out.dtype.element_ty),
+        out_base = Out + batch.to(tl.int64) * stride_ob + first_head.to(tl.int64) * stride_oh
+        out_rows = head_in_tile * stride_oh + q_pos * stride_om
+        tl.store(out_base + out_rows[:, None] + offs_dv[None, :] * stride_od, out_tile.to(Out.dtype.element_ty),
                  mask=store_mask)
-        lse_rows = batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_pos
-        tl.store(Lse + lse_rows, lse_log2 * LN_2_IN_KERNEL, mask=row_valid)
+        # head_in_tile * stride_lse_h + q_pos < Hq * Lq: 32 bits (Q holds D times as many elements).
+        lse_base = Lse + batch.to(tl.int64) * stride_lse_b + first_head.to(tl.int64) * stride_lse_h
+        tl.store(lse_base + head_in_tile * stride_lse_h + q_pos, lse_log2 * LN_2_IN_KERNEL, mask=row_valid)
     else:
-        # Partials are contiguous [NUM_SPLITS, B, Hq, Lq(, Dv)] float32.
-        part_rows = ((split * (tl.num_programs(2) * HEADS_PER_TILE) + batch * num_q_heads + head).to(tl.int64)
-                     * q_len + q_pos)                                                              # [BLOCK_M]
-        tl.store(PartOut + part_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], out_tile, mask=store_mask)
-        tl.store(PartLse + part_rows, lse_log2, mask=row_valid)
+        # Partials are contiguous [NUM_SPLITS, B, Hq, Lq(, Dv)] float32: this program's rows start at
+        # (split, batch, first_head); head_tile * HEADS_PER_TILE = batch * Hq + first_head, and the grid
+        # holds B * Hq // HEADS_PER_TILE head tiles. 64-bit when the launcher saw the partials reach 2**31.
+        head_tiles = tl.num_programs(0) // row_programs
+        first_row = (split.to(tl.int64) * head_tiles + head_tile) * HEADS_PER_TILE * q_len
+        part_rows = head_in_tile * q_len + q_pos                                                    # [BLOCK_M]
+        if ROW_OFFSETS_64:
+            part_rows = part_rows.to(tl.int64)
+        tl.store(PartOut + first_row * HEAD_DIM_V + part_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], out_tile,
+                 mask=store_mask)
+        tl.store(PartLse + first_row + part_rows, lse_log2, mask=row_valid)
 
 
 @triton.jit

@@ -123,8 +123,6 @@ SM100_TABLES = KernelTables(forward=SM100_FORWARD_CONFIGS, forward_float32=SPILL
 FLOAT32_WIDE = "3xTF32 operand splits at D = 256 on 16-wide tiles (the accuracy path; the other tiles tried spill more)"
 KEPT = "sm_80's table is kept as it is (its compiled code must not change)"
 KEPT_HOPPER = "sm_90's table is kept as it is (its compiled code must not change)"
-DECODE_PACKED = ("ptxas caps the 4-warp 64-row decode tile (m64_n64_w4_s2, 32 packed rows: GQA 8 x 4 query rows) at "
-                 "128 registers")
 
 
 def _spills(**sizes) -> tuple:
@@ -144,9 +142,7 @@ SM80_SPILLS = _spills(
     dkdv_64_float32=(64, f"document and softcap mods on m32_n32_w4_s1 at 255 registers; {KEPT}"),
     dkdv_256_float32=(760, FLOAT32_WIDE),
     dq_256_float32=(496, FLOAT32_WIDE),
-    decode_256_float32=(152, f"3xTF32 on m16_n32_w4_s2 at D = 256; {KEPT}"),
-    decode_128_float16=(32, f"{DECODE_PACKED}; {KEPT}"),
-    decode_128_bfloat16=(32, f"{DECODE_PACKED}; {KEPT}"),
+    decode_256_float32=(36, f"3xTF32 on m16_n32_w4_s2 at D = 256; {KEPT}"),
 )
 SM90_SPILLS = _spills(
     forward_128_float32=(316, f"3xTF32 on m32_n32_w4_s2 at 255 registers; {KEPT_HOPPER}"),
@@ -155,19 +151,13 @@ SM90_SPILLS = _spills(
     dkdv_64_bfloat16=(16, f"softcap's derivative on 128 keys x 64 rows (wgmma) at 255 registers; {KEPT_HOPPER}"),
     dkdv_256_float32=(884, FLOAT32_WIDE),
     dq_256_float32=(528, FLOAT32_WIDE),
-    decode_256_float32=(260, f"3xTF32 on m16_n32_w4_s2 at D = 256; {KEPT_HOPPER}"),
-    decode_64_float16=(16, f"{DECODE_PACKED}; {KEPT_HOPPER}"),
-    decode_64_bfloat16=(16, f"{DECODE_PACKED}; {KEPT_HOPPER}"),
-    decode_128_float16=(32, f"{DECODE_PACKED}; {KEPT_HOPPER}"),
-    decode_128_bfloat16=(32, f"{DECODE_PACKED}; {KEPT_HOPPER}"),
+    decode_256_float32=(96, f"3xTF32 on m16_n32_w4_s2 at D = 256; {KEPT_HOPPER}"),
 )
 SM86_SPILLS = _spills(dkdv_256_float32=(816, FLOAT32_WIDE), dq_256_float32=(468, FLOAT32_WIDE))  # sm_89 alike
 SM100_SPILLS = _spills(
     dkdv_256_float32=(872, FLOAT32_WIDE),
     dq_256_float32=(324, FLOAT32_WIDE),
     preprocess_128_float32=(8, "ptxas trims the delta kernel (4 warps, fixed: 128 threads) to 64 registers"),
-    decode_128_float16=(16, f"{DECODE_PACKED} (the sm_90 decode picks; untuned here)"),
-    decode_128_bfloat16=(16, f"{DECODE_PACKED} (the sm_90 decode picks; untuned here)"),
 )
 SM120_SPILLS = _spills(dkdv_256_float32=(1032, FLOAT32_WIDE), dq_256_float32=(344, FLOAT32_WIDE))
 

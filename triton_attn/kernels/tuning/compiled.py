@@ -11,6 +11,11 @@ software pipelining) and the PTX. What they say about speed, in a form a test ca
   (Hopper's tensor cores want N >= 64 per warpgroup; ``m64n16k16`` is a sign of starved tiles).
 - ``wide_row_products(ttgir)``: ``arith.muli`` of a row or column vector (``[N, 1]`` / ``[1, N]``)
   in 64 bits -- the ``position * row_stride`` products that must not wrap at 2**31.
+- ``scalar_products(ttgir, file, lines)``: scalar ``arith.muli`` by width, optionally only those whose
+  source location lies at given lines of a file -- the per-program ``index * stride`` products (a block
+  list's offset) that must not wrap at 2**31 either.
+- ``tensor_products(ttgir)``: ``arith.muli`` on integer tensors of any rank by width (``[N]`` vectors
+  included: the decode kernel's per-row and per-key offsets are computed before the expand to 2-D).
 - ``ptx_instruction_count(ptx, opcode)``: how often an instruction occurs (``div.full.f32``,
   ``tanh.approx.f32``, ``ex2.approx``, ``fma.rn.f32``).
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Container, Dict, List, Optional, Tuple
 
 _FOR = re.compile(r"=\s*scf\.for\b|^\s*scf\.for\b")
 _ASYNC_WAIT = re.compile(r"ttg\.async_wait\b.*\{num = (\d+) : i32\}")
@@ -30,6 +35,7 @@ _ASYNC_COPY = re.compile(r"ttg\.async_copy_global_to_local\b")
 _RING_ALLOC = re.compile(r"%(\S+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x([0-9x]+)x(\w+),.*mutable")
 _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 _MULI = re.compile(r"arith\.muli\b.*:\s*tensor<(\d+)x(\d+)x(i32|i64)")
+_TENSOR_MULI = re.compile(r"arith\.muli\b.*:\s*tensor<(?:\d+x)+(i32|i64)\b")
 
 
 @dataclass
@@ -120,7 +126,61 @@ def wide_row_products(ttgir: str) -> Counter:
     return widths
 
 
+def tensor_products(ttgir: str) -> Counter:
+    """``Counter({bits: count})`` of ``arith.muli`` on integer tensors of any rank (``[N]``, ``[M, N]``, ...)."""
+    return Counter(64 if dtype == "i64" else 32 for dtype in _TENSOR_MULI.findall(ttgir))
+
+
 def ptx_instruction_count(ptx: str, opcode: str) -> int:
     """How many instructions of ``opcode`` (e.g. ``div.full.f32``, ``tanh.approx.f32``) ``ptx`` holds."""
     pattern = re.compile(r"^\s*(@%p\d+\s+)?" + re.escape(opcode) + r"\b", re.MULTILINE)
     return len(pattern.findall(ptx))
+
+
+_SCALAR_MULI = re.compile(r"arith\.muli\b[^:]*:\s*(i32|i64)\s+loc\((#loc\d*|\"[^\"]*\":\d+:\d+)\)")
+_LOC_FILE = re.compile(r'^(#loc\d*) = loc\("([^"]*)":(\d+):\d+\)')
+_LOC_NAMED = re.compile(r'^(#loc\d*) = loc\("[^"]*"\((#loc\d*)\)\)')
+_LOC_CALLSITE = re.compile(r"^(#loc\d*) = loc\(callsite\((#loc\d*) at (#loc\d*)\)\)")
+_INLINE_FILE = re.compile(r'^"([^"]*)":(\d+):\d+$')
+
+
+def _source_locations(ttgir: str) -> Dict[str, Tuple[str, int]]:
+    """``{"#locN": (file, line)}`` for the TTGIR's location aliases: a named location is its inner one, a
+    call site (an inlined ``@triton.jit`` call) the callee's frame."""
+    files: Dict[str, Tuple[str, int]] = {}
+    links: Dict[str, str] = {}
+    for text in ttgir.splitlines():
+        found = _LOC_FILE.match(text)
+        if found:
+            files[found.group(1)] = (found.group(2), int(found.group(3)))
+            continue
+        found = _LOC_NAMED.match(text) or _LOC_CALLSITE.match(text)
+        if found:
+            links[found.group(1)] = found.group(2)
+    resolved: Dict[str, Tuple[str, int]] = {}
+    for alias in list(files) + list(links):
+        seen, current = set(), alias
+        while current in links and current not in seen:
+            seen.add(current)
+            current = links[current]
+        if current in files:
+            resolved[alias] = files[current]
+    return resolved
+
+
+def scalar_products(ttgir: str, file: Optional[str] = None, lines: Optional[Container[int]] = None) -> Counter:
+    """``Counter({bits: count})`` of scalar ``arith.muli`` (``i32`` / ``i64``, no tensor): per-program address
+    arithmetic such as a block list's ``batch * stride + head * stride + row * stride``. ``file`` (a path
+    suffix) and ``lines``: only the products whose source location -- the innermost frame of an inlined
+    ``@triton.jit`` call -- is in that file, at one of those lines."""
+    locations = _source_locations(ttgir)
+    widths = Counter()
+    for dtype, location in _SCALAR_MULI.findall(ttgir):
+        if file is not None or lines is not None:
+            inline = _INLINE_FILE.match(location)
+            where = (inline.group(1), int(inline.group(2))) if inline else locations.get(location)
+            if where is None or (file is not None and not where[0].endswith(file)) \
+                    or (lines is not None and where[1] not in lines):
+                continue
+        widths[64 if dtype == "i64" else 32] += 1
+    return widths
