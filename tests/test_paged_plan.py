@@ -198,3 +198,20 @@ def test_plan_and_run_errors_name_the_argument():
         plan.update(bad, inputs.kv_lens)
     with pytest.raises(NotImplementedError, match="no backward pass on backend 'interpret'"):
         plan.run(inputs.query.clone().requires_grad_(), inputs.key_cache, inputs.value_cache)
+
+
+def test_unchecked_plans_assert_their_values_on_the_device():
+    """check=False reads nothing back, but a bad table or length still raises (at the next synchronization;
+    on CPU at once): never a silent out-of-bounds read."""
+    inputs = make_paged([40, 20], 1, 2, 2, 16, 16, dtype=torch.float32)
+    bad_table = inputs.page_table.clone()
+    bad_table[1, 0] = -3
+    with pytest.raises(RuntimeError, match=r"every page a sequence uses in \[0, num_pages="):
+        ta.plan_paged(bad_table, inputs.kv_lens, inputs.key_cache, inputs.value_cache, num_q_heads=2,
+                      backend="interpret", check=False)
+    plan = ta.plan_paged(inputs.page_table, inputs.kv_lens, inputs.key_cache, inputs.value_cache, num_q_heads=2,
+                         backend="interpret", check=False)
+    too_long = inputs.kv_lens.clone()
+    too_long[0] = 10_000
+    with pytest.raises(RuntimeError, match=r"kv_lens must lie in \[Lq=1, max_pages \* page_size"):
+        plan.update(inputs.page_table, too_long, check=False)

@@ -20,7 +20,7 @@ from ..masks.scalars import as_float
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "PAGE_SIZE_MULTIPLE", "describe", "validate_tensors",
            "validate_scale", "validate_autotune", "broadcast_kv_batch", "validate_block_mask", "validate_mod_devices",
            "validate_paged", "validate_paged_cache", "validate_paged_query", "validate_paged_heads",
-           "validate_paged_layout", "validate_paged_values"]
+           "validate_paged_layout", "validate_paged_values", "assert_paged_values_async"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACCEPTED_DTYPES = SUPPORTED_DTYPES + (torch.float64,)  # float64: the torch backend only (dispatch.plan_call)
@@ -247,6 +247,20 @@ def validate_paged_values(page_table, kv_lens, *, num_pages: int, page_size: int
                          f"(expected 0 <= page < num_pages={num_pages}); sequence {b} uses its first "
                          f"{-(-host_lengths[b] // page_size)} pages")
     return host_lengths
+
+
+def assert_paged_values_async(page_table, kv_lens, *, num_pages: int, page_size: int, q_len: int) -> None:
+    """The checks of ``validate_paged_values`` as a device-side assertion: nothing is read on the host (a
+    CUDA graph can capture it); a violation raises at the next synchronization (on CPU, at once)."""
+    capacity = page_table.shape[1] * page_size
+    lengths = kv_lens.long()
+    pages_used = (lengths + page_size - 1) // page_size
+    in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
+    bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
+    valid = (lengths <= capacity).all() & (lengths >= q_len).all() & ~bad_page.any()
+    torch._assert_async(valid, f"paged attention: kv_lens must lie in [Lq={q_len}, max_pages * page_size = "
+                               f"{capacity}] and every page a sequence uses in [0, num_pages={num_pages}) "
+                               "(checked on the device: plan_paged / update with check=False)")
 
 
 def validate_paged(query, key_cache, value_cache, page_table, kv_lens) -> List[int]:

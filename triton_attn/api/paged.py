@@ -12,6 +12,7 @@ from ..backends import run
 from ..dispatch import grad_needed, plan_paged_call
 from ..masks.scalars import as_int
 from .checks import (
+    assert_paged_values_async,
     validate_mod_devices,
     validate_paged,
     validate_paged_cache,
@@ -55,12 +56,17 @@ class PagedDecodePlan:
     def update(self, page_table: torch.Tensor, kv_lens: torch.Tensor, *, check: bool = True) -> "PagedDecodePlan":
         """Move the plan to the next step: page_table int32 [B, max_pages] and kv_lens int32 [B] with the
         plan's shapes, copied into its buffers in place. ``check``: validate the values first (one small
-        device read, as ``plan_paged``); call it outside a graph capture. Returns ``self``."""
+        device read, as ``plan_paged``; False: a device-side assertion, raised at the next sync). Returns ``self``."""
         validate_paged_layout(page_table, kv_lens, self.batch, self.device)
         if tuple(page_table.shape) != (self.batch, self.max_pages):
             raise ValueError(f"page_table must keep the plan's shape [B, max_pages] = [{self.batch}, "
                              f"{self.max_pages}], got {tuple(page_table.shape)}; make a new plan with plan_paged")
-        lengths = self._check_values(page_table, kv_lens) if check else None
+        lengths = None
+        if check:
+            lengths = self._check_values(page_table, kv_lens)
+        else:
+            assert_paged_values_async(page_table, kv_lens, num_pages=self.num_pages, page_size=self.page_size,
+                                      q_len=self.q_len)
         self._prepared.update(page_table, kv_lens, lengths)
         return self
 
@@ -111,8 +117,9 @@ def plan_paged(page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch
     kv_lens: int32 [B], each sequence's length including its ``q_len`` new query rows; key_cache /
     value_cache: one layer's pages [num_pages, Hkv, page_size, D / Dv] (every layer's must have these
     shapes, dtype and device); num_q_heads: Hq, a multiple of Hkv. mask_mod / score_mod / scale / backend
-    as ``paged_attention``. check: validate the table and lengths (one small device read; without it the
-    plan reads nothing from the device for the default mask, so it may itself be captured).
+    as ``paged_attention``. check: validate the table and lengths (one small device read); False: the same
+    checks as a device-side assertion that raises at the next synchronization, and the plan reads nothing from
+    the device for the default mask (so it may itself be captured).
 
     Usage::
 
@@ -133,8 +140,12 @@ def plan_paged(page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch
         validate_mod_devices(mod, what, device)
     scale = validate_scale(scale, key_cache)
     route = plan_paged_call(key_cache.dtype, device, needs_grad=False, backend=backend)
-    lengths = (validate_paged_values(page_table, kv_lens, num_pages=key_cache.shape[0], page_size=key_cache.shape[2],
-                                     q_len=q_len) if check else None)
+    values = dict(num_pages=key_cache.shape[0], page_size=key_cache.shape[2], q_len=q_len)
+    lengths = None
+    if check:
+        lengths = validate_paged_values(page_table, kv_lens, **values)
+    else:
+        assert_paged_values_async(page_table, kv_lens, **values)
     return _plan(route, page_table, kv_lens, key_cache, value_cache, num_q_heads=num_q_heads, q_len=q_len,
                  mask_mod=mask_mod, score_mod=score_mod, scale=scale, lengths=lengths)
 
