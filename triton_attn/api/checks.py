@@ -219,14 +219,19 @@ def validate_paged_layout(page_table, kv_lens, batch: Optional[int], device: tor
         raise ValueError("page_table must have at least one page per sequence, got max_pages=0")
 
 
+def _bad_pages(page_table, lengths, *, num_pages: int, page_size: int):
+    """bool [B, max_pages]: the table slots a sequence of ``lengths`` (int64 [B]) uses that name no page."""
+    pages_used = (lengths + page_size - 1) // page_size                                     # [B]
+    in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
+    return in_use & ((page_table < 0) | (page_table >= num_pages))
+
+
 def validate_paged_values(page_table, kv_lens, *, num_pages: int, page_size: int, q_len: int) -> List[int]:
     """The values of the page table and lengths: each kv_lens[b] in [q_len, max_pages * page_size], and
     every page a sequence uses in [0, num_pages). One small device-to-host read; returns kv_lens as ints."""
     capacity = page_table.shape[1] * page_size
     lengths = kv_lens.long()
-    pages_used = (lengths + page_size - 1) // page_size                                     # [B]
-    in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
-    bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
+    bad_page = _bad_pages(page_table, lengths, num_pages=num_pages, page_size=page_size)
     # One read: the lengths and the first bad (b, slot) of the table (-1 when none).
     flat_bad = torch.where(bad_page.flatten(), torch.arange(bad_page.numel(), device=bad_page.device), bad_page.numel())
     first_bad = flat_bad.min() if flat_bad.numel() else torch.zeros((), dtype=torch.long, device=lengths.device)
@@ -254,9 +259,7 @@ def assert_paged_values_async(page_table, kv_lens, *, num_pages: int, page_size:
     CUDA graph can capture it); a violation raises at the next synchronization (on CPU, at once)."""
     capacity = page_table.shape[1] * page_size
     lengths = kv_lens.long()
-    pages_used = (lengths + page_size - 1) // page_size
-    in_use = torch.arange(page_table.shape[1], device=page_table.device) < pages_used.unsqueeze(1)
-    bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
+    bad_page = _bad_pages(page_table, lengths, num_pages=num_pages, page_size=page_size)
     valid = (lengths <= capacity).all() & (lengths >= q_len).all() & ~bad_page.any()
     torch._assert_async(valid, f"paged attention: kv_lens must lie in [Lq={q_len}, max_pages * page_size = "
                                f"{capacity}] and every page a sequence uses in [0, num_pages={num_pages}) "

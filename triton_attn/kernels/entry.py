@@ -86,12 +86,10 @@ def paged_plan(page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch
     ``TRITON_ATTN_AUTOTUNE`` asks."""
     make_chooser = None
     if not interpret:
-        def make_chooser(query, block_mask, logical_score_mod):
-            # The chooser's own copies of the buffers are the plan's (a search launches with them).
+        def make_chooser(query, block_mask, logical_score_mod, plan_table, plan_lens):
+            # A search launches with the plan's own buffers, which its logical mask reads.
             return tuned.decode_chooser(query, key_cache, value_cache, block_mask, score_mod=logical_score_mod,
-                                        scale=scale, page_table=plan_buffers[0], kv_lens=plan_buffers[1],
-                                        autotune=None)
-    plan_buffers = (page_table.contiguous(), kv_lens.contiguous())
+                                        scale=scale, page_table=plan_table, kv_lens=plan_lens, autotune=None)
     return PagedDecode(page_table, kv_lens, key_cache, value_cache, num_q_heads=num_q_heads, q_len=q_len,
                        mask_mod=mask_mod, score_mod=score_mod, scale=scale, interpret=interpret, lengths=lengths,
                        make_chooser=make_chooser)

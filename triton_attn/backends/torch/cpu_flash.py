@@ -37,8 +37,10 @@ from ...masks.block_mask import BlockMask
 from ...masks.evaluate import call_mask_mod
 
 
-def _flash_op():
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+def flash_op():
+    """PyTorch's fused CPU attention (``.default``: no overload resolution per call), or None."""
+    packet = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return None if packet is None else packet.default
 
 
 # Mask elements (Bm * Lq * Lkv) up to which a call takes the dense route (one flash call with a bias).
@@ -64,17 +66,24 @@ def _span(key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, kv_block
     return positions, key.index_select(2, positions), value.index_select(2, positions)
 
 
-def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Combine softmax results over disjoint key sets by their log-sum-exps ([..., rows, Dv], [..., rows])."""
+def merge_parts(parts: List[Tuple[torch.Tensor, torch.Tensor]], compute: torch.dtype
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax results over disjoint key sets, ``(out [..., rows, Dv], lse [..., rows])`` each, as one
+    result over their union (in ``compute``). A row no part saw gets out 0, lse -inf."""
     if len(parts) == 1:
-        return parts[0]
-    (out_a, lse_a), (out_b, lse_b) = parts
-    top = torch.maximum(lse_a, lse_b)
+        out, lse = parts[0]
+        return out.to(compute), lse.to(compute)
+    lses = torch.stack([lse.to(compute) for _, lse in parts])                       # [n, ..., rows]
+    top = lses.amax(dim=0)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
-    total = weight_a + weight_b
-    out = (out_a * weight_a.unsqueeze(-1) + out_b * weight_b.unsqueeze(-1)) / total.clamp_min(1e-30).unsqueeze(-1)
-    lse = torch.where(total > 0, top + torch.log(total), torch.full_like(total, -math.inf))
+    weights = torch.exp(lses - top)
+    total = weights.sum(dim=0)
+    out = parts[0][0].to(compute) * weights[0].unsqueeze(-1)
+    for (part, _), weight in zip(parts[1:], weights[1:]):
+        out = out.addcmul_(part.to(compute), weight.unsqueeze(-1))
+    seen = total > 0
+    out = out / torch.where(seen, total, torch.ones_like(total)).unsqueeze(-1)
+    lse = torch.where(seen, top + torch.log(total), torch.full_like(total, float("-inf")))
     return out, lse
 
 
@@ -200,7 +209,7 @@ def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D] (``applicable`` holds) -> out [B, Hq, Lq, D], lse [B, Hq, Lq];
     None when a hidden NaN/inf key or value leaked into the output (the caller then takes the exact loop)."""
-    flash = _flash_op()
+    flash = flash_op()
     # The fused kernel reads rows of D contiguous elements; other strides come out wrong, not as errors.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     mask_batch = block_mask.shape[0]
@@ -251,7 +260,7 @@ def _blockwise_rows(flash, query, key, value, block_mask: BlockMask, scale: floa
                 _, k_span, v_span = _span(key, value, full_blocks, kv_block)
                 parts.append(_flash_with_keep(flash, grouped, k_span, v_span, None, groups, scale))
         if parts:
-            out, lse = _merge(parts)
+            out, lse = merge_parts(parts, parts[0][0].dtype)
         else:
             out = query.new_zeros(batch, kv_heads, groups * rows, head_dim)
             lse = torch.full((batch, kv_heads, groups * rows), -math.inf)

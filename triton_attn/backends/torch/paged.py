@@ -42,6 +42,7 @@ from ...masks.paged import PAGED_KV_BLOCK_SIZE, causal_paged_block_mask, depends
 from ...masks.recognize import distance_set
 from ...reference import accumulation_dtype, lse_dtype
 from .blockwise import blockwise_attention
+from .cpu_flash import flash_op, merge_parts
 
 # Bytes of keys read per chunk (all sequences of a group together; as many again for values): small
 # enough to stay in cache while the chunk is attended, large enough that per-chunk overhead stays small
@@ -60,12 +61,6 @@ MIN_CHUNK_TOKENS = 256
 
 # The distance set of the default (causal) mask: row p sees keys p - kv >= 0.
 CAUSAL_DISTANCES = [(0, None)]
-
-
-def _flash_op():
-    """PyTorch's fused CPU attention (``.default``: no overload resolution per call), or None."""
-    packet = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return None if packet is None else packet.default
 
 
 # -- regions ----------------------------------------------------------------------------------------------
@@ -284,27 +279,6 @@ def _attend_products(block: _BlockContext, key: torch.Tensor, value: torch.Tenso
     return out, lse.squeeze(-1)
 
 
-def merge_parts(parts: List[Tuple[torch.Tensor, torch.Tensor]], compute: torch.dtype
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax results over disjoint key sets, ``(out [..., rows, Dv], lse [..., rows])`` each, as one
-    result over their union (in ``compute``). A row no part saw gets out 0, lse -inf."""
-    if len(parts) == 1:
-        out, lse = parts[0]
-        return out.to(compute), lse.to(compute)
-    lses = torch.stack([lse.to(compute) for _, lse in parts])                       # [n, ..., rows]
-    top = lses.amax(dim=0)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weights = torch.exp(lses - top)
-    total = weights.sum(dim=0)
-    out = parts[0][0].to(compute) * weights[0].unsqueeze(-1)
-    for (part, _), weight in zip(parts[1:], weights[1:]):
-        out = out.addcmul_(part.to(compute), weight.unsqueeze(-1))
-    seen = total > 0
-    out = out / torch.where(seen, total, torch.ones_like(total)).unsqueeze(-1)
-    lse = torch.where(seen, top + torch.log(total), torch.full_like(total, float("-inf")))
-    return out, lse
-
-
 def _attend_block(reader: _PageReader, block: _BlockContext, regions, flash) -> Tuple[torch.Tensor, torch.Tensor]:
     """One query block of a group over its key regions, chunk by chunk: out ``[Bg, Hq, rows, Dv]`` and lse
     ``[Bg, Hq, rows]`` in the accumulation dtype."""
@@ -338,7 +312,7 @@ def _chunked_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value
     flash = None
     if (score_mod is None and query.device.type == "cpu" and head_dim == value_dim
             and query.dtype in (torch.float32, torch.float64)):
-        flash = _flash_op()
+        flash = flash_op()
     key_bytes = kv_heads * head_dim * key_cache.element_size()                      # one position's keys
     groups = equal_length_groups(lengths, max(1, CHUNK_BYTES // (max(MIN_CHUNK_TOKENS, page_size) * key_bytes)))
     all_rows = page_rows(page_table, kv_heads)

@@ -61,18 +61,19 @@ class PagedDecode:
     page_table: int32 [B, max_pages]; kv_lens: int32 [B]; key_cache / value_cache: one layer's pages
     [num_pages, Hkv, page_size, D / Dv] (every layer's have these shapes); query rows: ``q_len`` per
     sequence and ``num_q_heads`` heads, in the caches' dtype. mask_mod / score_mod at logical positions
-    (``masks/paged.py``). lengths: kv_lens as ints when the caller read them (validation). choose_config:
-    ``make_chooser(template_query, block_mask, score_mod)`` returns the tuned-config chooser (``kernels.entry``).
+    (``masks/paged.py``). lengths: kv_lens as ints when the caller read them (validation).
+    ``make_chooser(template_query, block_mask, score_mod, page_table, kv_lens)`` (the plan's own buffers)
+    returns the tuned-config chooser (``kernels.entry``).
     """
 
     def __init__(self, page_table: torch.Tensor, kv_lens: torch.Tensor, key_cache: torch.Tensor,
                  value_cache: torch.Tensor, *, num_q_heads: int, q_len: int, mask_mod: Optional[Callable],
                  score_mod: Optional[Callable], scale: float, interpret: bool,
                  lengths: Optional[Sequence[int]] = None,
-                 make_chooser: Optional[Callable[[torch.Tensor, BlockMask, Optional[Callable]], DecodeChooser]] = None):
+                 make_chooser: Optional[Callable[..., DecodeChooser]] = None):
         batch = page_table.shape[0]
         self.q_shape = (batch, num_q_heads, q_len)
-        self.mask_mod, self.user_score_mod = mask_mod, score_mod
+        self.mask_mod = mask_mod
         self.capacity = page_table.shape[1] * key_cache.shape[2]
         # The plan's own buffers: what every launch (and a graph that captured one) reads.
         self.page_table = page_table.contiguous().clone()
@@ -82,15 +83,12 @@ class PagedDecode:
         self.block_mask = problem.block_mask
         # Only shape, dtype and device of the template are read (and, when a search runs, it is timed on).
         template = torch.empty(*self.q_shape, key_cache.shape[3], dtype=key_cache.dtype, device=key_cache.device)
-        chooser = make_chooser(template, problem.block_mask, problem.score_mod) if make_chooser else None
+        chooser = (make_chooser(template, problem.block_mask, problem.score_mod, self.page_table, self.kv_lens)
+                   if make_chooser else None)
         self.launch = prepare_decode(template, key_cache.shape[1], value_cache.shape[3], problem.block_mask,
                                      score_mod=problem.score_mod, scale=scale, interpret=interpret,
                                      page_table=self.page_table, kv_lens=self.kv_lens, mask_plan=problem.mask_plan,
                                      choose_config=chooser, preallocate=True)
-
-    @property
-    def num_splits(self) -> int:
-        return self.launch.plan.num_splits
 
     def update(self, page_table: torch.Tensor, kv_lens: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> None:
         """The next step's table and lengths (same shapes), copied into the plan's buffers in place with the
