@@ -81,6 +81,33 @@ def test_attention_compiles_with_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_attention_with_dropout_compiles_fullgraph_and_draws_a_fresh_seed_per_call(grad):
+    """The seed is drawn inside the graph (torch.randint): each compiled call drops other probabilities, and
+    under one torch.manual_seed the compiled call drops what the eager one drops (outputs agree to rounding:
+    eager takes the dense route, the compiled graph the blockwise op, over the same keep decisions)."""
+    q, k, v = (t.requires_grad_(grad) for t in random_qkv(1, 2, 2, 48, 48, 16))
+    block_mask = ta.create_block_mask(causal_mask, None, None, 48, 48, BLOCK_SIZE=16)
+
+    def run(q, k, v):
+        return ta.attention(q, k, v, block_mask=block_mask, dropout_p=0.3)
+
+    _no_graph_break(run, q, k, v)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    first, second = compiled(q, k, v), compiled(q, k, v)
+    assert not torch.equal(first, second)
+    outs, grads = [], []
+    for fn in (compiled, run):
+        torch.manual_seed(11)
+        out = fn(q, k, v)
+        outs.append(out)
+        if grad:
+            grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_create_block_mask_compiles_for_model_mask_families():
     ids = torch.arange(64) // 20
     keep = torch.arange(64).view(1, -1) >= torch.tensor([0, 10]).view(-1, 1)
@@ -340,3 +367,27 @@ def test_compiled_model_score_mod_on_the_interpret_backend_matches_eager():
 
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, bias), run(q, k, v, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_attention_with_a_narrow_varlen_mask_on_the_interpret_backend_matches_eager_gradients():
+    """A varlen mask's index lists are narrower than its block grid (masks/varlen.py). Under torch.compile the op
+    rebuilds a plain BlockMask from the lists, whose grid -- the dK/dV kernel's launch over every key block --
+    comes from its row counts, not the lists' width: the gradients are eager's."""
+    pytest.importorskip("triton")
+    from triton_attn.masks.varlen import varlen_block_mask
+
+    cu_seqlens = torch.tensor([0, 40, 63, 113, 143], dtype=torch.int32)  # 4 sequences, self-attention
+    block_mask = varlen_block_mask(cu_seqlens, cu_seqlens, 50, 50, total_q=143, total_k=143, causal=True,
+                                   BLOCK_SIZE=16)
+    assert block_mask.num_blocks == (9, 9)
+    assert block_mask.kv_indices.shape[-1] < 9 and block_mask.q_indices.shape[-1] < 9  # narrow both ways
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 143, 143, 16))
+
+    def loss(q, k, v, block_mask):
+        return ta.attention(q, k, v, block_mask=block_mask, enable_gqa=True, backend="interpret").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled_grads = torch.autograd.grad(compiled(q, k, v, block_mask), (q, k, v))
+    eager_grads = torch.autograd.grad(loss(q, k, v, block_mask), (q, k, v))
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

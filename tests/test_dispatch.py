@@ -80,6 +80,66 @@ def test_the_route_table_on_the_triton_backends():
         _route(q.double(), k.double(), v.double(), backend="interpret")
 
 
+def _dropout_route(q, k, v, mod=None, *, grad=False, score_mod=None, backend=None, heads=None):
+    block_mask = None if mod is None else ta.create_block_mask(mod, None, heads, q.shape[2], k.shape[2], BLOCK_SIZE=16)
+    with torch.set_grad_enabled(grad):
+        return ta.explain(q.detach().requires_grad_(grad), k, v, block_mask=block_mask, score_mod=score_mod,
+                          backend=backend, enable_gqa=q.shape[1] != k.shape[1], dropout_p=0.1)
+
+
+def test_the_route_table_with_dropout():
+    """Dropout never takes PyTorch's fused kernels nor the decode kernel (neither gives the keep mask);
+    the torch backend's dense route takes the masks sdpa would, the blockwise loop the rest."""
+    q, k, v = random_qkv(1, 4, 2, 64, 64, 16)
+    for grad in (False, True):
+        backward = "dense" if grad else "none"
+        assert _table_row(_dropout_route(q, k, v, grad=grad)) == ("torch", "dense", "direct", backward, "none")
+        assert _table_row(_dropout_route(q, k, v, causal_mask, grad=grad)) == ("torch", "dense", "direct", backward,
+                                                                               "causal")
+        assert _table_row(_dropout_route(q, k, v, sliding_window_mask(9), grad=grad)) == (
+            "torch", "dense", "direct", backward, "dense")
+        blockwise = _dropout_route(q, k, v, causal_mask, grad=grad, score_mod=softcap_score(5.0))
+        assert _table_row(blockwise) == ("torch", "blockwise", "direct" if not grad else "op",
+                                         "blockwise" if grad else "none", "")
+        assert _dropout_route(q, k, v, causal_mask, grad=grad, heads=4).family == "blockwise"
+    route = _dropout_route(q, k, v, causal_mask, grad=True)
+    assert any("dropout" in reason for reason in route.reasons)
+    assert route is _dropout_route(q, k, v, causal_mask, grad=True)  # interned: one object per distinct route
+    # Rows of keys too long to hold 16 query rows' scores at once: the blockwise loop.
+    long_q, long_kv = torch.empty(64, 16, 16, 8), torch.empty(64, 16, 2048, 8)   # (only shapes are read)
+    assert _dropout_route(long_q, long_kv, long_kv).family == "blockwise"
+    # The Triton backends: the prefill kernels at any query length.
+    for length in (16, 64):
+        assert _table_row(_dropout_route(q[:, :, :length], k, v, backend="interpret")) == (
+            "interpret", "prefill", "op", "none", "")
+    assert _table_row(_dropout_route(q, k, v, causal_mask, grad=True, backend="interpret")) == (
+        "interpret", "prefill", "op", "kernels", "")
+    assert Route.from_token("torch/dense/dense") == Route("torch", "dense", "op", "dense")
+
+
+def test_a_dropout_call_runs_the_route_it_plans(monkeypatch):
+    from triton_attn.backends import run
+
+    ran = []
+    original = run.forward
+    monkeypatch.setattr(run, "forward", lambda route, *a, **kw: ran.append((route.token, kw["dropout"] is not None))
+                        or original(route, *a, **kw))
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
+    for mod, score_mod in ((causal_mask, None), (causal_mask, softcap_score(5.0))):
+        block_mask = ta.create_block_mask(mod, None, None, 40, 40, BLOCK_SIZE=16)
+        for grad, backend in ((False, "torch"), (True, "torch"), (False, "interpret"), (True, "interpret")):
+            with torch.set_grad_enabled(grad):
+                query = q.detach().requires_grad_(grad)
+                planned = ta.explain(query, k, v, block_mask=block_mask, score_mod=score_mod, backend=backend,
+                                     dropout_p=0.2)
+                ran.clear()
+                out = ta.attention(query, k, v, block_mask=block_mask, score_mod=score_mod, backend=backend,
+                                   dropout_p=0.2)
+                if grad:
+                    out.sum().backward()
+            assert ran == [(planned.token, True)], (planned, ran)
+
+
 def test_route_tokens_round_trip_and_reject_what_is_not_a_route():
     route = Route("interpret", "decode", "op", "none", "", ("why",))
     assert Route.from_token(route.token) == Route("interpret", "decode", "op", "none")

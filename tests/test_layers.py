@@ -17,7 +17,7 @@ PACKAGE = Path(triton_attn.__file__).resolve().parent
 
 # Lowest first. A module may import modules of its own layer or of a lower one; within a layer, zero cycles.
 LAYERS: List[tuple] = [
-    ("triton_attn.settings", "triton_attn.versions"),
+    ("triton_attn.settings", "triton_attn.versions", "triton_attn.dropout"),
     ("triton_attn.masks",),
     ("triton_attn.reference",),
     ("triton_attn.kernels",),

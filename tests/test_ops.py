@@ -2,6 +2,7 @@
 handling of masked-out NaN keys, and meta tensors."""
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -61,6 +62,35 @@ def test_opcheck_interpret_backend():
         torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args,
                               test_utils=("test_schema", "test_faketensor"))
         assert torch.ops.triton_attn.attention_forward(*args)[2].shape == ((1, 2, 32, 2) if save_stats else (0,))
+
+
+def _kernels_have_dropout() -> bool:
+    from triton_attn.kernels import entry
+
+    return "dropout" in inspect.signature(entry.prefill_forward).parameters
+
+
+@pytest.mark.parametrize("route", ["torch/blockwise/blockwise", "interpret/prefill/kernels"])
+def test_opcheck_with_dropout(route):
+    """The dropout arguments (p as a float, the seed as an int64 [1] tensor), forward and backward: the
+    backward op regenerates the forward's keep decisions, so its gradients are those of the forward."""
+    if route.startswith("interpret") and not _kernels_have_dropout():
+        pytest.skip("the Triton kernels have no dropout yet (kernels/entry.py)")
+    q, k, v = random_qkv(1, 2, 1, 48, 48, 16)
+    block_mask = ta.create_block_mask(causal_mask, None, None, 48, 48, BLOCK_SIZE=16)
+    seed = torch.tensor([20251207], dtype=torch.int64)
+    args = (*_op_args(*(t.requires_grad_() for t in (q, k, v)), block_mask, softcap_score(3.0), route=route), 0.3, seed)
+    torch.library.opcheck(torch.ops.triton_attn.attention_forward.default, args)
+    out, lse, stats = torch.ops.triton_attn.attention_forward(*args)
+    no_dropout, _, _ = torch.ops.triton_attn.attention_forward(*args[:-2])
+    assert not torch.equal(out, no_dropout)
+    grad_out = torch.randn_like(out)
+    backward_args = (*(t.detach() for t in (q, k, v, out, lse)), grad_out, None, *args[3:-2], stats, 0.3, seed)
+    torch.library.opcheck(torch.ops.triton_attn.attention_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    expected = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, want in zip(torch.ops.triton_attn.attention_backward(*backward_args), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @needs_cuda
@@ -249,6 +279,13 @@ def test_attention_on_meta_tensors_infers_shapes():
     out, lse = ta.attention(q, kv, kv[..., :32], score_mod=softcap_score(20.0), enable_gqa=True, return_lse=True)
     assert out.device.type == "meta" and out.shape == (2, 4, 300, 32) and out.dtype == q.dtype
     assert lse.shape == (2, 4, 300) and lse.dtype == torch.float32
+
+
+def test_attention_with_dropout_on_meta_tensors_infers_shapes():
+    q = torch.empty(2, 4, 300, 64, device="meta")
+    kv = torch.empty(2, 2, 300, 64, device="meta")
+    out = ta.attention(q.requires_grad_(), kv, kv, enable_gqa=True, dropout_p=0.1)
+    assert out.device.type == "meta" and out.shape == (2, 4, 300, 64)
 
 
 def test_create_block_mask_on_meta_infers_shapes():

@@ -20,6 +20,9 @@ _PUBLIC = {
     "plan_paged": ".api",
     "PagedDecodePlan": ".api",
     "write_paged_kv": ".api",
+    "flash_attn_func": ".api.flash",
+    "flash_attn_varlen_func": ".api.flash",
+    "flash_attn_with_kvcache": ".api.flash_kvcache",
     "PagedKVCache": ".paged_cache",
     "PagedBatch": ".paged_cache",
     "create_block_mask": ".masks",
@@ -29,7 +32,8 @@ _PUBLIC = {
 }
 
 __all__ = ["attention", "explain", "flex_attention", "paged_attention", "plan_paged", "PagedDecodePlan",
-           "write_paged_kv", "PagedKVCache", "PagedBatch",
+           "write_paged_kv", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "PagedKVCache",
+           "PagedBatch",
            "create_block_mask", "create_mask", "BlockMask", "CompactBlockMask", "__version__"]
 
 

@@ -11,12 +11,19 @@ A route names four things:
 - ``family``: the algorithm. Triton backends: ``prefill`` (the flash forward/backward kernels),
   ``decode`` (the split-KV kernel, Lq <= 16 and no gradient), ``paged``. Torch backend: ``sdpa``
   (PyTorch's own fused attention, where it computes the call exactly), ``cpu_flash`` (PyTorch's fused CPU
-  kernel over the mask's tiles, float32 inference), ``blockwise`` (the tile-by-tile loop), ``paged``
-  (pages read a chunk at a time; gathered, then blockwise, with gradients).
+  kernel over the mask's tiles, float32 inference), ``blockwise`` (the tile-by-tile loop), ``dense``
+  (calls with dropout whose mask ``sdpa`` would take: chunks of query rows against all their keys),
+  ``paged`` (pages read a chunk at a time; gathered, then blockwise, with gradients).
 - ``call``: ``op`` (the ``torch.library`` ops: ``torch.compile`` and ``opcheck`` see them) or ``direct``.
 - ``backward``: ``none`` (no gradient needed), ``kernels`` (the Triton backward kernels, P from the
   forward's softmax statistics), ``blockwise`` (PyTorch recomputes one query-block row at a time: the
-  torch backend, and score_mods whose captured tensors need gradients), ``sdpa`` (PyTorch's).
+  torch backend, and score_mods whose captured tensors need gradients), ``sdpa`` (PyTorch's), ``dense``
+  (the dense route's explicit backward).
+
+A call with dropout (``dropout_p > 0``) runs where the keep decisions are ours, so that the backward and
+``return_dropout_mask`` regenerate them from the seed: the ``prefill`` kernels (never ``decode``) and the
+torch backend's ``dense`` route (eager CPU, no score_mod, a mask ``sdpa`` would take) or ``blockwise`` loop
+(never ``sdpa`` / ``cpu_flash``: PyTorch's kernels cannot give the mask).
 
 ``TRITON_ATTN_LOG=route`` prints each distinct route (with the reasons) the first time a call takes it;
 ``triton-attn explain`` prints the route of a described call without running it.
@@ -42,14 +49,19 @@ from .masks.evaluate import mod_name
 from .masks.recognize import is_causal
 
 __all__ = ["Route", "plan_call", "call_backend", "plan_paged_call", "grad_needed", "choose_backend", "BACKENDS",
-           "MAX_DECODE_Q_LEN",
+           "MAX_DECODE_Q_LEN", "DROPOUT_FAMILIES",
            "ScoreModFallbackWarning", "score_mod_fallback_reason", "structured_fallback_reason"]
 
 BACKENDS = ("torch", "triton", "interpret")
-FAMILIES = ("prefill", "decode", "paged", "sdpa", "cpu_flash", "blockwise")
-BACKWARDS = ("none", "kernels", "blockwise", "sdpa")
+FAMILIES = ("prefill", "decode", "paged", "sdpa", "cpu_flash", "blockwise", "dense")
+BACKWARDS = ("none", "kernels", "blockwise", "sdpa", "dense")
+# The families that apply a call's dropout (their keep decisions come from its seed).
+DROPOUT_FAMILIES = ("prefill", "blockwise", "dense")
 
 _SHORT_QUERY = f"no gradient; Lq <= {MAX_DECODE_Q_LEN}: split-KV decode kernel"
+_DROPOUT_PREFILL = f"no gradient; dropout (Lq <= {MAX_DECODE_Q_LEN}): prefill kernel, the decode kernel has none"
+_DROPOUT_TORCH = "dropout: PyTorch's fused kernels cannot give the keep mask"
+_DENSE_REASONS = {mask: f"dropout over whole rows of keys (mask: {mask})" for mask in ("none", "causal", "dense")}
 
 # PyTorch's fused CPU attention computes these exactly (within the numerics rule): backends/torch/sdpa.py's
 # SDPA_DTYPES (tests/test_dispatch.py checks that they agree).
@@ -60,12 +72,16 @@ DENSE_MASK_ELEMENTS = 1 << 22
 # computed: PyTorch's dense kernel then beats skipping the rest (prefix-LM, 4k tokens: bench/results/attention_*).
 DENSE_MASK_MAX_ELEMENTS = 1 << 26
 DENSE_MASK_MIN_DENSITY = 0.35
+# Scores of 16 query rows against all keys ([B, Hq, 16, Lkv]) up to which a call with dropout may take the dense
+# route (it holds a few buffers of that size); longer rows of keys take the blockwise loop.
+DENSE_DROPOUT_ROW_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
 class Route:
-    """The path of one call (see the module docstring). ``sdpa_mask``: for the ``sdpa`` family, how the mask
-    reaches PyTorch's kernel (``none``, ``causal``, ``dense``); ``reasons``: why, in words."""
+    """The path of one call (see the module docstring). ``sdpa_mask``: for the ``sdpa`` and ``dense`` families,
+    how the mask reaches PyTorch's kernel or the dense route (``none``, ``causal``, ``dense``); ``reasons``:
+    why, in words."""
 
     backend: str
     family: str
@@ -156,12 +172,13 @@ def grad_needed(*tensors: torch.Tensor) -> bool:
 
 def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
               score_mod: Optional[Callable], *, backend: Optional[str], fixed_config: bool = False,
-              chosen: Optional[Tuple[str, Tuple[str, ...]]] = None) -> Route:
+              chosen: Optional[Tuple[str, Tuple[str, ...]]] = None, dropout: bool = False) -> Route:
     """The route of an ``attention()`` call (inputs validated; ``block_mask`` the call's, or the default
     all-full mask). ``fixed_config``: the caller fixes the forward kernel's tiles (Flex's
     ``kernel_options``), which only a forward without gradients on a Triton backend takes
-    (``Route.tiles``). ``chosen``: ``call_backend``'s answer when the caller asked it first. Raises
-    TypeError for float64 inputs on a Triton backend."""
+    (``Route.tiles``). ``chosen``: ``call_backend``'s answer when the caller asked it first.
+    ``dropout``: the call drops probabilities (a family of ``DROPOUT_FAMILIES``). Raises TypeError for
+    float64 inputs on a Triton backend."""
     compiling = torch.compiler.is_compiling()
     if chosen is None:
         chosen = call_backend(query, score_mod, backend)
@@ -172,13 +189,16 @@ def plan_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block
                      and any(t.requires_grad for t in captured_tensors(score_mod)))
     needs_grad = needs_grad or learnable
     if backend_name == "torch":
-        return _torch_route(query, key, value, block_mask, score_mod, needs_grad, learnable, compiling, reasons)
+        return _torch_route(query, key, value, block_mask, score_mod, needs_grad, learnable, compiling, reasons,
+                            dropout)
     compact = isinstance(block_mask, CompactBlockMask)
     fixed_config = fixed_config and not needs_grad
     if not needs_grad:
-        family = "decode" if query.shape[2] <= MAX_DECODE_Q_LEN and not fixed_config else "prefill"
+        short = query.shape[2] <= MAX_DECODE_Q_LEN
+        family = "decode" if short and not fixed_config and not dropout else "prefill"
         reasons.append("no gradient; kernel_options fix the prefill tiles" if fixed_config
-                       else _SHORT_QUERY if family == "decode" else "no gradient; Lq > 16: prefill kernel")
+                       else _SHORT_QUERY if family == "decode" else _DROPOUT_PREFILL if short
+                       else "no gradient; Lq > 16: prefill kernel")
         backward = "none"
     else:
         family, backward = "prefill", "blockwise" if learnable else "kernels"
@@ -199,12 +219,22 @@ _BLOCKWISE_REASONS = {False: "blockwise PyTorch", True: "blockwise PyTorch: lear
 
 
 def _torch_route(query, key, value, block_mask: BlockMask, score_mod, needs_grad: bool, learnable: bool,
-                 compiling: bool, reasons: list) -> Route:
-    """The torch backend's route: PyTorch's fused kernels where they compute the call exactly, else blockwise."""
+                 compiling: bool, reasons: list, dropout: bool) -> Route:
+    """The torch backend's route: PyTorch's fused kernels where they compute the call exactly (without
+    dropout), else blockwise."""
     cpu = query.device.type == "cpu"
     cpu_eager = cpu and not compiling
-    fused_ok = score_mod is None and key.shape[-1] == value.shape[-1] and _fused_cpu_ops()
     mask_batch, mask_heads = block_mask.shape[:2]
+    if dropout:
+        reasons.append(_DROPOUT_TORCH)
+        rows_fit = query.shape[0] * query.shape[1] * 16 * key.shape[2] <= DENSE_DROPOUT_ROW_ELEMENTS
+        dense_mask = (_dense_dropout_mask(block_mask, mask_batch, mask_heads)
+                      if cpu_eager and score_mod is None and rows_fit else "")
+        if dense_mask:
+            reasons.append(_DENSE_REASONS[dense_mask])
+            return _logged(_interned("torch", "dense", "direct", "dense" if needs_grad else "none", dense_mask,
+                                     reasons), compiling)
+    fused_ok = not dropout and score_mod is None and key.shape[-1] == value.shape[-1] and _fused_cpu_ops()
     sdpa_mask = _sdpa_mask(query, block_mask, mask_batch, mask_heads, needs_grad) if cpu_eager and fused_ok else ""
     if sdpa_mask:
         reasons.append(_SDPA_REASONS[sdpa_mask])
@@ -247,6 +277,24 @@ def _sdpa_mask(query, block_mask: BlockMask, mask_batch: int, mask_heads: int, n
     if not needs_grad or mask_heads != 1:
         return ""
     if dense_small:
+        return "dense"
+    dense_enough = 100.0 - block_mask.sparsity() >= 100.0 * DENSE_MASK_MIN_DENSITY
+    return "dense" if elements <= DENSE_MASK_MAX_ELEMENTS and dense_enough else ""
+
+
+def _dense_dropout_mask(block_mask: BlockMask, mask_batch: int, mask_heads: int) -> str:
+    """How the dense dropout route (``backends/torch/dense.py``) takes this mask (``none`` / ``causal`` /
+    ``dense``), or "": the masks ``_sdpa_mask`` gives PyTorch's kernel with gradients (any dtype: the route
+    computes in float32 or float64). Sparser masks keep the blockwise loop, which skips empty tiles."""
+    if getattr(block_mask, "visits_every_tile", False):
+        return "none"
+    if not block_mask.exact_layout or mask_heads != 1:
+        return ""
+    if is_causal(block_mask.mask_mod):
+        return "causal"
+    q_len, kv_len = block_mask.seq_lengths
+    elements = mask_batch * q_len * kv_len
+    if elements <= DENSE_MASK_ELEMENTS:
         return "dense"
     dense_enough = 100.0 - block_mask.sparsity() >= 100.0 * DENSE_MASK_MIN_DENSITY
     return "dense" if elements <= DENSE_MASK_MAX_ELEMENTS and dense_enough else ""

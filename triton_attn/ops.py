@@ -8,7 +8,11 @@ understand. Their arguments can only be tensors, numbers and strings, so a call 
   captured (``mod_table.py``);
 - the BlockMask travels as its eight index tensors plus ints: BLOCK_SIZE, seq_lengths and its
   ``LaunchPlan`` (so the launch never reads the device to plan itself);
-- the route (``dispatch.Route``, decided by the caller) as its token ``backend/family/backward``.
+- the route (``dispatch.Route``, decided by the caller) as its token ``backend/family/backward``;
+- the call's dropout (``triton_attn/dropout.py``) as ``dropout_p`` (a float) and ``dropout_seed`` (its int64
+  ``[1]`` seed tensor): ``0.0`` and None (or an empty tensor) mean none. The seed is a tensor so that a
+  compiled graph draws it with ``torch.randint`` on every run instead of baking a constant in; the backward
+  op gets the same two, and regenerates the forward's keep decisions from them.
 
 The implementations run the route (``backends/run.py``) and decide nothing; the registered autograd
 formula calls the backward op, which runs ``run.backward``. The fake implementations give shapes only,
@@ -25,6 +29,7 @@ import torch
 
 from .backends import run
 from .dispatch import Route
+from .dropout import Dropout
 from .masks.block_mask import BlockMask, LaunchPlan
 from .mod_table import resolve_mod
 from .reference import lse_dtype
@@ -116,31 +121,42 @@ _MASK_AND_MODS = ("Tensor[] layout, int[] mask_ints, str mask_key, Tensor[] mask
 # The forward's third output: the softmax statistics (shift, 1 / sum per row) the Triton backward recomputes P
 # from (P from the rounded lse is off by ulp(|lse|), which large position biases make visible); written when the
 # route's backward is the Triton kernels (``Route.saves_stats``), else an empty tensor.
-torch.library.define(FORWARD, f"(Tensor query, Tensor key, Tensor value, {_MASK_AND_MODS}) -> (Tensor, Tensor, Tensor)")
+_DROPOUT = "float dropout_p=0.0, Tensor? dropout_seed=None"
+torch.library.define(FORWARD, f"(Tensor query, Tensor key, Tensor value, {_MASK_AND_MODS}, {_DROPOUT}) "
+                              "-> (Tensor, Tensor, Tensor)")
 torch.library.define(BACKWARD, "(Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? grad_out, "
-                               f"Tensor? grad_lse, {_MASK_AND_MODS}, Tensor? softmax_stats=None) "
+                               f"Tensor? grad_lse, {_MASK_AND_MODS}, Tensor? softmax_stats=None, {_DROPOUT}) "
                                "-> (Tensor, Tensor, Tensor)")
+
+
+def _dropout(dropout_p: float, dropout_seed: Optional[torch.Tensor]) -> Optional[Dropout]:
+    """The ``Dropout`` the ops' two dropout arguments carry, or None (p 0, or no seed)."""
+    if dropout_p == 0.0 or dropout_seed is None or dropout_seed.numel() == 0:
+        return None
+    return Dropout(float(dropout_p), dropout_seed)
 
 
 @torch.library.impl(FORWARD, "default")
 def attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: List[torch.Tensor],
                          mask_ints: List[int], mask_key: str, mask_captured: List[torch.Tensor], score_key: str,
                          score_captured: List[torch.Tensor], scale: float, route: str,
-                         autotune: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         autotune: int, dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> (out [B, Hq, Lq, Dv], lse [B, Hq, Lq],
-    softmax_stats: float32 [B, Hq, Lq, 2] when the route's backward is the Triton kernels, else empty [0])."""
+    softmax_stats: float32 [B, Hq, Lq, 2] when the route's backward is the Triton kernels, else empty [0]).
+    ``dropout_p`` / ``dropout_seed`` (int64 [1]): the call's dropout (0.0 / None: none)."""
     planned = Route.from_token(route)
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
     stats = run.softmax_stats(planned, query)
     out, lse = run.forward(planned, query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                           autotune=_autotune_flag(autotune), stats=stats)
+                           autotune=_autotune_flag(autotune), stats=stats, dropout=_dropout(dropout_p, dropout_seed))
     return out.contiguous(), lse.contiguous(), query.new_empty(0, dtype=torch.float32) if stats is None else stats
 
 
 @torch.library.register_fake(FORWARD)
 def _attention_forward_fake(query, key, value, layout, mask_ints, mask_key, mask_captured, score_key, score_captured,
-                            scale, route, autotune):
+                            scale, route, autotune, dropout_p=0.0, dropout_seed=None):
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     stats_shape = (batch, q_heads, q_len, 2) if Route.from_token(route).saves_stats else (0,)
@@ -153,10 +169,12 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                           layout: List[torch.Tensor], mask_ints: List[int], mask_key: str,
                           mask_captured: List[torch.Tensor], score_key: str, score_captured: List[torch.Tensor],
-                          scale: float, route: str, autotune: int, softmax_stats: Optional[torch.Tensor] = None
+                          scale: float, route: str, autotune: int, softmax_stats: Optional[torch.Tensor] = None,
+                          dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) shaped like (query, key, value); grad_out / grad_lse None count as zero.
-    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (Triton backward), None or empty: from ``lse``."""
+    ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (Triton backward), None or empty: from ``lse``.
+    ``dropout_p`` / ``dropout_seed``: the forward's dropout (0.0 / None: none)."""
     planned = Route.from_token(route)
     block_mask = unflatten_block_mask(layout, mask_ints, resolve_mod(mask_key, mask_captured))
     score_mod = resolve_mod(score_key, score_captured)
@@ -164,39 +182,43 @@ def attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
     with _autograd_inside_op() if planned.backward == "blockwise" else contextlib.nullcontext():
         grads = run.backward(planned, query, key, value, out, lse, grad_out, grad_lse, block_mask,
                              score_mod=score_mod, scale=scale, autotune=_autotune_flag(autotune),
-                             softmax_stats=stats)
+                             softmax_stats=stats, dropout=_dropout(dropout_p, dropout_seed))
     return tuple(g.contiguous() for g in grads[:3])
 
 
 @torch.library.register_fake(BACKWARD)
 def _attention_backward_fake(query, key, value, out, lse, grad_out, grad_lse, layout, mask_ints, mask_key,
-                             mask_captured, score_key, score_captured, scale, route, autotune, softmax_stats=None):
+                             mask_captured, score_key, score_captured, scale, route, autotune, softmax_stats=None,
+                             dropout_p=0.0, dropout_seed=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _setup_context(ctx, inputs, output):
     query, key, value, layout, mask_ints, mask_key, mask_captured, score_key, score_captured, scale, route, \
-        autotune = inputs
+        autotune, *dropout = inputs
+    dropout_p, dropout_seed = (dropout + [0.0, None])[:2]
     out, lse, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(query, key, value, out, lse, stats, *layout, *mask_captured, *score_captured)
+    ctx.save_for_backward(query, key, value, out, lse, stats, dropout_seed, *layout, *mask_captured, *score_captured)
     ctx.counts = (len(layout), len(mask_captured))
-    ctx.args = (mask_ints, mask_key, score_key, scale, route, autotune)
+    ctx.args = (mask_ints, mask_key, score_key, scale, route, autotune, dropout_p)
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_stats):
-    query, key, value, out, lse, stats, *rest = ctx.saved_tensors
+    query, key, value, out, lse, stats, dropout_seed, *rest = ctx.saved_tensors
     layout_count, mask_count = ctx.counts
     layout, mask_captured = rest[:layout_count], rest[layout_count:layout_count + mask_count]
     score_captured = rest[layout_count + mask_count:]
-    mask_ints, mask_key, score_key, scale, route, autotune = ctx.args
+    mask_ints, mask_key, score_key, scale, route, autotune, dropout_p = ctx.args
     dq, dk, dv = torch.ops.triton_attn.attention_backward(query, key, value, out, lse, grad_out, grad_lse,
                                                           list(layout), mask_ints, mask_key, list(mask_captured),
                                                           score_key, list(score_captured), scale, route, autotune,
-                                                          stats)
-    # One entry per input, a list for each tensor-list input (the layout, the captured tensors).
-    return (dq, dk, dv, [None] * layout_count, None, None, [None] * mask_count, None, [None] * len(score_captured),
-            None, None, None)
+                                                          stats, dropout_p, dropout_seed)
+    # One entry per input, a list for each tensor-list input (the layout, the captured tensors), for the inputs
+    # the call passed: the dispatcher leaves out trailing arguments equal to their defaults (the dropout ones).
+    grads = (dq, dk, dv, [None] * layout_count, None, None, [None] * mask_count, None, [None] * len(score_captured),
+             None, None, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
@@ -204,14 +226,16 @@ torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context
 
 def attention_op(route: Route, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
                  mask: Tuple[str, List[torch.Tensor]], score: Tuple[str, List[torch.Tensor]], *, scale: float,
-                 autotune: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+                 autotune: Optional[bool], dropout: Optional[Dropout] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Call the forward op on ``route`` (differentiable through the backward op); inputs validated.
 
     ``mask`` / ``score``: ``(key, captured tensors)`` from ``mod_table.register_mod`` (``compiled_mod``
-    under ``torch.compile``). Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
+    under ``torch.compile``). ``dropout``: the call's (None: none; the op is then called exactly as
+    without dropout). Returns out [B, Hq, Lq, Dv] and lse [B, Hq, Lq] float32.
     """
     layout, ints = flatten_block_mask(block_mask)
+    extra = () if dropout is None else (float(dropout.p), dropout.seed)
     out, lse, _ = torch.ops.triton_attn.attention_forward(query, key, value, layout, ints, mask[0], list(mask[1]),
                                                          score[0], list(score[1]), float(scale), route.token,
-                                                         -1 if autotune is None else int(autotune))
+                                                         -1 if autotune is None else int(autotune), *extra)
     return out, lse

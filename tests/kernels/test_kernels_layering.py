@@ -22,6 +22,7 @@ HOST = {f"{KERNELS}.host", f"{KERNELS}.attention.tiling", f"{KERNELS}.attention.
         f"{KERNELS}.decode.configs", f"{KERNELS}.targets", f"{KERNELS}.targets.target", f"{KERNELS}.targets.nvidia",
         f"{KERNELS}.targets.amd"}
 LAUNCHERS = {f"{KERNELS}.attention.forward_launch", f"{KERNELS}.attention.backward_launch",
+             f"{KERNELS}.attention.dropout_mask",
              f"{KERNELS}.decode.launch"}
 AOT = {f"{KERNELS}.attention.aot", f"{KERNELS}.decode.aot", f"{KERNELS}.tuning.aot"}
 ABOVE_AOT = {f"{KERNELS}.tuned", f"{KERNELS}.entry", f"{KERNELS}.matrix"}

@@ -269,6 +269,43 @@ def test_to_device_copies_fields():
     assert torch.equal(back.to_dense(), bm.to_dense()) and back is not bm
 
 
+
+def _narrowed(bm: ta.BlockMask, kv_width: int, q_width: int, **replace) -> ta.BlockMask:
+    """``bm`` with its index lists cut to the given widths (valid entries come first, so a width of at least the
+    longest row keeps every block), as a fresh, unvalidated BlockMask; ``replace``: fields to swap in."""
+    fields = {name: getattr(bm, name) for name in ta.BlockMask._TENSOR_FIELDS}
+    for name in ("kv_indices", "full_kv_indices", "q_indices", "full_q_indices"):
+        fields[name] = fields[name][..., :kv_width if "kv" in name else q_width].contiguous()
+    fields.update(replace)
+    return ta.BlockMask(**fields, BLOCK_SIZE=bm.BLOCK_SIZE, seq_lengths=bm.seq_lengths, mask_mod=bm.mask_mod)
+
+
+def test_index_lists_narrower_than_the_grid():
+    """FlexAttention's lists may be narrower than the block grid (kernels read a row's first num entries): the
+    grid comes from the lists' row counts, validate accepts widths 1..grid, and attention reads them."""
+    bm = ta.create_block_mask(sliding_window_mask(20), 2, None, 150, 150, BLOCK_SIZE=16)   # 10 x 10 blocks
+    most = int((bm.kv_num_blocks + bm.full_kv_num_blocks).max())
+    assert most < 10
+    narrow = _narrowed(bm, most, most).validate()  # the value checks, with one device read
+    assert narrow.num_blocks == (10, 10) and narrow.kv_indices.shape == (2, 1, 10, most)
+    assert torch.equal(narrow.to_dense(), bm.to_dense()) and torch.equal(narrow.full_blocks(), bm.full_blocks())
+    assert narrow[1].num_blocks == (10, 10) and torch.equal(narrow[1].to_dense(), bm.to_dense()[1:])
+    assert narrow.sparsity() == pytest.approx(bm.sparsity()) and narrow.to_string() == bm.to_string()
+    q, k, v = torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
+    torch.testing.assert_close(ta.attention(q, k, v, block_mask=narrow, backend="torch"),
+                               ta.attention(q, k, v, block_mask=bm, backend="torch"), rtol=0, atol=1e-6)
+    # Too narrow for a row's blocks, wider than the grid, no width, or partial and full lists of other widths.
+    with pytest.raises(ValueError, match="kv_num_blocks must be between 0 and 1"):
+        _narrowed(bm, 1, most).validate()
+    wider = torch.cat([bm.kv_indices, bm.kv_indices[..., :1]], -1)
+    with pytest.raises(ValueError, match="kv_indices has width 11, expected 1 to 10"):
+        _narrowed(bm, 10, 10, kv_indices=wider, full_kv_indices=wider.clone()).validate()
+    with pytest.raises(ValueError, match="q_indices has width 0, expected 1 to 10"):
+        _narrowed(bm, most, 0).validate()
+    with pytest.raises(ValueError, match=f"kv_indices has width {most}, expected 10 \\(that of full_kv_indices"):
+        _narrowed(bm, most, most, full_kv_indices=bm.full_kv_indices).validate()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_cuda_and_attention_moves_mask():
     bm = ta.create_block_mask(causal_mask, None, None, 40, 40, BLOCK_SIZE=16)

@@ -144,11 +144,14 @@ def test_training_gradients_match_eager():
         torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-3)
 
 
-def test_dropout_while_training_is_an_error():
-    model = ReferenceDecoder(_config(attention_dropout=0.1)).train()
-    with pytest.raises(ValueError, match="dropout=0.1 is not supported"):
-        model(torch.randint(0, 128, (1, 8)))
-    model.eval()(torch.randint(0, 128, (1, 8)))
+def test_dropout_applies_while_training_only():
+    model = ReferenceDecoder(_config(attention_dropout=0.5)).train()
+    input_ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        trained = model(input_ids).logits
+        evaluated = model.eval()(input_ids).logits
+        assert torch.equal(model(input_ids).logits, evaluated)
+    assert (trained - evaluated).abs().max() > 1e-3
 
 
 def test_kwargs_reach_every_attention_call():

@@ -284,10 +284,12 @@ def test_attention_function_dense_masks():
 def test_attention_function_errors():
     q, k, v = _qkv()
     training = Module(2).train()
-    with pytest.raises(ValueError, match="dropout=0.1 is not supported"):
-        triton_fn(training, q, k, v, None, dropout=0.1)
-    triton_fn(Module(2).eval(), q, k, v, None, dropout=0.1)  # inference: dropout is off anyway
-    triton_fn(training, q, k, v, None, dropout=0.0)
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        triton_fn(training, q, k, v, None, dropout=1.5)
+    plain = triton_fn(training, q, k, v, None, dropout=0.0)[0]
+    # inference: dropout is off anyway; training: the dropout is applied (tests/registry/test_model_dropout.py)
+    torch.testing.assert_close(triton_fn(Module(2).eval(), q, k, v, None, dropout=0.5)[0], plain)
+    assert not torch.allclose(triton_fn(training, q, k, v, None, dropout=0.5)[0], plain)
     with pytest.raises(ValueError, match="num_key_value_groups=3"):
         triton_fn(Module(3), q, k, v, None)
     with pytest.raises(ValueError, match="4-D tensor"):

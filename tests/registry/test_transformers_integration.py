@@ -327,14 +327,18 @@ def test_from_pretrained_with_attn_implementation(tmp_path, calls):
     torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=1e-4)
 
 
-def test_dropout_in_training_is_a_clear_error():
+def test_dropout_applies_in_training_only():
+    """Attention dropout runs while training (its statistics: tests/registry/test_model_dropout.py)."""
     config, cls, _ = _config("llama")
-    config.attention_dropout = 0.1
+    config.attention_dropout = 0.5
     model = cls._from_config(config, attn_implementation="triton_attn").train()
-    with pytest.raises(ValueError, match="dropout=0.1 is not supported"):
-        model(input_ids=torch.randint(1, VOCAB, (1, 8)))
-    model.eval()
-    model(input_ids=torch.randint(1, VOCAB, (1, 8)))
+    input_ids = torch.randint(1, VOCAB, (1, 8))
+    with torch.no_grad():
+        trained = model(input_ids=input_ids).logits
+        model.eval()
+        evaluated = [model(input_ids=input_ids).logits for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1], atol=0, rtol=0)
+    assert (trained - evaluated[0]).abs().max() > 1e-3
 
 
 def test_new_kwargs_reach_the_attention_function():

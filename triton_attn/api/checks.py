@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..dropout import check_dropout_p
 from ..masks.block_mask import BlockMask
 from ..masks.block_mask_flex import QUERY_SLICED_MESSAGE, is_query_sliced
 from ..masks.closure import captured_tensors
@@ -18,7 +19,8 @@ from ..masks.evaluate import mod_name
 from ..masks.scalars import as_float
 
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "PAGE_SIZE_MULTIPLE", "describe", "validate_tensors",
-           "validate_scale", "validate_autotune", "broadcast_kv_batch", "validate_block_mask", "validate_mod_devices",
+           "validate_scale", "validate_autotune", "validate_dropout", "broadcast_kv_batch", "validate_block_mask",
+           "validate_mod_devices",
            "validate_paged", "validate_paged_cache", "validate_paged_query", "validate_paged_heads",
            "validate_paged_layout", "validate_paged_values", "assert_paged_values_async"]
 
@@ -82,6 +84,13 @@ def validate_scale(scale, query: torch.Tensor) -> float:
 def validate_autotune(autotune) -> None:
     if autotune is not None and not isinstance(autotune, bool):
         raise TypeError(f"autotune must be True, False or None, got {autotune!r}")
+
+
+def validate_dropout(dropout_p, return_dropout_mask) -> float:
+    """``dropout_p`` as a float in [0, 1) (``dropout.check_dropout_p``) and ``return_dropout_mask`` a bool."""
+    if not isinstance(return_dropout_mask, bool):
+        raise TypeError(f"return_dropout_mask must be a bool, got {type(return_dropout_mask).__name__}")
+    return check_dropout_p(dropout_p)
 
 
 def broadcast_kv_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

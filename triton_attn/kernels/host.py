@@ -98,11 +98,17 @@ def layout_arguments(num_blocks: torch.Tensor, indices: torch.Tensor, full_num_b
                      ) -> Dict[str, object]:
     """One block layout as named kernel arguments: int32 contiguous lists, strides 0 on broadcast dims.
 
-    ``names``: the four list parameters; ``row``: the stride suffix of the walked dim ("m" or "n").
+    ``names``: the four list parameters; ``row``: the stride suffix of the walked dim ("m" or "n"). The index
+    lists may be narrower than the block grid (the kernels read a row's first ``num`` entries by its stride),
+    but the partial and the full ones must have one shape: the kernels read both with the partial ones' strides.
     """
     tensors = [t.to(device=device, dtype=torch.int32).contiguous()
                for t in (num_blocks, indices, full_num_blocks, full_indices)]
     counts, index = tensors[0], tensors[1]
+    if counts.shape != tensors[2].shape or index.shape != tensors[3].shape:
+        raise ValueError(f"block lists {names[0]} {tuple(counts.shape)} / {names[1]} {tuple(index.shape)} and "
+                         f"{names[2]} {tuple(tensors[2].shape)} / {names[3]} {tuple(tensors[3].shape)} must have "
+                         "the same shapes (the kernels read them with one set of strides)")
     arguments: Dict[str, object] = dict(zip(names, tensors))
     for prefix, tensor in (("layout", counts), ("index", index)):
         for dim, suffix in enumerate(("b", "h", row)):

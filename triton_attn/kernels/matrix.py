@@ -10,12 +10,14 @@ mfma on AMD; every dot kernel uses some tensor-core instruction).
 
 ``cases(targets, fast=True)`` is the subset CI builds (one case per target and family, the hardest
 common one: D = 128, bf16, causal); ``triton-attn check --targets all`` builds the whole matrix and
-prints the table (``format_table``). No GPU is needed.
+prints the table (``format_table``). ``cases(..., dropout=True)`` gives the attention-dropout variants
+instead (``DROPOUT_FAMILIES``: forward, dQ, dK/dV on the tiles a dropout launch takes, and the keep-mask
+kernel), judged by the same rules. No GPU is needed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -30,6 +32,8 @@ MASKS = ("none", "causal", "document", "softcap")
 # Families whose build depends on the mods (the others get mask "none" only).
 MOD_FAMILIES = ("forward", "dq", "dkdv", "decode")
 DOT_FAMILIES = ("forward", "dq", "dkdv", "decode")
+# The families with an attention-dropout variant; "dropout_mask" (the keep-mask kernel) exists only there.
+DROPOUT_FAMILIES = ("forward", "dq", "dkdv", "dropout_mask")
 # Example lengths: long enough that the launch's bounds checks and 64-bit decisions are the usual ones.
 SEQ_LEN = 4096
 DECODE_ROWS = 32
@@ -37,17 +41,25 @@ DECODE_ROWS = 32
 
 @dataclass(frozen=True)
 class Case:
-    """One default build: ``family`` on ``target`` at ``head_dim`` / ``dtype`` with ``mask``."""
+    """One default build: ``family`` on ``target`` at ``head_dim`` / ``dtype`` with ``mask`` (``dropout``: the
+    attention-dropout variant, on the tiles a dropout launch takes)."""
 
     target: str
     family: str
     head_dim: int = 128
     dtype: str = "bfloat16"
     mask: str = "causal"
+    dropout: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.target} {self.family} D={self.head_dim} {self.dtype} {self.mask}"
+        dropout = " dropout" if self.dropout else ""
+        return f"{self.target} {self.family} D={self.head_dim} {self.dtype} {self.mask}{dropout}"
+
+    @property
+    def mask_label(self) -> str:
+        """The mask column of the table: the mask, marked "+drop" for a dropout variant."""
+        return f"{self.mask}+drop" if self.dropout else self.mask
 
 
 @dataclass
@@ -87,19 +99,29 @@ def _mods(mask: str, seq_len: int):
     return None, None
 
 
-def cases(targets: Optional[Iterable] = None, *, fast: bool = False, families: Sequence[str] = FAMILIES,
+def cases(targets: Optional[Iterable] = None, *, fast: bool = False, families: Optional[Sequence[str]] = None,
           head_dims: Sequence[int] = HEAD_DIMS, dtypes: Sequence[str] = DTYPES,
-          masks: Sequence[str] = MASKS) -> List[Case]:
+          masks: Sequence[str] = MASKS, dropout: bool = False) -> List[Case]:
     """The matrix's cases for ``targets`` (names or ``Target``s; default all). ``fast``: one case per target
-    and family (D = 128, bf16, causal; no mask for the families without mods)."""
+    and family (D = 128, bf16, causal; no mask for the families without mods). ``families``: default
+    ``FAMILIES``, or ``DROPOUT_FAMILIES`` with ``dropout``: the attention-dropout variants (families
+    without one are left out)."""
     chosen = [targets_module.get(t) for t in (targets if targets is not None else targets_module.TARGETS)]
+    if families is None:
+        families = DROPOUT_FAMILIES if dropout else FAMILIES
+    if dropout:
+        return [replace(case, dropout=True)
+                for case in cases(chosen, fast=fast, families=[f for f in families if f in DROPOUT_FAMILIES],
+                                  head_dims=head_dims, dtypes=dtypes, masks=masks)]
     found: List[Case] = []
     for target in chosen:
         for family in families:
             if fast:
                 found.append(_fast_case(target, family))
                 continue
-            if family == "refine":
+            if family == "dropout_mask":
+                found.append(Case(target.name, family, 0, "", "none"))
+            elif family == "refine":
                 found += [Case(target.name, family, 0, "", mask) for mask in ("causal", "document")]
             elif family == "combine":
                 found += [Case(target.name, family, d, "float32", "none") for d in head_dims]
@@ -111,6 +133,8 @@ def cases(targets: Optional[Iterable] = None, *, fast: bool = False, families: S
 
 
 def _fast_case(target: Target, family: str) -> Case:
+    if family == "dropout_mask":
+        return Case(target.name, family, 0, "", "none")
     if family == "refine":
         return Case(target.name, family, 0, "", "causal")
     if family == "combine":
@@ -133,6 +157,8 @@ def _build(case: Case, target: Target):
 
         result = compile_refine(trace_mask_mod(mask_mod), arch=target)
         return {"refine": ("", result)}
+    if case.family == "dropout_mask":
+        return {"dropout_mask": ("", attention_aot.compile_dropout_mask(arch=target))}
     if case.family == "combine":
         return {"combine": ("", decode_aot.compile_combine(arch=target, head_dim_v=case.head_dim))}
     if case.family == "preprocess":
@@ -147,12 +173,14 @@ def _build(case: Case, target: Target):
         return {"decode": (config.name, result)}
     mods = dict(mask=trace_mask_mod(mask_mod) if mask_mod is not None else None,
                 score=trace_score_mod(score_mod) if score_mod is not None else None)
-    shapes = dict(arch=target, dtype=dtype, head_dim=case.head_dim, q_len=SEQ_LEN, kv_len=SEQ_LEN, **mods)
+    shapes = dict(arch=target, dtype=dtype, head_dim=case.head_dim, q_len=SEQ_LEN, kv_len=SEQ_LEN,
+                  dropout=case.dropout, **mods)
     if case.family == "forward":
-        config = default_config(case.head_dim, case.head_dim, dtype, (128, 128), SEQ_LEN, target=target)
+        config = default_config(case.head_dim, case.head_dim, dtype, (128, 128), SEQ_LEN, target=target,
+                                dropout=case.dropout)
         return {"forward": (config.name, attention_aot.compile_forward(config, **shapes))}
     config = default_backward_config(case.head_dim, case.head_dim, dtype, (128, 128), SEQ_LEN, SEQ_LEN,
-                                     target=target)
+                                     target=target, dropout=case.dropout)
     results = attention_aot.compile_backward(config, only=case.family, **shapes)
     tiles = config.dq if case.family == "dq" else config.dkdv
     return {name: (tiles.name, result) for name, result in results.items()}
@@ -243,13 +271,13 @@ def format_table(rows: Sequence[Row]) -> str:
         case = row.case
         if row.error:
             lines.append(f"{case.target:<7} {case.family:<10} {row.kernel:<10} {case.head_dim:>3} {case.dtype:<8} "
-                         f"{case.mask:<8} FAIL {row.error}")
+                         f"{case.mask_label:<8} FAIL {row.error}")
             continue
         verdict = "ok" if row.ok else "FAIL " + "; ".join(row.problems)
         if row.ok and row.known_spill:
             verdict = f"ok (known spill: {row.known_spill})"
         lines.append(f"{case.target:<7} {case.family:<10} {row.kernel:<10} {case.head_dim:>3} {case.dtype:<8} "
-                     f"{case.mask:<8} {row.config:<18} {row.shared:>6}/{row.shared_limit:<7} "
+                     f"{case.mask_label:<8} {row.config:<18} {row.shared:>6}/{row.shared_limit:<7} "
                      f"{row.registers:>3}/{row.register_limit:<4} {row.spill_bytes:>5} {row.instructions:<9} {verdict}")
     return "\n".join(lines)
 

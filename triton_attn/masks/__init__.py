@@ -19,10 +19,12 @@ from .library import (
                       sliding_window_mask,
                       softcap_score,
 )
+from .varlen import VarlenLayout, varlen_block_mask, varlen_layout
 
 __all__ = [
     "BlockMask", "CompactBlockMask", "create_block_mask", "create_mask",
     "causal_mask", "full_mask", "sliding_window_mask", "chunked_mask", "prefix_lm_mask", "document_mask",
     "padding_mask", "and_masks", "or_masks", "not_mask", "softcap_score", "alibi_score",
     "window_block_mask", "StructuredMod",
+    "varlen_block_mask", "varlen_layout", "VarlenLayout",
 ]

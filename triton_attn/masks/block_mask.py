@@ -3,25 +3,29 @@
 The fields and their meaning follow ``torch.nn.attention.flex_attention.BlockMask``:
 
 - ``kv_num_blocks``: int32 ``[B, H, num_q_blocks]``, partial KV blocks per query block row.
-- ``kv_indices``: int32 ``[B, H, num_q_blocks, num_kv_blocks]``, their column indices, ascending,
-  valid entries first (the rest is padding).
+- ``kv_indices``: int32 ``[B, H, num_q_blocks, width]``, their column indices, ascending, valid
+  entries first (the rest is padding); ``1 <= width <= num_kv_blocks`` (``create_block_mask``'s lists
+  are as wide as the grid; closed-form layouts such as ``masks/varlen.py`` make them narrower, as Flex
+  allows: kernels read only the first ``num`` entries of a row).
 - ``full_kv_num_blocks`` / ``full_kv_indices``: the same for full blocks (the mask_mod is
-  known to be True on every in-bounds element, so kernels skip evaluating it).
+  known to be True on every in-bounds element, so kernels skip evaluating it), the same shape.
 - ``q_num_blocks`` / ``q_indices`` / ``full_q_num_blocks`` / ``full_q_indices``: the transposed
-  layout (``[B, H, num_kv_blocks]`` and ``[B, H, num_kv_blocks, num_q_blocks]``) for the backward pass.
+  layout (``[B, H, num_kv_blocks]`` and ``[B, H, num_kv_blocks, width_q]``) for the backward pass.
+
+The tile grid (``num_blocks``) is the lists' row counts, ``ceil(Q_LEN / Q_BLOCK_SIZE)`` by
+``ceil(KV_LEN / KV_BLOCK_SIZE)``, never the index width.
 
 ``B`` or ``H`` is 1 when the mask was built with ``B=None`` / ``H=None`` (broadcast).
 A block in a ragged tail (lengths not multiples of the block size) counts as full when the
 mask_mod is True on all of its in-bounds elements; kernels always bound-check the tail.
 
 The block-list helpers and the methods that exist for FlexAttention's sake (``from_flex``,
-``from_kv_blocks``, ``_adjust``, ``as_tuple``, query-block indexing) live in ``block_mask_flex.py``.
+``from_kv_blocks``, ``_adjust``, ``as_tuple``, query-block indexing) live in ``block_mask_flex.py``; the
+ASCII pictures of ``to_string`` in ``pictures.py``.
 """
 
 from __future__ import annotations
 
-import itertools
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -39,7 +43,7 @@ from .block_mask_flex import (
     select_positions,
 )
 from .library import full_mask
-from .scalars import as_int
+from .pictures import picture_grid, render_block_pictures
 
 
 @dataclass(frozen=True)
@@ -145,48 +149,6 @@ def batch_head_maps(index, sizes: Tuple[int, int]) -> Tuple[torch.Tensor, torch.
         raise IndexError(f"BlockMask can be indexed over [batch, head] only, got {len(index)} indices")
     index = tuple(index) + (slice(None),) * (2 - len(index))
     return (select_positions(index[0], sizes[0], "batch"), select_positions(index[1], sizes[1], "head"))
-
-
-def picture_grid(num_blocks: Tuple[int, int], grid_size: Union[int, Tuple[int, int]]):
-    """How ``to_string`` groups blocks: (row_step, col_step, blocks per group [grid_rows, grid_cols])."""
-    nq, nkv = num_blocks
-    if isinstance(grid_size, numbers.Integral) and not isinstance(grid_size, bool) and grid_size == -1:
-        max_rows, max_cols = nq, nkv
-    else:
-        pair = tuple(grid_size) if isinstance(grid_size, (tuple, list)) else (grid_size, grid_size)
-        try:
-            if len(pair) != 2:
-                raise ValueError
-            max_rows, max_cols = (as_int(value, "grid_size") for value in pair)
-        except (TypeError, ValueError):
-            raise ValueError(f"grid_size must be -1 (every block), a positive int or a (rows, cols) pair of them, "
-                             f"got {grid_size!r}") from None
-    row_step, col_step = max(1, -(-nq // max_rows)), max(1, -(-nkv // max_cols))
-    grid_rows, grid_cols = -(-nq // row_step), -(-nkv // col_step)
-    rows_in = torch.clamp(nq - torch.arange(grid_rows) * row_step, max=row_step)  # edge groups are smaller
-    cols_in = torch.clamp(nkv - torch.arange(grid_cols) * col_step, max=col_step)
-    return row_step, col_step, rows_in[:, None] * cols_in[None, :]
-
-
-def render_block_pictures(counts: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]], group_size: torch.Tensor,
-                          batch: int, heads: int, limit: int) -> str:
-    """One picture per (b, h); ``counts(b, h)`` gives full and partial block counts per group."""
-    limit = as_int(limit, "limit", minimum=0, expected="a non-negative int (pictures to show)")
-    pictures = []
-    for count, (b, h) in enumerate(itertools.product(range(batch), range(heads))):
-        if count == limit:
-            pictures.append(f"... ({batch * heads - limit} more; index the mask as mask[b, h] "
-                            "or raise limit= to see them)")
-            break
-        full, partial = counts(b, h)
-        lines = [f"(b={b}, h={h})"]
-        for r in range(group_size.shape[0]):
-            cells = ("██" if int(full[r, c]) == int(group_size[r, c])
-                     else "  " if int(full[r, c]) + int(partial[r, c]) == 0 else "░░"
-                     for c in range(group_size.shape[1]))
-            lines.append("".join(cells) + "|")
-        pictures.append("\n".join(lines))
-    return "\n".join(pictures)
 
 
 class BlockMask(FlexMethods):
@@ -327,7 +289,8 @@ class BlockMask(FlexMethods):
         """Check the block lists against ``seq_lengths`` and ``BLOCK_SIZE`` before a kernel reads them.
 
         Rows must cover the sequence (``ceil(Q_LEN / Q_BLOCK_SIZE)`` query block rows, KV likewise
-        for the transposed lists), counts must fit the index width, indices must name blocks inside
+        for the transposed lists), a list's width be 1 to the blocks across (its partial and full lists
+        alike), counts must fit the index width, indices must name blocks inside
         the sequence, no block may be listed twice or as both partial and full, and the transposed
         (``q_*``) lists must match the ``kv_*`` ones. Raises ``ValueError`` naming the field. The
         value checks cost one device sync, once per mask: the result is cached on the mask until
@@ -355,10 +318,15 @@ class BlockMask(FlexMethods):
                         f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE} needs {rows} (one per block of "
                         f"{rows_of}); rebuild the mask with create_block_mask, crop it with "
                         "block_mask._adjust(Q_LEN, KV_LEN), or (a mask indexed on query blocks) set its seq_lengths")
-                if indices.dim() == 4 and indices.shape[-1] != cols:
-                    raise ValueError(f"block_mask.{prefix}{what}_indices has width {indices.shape[-1]}, expected "
-                                     f"{cols} (the number of blocks across); use BlockMask.from_flex for "
+                if indices.dim() == 4 and not 1 <= indices.shape[-1] <= max(cols, 1):
+                    raise ValueError(f"block_mask.{prefix}{what}_indices has width {indices.shape[-1]}, expected 1 "
+                                     f"to {cols} (at most the number of blocks across); use BlockMask.from_flex for "
                                      "FlexAttention-style lists")
+            partial, full = getattr(self, f"{what}_indices"), getattr(self, f"full_{what}_indices")
+            if partial.dim() == full.dim() == 4 and partial.shape[-1] != full.shape[-1]:
+                raise ValueError(f"block_mask.{what}_indices has width {partial.shape[-1]}, expected "
+                                 f"{full.shape[-1]} (that of full_{what}_indices: kernels read a row's partial "
+                                 "and full lists with the same strides)")
         if getattr(self, "_trusted", None) == self.layout_signature() or self.device.type == "meta":
             return
         problems, maps = [], {}
@@ -390,11 +358,14 @@ class BlockMask(FlexMethods):
 
     @property
     def num_blocks(self) -> Tuple[int, int]:
-        """``(num_q_blocks, num_kv_blocks)``."""
+        """``(num_q_blocks, num_kv_blocks)``: the tile grid, read from the row counts of the kv lists and of the
+        transposed q lists, not from the index width (narrower lists are allowed). For a mask that validates
+        it is ``ceil(Q_LEN / Q_BLOCK_SIZE), ceil(KV_LEN / KV_BLOCK_SIZE)``; a mask indexed on query blocks
+        keeps its selected rows."""
         if self.is_deferred():
             (q_len, kv_len), (q_bs, kv_bs) = self.seq_lengths, self.BLOCK_SIZE
             return -(-q_len // q_bs), -(-kv_len // kv_bs)
-        return self.kv_indices.shape[-2], self.kv_indices.shape[-1]
+        return self.kv_num_blocks.shape[-1], self.q_num_blocks.shape[-1]
 
     @property
     def device(self) -> torch.device:
@@ -501,4 +472,5 @@ class BlockMask(FlexMethods):
             fields[name] = value[batch_map.to(value.device)][:, head_map.to(value.device)].contiguous()
         sliced = BlockMask(**fields, BLOCK_SIZE=self.BLOCK_SIZE, seq_lengths=self.seq_lengths,
                            mask_mod=sliced_mask_mod(self.mask_mod, batch_map, head_map))
+        sliced.exact_layout = self.exact_layout  # the same layouts, each (b, h) at its own
         return sliced.trusted() if self.is_trusted() else sliced

@@ -286,9 +286,12 @@ class FlexMethods:
         """This mask as a ``torch.nn.attention.flex_attention.BlockMask`` for ``flex_attention``."""
         from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
-        return FlexBlockMask.from_kv_blocks(
-            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+        lists = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+        if self.kv_indices.shape[-1] != self.num_blocks[1]:
+            # Flex's from_kv_blocks transposes the lists as if they were as wide as the grid: widen them.
+            lists = (*ordered_from_dense(self.partial_blocks()), *ordered_from_dense(self.full_blocks()))
+        return FlexBlockMask.from_kv_blocks(*lists, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                            seq_lengths=self.seq_lengths)
 
     def select_query_blocks(self, batch_map: torch.Tensor, head_map: torch.Tensor, position):
         """``mask[b, h, i]`` (see ``BlockMask.__getitem__``): the block rows ``position`` selects of the

@@ -30,12 +30,11 @@ from .block_mask import (
     LaunchPlan,
     batch_head_maps,
     normalize_block_size,
-    picture_grid,
     raise_problems,
-    render_block_pictures,
     sliced_mask_mod,
     values_unknown,
 )
+from .pictures import picture_grid, render_block_pictures
 
 __all__ = ["CompactBlockMask", "CSRBuilder", "ordered_from_dense_fast", "dense_fields_from_maps"]
 

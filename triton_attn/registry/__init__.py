@@ -12,12 +12,13 @@ model = AutoModelForCausalLM.from_config(config, attn_implementation="doc_causal
 ```
 
 Files: ``interface`` (the registries, signature checks), ``masking`` (mask functions: a model's mask
-request -> BlockMask), ``model_block_mask`` (the ``ModelBlockMask`` they return, and the tensor operations
-a model may apply to it), ``attention_functions`` (the model-facing attention functions), ``keywords``
-(every keyword models pass to attention functions: implemented, harmless or refused),
-``tensor_mask_models`` (the model types whose own code computes with the mask: they get a dense mask),
-``defaults`` (the built-in names, made on first lookup), ``registration`` (``register_attention``,
-``register_transformers``).
+request -> BlockMask), ``mask_patterns`` (transformers' mask_function closures read: closed-form families,
+packed sequences), ``model_block_mask`` (the ``ModelBlockMask`` they return, and the tensor operations a
+model may apply to it), ``attention_functions`` (the model-facing attention functions), ``packed``
+(sequences packed in one row run as varlen attention), ``keywords`` (every keyword models pass to attention
+functions: implemented, harmless or refused), ``tensor_mask_models`` (the model types whose own code
+computes with the mask: they get a dense mask), ``defaults`` (the built-in names, made on first lookup),
+``registration`` (``register_attention``, ``register_transformers``).
 
 Importing this package does not import transformers; ``register_attention`` and
 ``register_transformers`` import it when they register there.

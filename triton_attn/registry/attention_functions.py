@@ -3,14 +3,17 @@
 ``fn(module, query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv], attention_mask, **kwargs)
 -> (attn_output [B, Lq, Hq, Dv], None)``
 
-Keywords honoured: ``scaling`` (default 1/sqrt(D)), ``dropout`` (must be 0 while training),
-``is_causal`` (default ``module.is_causal``, else True; used only when there is no mask),
-``sliding_window`` (ditto; the window includes the current token), ``softcap`` (Gemma-2 logit
-capping), ``s_aux`` (gpt-oss attention sinks, one logit per query head), ``sinks`` (per-query sink
-logits ``[B or 1, Hq, Lq, 1]``), ``position_bias`` (an additive score bias ``[B or 1, Hq or 1, Lq or 1,
-Lkv]``, T5-style, with its gradient), ``indices`` (DeepSeek sparse attention's top-k keys ``[B or 1, Lq,
-top_k]`` of each query: only those keys that the mask also allows are attended), ``output_attentions``
-(weights are never formed: None, with a warning). Every other keyword is looked up in
+Keywords honoured: ``scaling`` (default 1/sqrt(D)), ``dropout`` (attention dropout while the module is
+training; ignored in eval mode, where transformers passes 0 anyway), ``is_causal`` (default
+``module.is_causal``, else True; used only when there is no mask), ``sliding_window`` (ditto; the window
+includes the current token), ``softcap`` (Gemma-2 logit capping), ``s_aux`` (gpt-oss attention sinks, one
+logit per query head), ``sinks`` (per-query sink logits ``[B or 1, Hq, Lq, 1]``), ``position_bias`` (an
+additive score bias ``[B or 1, Hq or 1, Lq or 1, Lkv]``, T5-style, with its gradient), ``indices``
+(DeepSeek sparse attention's top-k keys ``[B or 1, Lq, top_k]`` of each query: only those keys that the
+mask also allows are attended), ``output_attentions`` (weights are never formed: None, with a warning),
+``position_ids`` and FlashAttention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
+``max_length_k`` (sequences packed in one row: run as varlen attention where that is exactly the mask
+path's result, see ``packed.py``). Every other keyword is looked up in
 ``keywords.ATTENTION_KEYWORDS``: harmless ones are ignored, the ones we refuse and unknown ones are errors
 naming the keyword (``ignore_keywords`` of ``make_attention_function`` lists unknown keywords to ignore).
 
@@ -34,13 +37,16 @@ from .. import attention, create_block_mask, mod_table
 from ..masks import BlockMask, StructuredMod, causal_mask, sliding_window_mask
 from .keywords import check_keywords, normalize_ignore_keywords
 from .masking import CarriesUserMod, ModelBlockMask
+from .packed import plan_varlen, run_varlen
 
 __all__ = ["make_attention_function", "eager_attention_function", "sdpa_attention_function",
            "check_attention_inputs", "ModelScoreMod", "DenseMaskMod"]
 
 
-def check_attention_inputs(module, query, key, value, dropout) -> None:
-    """Model-level checks: tensor ranks, GQA head counts against ``module.num_key_value_groups``, dropout."""
+def check_attention_inputs(module, query, key, value, dropout) -> float:
+    """Model-level checks: tensor ranks, GQA head counts against ``module.num_key_value_groups``. Returns the
+    dropout probability of the call: ``dropout`` while ``module`` is training (a call without a module counts as
+    training: a caller passing ``dropout > 0`` means it), else 0."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -49,9 +55,15 @@ def check_attention_inputs(module, query, key, value, dropout) -> None:
     if groups is not None and query.shape[1] != key.shape[1] * groups:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]} and "
                          f"module.num_key_value_groups={groups}; expected query heads = key heads * groups")
-    if dropout is not None and float(dropout) > 0 and (module is None or getattr(module, "training", True)):
-        raise ValueError(f"dropout={dropout} is not supported by triton_attn attention functions; call "
-                         "model.eval() for inference or set the attention dropout in the config to 0.0")
+    if dropout is None or (module is not None and not getattr(module, "training", True)):
+        return 0.0
+    try:
+        probability = float(dropout)
+    except (TypeError, ValueError):
+        probability = math.nan
+    if isinstance(dropout, bool) or not 0.0 <= probability < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return probability
 
 
 def _window_mask(window: int, causal: bool) -> Callable:
@@ -327,14 +339,27 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
                               softcap: Optional[float] = None, s_aux: Optional[torch.Tensor] = None,
                               sinks: Optional[torch.Tensor] = None, position_bias: Optional[torch.Tensor] = None,
                               output_attentions: bool = False, indices: Optional[torch.Tensor] = None,
+                              position_ids: Optional[torch.Tensor] = None, cu_seq_lens_q: Optional[torch.Tensor] = None,
+                              cu_seq_lens_k: Optional[torch.Tensor] = None, max_length_q=None, max_length_k=None,
                               **kwargs) -> Tuple[torch.Tensor, None]:
         """query [B, Hq, Lq, D], key/value [B, Hkv, Lkv, D/Dv] -> ([B, Lq, Hq, Dv], None)."""
         check_keywords(kwargs, ignored, module)
-        check_attention_inputs(module, query, key, value, dropout)
+        dropout_p = check_attention_inputs(module, query, key, value, dropout)
         if output_attentions and not warned:
             warned.append(True)
             warnings.warn("triton_attn attention functions never materialise attention weights; "
                           "attn_weights is None (use attn_implementation='eager' to get them)", stacklevel=2)
+        cap = float(softcap) if softcap is not None and float(softcap) > 0 else None
+        scale = None if scaling is None else float(scaling)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if score_mod is None and position_bias is None and s_aux is None and sinks is None and indices is None:
+            # Packed sequences in one row: each runs alone, without a mask over the row.
+            plan = plan_varlen(query, key, attention_mask, causal=bool(causal), sliding_window=sliding_window,
+                               position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                               max_length_q=max_length_q, max_length_k=max_length_k)
+            if plan is not None:
+                return run_varlen(plan, query, key, value, scale=scale, softcap=cap, dropout_p=dropout_p,
+                                  backend=backend), None
         batch, q_heads, q_len, _ = query.shape
         kv_len = key.shape[2]
         q_offset, kv_offset, q_positions = kv_len - q_len, 0, None
@@ -353,7 +378,6 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
                 if attention_mask.bias is not None:
                     biases.append(("the bias folded into attention_mask", attention_mask.bias))
         elif attention_mask is None:
-            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             mask_mod = _default_mask_mod(bool(causal), sliding_window, q_offset)
             if mask_mod is not None:
                 block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=query.device)
@@ -371,16 +395,15 @@ def make_attention_function(score_mod: Optional[Callable] = None, *, backend: Op
             biases.append(("position_bias", position_bias))
         bias, bias_layout = _score_bias(biases, batch, q_heads, q_len, kv_len)
         sink_logits = _sink_logits(s_aux, sinks, batch, q_heads, q_len)
-        cap = float(softcap) if softcap is not None and float(softcap) > 0 else None
         call_score_mod = None
         if cap is not None or bias is not None or score_mod is not None:
             # Offsets as tensors: a decode step's new offset is a new input of the same compiled graph.
             offsets = [None if score_mod is None else torch.tensor(offset, dtype=torch.int64, device=query.device)
                        for offset in (q_offset, kv_offset)]
             call_score_mod = ModelScoreMod(cap, bias, bias_layout, score_mod, *offsets, q_positions, user_tensors)
-        result = attention(query, key, value, score_mod=call_score_mod, block_mask=block_mask,
-                           scale=None if scaling is None else float(scaling), enable_gqa=q_heads != key.shape[1],
-                           return_lse=sink_logits is not None, backend=backend)
+        result = attention(query, key, value, score_mod=call_score_mod, block_mask=block_mask, scale=scale,
+                           enable_gqa=q_heads != key.shape[1], return_lse=sink_logits is not None, backend=backend,
+                           dropout_p=dropout_p)
         if sink_logits is not None:
             out, lse = result
             if not lse.requires_grad and out.requires_grad and not warned_lse:

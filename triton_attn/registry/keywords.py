@@ -39,8 +39,10 @@ def _rules(kind: str, reason: str, *names: str) -> Dict[str, KeywordRule]:
 
 
 _CONTRACT = "an argument of the attention-function contract (some models pass it by name)"
-_VARLEN = ("flash-attention's variable-length description of packed sequences; for mask-based implementations "
-           "(ours, sdpa, eager) transformers puts the packing into the attention mask (from position_ids)")
+_VARLEN = ("FlashAttention's description of sequences packed in one row (DataCollatorWithFlattening(return_flash_"
+           "attn_kwargs=True)): batch 1 runs as varlen attention, each sequence alone, when the mask is None or our "
+           "packed mask of position_ids (on CPU checked to agree with it); with another mask (e.g. plain causal: "
+           "no position_ids restarting) the mask decides, as for sdpa (registry/packed.py)")
 _CACHE = "KV-cache bookkeeping, done by the model before the call (key/value already hold the cached tokens)"
 _OUTPUT = "model-level output / loss bookkeeping, not read by attention"
 _SPARSE = ("sparse key selection of a sparse-attention model, which the model folds into the mask only for "
@@ -50,7 +52,8 @@ _SPARSE = ("sparse key selection of a sparse-attention model, which the model fo
 ATTENTION_KEYWORDS: Dict[str, KeywordRule] = {
     **_rules("implemented", _CONTRACT, "module", "query", "key", "value", "attention_mask"),
     **_rules("implemented", "softmax scale of the query-key products (default 1/sqrt(head_dim))", "scaling"),
-    **_rules("implemented", "attention dropout: 0 (or eval mode) runs, > 0 while training is an error", "dropout"),
+    **_rules("implemented", "attention dropout probability, applied while the module is training (or without a "
+             "module); eval mode is no dropout", "dropout"),
     **_rules("implemented", "causal or bidirectional pattern when no mask is given (default module.is_causal)",
              "is_causal"),
     **_rules("implemented", "sliding window of the pattern when no mask is given (with a mask, the mask function "
@@ -60,10 +63,11 @@ ATTENTION_KEYWORDS: Dict[str, KeywordRule] = {
     **_rules("implemented", "per-query attention-sink logits [B or 1, Hq, Lq, 1] (Inkling 2)", "sinks"),
     **_rules("implemented", "additive score bias [B or 1, Hq or 1, Lq or 1, Lkv] added after scaling (T5-family "
              "relative bias, relative position encodings), differentiable", "position_bias"),
+    **_rules("implemented", "token positions (rotary embeddings were applied before the call): restarting inside "
+             "a row of batch 1, they are packed sequences, run as varlen attention when our packed mask of them "
+             "or no mask is given (the sequences are read from the device once per forward)", "position_ids"),
+    **_rules("implemented", _VARLEN, "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"),
 
-    **_rules("harmless", "token positions: rotary embeddings were applied before the call and packed sequences "
-             "reach us in the mask; a flash-attention hint", "position_ids"),
-    **_rules("harmless", _VARLEN, "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"),
     **_rules("harmless", _CACHE, "use_cache", "cache", "past_key_values", "past_key_value", "cache_position"),
     **_rules("harmless", "rotary cos/sin, applied to query and key before the call", "position_embeddings"),
     **_rules("harmless", "the cross-attention source, already projected into key and value",

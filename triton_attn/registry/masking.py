@@ -23,12 +23,24 @@ from typing import Callable, Optional
 import torch
 
 from .. import create_block_mask, create_mask, mod_table
-from ..masks import BlockMask, StructuredMod, and_masks, causal_mask, or_masks, padding_mask, window_block_mask
+from ..masks import (
+                     BlockMask,
+                     StructuredMod,
+                     and_masks,
+                     causal_mask,
+                     document_mask,
+                     or_masks,
+                     padding_mask,
+                     sliding_window_mask,
+                     window_block_mask,
+)
+from .mask_patterns import packed_pattern, pattern_of, traceable
 from .model_block_mask import ModelBlockMask
+from .packed import PackedSequences
 from .tensor_mask_models import as_tensor_mask_form, tensor_mask_form
 
 __all__ = ["ModelBlockMask", "MaskRequest", "ModelMaskMod", "CarriesUserMod", "make_mask_function",
-           "dense_mask_function", "COMBINE_MODES"]
+           "dense_mask_function", "COMBINE_MODES", "traceable"]
 
 COMBINE_MODES = ("and", "or", "replace")
 
@@ -128,107 +140,43 @@ def _padding(attention_mask, batch_size: int, needed_length: int, device) -> Opt
     return keep
 
 
-def _closure_vars(fn: Callable) -> dict:
-    """The closure variables of ``fn`` by name; {} when it has none or they cannot be read: an empty cell, or a
-    closure built inside a ``torch.compile`` graph, whose ``__closure__`` dynamo does not expose (AttributeError)."""
-    code = getattr(fn, "__code__", None)
-    try:
-        cells = fn.__closure__ if code is not None else None
-        if not cells:
-            return {}
-        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
-    except (ValueError, AttributeError):
-        return {}
-
-
-def _qualified_name(fn: Callable) -> str:
-    # Read from the code object: under torch.compile, comparing ``fn.__qualname__`` with a string gives
-    # False (torch 2.13), while the code object's names compare as constants.
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        return code.co_qualname if hasattr(code, "co_qualname") else code.co_name
-    return getattr(fn, "__qualname__", getattr(fn, "__name__", ""))
-
-
-def traceable(mask_function: Callable, _depth: int = 0) -> Callable:
-    """transformers' mask combinators rebuilt from ours, so that the pattern traces (and Triton inlines it).
-
-    transformers' ``and_masks``/``or_masks`` start from ``q_idx.new_ones(())`` and call ``.to(device)``,
-    which symbolic tracing cannot follow; their leaves (causal, sliding overlay, padding, packed
-    sequences) are plain index arithmetic and trace fine. Recognised by qualified name and closure
-    variables; anything else is returned unchanged (it still works, through the exact fallback).
-    """
-    module = getattr(mask_function, "__module__", None) or ""
-    if _depth > 32 or not module.startswith("transformers."):
-        return mask_function
-    qualname = _qualified_name(mask_function)
-    env = _closure_vars(mask_function)
-    parts = env.get("mask_functions")
-    if qualname in ("and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask") and isinstance(parts, tuple) \
-            and parts and all(callable(part) for part in parts):
-        parts = [traceable(part, _depth + 1) for part in parts]
-        return (and_masks if qualname.startswith("and") else or_masks)(*parts)
-    inner, positions = env.get("mask_function"), env.get("position_ids")
-    if qualname == "remap_positions_for_packed_sequence.<locals>.inner_mask" and callable(inner) \
-            and isinstance(positions, torch.Tensor):
-        inner = traceable(inner, _depth + 1)
-
-        def packed_positions(b, h, q_idx, kv_idx):
-            return inner(b, h, positions[b, q_idx], positions[b, kv_idx])
-
-        packed_positions.__name__ = f"packed({getattr(inner, '__name__', 'mask')})"
-        return packed_positions
-    return mask_function
-
-
-def closed_form_family(mask_function: Callable, _depth: int = 0):
-    """``(causal, window)`` when ``mask_function`` is causal, a causal sliding window or bidirectional
-    (ours or transformers'), else None. Those families have a closed-form layout (``masks/closed_form.py``).
-
-    Recognised by qualified name and closure variables, as ``traceable`` does; window None = unbounded.
-    """
-    module = getattr(mask_function, "__module__", None) or ""
-    name = _qualified_name(mask_function)
-    env = _closure_vars(mask_function)
-    if mask_function is causal_mask or (module.startswith("transformers.") and name == "causal_mask_function"):
-        return True, None
-    if module.startswith("transformers.") and name == "bidirectional_mask_function":
-        return False, None
-    if module == "triton_attn.masks.library" and name == "sliding_window_mask.<locals>.sliding_window" \
-            and isinstance(env.get("window"), int):
-        return True, env["window"]
-    if module.startswith("transformers.") and name == "sliding_window_overlay.<locals>.inner_mask" \
-            and isinstance(env.get("sliding_window"), int):
-        return "overlay", env["sliding_window"]
-    parts = env.get("mask_functions")
-    if module.startswith("transformers.") and name == "and_masks.<locals>.and_mask" and isinstance(parts, tuple) \
-            and _depth < 8:
-        causal, window = False, None
-        for part in parts:
-            family = closed_form_family(part, _depth + 1) if callable(part) else None
-            if family is None:
-                return None
-            part_causal, part_window = family
-            causal = causal or part_causal is True
-            if part_window is not None:
-                window = part_window if window is None else min(window, part_window)
-            if part_causal == "overlay" and not any(closed_form_family(p, _depth + 1) == (True, None) for p in parts):
-                return None  # an overlay alone is not causal; only "overlay and causal" is the window family
-        return causal, window
-    return None
-
-
-def _pattern_of(mask_function: Callable):
-    """``(causal, window)`` of a closed-form family (``closed_form_family``), else ``"table"``."""
-    family = closed_form_family(mask_function)
-    return family if family is not None and family[0] != "overlay" else "table"
-
-
 def _closed_form_mask(request: MaskRequest, mask_mod: Callable, family, block_size) -> BlockMask:
     causal, window = family
     return window_block_mask(mask_mod, request.batch_size, request.q_length, request.kv_length,
                              q_offset=request.q_offset, kv_offset=request.kv_offset, causal=causal, window=window,
                              padding=request.padding, BLOCK_SIZE=block_size, device=request.device)
+
+
+def _request_packing(request: MaskRequest) -> Optional[PackedSequences]:
+    """The ``PackedSequences`` of a request for transformers' packed-sequence pattern over this whole row (no
+    padding, no offsets: its packing detection runs only without a cache and a padding mask), else None."""
+    if request.padding is not None or request.q_positions is not None or request.q_offset != 0 \
+            or request.kv_offset != 0 or request.q_length != request.kv_length:
+        return None
+    packing = packed_pattern(request.mask_function)
+    if packing is None or tuple(packing.sequence_ids.shape) != (request.batch_size, request.q_length) \
+            or packing.sequence_ids.device != request.device:
+        return None
+    return packing
+
+
+def _packed_mask(request: MaskRequest, packing: PackedSequences, block_size) -> ModelBlockMask:
+    """The closed-form mask of the model's pattern within each packed sequence (``window_block_mask`` with the
+    sequence ids as documents: deferred on CPU, no ``[L, L]`` problem anywhere), carrying ``packing`` so that
+    the attention function may run the call as varlen attention (``registry/packed.py``)."""
+    if packing.window is not None:
+        pattern = sliding_window_mask(packing.window)
+    else:
+        pattern = causal_mask if packing.causal else None
+    documents = document_mask(packing.sequence_ids)
+    mask_mod = documents if pattern is None else and_masks(pattern, documents)
+    mask_mod.__name__ = f"packed({getattr(pattern, '__name__', 'bidirectional')})"
+    block_mask = window_block_mask(mask_mod, request.batch_size, request.q_length, request.kv_length,
+                                   causal=packing.causal, window=packing.window, document_ids=packing.sequence_ids,
+                                   BLOCK_SIZE=block_size, device=request.device)
+    wrapped = ModelBlockMask.wrap(block_mask, 0, 0)
+    wrapped.packed_sequences = packing  # kept by the mask's views and copies (they copy its attributes)
+    return wrapped
 
 
 def _request_mask_mod(request: MaskRequest, pattern: Callable) -> Callable:
@@ -424,6 +372,10 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
     pattern is dropped; padding still applies). mask_heads: the number of query heads when
     ``mask_mod`` depends on ``h`` (default: the mask is shared by all heads).
     block_size: ``BLOCK_SIZE`` of ``create_block_mask``.
+    Without ``mask_mod``, transformers' packed-sequence pattern (``position_ids`` restarting inside a row, no
+    cache, no padding) gets the closed-form mask of the model's pattern within each sequence, whose
+    ``packed_sequences`` (``packed.PackedSequences``) let the attention function run the call as varlen
+    attention.
     """
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool tensor or None, "
@@ -450,7 +402,10 @@ def make_mask_function(mask_mod: Optional[Callable] = None, *, combine: str = "a
             allowed = create_mask(model_mask, request.batch_size, mask_heads, request.q_length, request.kv_length,
                                   device=request.device)
             return as_tensor_mask_form(allowed, form, kwargs.get("dtype"))
-        pattern = None if mask_mod is not None and combine == "replace" else _pattern_of(request.mask_function)
+        packing = _request_packing(request) if mask_mod is None and not torch.compiler.is_compiling() else None
+        if packing is not None:  # position_ids restarting inside rows: the pattern within each sequence
+            return _packed_mask(request, packing, block_size)
+        pattern = None if mask_mod is not None and combine == "replace" else pattern_of(request.mask_function)
         if pattern != "table" and pattern is not None and mask_mod is None and request.q_positions is None:
             # causal / sliding / bidirectional (+ padding) at an offset: every decode step comes here
             block_mask = _closed_form_mask(request, ModelMaskMod.of_request(request, pattern), pattern, block_size)

@@ -5,6 +5,11 @@ float64 inputs), skips empty tiles, evaluates the mask_mod on partial tiles only
 more than a bounded slab of scores. Autograd works through it, recomputing one query-block row at a
 time in the backward pass; ``blockwise_backward`` is the same recomputation as a plain function
 (the custom op's backward). It computes what ``reference.dense_attention`` specifies.
+
+Dropout (a call's ``Dropout``): each tile's weights ``exp(s - max)`` count in full towards the row's sum
+(the lse stays that of the softmax without dropout), and the dropped ones are zeroed before ``weights @ V``;
+the output is divided by ``1 - p`` once at the end. Which are dropped comes from ``dropout.DropoutStream``
+(seed and position only), so the recomputed backward drops the same ones.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from ...dropout import Dropout
 from ...masks.block_mask import BlockMask
 from ...masks.closure import captured_tensors
 from ...masks.evaluate import call_mask_mod, call_score_mod
 from ...reference import accumulation_dtype, index_grids, lse_dtype
+from .dropout import DropoutStream
 
 # Score elements ([B, H, q_rows, kv_cols]) processed per step of the blockwise backend.
 SCORE_BUDGET = 1 << 21
@@ -79,29 +86,32 @@ class _TileFetcher:
         return weights @ v_tile
 
 
-def _weighted_values_masking_hidden(fetcher: "_TileFetcher", weights: torch.Tensor,
-                                    v_tile: torch.Tensor) -> torch.Tensor:
+def _weighted_values_masking_hidden(fetcher: "_TileFetcher", weights: torch.Tensor, v_tile: torch.Tensor,
+                                    visible: torch.Tensor) -> torch.Tensor:
     """``weights @ v_tile`` where a non-finite value reaches only the rows that give it weight.
 
     A value the mask hides from a row has weight 0 there, but ``0 * nan`` (or ``0 * inf``) is NaN, so a
     plain product would leak it. Non-finite values are zeroed for the product, and the output columns
-    of the rows that give such a value positive weight become NaN (inf included: non-finite either way).
-    The check is one reduction over the tile; finite tiles take the plain product.
+    of the rows that give such a value positive weight before dropout (``visible``: the weights without
+    it, ``weights`` itself without dropout) become NaN (inf included: non-finite either way): dropout does
+    not change which rows see a value. The check is one reduction over the tile; finite tiles take the
+    plain product.
     """
     if v_tile.is_floating_point() and not bool(torch.isfinite(v_tile).all()):
         bad = ~torch.isfinite(v_tile)
         product = fetcher.weighted_values(weights, v_tile.masked_fill(bad, 0.0))
-        reached = fetcher.weighted_values((weights > 0).to(product.dtype), bad.to(product.dtype)) > 0
+        reached = fetcher.weighted_values((visible > 0).to(product.dtype), bad.to(product.dtype)) > 0
         return product.masked_fill(reached, float("nan"))
     return fetcher.weighted_values(weights, v_tile)
 
 
 def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, q_start: int,
                      layout, block_mask: BlockMask, score_mod: Optional[Callable],
-                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, dropout: Optional[DropoutStream] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query block row over its non-empty KV tiles.
 
-    q_tile: [B, Hq, rows, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv].
+    q_tile: [B, Hq, rows, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]. ``dropout``: the call's
+    keep decisions (None: no dropout).
     Returns out [B, Hq, rows, Dv] and lse [B, Hq, rows] in the accumulation dtype (float32, or
     float64 for float64 inputs).
     """
@@ -138,12 +148,14 @@ def _query_block_row(q_tile: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             correction = torch.exp(running_max - safe_max)
             weights = torch.exp(scores - safe_max)
             running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
-            accumulator = accumulator * correction + _weighted_values_masking_hidden(fetcher, weights, v_tile)
+            # Dropout after the sum: the softmax is normalized as without dropout.
+            kept = weights if dropout is None else weights * dropout.kept(q_start, rows, kv_idx, dtype=weights.dtype)
+            accumulator = accumulator * correction + _weighted_values_masking_hidden(fetcher, kept, v_tile, weights)
             running_max = new_max
     attended = running_sum > 0
     safe_sum = torch.where(attended, running_sum, torch.ones_like(running_sum))
     safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
-    out = accumulator / safe_sum
+    out = accumulator / (safe_sum if dropout is None else safe_sum * (1.0 - dropout.p))
     lse = torch.where(attended, safe_max + torch.log(safe_sum), torch.full_like(safe_sum, float("-inf")))
     return out, lse.squeeze(-1)
 
@@ -200,22 +212,26 @@ class _AttachToInputs(torch.autograd.Function):
 
 
 def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
-                        score_mod: Optional[Callable], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                        score_mod: Optional[Callable], scale: float,
+                        dropout: Optional[Dropout] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``torch`` backend: attention over the tiles of ``block_mask``.
 
     query: [B, Hq, Lq, D]; key: [B, Hkv, Lkv, D]; value: [B, Hkv, Lkv, Dv]; inputs already validated.
-    Returns out [B, Hq, Lq, Dv] in query.dtype and lse [B, Hq, Lq] float32 (float64 for float64 inputs).
+    ``dropout``: the call's dropout (None: none). Returns out [B, Hq, Lq, Dv] in query.dtype and lse
+    [B, Hq, Lq] float32 (float64 for float64 inputs; the lse of the softmax without dropout).
     """
     batch, q_heads, q_len, _ = query.shape
     q_block = block_mask.BLOCK_SIZE[0]
     learnable = [t for t in captured_tensors(score_mod) if t.requires_grad] if score_mod is not None else []
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *learnable))
+    stream = None if dropout is None else DropoutStream(dropout, batch, q_heads)
     outs, lses = [], []
     for row in range(block_mask.num_blocks[0]):
         q_start = row * q_block
         layout = block_mask.row_layout(row, query.device)
         q_tile = query[:, :, q_start:q_start + q_block]
-        kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale)
+        kwargs = dict(q_start=q_start, layout=layout, block_mask=block_mask, score_mod=score_mod, scale=scale,
+                      dropout=stream)
         if needs_grad:
             # Recompute the row in backward instead of saving every tile's probabilities.
             out, lse = _RecomputedRow.apply(kwargs, q_tile, key, value, *learnable)
@@ -231,16 +247,18 @@ def blockwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                        score_mod: Optional[Callable], scale: float, grad_out: Optional[torch.Tensor],
-                       grad_lse: Optional[torch.Tensor], learnable: Sequence[torch.Tensor] = ()
-                       ) -> Tuple[torch.Tensor, ...]:
+                       grad_lse: Optional[torch.Tensor], learnable: Sequence[torch.Tensor] = (),
+                       dropout: Optional[Dropout] = None) -> Tuple[torch.Tensor, ...]:
     """Gradients of ``blockwise_attention`` (the torch backend's backward op), one query-block row at a time.
 
     Each row is recomputed with autograd and differentiated at once, so memory stays bounded by one
     row's tiles. grad_out [B, Hq, Lq, Dv] / grad_lse [B, Hq, Lq] may be None (zero). Returns
     (dq, dk, dv) shaped and typed like (query, key, value), then the gradient of each of ``learnable``
     (tensors the score_mod captured, reached through its closure); rows that attend to nothing give zeros.
+    ``dropout``: the forward's (the same probabilities are dropped again).
     """
     q_block = block_mask.BLOCK_SIZE[0]
+    stream = None if dropout is None else DropoutStream(dropout, query.shape[0], query.shape[1])
     accumulate = torch.promote_types(query.dtype, torch.float32)  # float64 inputs are computed in float64
     grad_query = torch.zeros_like(query)
     grad_key = torch.zeros(key.shape, dtype=accumulate, device=key.device)
@@ -255,7 +273,7 @@ def blockwise_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             q_tile = query[:, :, rows].detach().requires_grad_(True)
             out, lse = _query_block_row(q_tile, key_in, value_in, q_start=q_start,
                                         layout=block_mask.row_layout(row, query.device), block_mask=block_mask,
-                                        score_mod=score_mod, scale=scale)
+                                        score_mod=score_mod, scale=scale, dropout=stream)
             if grad_out is not None and out.requires_grad:
                 pairs_out.append((out, grad_out[:, :, rows].to(out.dtype)))
             if grad_lse is not None and lse.requires_grad:

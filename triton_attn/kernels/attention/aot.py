@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ...dropout import Dropout
 from ...masks.tracing import TracedMod
 from ..host import fast_tanh, layout_arguments, needs_64bit_layout, needs_64bit_rows, trace_score
 from ..jit import functions
@@ -79,6 +80,17 @@ def _mode(mask: Optional[TracedMod], mask_mode: Optional[str]) -> str:
     return mask_mode or (functions.MASK_TRACED if mask is not None else functions.MASK_NONE)
 
 
+def _example_dropout(dropout: bool) -> Optional[Dropout]:
+    """An example ``Dropout`` (its seed on the meta device) for a build with dropout, else None."""
+    return Dropout(0.1, _empty(1, dtype=torch.int64)) if dropout else None
+
+
+def _constants(arguments: Dict[str, object]) -> Dict[str, object]:
+    """The arguments a launch passes as None (dropout's without dropout): Triton's JIT makes them
+    constants, so the build takes them as constexprs too."""
+    return {name: value for name, value in arguments.items() if value is None}
+
+
 def _example_inputs(q_len: int, kv_len: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                     transposed: bool) -> Tuple[torch.Tensor, ...]:
     """Example query, key, value [B, H, L, D] on the meta device: contiguous, or (``transposed``) views of
@@ -96,13 +108,15 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
                     score: Optional[TracedMod] = None, mask_mode: Optional[str] = None,
                     dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                     block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
-                    inspect_sass: bool = False, transposed: bool = False, per_head_layout: bool = False) -> AotResult:
+                    inspect_sass: bool = False, transposed: bool = False, per_head_layout: bool = False,
+                    dropout: bool = False) -> AotResult:
     """Compile the forward kernel for ``mask``/``score`` (traced mods) with ``config`` for the target ``arch``.
 
     ``mask_mode``: ``functions.MASK_*`` (default: traced when ``mask`` is given, else none).
     ``transposed``: inputs are [B, L, H, D] views, as from transformers. ``per_head_layout``: a block
-    layout per (batch, head) instead of a broadcast one. The build is the one a training launch makes
-    (softmax statistics stored), with the launch's own 64-bit and grid decisions.
+    layout per (batch, head) instead of a broadcast one. ``dropout``: the variant with attention dropout.
+    The build is the one a training launch makes (softmax statistics stored), with the launch's own 64-bit
+    and grid decisions.
     """
     from .forward import attention_forward_kernel
 
@@ -119,8 +133,10 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
                              EXAMPLE_Q_HEADS, per_head_layout)
     arguments = forward_arguments(query, key, value, out, lse, layout, scale=0.125,
                                   mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
-                                  score_captured=_score_captured(score), stats=stats)
-    constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, STORE_STATS=True,
+                                  score_captured=_score_captured(score), stats=stats,
+                                  dropout=_example_dropout(dropout))
+    constexprs = dict(MASK_FN=mods.mask_fn, SCORE_FN=mods.score_fn, STORE_STATS=True, DROPOUT=dropout,
+                      **_constants(arguments),
                       **kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
                                           block_size=block_size, config=config, kv_len=kv_len, interpret=False,
                                           row_offsets_64=needs_64bit_rows(query, key, value, out),
@@ -128,7 +144,8 @@ def compile_forward(config: KernelConfig, *, arch: int, mask: Optional[TracedMod
                                           batch_heads=EXAMPLE_BATCH * EXAMPLE_Q_HEADS, target=target))
     return compile_kernel(attention_forward_kernel, arguments, constexprs, arch=target, num_warps=config.num_warps,
                           num_stages=config.num_stages, inspect_sass=inspect_sass, options=config.amd_options,
-                          label=f"forward {mods.name} {config.name} D={head_dim} {dtype}")
+                          label=f"forward {mods.name}{' dropout' if dropout else ''} {config.name} D={head_dim} "
+                                f"{dtype}")
 
 
 def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[TracedMod] = None,
@@ -136,14 +153,15 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
                      dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, head_dim_v: Optional[int] = None,
                      block_size: Tuple[int, int] = (128, 128), q_len: int = 4096, kv_len: int = 4096,
                      inspect_sass: bool = False, transposed: bool = False, per_head_layout: bool = False,
-                     only: Optional[str] = None) -> Dict[str, AotResult]:
+                     only: Optional[str] = None, dropout: bool = False) -> Dict[str, AotResult]:
     """Compile the dK/dV and dQ kernels with ``config`` for the target ``arch``: ``{"dkdv": ..., "dq": ...}``, or
     ``{"dv": ..., "dk": ..., "dq": ...}`` for a config with ``split_dkdv``; ``only="dkdv"`` or ``"dq"``: that
     kernel's builds alone.
 
     ``config`` is fitted to ``block_size`` and the lengths first, exactly as a launch would;
     ``transposed``: [B, L, H, D] input views (the gradients are contiguous, as the launcher makes them);
-    ``per_head_layout``: block layouts per (batch, query head), as ``compile_forward``.
+    ``per_head_layout``: block layouts per (batch, query head), as ``compile_forward``; ``dropout``: the
+    variants with attention dropout.
     """
     from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel
 
@@ -159,32 +177,33 @@ def compile_backward(config: BackwardConfig, *, arch: int, mask: Optional[Traced
     stats = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, 2, dtype=torch.float32)
     delta = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, dtype=torch.float32)
     captured = dict(scale=0.125, mask_captured=_mask_captured(mode, mask, block_size, q_len, kv_len),
-                    score_captured=_score_captured(score))
+                    score_captured=_score_captured(score), dropout=_example_dropout(dropout))
     rows, columns = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
     shapes = dict(head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, block_size=block_size, q_len=q_len,
                   kv_len=kv_len, interpret=False, target=target,
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, grad_query, grad_key, grad_value))
-    label = f"{mods.name} D={head_dim} {dtype}"
+    label = f"{mods.name}{' dropout' if dropout else ''} D={head_dim} {dtype}"
     results = {}
     dkdv_layout = _example_layout(columns, rows, DKDV_LAYOUT, "n", EXAMPLE_Q_HEADS, per_head_layout)
     for part in config.dkdv_parts if only in (None, "dkdv") else ():
+        arguments = dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value, dkdv_layout,
+                                   **captured)
         results[part] = compile_kernel(
-            attention_backward_dkdv_kernel,
-            dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value, dkdv_layout, **captured),
-            {**function_constexprs(mods),
+            attention_backward_dkdv_kernel, arguments,
+            {**function_constexprs(mods), **_constants(arguments),
              **dkdv_constexprs(tiles=config.dkdv, part=part, batch_heads=EXAMPLE_BATCH * EXAMPLE_KV_HEADS,
-                               layout_offsets_64=needs_64bit_layout(dkdv_layout), **shapes)},
+                               layout_offsets_64=needs_64bit_layout(dkdv_layout), dropout=dropout, **shapes)},
             arch=target, num_warps=config.dkdv.num_warps, num_stages=config.dkdv.num_stages, inspect_sass=inspect_sass,
             options=config.dkdv.amd_options, label=f"{part} {config.dkdv.name} {label}")
     if only == "dkdv":
         return results
     dq_layout = _example_layout(rows, columns, DQ_LAYOUT, "m", EXAMPLE_Q_HEADS, per_head_layout)
+    arguments = dq_arguments(query, key, value, grad_out, stats, delta, grad_query, dq_layout, **captured)
     dq = compile_kernel(
-        attention_backward_dq_kernel,
-        dq_arguments(query, key, value, grad_out, stats, delta, grad_query, dq_layout, **captured),
-        {**function_constexprs(mods),
+        attention_backward_dq_kernel, arguments,
+        {**function_constexprs(mods), **_constants(arguments),
          **dq_constexprs(tiles=config.dq, batch_heads=EXAMPLE_BATCH * EXAMPLE_Q_HEADS,
-                         layout_offsets_64=needs_64bit_layout(dq_layout), **shapes)},
+                         layout_offsets_64=needs_64bit_layout(dq_layout), dropout=dropout, **shapes)},
         arch=target, num_warps=config.dq.num_warps, num_stages=config.dq.num_stages, inspect_sass=inspect_sass,
         options=config.dq.amd_options, label=f"dq {config.dq.name} {label}")
     results["dq"] = dq
@@ -209,6 +228,17 @@ def compile_preprocess(*, arch: int, dtype: torch.dtype = torch.bfloat16, head_d
     return compile_kernel(attention_backward_preprocess, preprocess_arguments(out, grad_out, grad_lse, delta),
                           constexprs, arch=target, num_warps=target.tables.preprocess_warps, num_stages=None,
                           label=f"preprocess Dv={head_dim_v} {dtype}")
+
+
+def compile_dropout_mask(*, arch: int, q_len: int = 4096, kv_len: int = 4096) -> AotResult:
+    """The dropout keep-mask kernel (``dropout_mask``) for the target ``arch``, on the example batch and
+    query heads."""
+    from .dropout_mask import MASK_WARPS, dropout_mask_kernel, mask_arguments, mask_constexprs
+
+    keep = _empty(EXAMPLE_BATCH, EXAMPLE_Q_HEADS, q_len, kv_len, dtype=torch.uint8)
+    return compile_kernel(dropout_mask_kernel, mask_arguments(keep, _example_dropout(True)),
+                          mask_constexprs(EXAMPLE_BATCH * EXAMPLE_Q_HEADS), arch=get_target(arch),
+                          num_warps=MASK_WARPS, num_stages=None, label="dropout mask")
 
 
 def aot_compile_fn(capability: int, *, head_dim: int = 64, value_dim: Optional[int] = None, dtype=torch.float16,

@@ -19,6 +19,14 @@ Three kernels:
    head), walking the forward layout (``kv_num_blocks``/``kv_indices``, ``full_kv_*``), like the
    forward kernel. Each dQ row is owned by exactly one program: no atomics.
 
+Attention dropout (``DROPOUT``; ``triton_attn.dropout``): with ``Zd = keep / (1 - p)`` the forward's
+output is ``(P * Zd) @ V``, so ``dV = (P * Zd)^T dO`` and ``dP = (dO V^T) * Zd``; ``delta = rowsum(dO * O)``
+of that (dropped) output is still ``rowsum(P * dP)``, and ``dZ = P * (dP - delta)`` as without dropout
+(the lse has none). Each kernel regenerates the forward's keep decisions with ``blocks.dropout_keep``
+from the seed and the (query row, key) positions -- the dK/dV kernel's transposed tile included -- and
+applies ``1 / (1 - p)`` once to dV's accumulator, per element to dP. ``dropout_p`` / ``dropout_seed``
+are None without dropout.
+
 Splitting dQ from dK/dV recomputes ``P`` twice (FlashAttention-2's choice for determinism) but
 needs no atomic adds and no dQ accumulator in global memory. The dK/dV kernel can itself be
 launched twice, computing only dV (``COMPUTE_DV``) and then only dK (``COMPUTE_DK``): each launch
@@ -58,6 +66,7 @@ import triton.language as tl
 from .blocks import (
     LOG2_E_IN_KERNEL,
     batch_head_program,
+    dropout_keep,
     head_dim_lanes,
     layout_offsets,
     phase_blocks,
@@ -77,15 +86,19 @@ def scores_log2_factor(SCORE_FN: tl.constexpr, scale_log2):
 
 
 @triton.jit
-def shifted_dp_transposed(v_tile, do_tile, delta_ptrs, row_valid, CHECK_Q_BOUNDS: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+def shifted_dp_transposed(v_tile, do_tile, delta_ptrs, row_valid, keep, keep_scale, CHECK_Q_BOUNDS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """``dP^T - delta`` [BLOCK_N, BLOCK_M] for the dK/dV kernel: ``V dO^T`` (v_tile [BLOCK_N, BLOCK_DV],
-    do_tile [BLOCK_M, BLOCK_DV]) minus each query row's ``delta`` (``delta_ptrs`` [BLOCK_M])."""
+    do_tile [BLOCK_M, BLOCK_DV]) minus each query row's ``delta`` (``delta_ptrs`` [BLOCK_M]). With
+    ``DROPOUT``, ``V dO^T`` is taken where ``keep`` [BLOCK_N, BLOCK_M] and times ``keep_scale``, 0 elsewhere."""
     if CHECK_Q_BOUNDS:
         delta = tl.load(delta_ptrs, mask=row_valid, other=0.0)
     else:
         delta = tl.load(delta_ptrs)
-    return tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION) - delta[None, :]
+    dp = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    return dp - delta[None, :]
 
 
 @triton.jit(do_not_specialize=["q_len", "batch_heads"])
@@ -144,6 +157,7 @@ def attention_backward_dkdv_kernel(
     stride_index_b, stride_index_h, stride_index_n,
     q_len, kv_len, num_kv_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
+    dropout_p, dropout_seed,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -155,7 +169,7 @@ def attention_backward_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
     HEAVY_TILES_LAST: tl.constexpr,
-    KEYS_FIRST: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    KEYS_FIRST: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # Q [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv]; K, DK [B, Hkv, Lkv, D]; V, DV [B, Hkv, Lkv, Dv];
     # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (kv tiles, B * Hkv) (folded over
@@ -185,6 +199,11 @@ def attention_backward_dkdv_kernel(
         stride_dkn = stride_dkn.to(tl.int64)
         stride_dvn = stride_dvn.to(tl.int64)
     scores_to_log2 = scores_log2_factor(SCORE_FN, scale_log2)
+    if DROPOUT:
+        seed = tl.load(dropout_seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    else:
+        keep_scale = 1.0
 
     # KEYS_FIRST: K as loaded, [BLOCK_N, BLOCK_D], for the scores K @ Q^T. Otherwise K transposed,
     # [BLOCK_D, BLOCK_N], exactly as the forward loads it, for Q @ K^T (see below).
@@ -244,12 +263,17 @@ def attention_backward_dkdv_kernel(
                 if UPCAST_DOT:
                     q_tile = q_tile.to(tl.float32)
                     do_tile = do_tile.to(tl.float32)
+                if DROPOUT:
+                    # The forward's keep decisions for these (row, key) pairs: the tile is keys x rows.
+                    keep = dropout_keep(seed, dropout_p, row_base, q_idx, kv_idx, kv_len)  # [BLOCK_N, BLOCK_M]
+                else:
+                    keep = None
 
                 if COMPUTE_DK and not COMPUTE_DV:
                     # dK alone: dP^T - delta first, so that delta, and P's shift and 1 / sum, are never
                     # held at the same time (in the fused kernel dV's product goes first instead).
-                    dp_shifted = shifted_dp_transposed(v_tile, do_tile, Delta + row_base + q_pos, row_valid,
-                                                       CHECK_Q_BOUNDS, DOT_PRECISION)
+                    dp_shifted = shifted_dp_transposed(v_tile, do_tile, Delta + row_base + q_pos, row_valid, keep,
+                                                       keep_scale, CHECK_Q_BOUNDS, DOT_PRECISION, DROPOUT)
 
                 # The forward's scores, reduced along the whole head_dim in the same steps, so they meet
                 # its shift and 1 / sum (a different rounding is an error amplifying score_mods
@@ -290,11 +314,16 @@ def attention_backward_dkdv_kernel(
                     exponent = tl.minimum(exponent, 64.0)
                 probs = tl.exp2(exponent) * inverse_sum[None, :]  # P^T
                 if COMPUTE_DV:
-                    dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
+                    if DROPOUT:
+                        # (P * keep)^T dO; 1 / (1 - p) is applied to the accumulator at the end.
+                        dv_acc = tl.dot(tl.where(keep, probs, 0.0).to(do_tile.dtype), do_tile, dv_acc,
+                                        input_precision=DOT_PRECISION)
+                    else:
+                        dv_acc = tl.dot(probs.to(do_tile.dtype), do_tile, dv_acc, input_precision=DOT_PRECISION)
                 if COMPUTE_DK:
                     if COMPUTE_DV:
                         dp_shifted = shifted_dp_transposed(v_tile, do_tile, Delta + row_base + q_pos, row_valid,
-                                                           CHECK_Q_BOUNDS, DOT_PRECISION)
+                                                           keep, keep_scale, CHECK_Q_BOUNDS, DOT_PRECISION, DROPOUT)
                     dz = probs * dp_shifted
                     if SCORE_GRAD_FN is not None:
                         # P == 0 (masked, padded, underflowed) means dZ == 0; the derivative there may be inf/NaN.
@@ -311,6 +340,8 @@ def attention_backward_dkdv_kernel(
                    + kv_pos[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
         tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=kv_valid[:, None] & d_valid[None, :])
     if COMPUTE_DV:
+        if DROPOUT:
+            dv_acc = dv_acc * keep_scale
         dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
                    + kv_pos[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)
         tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=kv_valid[:, None] & dv_valid[None, :])
@@ -330,6 +361,7 @@ def attention_backward_dq_kernel(
     stride_index_b, stride_index_h, stride_index_m,
     q_len, kv_len, num_q_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
+    dropout_p, dropout_seed,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_CONSTANT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -340,7 +372,7 @@ def attention_backward_dq_kernel(
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
-    HEAVY_TILES_LAST: tl.constexpr,
+    HEAVY_TILES_LAST: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # Q, DQ [B, Hq, Lq, D], DOut [B, Hq, Lq, Dv], K [B, Hkv, Lkv, D], V [B, Hkv, Lkv, Dv];
     # Stats [B, Hq, Lq, 2], Delta [B, Hq, Lq] float32 contiguous. Grid: (query tiles, B * Hq), as
@@ -377,6 +409,9 @@ def attention_backward_dq_kernel(
     inverse_sum = tl.load(Stats + (row_base + q_pos) * 2 + 1, mask=row_valid, other=0.0)
     delta = tl.load(Delta + row_base + q_pos, mask=row_valid, other=0.0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(dropout_seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -424,6 +459,9 @@ def attention_backward_dq_kernel(
 
             probs = tl.exp2(tl.fma(scores, scores_to_log2, -shift[:, None])) * inverse_sum[:, None]  # [M, N]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                # dP of the dropped product: (dO V^T) * keep / (1 - p), with the forward's keep decisions.
+                dp = tl.where(dropout_keep(seed, dropout_p, row_base, q_idx, kv_idx, kv_len), dp * keep_scale, 0.0)
             dz = probs * (dp - delta[:, None])
 
             if SCORE_GRAD_FN is not None:

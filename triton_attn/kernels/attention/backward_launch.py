@@ -6,6 +6,11 @@ the dK/dV kernel over the transposed block layout and the dQ kernel over the for
 (``backward.py``), compiled on CUDA or under the Triton interpreter on CPU tensors. The kernels get
 the generated functions of ``jit.functions.mod_functions(..., derivative=True)``.
 
+With attention dropout (``dropout``: the forward's ``triton_attn.dropout.Dropout``) the dK/dV and dQ kernels
+regenerate the forward's keep decisions from its seed; the delta preprocessing is unchanged (it reads the
+forward's output, which is the dropped one). A dropout launch takes ``default_backward_config(...,
+dropout=True)``: smaller steps, see ``configs.dropout_step``.
+
 ``dkdv_arguments`` / ``dq_arguments`` / ``preprocess_arguments`` are the kernels' signature
 descriptions on the host side: the launch and the ahead-of-time build both take their named
 arguments from them.
@@ -23,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ...dropout import Dropout
 from ...masks.block_mask import BlockMask
 from ...masks.closure import captured_tensors
 from ...masks.evaluate import mod_name
@@ -42,7 +48,14 @@ from ..jit.modules import launch
 from ..targets import REFERENCE, device_target
 from .blocks import LOG2_E
 from .configs import DKDV_PARTS, BackwardConfig, KernelConfig, cdiv, default_backward_config, padded_head_dim
-from .tiling import batch_head_axes, folds_batch_heads, heavy_tiles_last, kernel_constexprs, launch_grid
+from .tiling import (
+    batch_head_axes,
+    dropout_arguments,
+    folds_batch_heads,
+    heavy_tiles_last,
+    kernel_constexprs,
+    launch_grid,
+)
 
 
 class UnsupportedBackwardError(NotImplementedError):
@@ -153,31 +166,33 @@ def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _common_arguments(query, key, value, grad_out, stats, delta, *, scale: float, mask_captured: tuple,
-                      score_captured: tuple) -> Dict[str, object]:
+                      score_captured: tuple, dropout: Optional[Dropout]) -> Dict[str, object]:
     q_heads, kv_heads = query.shape[1], key.shape[1]
     return dict(Q=query, K=key, V=value, DOut=grad_out, Stats=stats, Delta=delta,
                 **strides("q", query, "bhmd"), **strides("k", key, "bhnd"), **strides("v", value, "bhnd"),
                 **strides("do", grad_out, "bhmd"),
                 q_len=query.shape[2], kv_len=key.shape[2], gqa_groups=q_heads // kv_heads,
-                scale_log2=scale * LOG2_E, score_scale=scale,
+                scale_log2=scale * LOG2_E, score_scale=scale, **dropout_arguments(dropout),
                 mask_captured=mask_captured, score_captured=score_captured)
 
 
 def dkdv_arguments(query, key, value, grad_out, stats, delta, grad_key, grad_value, layout: Dict[str, object], *,
-                   scale: float, mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
+                   scale: float, mask_captured: tuple, score_captured: tuple,
+                   dropout: Optional[Dropout] = None) -> Dict[str, object]:
     """Runtime arguments of ``attention_backward_dkdv_kernel`` by name (``layout``: the transposed one;
-    ``stats``: [B, Hq, Lq, 2] float32 softmax statistics, ``stats_from_lse``)."""
+    ``stats``: [B, Hq, Lq, 2] float32 softmax statistics, ``stats_from_lse``; ``dropout``: the forward's)."""
     return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
-                                    score_captured=score_captured),
+                                    score_captured=score_captured, dropout=dropout),
                 DK=grad_key, DV=grad_value, **strides("dk", grad_key, "bhnd"), **strides("dv", grad_value, "bhnd"),
                 **layout, num_kv_heads=key.shape[1], batch_heads=query.shape[0] * key.shape[1])
 
 
 def dq_arguments(query, key, value, grad_out, stats, delta, grad_query, layout: Dict[str, object], *, scale: float,
-                 mask_captured: tuple, score_captured: tuple) -> Dict[str, object]:
-    """Runtime arguments of ``attention_backward_dq_kernel`` by name (``layout``: the forward one)."""
+                 mask_captured: tuple, score_captured: tuple, dropout: Optional[Dropout] = None) -> Dict[str, object]:
+    """Runtime arguments of ``attention_backward_dq_kernel`` by name (``layout``: the forward one;
+    ``dropout``: the forward's)."""
     return dict(**_common_arguments(query, key, value, grad_out, stats, delta, scale=scale, mask_captured=mask_captured,
-                                    score_captured=score_captured),
+                                    score_captured=score_captured, dropout=dropout),
                 DQ=grad_query, **strides("dq", grad_query, "bhmd"), **layout, num_q_heads=query.shape[1],
                 batch_heads=query.shape[0] * query.shape[1])
 
@@ -189,11 +204,13 @@ def function_constexprs(mods: functions.ModFunctions) -> Dict[str, object]:
 
 
 def dkdv_constexprs(*, tiles: KernelConfig, q_len: int, block_size: Tuple[int, int], part: str = "dkdv",
-                    **shapes) -> dict:
+                    dropout: bool = False, **shapes) -> dict:
     """Shape constexprs of the dK/dV kernel: the forward's, the query-side bounds check, the scores'
-    orientation (keys first for 16-bit inputs, see backward.py) and which gradients ``part`` computes:
-    "dkdv" both (one kernel), "dk" or "dv" one of them (``BackwardConfig.split_dkdv``)."""
+    orientation (keys first for 16-bit inputs, see backward.py), which gradients ``part`` computes:
+    "dkdv" both (one kernel), "dk" or "dv" one of them (``BackwardConfig.split_dkdv``), and whether the
+    forward had dropout."""
     values = kernel_constexprs(config=tiles, block_size=block_size, **shapes)
+    values["DROPOUT"] = bool(dropout)
     q_bs = block_size[0]
     values["CHECK_Q_BOUNDS"] = (q_len % q_bs != 0) or (q_bs % tiles.BLOCK_M != 0)
     values["KEYS_FIRST"] = shapes["dtype"] != torch.float32
@@ -201,9 +218,9 @@ def dkdv_constexprs(*, tiles: KernelConfig, q_len: int, block_size: Tuple[int, i
     return values
 
 
-def dq_constexprs(*, tiles: KernelConfig, q_len: int, **shapes) -> dict:
-    """Shape constexprs of the dQ kernel (the forward's)."""
-    return kernel_constexprs(config=tiles, **shapes)
+def dq_constexprs(*, tiles: KernelConfig, q_len: int, dropout: bool = False, **shapes) -> dict:
+    """Shape constexprs of the dQ kernel (the forward's, and whether the forward had dropout)."""
+    return dict(kernel_constexprs(config=tiles, **shapes), DROPOUT=bool(dropout))
 
 
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
@@ -211,7 +228,8 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
                        config: Optional[BackwardConfig] = None,
                        choose_config: Optional[BackwardChooser] = None,
-                       softmax_stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       softmax_stats: Optional[torch.Tensor] = None,
+                       dropout: Optional[Dropout] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the fused attention.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv]; out [B, Hq, Lq, Dv] and
@@ -222,10 +240,11 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     ``choose_config(default, structure)`` returns for it (the tuned tiles: ``kernels.tuned``).
     ``softmax_stats``: the forward's [B, Hq, Lq, 2] statistics (``host.new_softmax_stats``),
     which recompute P exactly as the forward normalized it; None: derived from ``lse``.
+    ``dropout``: the forward's ``Dropout`` (the same seed: its keep-mask is regenerated), None: none.
     """
     launches, grads = prepare_backward(query, key, value, out, lse, grad_out, grad_lse, block_mask,
                                        score_mod=score_mod, scale=scale, interpret=interpret, config=config,
-                                       choose_config=choose_config, softmax_stats=softmax_stats)
+                                       choose_config=choose_config, softmax_stats=softmax_stats, dropout=dropout)
     for launch_kernel in launches.values():
         launch_kernel()
     return grads
@@ -235,7 +254,7 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      lse: torch.Tensor, grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
                      block_mask: BlockMask, *, score_mod: Optional[Callable], scale: float, interpret: bool,
                      config: Optional[BackwardConfig] = None, choose_config: Optional[BackwardChooser] = None,
-                     softmax_stats: Optional[torch.Tensor] = None):
+                     softmax_stats: Optional[torch.Tensor] = None, dropout: Optional[Dropout] = None):
     """Everything ``attention_backward`` does on the host, once: ``(launches, (dq, dk, dv))`` with
     ``launches`` the kernels by name ("preprocess", "dkdv" -- or "dv" and "dk" when ``split_dkdv`` --,
     "dq"; none when there is no gradient to propagate), to be run in that (insertion) order (what the
@@ -255,7 +274,8 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     mods = functions.mod_functions(mask_plan.traced, score_traced, mask_mode=mask_plan.mode, derivative=True,
                                    fast_tanh=fast_tanh(dtype, interpret, target))
     if config is None:
-        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len, target=target)
+        config = default_backward_config(head_dim, head_dim_v, dtype, (q_bs, kv_bs), q_len, kv_len, target=target,
+                                         dropout=dropout is not None)
         if choose_config is not None:
             config = choose_config(config, mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len, kv_len)
@@ -291,7 +311,7 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                   row_offsets_64=needs_64bit_rows(query, key, value, grad_out, dq, dk, dv),
                   reverse_tiles=heavy_tiles_last(block_mask), target=target)
     captured = dict(scale=scale, mask_captured=mask_plan.captured(device),
-                    score_captured=score_captured(score_traced, device))
+                    score_captured=score_captured(score_traced, device), dropout=dropout)
 
     # 2. dK, dV: one program per key tile per (batch, KV head), over the transposed layout; one launch,
     # or (split_dkdv) one for dV and one for dK.
@@ -304,7 +324,8 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         launches[part] = launcher(attention_backward_dkdv_kernel, grid,
                                   {**arguments, **function_constexprs(mods),
                                    **dkdv_constexprs(tiles=tiles, part=part, batch_heads=batch * kv_heads,
-                                                     layout_offsets_64=needs_64bit_layout(layout), **shapes)},
+                                                     layout_offsets_64=needs_64bit_layout(layout),
+                                                     dropout=dropout is not None, **shapes)},
                                   tiles)
 
     # 3. dQ: one program per query tile per (batch, query head), over the forward layout.
@@ -316,5 +337,6 @@ def prepare_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     launches["dq"] = launcher(attention_backward_dq_kernel, grid,
                               {**arguments, **function_constexprs(mods),
                                **dq_constexprs(tiles=tiles, batch_heads=batch * q_heads,
-                                               layout_offsets_64=needs_64bit_layout(layout), **shapes)}, tiles)
+                                               layout_offsets_64=needs_64bit_layout(layout),
+                                               dropout=dropout is not None, **shapes)}, tiles)
     return launches, (dq, dk, dv)

@@ -127,3 +127,19 @@ def online_softmax_step(logits, running_max, running_sum, accumulator):
     correction = tl.exp2(running_max - shift)
     probs = tl.exp2(logits - shift[:, None])
     return probs, new_max, running_sum * correction + tl.sum(probs, 1), accumulator * correction[:, None]
+
+
+@triton.jit
+def dropout_keep(seed, dropout_p, row_base, q_idx, kv_idx, kv_len):
+    """Attention dropout's keep decision (``triton_attn.dropout``): True where the probability of query row
+    ``q_idx`` and key ``kv_idx`` is kept, ``tl.rand(seed, counter) >= dropout_p`` with the 64-bit counter
+    ``((b * Hq + h) * Lq + i) * Lkv + j``. ``row_base`` is ``(b * Hq + h) * Lq`` as int64 (b, h: the
+    query's batch and head); ``q_idx`` / ``kv_idx`` broadcast against each other (``[M, 1]`` and ``[1, N]``
+    for a query-major tile, ``[1, M]`` and ``[N, 1]`` for the dK/dV kernel's keys-major one: the same
+    (row, key) gets the same counter whichever way a tile is laid out). ``seed``: int64 scalar.
+
+    Every kernel that needs the mask (forward, dK/dV, dQ, ``dropout_mask``) calls this one function, so the
+    backward regenerates exactly the forward's mask. ``tl.rand`` splits a 64-bit counter into its low and
+    high 32 bits (Philox 4x32, 10 rounds) on every supported Triton (3.4 to 3.9)."""
+    counter = (row_base + q_idx) * kv_len + kv_idx
+    return tl.rand(seed, counter) >= dropout_p

@@ -144,19 +144,55 @@ def by_width(table: Dict[int, object], head_dim: int, head_dim_v: int):
     return table[min(size for size in table if size >= width)]
 
 
+# Attention dropout regenerates one Philox draw (10 rounds on 4 words of state) per (query row, key) of
+# every step, in registers beside the step's scores: at 32 tile elements per thread (128 x 64 on 8 warps)
+# the sm_90 dK/dV kernel (one launch at D = 64, both split launches at D = 128) and the sm_80 forward at
+# D = 128 under a document mask or softcap spill. A dropout launch halves its step until the tile holds at
+# most ``dropout_step_budget`` elements per thread: 16 for 16-bit inputs while the kernel's float32
+# accumulators span at most 128 columns (no default build with head_dim <= 128 spills on sm_80 / sm_90
+# then, tests/kernels/test_dropout_aot.py, and sm_90 keeps wgmma everywhere), 8 beyond (D = 256; dK and dV
+# in one launch at D = 128, which spilled on sm_100), a quarter of that for float32 (3xTF32's operand splits).
+DROPOUT_STEP_ELEMENTS = 16   # per thread (of a 32-wide warp), 16-bit inputs, accumulators <= 128 columns wide
+
+
+def dropout_step_budget(head_dim: int, head_dim_v: int, dtype: torch.dtype, accumulators: int = 1) -> int:
+    """The most elements per thread a dropout launch's step tile holds (see ``DROPOUT_STEP_ELEMENTS``);
+    ``accumulators``: the float32 accumulators the kernel holds (2 for dK and dV in one launch)."""
+    budget = DROPOUT_STEP_ELEMENTS
+    if accumulators * max(padded_head_dim(head_dim), padded_head_dim(head_dim_v)) > 128:
+        budget //= 2
+    if dtype == torch.float32:
+        budget //= 4
+    return budget
+
+
+def dropout_step(config: KernelConfig, budget: int, *, keys: bool) -> KernelConfig:
+    """``config`` for a launch with attention dropout: its step tile (``BLOCK_M x BLOCK_N``) halved until it
+    holds at most ``budget`` elements per thread (``dropout_step_budget``), along the axis the kernel steps
+    over -- the keys (``keys``: forward, dQ) or the query rows (dK/dV) -- never below ``MIN_TILE``."""
+    axis = "BLOCK_N" if keys else "BLOCK_M"
+    while config.BLOCK_M * config.BLOCK_N > budget * 32 * config.num_warps and getattr(config, axis) > MIN_TILE:
+        config = replace(config, **{axis: getattr(config, axis) // 2})
+    return config
+
+
 def default_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                   q_len: Optional[int] = None, *, target=None) -> KernelConfig:
+                   q_len: Optional[int] = None, *, target=None, dropout: bool = False) -> KernelConfig:
     """The heuristic config for these shapes, already fitted to ``block_size = (Q_BS, KV_BS)``.
 
     head_dim / head_dim_v: D and Dv; dtype: the input dtype; q_len: Lq (small values shrink BLOCK_M);
-    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's).
+    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's);
+    dropout: a launch with attention dropout (``dropout_step``).
     """
     tables = getattr(target, "tables", None)
     if dtype == torch.float32:
         table = tables.forward_float32 if tables is not None else FLOAT32_CONFIGS
     else:
         table = tables.forward if tables is not None else MAIN_CONFIGS
-    return by_width(table, head_dim, head_dim_v).fitted(block_size[0], block_size[1], q_len)
+    config = by_width(table, head_dim, head_dim_v)
+    if dropout:
+        config = dropout_step(config, dropout_step_budget(head_dim, head_dim_v, dtype), keys=True)
+    return config.fitted(block_size[0], block_size[1], q_len)
 
 
 # The dK/dV kernel's launches by name -> (COMPUTE_DK, COMPUTE_DV): one for both, or one each (split).
@@ -250,13 +286,19 @@ HOPPER_BACKWARD_CONFIGS = {
 
 
 def default_backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, block_size: Tuple[int, int],
-                            q_len: int, kv_len: int, *, target=None) -> BackwardConfig:
+                            q_len: int, kv_len: int, *, target=None, dropout: bool = False) -> BackwardConfig:
     """The heuristic config for these shapes, fitted to ``block_size = (Q_BS, KV_BS)``.
 
-    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's)."""
+    target: a ``kernels.targets.Target`` whose tables to read (None: sm_80's, also the interpreter's);
+    dropout: a launch with attention dropout (``dropout_step`` on both kernels' steps)."""
     tables = getattr(target, "tables", None)
     if dtype == torch.float32:
         table = tables.backward_float32 if tables is not None else FLOAT32_BACKWARD_CONFIGS
     else:
         table = tables.backward if tables is not None else MAIN_BACKWARD_CONFIGS
-    return by_width(table, head_dim, head_dim_v).fitted(block_size[0], block_size[1], q_len, kv_len)
+    config = by_width(table, head_dim, head_dim_v)
+    if dropout:
+        dkdv_budget = dropout_step_budget(head_dim, head_dim_v, dtype, 1 if config.split_dkdv else 2)
+        config = replace(config, dkdv=dropout_step(config.dkdv, dkdv_budget, keys=False),
+                         dq=dropout_step(config.dq, dropout_step_budget(head_dim, head_dim_v, dtype), keys=True))
+    return config.fitted(block_size[0], block_size[1], q_len, kv_len)

@@ -24,6 +24,12 @@ Algorithm (one program = one tile of ``BLOCK_M`` query rows of one (batch, query
    each step and carried, which keeps ``num_stages - 1`` K/V loads in flight in both phases.
 4. Rows that never saw an allowed key end with ``running_sum == 0``: they store 0 and an LSE of
    ``-inf`` instead of 0/0.
+5. ``DROPOUT`` (attention dropout, ``triton_attn.dropout``): the probabilities that meet V are zeroed
+   where ``blocks.dropout_keep`` drops them and the output is multiplied by ``1 / (1 - p)`` once, at the
+   end: ``(P * keep / (1 - p)) @ V`` with one multiply per row instead of one per probability. The
+   running sum, hence the normalization, the lse and the statistics, are those
+   without dropout. ``dropout_p`` (float) and ``dropout_seed`` (int64 ``[1]``, read here, so a captured
+   graph replays with a fresh seed) are None without dropout: the launch then compiles as before.
 
 Tensor arguments (all strides in elements; ``Bm``/``Hm`` are the BlockMask's own batch/head
 sizes and their strides are 0 when the mask broadcasts):
@@ -34,6 +40,7 @@ sizes and their strides are 0 when the mask broadcasts):
   backward's recompute of P).
 - ``kv_num_blocks`` / ``full_kv_num_blocks`` int32 [Bm, Hm, NQ] (strides ``stride_layout_*``),
   ``kv_indices`` / ``full_kv_indices`` int32 [Bm, Hm, NQ, NKV] (strides ``stride_index_*``).
+- ``dropout_seed`` int64 [1] (with ``DROPOUT``; else None).
 
 Grid: ``(NQ * Q_TILES_PER_BLOCK, B * Hq)`` (``tiling.launch_grid``; past 65,535 (batch, head) pairs
 folded over axes 1 and 2, ``FOLD_BATCH_HEADS``, with ``batch_heads`` = B * Hq to stop the spare programs).
@@ -48,6 +55,7 @@ from .blocks import (
     LN_2,
     LOG2_E_IN_KERNEL,
     batch_head_program,
+    dropout_keep,
     head_dim_lanes,
     layout_offsets,
     phase_blocks,
@@ -71,6 +79,7 @@ def attention_forward_kernel(
     stride_index_b, stride_index_h, stride_index_m,
     q_len, kv_len, num_q_heads, gqa_groups, batch_heads,
     scale_log2, score_scale,
+    dropout_p, dropout_seed,
     mask_captured, score_captured,
     MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -81,7 +90,7 @@ def attention_forward_kernel(
     CHECK_KV_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ROW_OFFSETS_64: tl.constexpr, LAYOUT_OFFSETS_64: tl.constexpr, FOLD_BATCH_HEADS: tl.constexpr,
-    HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr,
+    HEAVY_TILES_LAST: tl.constexpr, STORE_STATS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     batch_head = batch_head_program(FOLD_BATCH_HEADS)
     if FOLD_BATCH_HEADS:
@@ -120,6 +129,9 @@ def attention_forward_kernel(
     running_shift = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # base 2, as applied
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     accumulator = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(dropout_seed)
+        row_base = batch_head.to(tl.int64) * q_len     # (batch * Hq + head) * Lq: the dropout counter's rows
 
     # Where this (batch, head, mask_row) finds its block lists; stride 0 where the mask broadcasts.
     layout_offset, index_offset = layout_offsets(LAYOUT_OFFSETS_64, batch, head, mask_row, stride_layout_b,
@@ -189,6 +201,9 @@ def attention_forward_kernel(
                 v_tile = tl.load(v_ptrs)
             if UPCAST_DOT:
                 v_tile = v_tile.to(tl.float32)
+            if DROPOUT:
+                # Dropped probabilities leave the product, not the sum: 1 / (1 - p) is applied at the end.
+                probs = tl.where(dropout_keep(seed, dropout_p, row_base, q_idx, kv_idx, kv_len), probs, 0.0)
             accumulator = tl.dot(probs.to(v_tile.dtype), v_tile, accumulator, input_precision=DOT_PRECISION)
             running_max = new_max
             running_shift = shift
@@ -196,7 +211,10 @@ def attention_forward_kernel(
 
     attended = running_sum > 0.0
     safe_sum = tl.where(attended, running_sum, 1.0)
-    out_tile = accumulator / safe_sum[:, None]
+    if DROPOUT:
+        out_tile = accumulator * ((1.0 / (1.0 - dropout_p)) / safe_sum)[:, None]
+    else:
+        out_tile = accumulator / safe_sum[:, None]
     # LSE in natural log: max in natural units + ln(sum).
     lse = tl.where(attended, running_max * scores_to_natural + tl.log2(safe_sum) * LN_2_IN_KERNEL, float("-inf"))
 

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ...dropout import Dropout
 from ...masks.block_mask import BlockMask
 from ..host import (
     fast_tanh,
@@ -34,7 +35,7 @@ from ..jit.modules import launch
 from ..targets import device_target
 from .blocks import LOG2_E
 from .configs import KernelConfig, default_config
-from .tiling import heavy_tiles_last, kernel_constexprs, launch_grid
+from .tiling import dropout_arguments, heavy_tiles_last, kernel_constexprs, launch_grid
 
 # choose_config(default, structure) -> the config to launch: ``structure`` is the mods' structure class
 # (``ModFunctions.key[:8]``) for the tuning key; ``kernels.tuned.forward_chooser`` makes one.
@@ -45,10 +46,11 @@ FORWARD_LAYOUT = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_
 
 def forward_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, layout: Dict[str, object], *, scale: float, mask_captured: tuple,
-                      score_captured: tuple, stats: Optional[torch.Tensor] = None) -> Dict[str, object]:
+                      score_captured: tuple, stats: Optional[torch.Tensor] = None,
+                      dropout: Optional[Dropout] = None) -> Dict[str, object]:
     """Every runtime argument of ``attention_forward_kernel`` by name (``layout``: ``layout_arguments``;
     ``stats``: the optional [B, Hq, Lq, 2] float32 softmax statistics for the backward; the lse
-    stands in as an unused pointer without it)."""
+    stands in as an unused pointer without it; ``dropout``: ``dropout_arguments``)."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
     return dict(
         Q=query, K=key, V=value, Out=out, Lse=lse, Stats=lse if stats is None else stats,
@@ -58,15 +60,18 @@ def forward_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         q_len=query.shape[2], kv_len=key.shape[2], num_q_heads=q_heads, gqa_groups=q_heads // kv_heads,
         batch_heads=query.shape[0] * q_heads,
         scale_log2=scale * LOG2_E, score_scale=scale,
+        **dropout_arguments(dropout),
         mask_captured=mask_captured, score_captured=score_captured,
     )
+
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                       score_mod: Optional[Callable], scale: float, interpret: bool,
                       config: Optional[KernelConfig] = None,
                       choose_config: Optional[ForwardChooser] = None,
-                      stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      stats: Optional[torch.Tensor] = None,
+                      dropout: Optional[Dropout] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] (validated by ``attention``).
@@ -75,9 +80,12 @@ def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     for these shapes, or what ``choose_config(default, structure)`` returns for it (the tuned winner).
     ``stats``: an empty float32 [B, Hq, Lq, 2] the kernel fills with the softmax statistics the
     backward recomputes P from (``new_softmax_stats``); None: not written.
+    ``dropout``: attention dropout (``triton_attn.dropout.Dropout``; the lse and statistics stay those
+    without it), None: none.
     """
     run, out, lse = prepare_forward(query, key, value, block_mask, score_mod=score_mod, scale=scale,
-                                    interpret=interpret, config=config, choose_config=choose_config, stats=stats)
+                                    interpret=interpret, config=config, choose_config=choose_config, stats=stats,
+                                    dropout=dropout)
     run()
     return out, lse
 
@@ -99,7 +107,8 @@ def forward_mods(query: torch.Tensor, block_mask: BlockMask, *, score_mod: Optio
 def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, *,
                     score_mod: Optional[Callable], scale: float, interpret: bool,
                     config: Optional[KernelConfig] = None, choose_config: Optional[ForwardChooser] = None,
-                    stats: Optional[torch.Tensor] = None) -> Tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+                    stats: Optional[torch.Tensor] = None,
+                    dropout: Optional[Dropout] = None) -> Tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
     """Everything ``attention_forward`` does on the host, once: ``(launch, out, lse)``, where ``launch()``
     runs the kernel alone into ``out`` / ``lse`` (what the autotuner times)."""
     from .forward import attention_forward_kernel
@@ -113,7 +122,8 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     mask_plan, score_traced, mods = forward_mods(query, block_mask, score_mod=score_mod, scale=scale,
                                                  interpret=interpret, target=target)
     if config is None:
-        config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len, target=target)
+        config = default_config(head_dim, head_dim_v, query.dtype, (q_bs, kv_bs), q_len, target=target,
+                                dropout=dropout is not None)
         if choose_config is not None:
             config = choose_config(config, mods.key[:8])
     config = config.fitted(q_bs, kv_bs, q_len)
@@ -124,13 +134,15 @@ def prepare_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               block_mask.full_kv_indices, device, FORWARD_LAYOUT, "m")
     arguments = forward_arguments(query, key, value, out, lse, layout, scale=scale,
                                   mask_captured=mask_plan.captured(device),
-                                  score_captured=score_captured(score_traced, device), stats=stats)
+                                  score_captured=score_captured(score_traced, device), stats=stats,
+                                  dropout=dropout)
     constexprs = kernel_constexprs(head_dim=head_dim, head_dim_v=head_dim_v, dtype=query.dtype,
                                    block_size=(q_bs, kv_bs), config=config, kv_len=kv_len, interpret=interpret,
                                    row_offsets_64=needs_64bit_rows(query, key, value, out),
                                    layout_offsets_64=needs_64bit_layout(layout), batch_heads=batch * q_heads,
                                    reverse_tiles=heavy_tiles_last(block_mask), target=target)
     constexprs["STORE_STATS"] = stats is not None
+    constexprs["DROPOUT"] = dropout is not None
     grid = launch_grid(q_len, block_mask.num_blocks[0], q_bs, config.BLOCK_M, batch * q_heads)
     named = {**arguments, "MASK_FN": mods.mask_fn, "SCORE_FN": mods.score_fn, **constexprs}
 

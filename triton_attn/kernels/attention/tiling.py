@@ -3,15 +3,17 @@
 ``kernel_constexprs``: the shape constexprs of the forward, dK/dV and dQ kernels; ``launch_grid``:
 the programs over query (or key) tiles and (batch, head) pairs (``batch_head_axes``: any number of
 pairs, folded over grid axes 1 and 2 past CUDA's 65,535 per axis); ``heavy_tiles_last``: whether to
-launch the tiles last-first (causal-like masks). The decode kernels tile differently (``decode/launch.py``).
+launch the tiles last-first (causal-like masks); ``dropout_arguments``: the dropout arguments the forward,
+dK/dV and dQ kernels take. The decode kernels tile differently (``decode/launch.py``).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ...dropout import Dropout
 from ...masks.block_mask import BlockMask
 from .configs import MAX_GRID_YZ as CUDA_MAX_GRID_YZ
 from .configs import KernelConfig, cdiv, padded_head_dim
@@ -114,3 +116,12 @@ def kernel_constexprs(*, head_dim: int, head_dim_v: int, dtype: torch.dtype, blo
         FOLD_BATCH_HEADS=folds_batch_heads(batch_heads),
         HEAVY_TILES_LAST=bool(reverse_tiles),
     )
+
+
+def dropout_arguments(dropout: Optional[Dropout]) -> Dict[str, object]:
+    """The kernels' dropout arguments (forward, dK/dV, dQ): ``dropout_p`` and ``dropout_seed`` (the int64
+    ``[1]`` seed tensor, read by the kernel), both None without dropout -- Triton makes a None argument a
+    constant, so a launch without dropout compiles exactly as it did before the arguments existed."""
+    if dropout is None:
+        return dict(dropout_p=None, dropout_seed=None)
+    return dict(dropout_p=float(dropout.p), dropout_seed=dropout.seed)
