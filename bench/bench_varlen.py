@@ -181,6 +181,86 @@ def run(sizes: Sequence[int], repeats: int, compiler_repeats: int, check: bool =
 
 
 # -- output ---------------------------------------------------------------------------------------------------
+# -- attention: packed varlen against the same batch padded ----------------------------------------------------
+ATTENTION_FIELDS = ("spread", "lengths", "heads", "head_dim", "mode", "impl", "min_ms", "median_ms", "repeats",
+                    "vs_padded_ours", "vs_padded_sdpa")
+
+
+def spread_lengths(count: int, low: int, spread: int, seed: int) -> List[int]:
+    """``count`` lengths drawn uniformly in ``[low, low * spread]`` (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, low * spread + 1, (count,), generator=generator).tolist()
+
+
+def attention_cases(lengths: Sequence[int], heads: int, head_dim: int, mode: str, repeats: int) -> List[Dict]:
+    """One packed batch three ways, causal, float32 on CPU: ``flash_attn_varlen_func`` on the packed tokens
+    (``varlen``), ``attention()`` on the batch padded to ``[B, H, max, D]`` with a causal + padding BlockMask
+    (``padded_ours``), and PyTorch's ``scaled_dot_product_attention`` on the padded batch with a bool mask
+    (``padded_sdpa``). ``mode``: ``inference`` (forward under no_grad) or ``training`` (forward + backward).
+    Each time includes what the call builds per step (the varlen layout; the padded BlockMask is built once,
+    as a model would per batch, and timed separately into the padded row)."""
+    from triton_attn import attention, flash_attn_varlen_func
+    from triton_attn.masks import padding_mask
+
+    batch, longest, total = len(lengths), max(lengths), sum(lengths)
+    cu = cumulative(lengths)
+    generator = torch.Generator().manual_seed(1)
+    packed = [torch.randn(total, heads, head_dim, generator=generator) for _ in range(3)]
+    padded = [torch.zeros(batch, heads, longest, head_dim) for _ in range(3)]
+    valid = torch.zeros(batch, longest, dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(cu.tolist(), lengths)):
+        for source, target in zip(packed, padded):
+            target[b, :, :n] = source[start:start + n].transpose(0, 1)
+        valid[b, :n] = True
+    training = mode == "training"
+    sdpa_mask = torch.ones(longest, longest, dtype=torch.bool).tril() & valid[:, None, None, :]
+    sdpa_mask = sdpa_mask | ~valid[:, None, :, None]  # padded query rows see everything (their output is dropped)
+
+    def run_varlen():
+        q, k, v = (t.detach().requires_grad_(training) for t in packed)
+        out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
+        if training:
+            out.sum().backward()
+
+    def run_padded_ours():
+        q, k, v = (t.detach().requires_grad_(training) for t in padded)
+        block_mask = create_block_mask(and_masks(causal_mask, padding_mask(valid)), batch, None, longest, longest)
+        out = attention(q, k, v, block_mask=block_mask)
+        if training:
+            (out * valid[:, None, :, None]).sum().backward()
+
+    def run_padded_sdpa():
+        q, k, v = (t.detach().requires_grad_(training) for t in padded)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
+        if training:
+            (out * valid[:, None, :, None]).sum().backward()
+
+    rows = []
+    for name, fn in (("varlen", run_varlen), ("padded_ours", run_padded_ours), ("padded_sdpa", run_padded_sdpa)):
+        with torch.set_grad_enabled(training):
+            fn()  # warm-up (traces, first-call costs)
+            low, median, _ = timed(fn, repeats)
+        rows.append(dict(lengths=f"{min(lengths)}..{max(lengths)} x{batch}", heads=heads, head_dim=head_dim,
+                         mode=mode, impl=name, min_ms=round(low, 3), median_ms=round(median, 3), repeats=repeats))
+    by_impl = {row["impl"]: row["min_ms"] for row in rows}
+    for row in rows:
+        row["vs_padded_ours"] = round(row["min_ms"] / by_impl["padded_ours"], 3)
+        row["vs_padded_sdpa"] = round(row["min_ms"] / by_impl["padded_sdpa"], 3)
+    return rows
+
+
+def run_attention(spreads: Sequence[int], count: int, low: int, heads: int, head_dim: int, modes: Sequence[str],
+                  repeats: int) -> List[Dict]:
+    """``attention_cases`` for each length spread (longest / shortest allowed) and mode."""
+    rows = []
+    for spread in spreads:
+        lengths = spread_lengths(count, low, spread, seed=spread)
+        for mode in modes:
+            for row in attention_cases(lengths, heads, head_dim, mode, repeats):
+                rows.append({"spread": spread, **row})
+    return rows
+
+
 def machine_header(threads: int) -> Dict[str, str]:
     cpu = platform.processor()
     try:
@@ -194,12 +274,12 @@ def machine_header(threads: int) -> Dict[str, str]:
             "load_average_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
-def write_csv(rows: List[Dict], header: Dict[str, str], path: Path) -> None:
+def write_csv(rows: List[Dict], header: Dict[str, str], path: Path, fields: Sequence[str] = FIELDS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         for key, value in header.items():
             f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -213,9 +293,19 @@ def main(argv=None) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the tile-by-tile comparison")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV path (default: bench/results/varlen_<date>_cpu-<arch>_torch<version>.csv)")
+    parser.add_argument("--attention", action="store_true",
+                        help="time attention instead: packed varlen vs the same batch padded (causal, float32)")
+    parser.add_argument("--spreads", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="--attention: longest / shortest length allowed in a batch")
+    parser.add_argument("--sequences", type=int, default=16, help="--attention: sequences per batch")
+    parser.add_argument("--shortest", type=int, default=64, help="--attention: the shortest length allowed")
+    parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     header = machine_header(args.threads)
+    if args.attention:
+        main_attention(args, header)
+        return
     rows = run(args.sizes, args.repeats, args.compiler_repeats, check=not args.no_check)
     header["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
@@ -230,6 +320,27 @@ def main(argv=None) -> None:
     if unhinted:
         verdict = "met" if unhinted[0]["min_ms"] < TARGET_MS_64K else "missed"
         print(f"target (varlen_self, no hint, under {TARGET_MS_64K} ms at 64k tokens): {verdict}")
+    print(f"wrote {out}")
+
+
+def main_attention(args, header: Dict[str, str]) -> None:
+    rows = run_attention(args.spreads, args.sequences, args.shortest, 8, 64, args.modes, max(3, args.repeats // 20))
+    header["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    out = args.out or RESULTS / (f"varlen_attention_{stamp}_cpu-{platform.machine()}_"
+                                 f"torch{torch.__version__.split('+')[0]}.csv")
+    write_csv(rows, header, out, ATTENTION_FIELDS)
+    for row in rows:
+        print(f"spread {row['spread']:>2}x {row['lengths']:>16} {row['mode']:>9} {row['impl']:>12}: "
+              f"{row['min_ms']:>9.2f} ms min ({row['median_ms']:.2f} median); vs padded ours "
+              f"{row['vs_padded_ours']:.2f}x, vs padded sdpa {row['vs_padded_sdpa']:.2f}x")
+    for spread in args.spreads:
+        for mode in args.modes:
+            ratio = [r["vs_padded_ours"] for r in rows if r["spread"] == spread and r["mode"] == mode
+                     and r["impl"] == "varlen"]
+            if ratio and spread >= 4:
+                verdict = "faster" if ratio[0] < 1.0 else "NOT faster"
+                print(f"target (spread {spread}x, {mode}: varlen faster than padded): {verdict} ({ratio[0]:.2f}x)")
     print(f"wrote {out}")
 
 

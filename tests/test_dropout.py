@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import triton_attn as ta
+import triton_attn.backends.torch.dropout as torch_dropout
 from tests.helpers.numerics import BACKWARD_FACTOR, FORWARD_FACTOR, compare, random_qkv
-from triton_attn.backends.torch.dropout import CHUNK_COLS, CHUNK_ROWS, DropoutStream, keep_mask
+from triton_attn.backends.torch.dropout import CHUNK_COLS, CHUNK_ROWS, DropoutStream, keep_mask, unpack
 from triton_attn.dropout import Dropout
 from triton_attn.masks import and_masks, causal_mask, padding_mask, sliding_window_mask, softcap_score
 from triton_attn.masks.evaluate import call_mask_mod, call_score_mod
@@ -149,6 +150,14 @@ def test_torch_routes_match_the_reference_from_the_returned_mask(name, dtype):
                       backend="torch", dropout_p=p).family == family
     keep = assert_matches_reference(call, q, k, v, p, mask_mod=mask_mod, score_mod=score_mod, context=name)
     assert 0 < keep.float().mean() < 1
+
+
+@pytest.mark.parametrize("name", ["padding", "causal_gqa", "sliding_window"])
+def test_the_dense_route_draws_again_when_its_mask_is_over_the_budget(name, monkeypatch):
+    """Over ``KEEP_BUDGET_BYTES`` the dense route stores no mask (its backward draws the decisions again) and
+    does not split the batch: the same decisions, the reference's results."""
+    monkeypatch.setattr(torch_dropout, "KEEP_BUDGET_BYTES", 0)
+    test_torch_routes_match_the_reference_from_the_returned_mask(name, torch.float32)
 
 
 @pytest.mark.parametrize("score_mod", [None, softcap_score(4.0)], ids=["dense_route", "blockwise_route"])
@@ -366,3 +375,22 @@ def test_the_dense_and_blockwise_routes_drop_the_same_probabilities():
     loop_out, loop_lse = blockwise_attention(q, k, v, block_mask, score_mod=None, scale=0.25, dropout=dropout)
     torch.testing.assert_close(dense_out, loop_out, rtol=0, atol=2e-6)
     torch.testing.assert_close(dense_lse, loop_lse, rtol=0, atol=2e-6)
+
+
+def test_the_packed_mask_is_the_keep_mask_where_drawn_and_zero_elsewhere():
+    dropout = Dropout(0.4, torch.tensor([7777], dtype=torch.int64))
+    batch, heads, q_len, kv_len = 2, 3, 3 * CHUNK_ROWS + 5, 2 * CHUNK_COLS + 13
+    whole = keep_mask(dropout, batch, heads, q_len, kv_len, device=torch.device("cpu"))
+    stream = DropoutStream(dropout, batch, heads)
+    chunk_keys = [3, CHUNK_COLS + 1, kv_len, 2 * CHUNK_COLS]                      # per CHUNK_ROWS query rows
+    for keys_of in (None, chunk_keys):
+        packed = stream.packed(q_len, kv_len, keys_of)
+        assert packed.shape == (batch, heads, q_len, -(-kv_len // 8))
+        for batch_entries in (slice(0, batch), slice(1, 2)):
+            got = unpack(packed, batch_entries, 9, 30, kv_len - 2,
+                         out=torch.empty(batch_entries.stop - batch_entries.start, heads, 30, kv_len - 2))
+            expected = whole[batch_entries, :, 9:39, :kv_len - 2].double()
+            if keys_of is not None:
+                row_keys = torch.tensor(keys_of).repeat_interleave(CHUNK_ROWS)[9:39].view(-1, 1)
+                expected = expected * (torch.arange(kv_len - 2).view(1, -1) < row_keys)
+            assert torch.equal(got.double(), expected)
