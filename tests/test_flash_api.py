@@ -310,3 +310,27 @@ def test_bad_tensors_and_cu_seqlens_are_errors_naming_them():
         ta.flash_attn_varlen_func(qp, kp, vp, cu_q, torch.tensor([0, 3, 7], dtype=torch.int32), 5, 5)
     with pytest.raises(ValueError, match="max_seqlen_q"):
         ta.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 4, 5)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cpu_runs_of_sequences_equal_the_packed_layout(monkeypatch, with_grad):
+    # On CPU the torch backend attends run by run (views, one call per run of equal lengths); the packed layout
+    # route (the one the kernels take) must give the same result.
+    torch.manual_seed(4)
+    lengths_q, lengths_k = [20, 20, 20, 7, 33, 33, 1], [20, 20, 20, 30, 33, 33, 9]
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, 4, 2, 32, torch.float32)
+    slopes = torch.rand(len(lengths_q), 4)
+    runs = flash_module.equal_length_runs(cu_q, cu_k)
+    assert [r[1] for r in runs] == [3, 1, 2, 1]
+
+    def call(max_runs):
+        monkeypatch.setattr(flash_module, "MAX_SEQUENCE_RUNS", max_runs)
+        inputs = [t.detach().requires_grad_(with_grad) for t in (q, k, v)]
+        out, lse, _ = ta.flash_attn_varlen_func(*inputs, cu_q, cu_k, 33, 33, causal=True, window_size=(9, -1),
+                                                softcap=12.0, alibi_slopes=slopes, return_attn_probs=True)
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out)) if with_grad else ()
+        return out, lse, grads
+
+    by_runs, packed = call(64), call(0)
+    for a, b in zip([by_runs[0], by_runs[1], *by_runs[2]], [packed[0], packed[1], *packed[2]]):
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)

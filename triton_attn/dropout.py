@@ -2,9 +2,10 @@
 
 A call with ``dropout_p > 0`` draws one ``Dropout``: the probability and a seed. Every backend decides
 whether the probability of (batch b, query head h, query row i, key j) is kept from that seed and the
-element's position alone, never from the order in which tiles are visited, so the backward pass
-regenerates the forward's keep-mask instead of storing it, and ``torch.manual_seed`` makes a call
-reproducible (the seed is drawn from the inputs' device generator).
+element's position alone, never from the order in which tiles are visited, so a backward pass can
+regenerate the forward's keep-mask instead of storing it (the Triton kernels always do; the torch backend's
+dense route keeps it, one bit per probability, when that fits a budget), and ``torch.manual_seed`` makes a
+call reproducible (the seed is drawn from the inputs' device generator).
 
 Semantics (FlashAttention-2's and ``torch.nn.functional.dropout``'s): the normalized probabilities
 ``P = softmax(scores)`` are multiplied by ``keep / (1 - p)`` before ``P @ V``; the lse is that of the
@@ -12,7 +13,8 @@ softmax without dropout. A row with no visible key stays 0.
 
 - Triton backends: Philox (``tl.rand(seed, counter)``), counter ``((b * Hq + h) * Lq + i) * Lkv + j``
   in 64 bits; kept when the uniform draw is ``>= p``.
-- torch backend: its own stream (``backends/torch/dropout.py``), also a function of (seed, position).
+- torch backend: its own stream (``backends/torch/dropout.py``: numpy's SFC64 per (seed, key chunk, row
+  chunk)), also a function of (seed, position).
 """
 
 from __future__ import annotations

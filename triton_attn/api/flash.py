@@ -26,6 +26,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..dispatch import choose_backend
 from ..dropout import check_dropout_p
 from ..masks.block_mask import BlockMask
 from ..masks.compiler import create_block_mask
@@ -171,8 +172,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     dropout_p = check_dropout_p(dropout_p)
     _check_probs_request(return_attn_probs, dropout_p)
     _check_flag("deterministic", deterministic)
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must agree in [B, Lk, Hkv], got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[-1] != head_dim:
@@ -181,16 +182,27 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     _check_heads(heads, kv_heads)
     scale = _check_scale(softmax_scale, head_dim)
     left, right = flash_window(causal, window_size)
+    results = _attend_fixed(q, k, v, scale=scale, left=left, right=right, softcap=softcap, alibi_slopes=alibi_slopes,
+                            dropout_p=dropout_p, backend=backend, return_dropout_mask=return_dropout_mask)
+    out, lse = results[0], results[1]
+    keep = results[2] if return_dropout_mask else None
+    return _finish(out.transpose(1, 2).contiguous(), lse, keep, return_attn_probs, return_dropout_mask)
+
+
+def _attend_fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, left: Optional[int],
+                  right: Optional[int], softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                  backend: Optional[str], return_dropout_mask: bool = False):
+    """``attention()`` of q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]`` (checked) under FlashAttention-2's mask and
+    scores: ``(out [B, H, Lq, Dv], lse [B, H, Lq])`` (+ the keep-mask when asked)."""
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
     if left is not None and left >= kv_len:  # reaches past the first key from every row
         left = None
     block_mask = fixed_length_block_mask(left, right, q_len, kv_len, q.device)
     score_mod = _fixed_length_score_mod(softcap, alibi_slopes, batch, heads, kv_len - q_len, q.device)
-    results = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                        score_mod=score_mod, scale=scale, enable_gqa=True, return_lse=True, backend=backend,
-                        dropout_p=dropout_p, return_dropout_mask=return_dropout_mask)
-    out, lse = results[0], results[1]
-    keep = results[2] if return_dropout_mask else None
-    return _finish(out.transpose(1, 2).contiguous(), lse, keep, return_attn_probs, return_dropout_mask)
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                     score_mod=score_mod, scale=scale, enable_gqa=True, return_lse=True, backend=backend,
+                     dropout_p=dropout_p, return_dropout_mask=return_dropout_mask)
 
 
 def _check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device) -> int:
@@ -269,6 +281,12 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     scale = _check_scale(softmax_scale, head_dim)
     left, right = flash_window(causal, window_size)
+    if q.device.type == "cpu" and not return_dropout_mask and choose_backend(backend, q.device) == "torch":
+        runs = equal_length_runs(cu_seqlens_q, cu_seqlens_k)
+        if len(runs) <= MAX_SEQUENCE_RUNS:
+            out, lse = _attend_by_runs(runs, q, k, v, scale=scale, left=left, right=right, softcap=softcap,
+                                       slopes=alibi_table(alibi_slopes, batch, heads, q.device), dropout_p=dropout_p)
+            return _finish(out, lse, None, return_attn_probs, False)
     layout = varlen_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q=total_q, total_k=total_k,
                            window=(-1 if left is None else left, -1 if right is None else right),
                            **_layout_hints(cu_seqlens_q, cu_seqlens_k))
@@ -280,6 +298,53 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     out, lse = results[0], results[1]
     keep = results[2] if return_dropout_mask else None
     return _finish(out[0].transpose(0, 1).contiguous(), lse[0], keep, return_attn_probs, return_dropout_mask)
+
+
+# Runs of equal-length sequences up to which a CPU varlen call on the torch backend attends run by run.
+MAX_SEQUENCE_RUNS = 64
+
+
+def equal_length_runs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list:
+    """Consecutive sequences of equal (Lq, Lk), read from CPU ``cu_seqlens``: ``[(first sequence, count, first
+    query row, Lq, first key, Lk)]``. Such a run is one ``[count, L, H, D]`` view of the packed tensors."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    runs: list = []
+    for s in range(len(cq) - 1):
+        lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+        if runs and runs[-1][3] == lq and runs[-1][5] == lk:
+            first, count, q0, _, k0, _ = runs[-1]
+            runs[-1] = (first, count + 1, q0, lq, k0, lk)
+        else:
+            runs.append((s, 1, cq[s], lq, ck[s], lk))
+    return runs
+
+
+def _attend_by_runs(runs: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    left: Optional[int], right: Optional[int], softcap: float, slopes: Optional[torch.Tensor],
+                    dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A packed batch on the torch backend (CPU, where ``cu_seqlens`` costs nothing to read), one ``attention()``
+    call per run of equal-length sequences over ``[count, L, H, D]`` views: each takes the CPU backend's fastest
+    exact route for its own (bottom-right) mask -- PyTorch's fused kernel for causal --, never a
+    ``[total, total]`` problem. Returns out ``[total_q, H, Dv]`` (contiguous) and lse ``[H, total_q]``."""
+    heads, value_dim = q.shape[1], v.shape[-1]
+    outs, lses = [], []
+    for first, count, q0, lq, k0, lk in runs:
+        if lq == 0:
+            continue
+        if lk == 0:  # no key at all: the rows see nothing
+            outs.append(q.new_zeros(count * lq, heads, value_dim))
+            lses.append(torch.full((heads, count * lq), float("-inf"), dtype=torch.float32, device=q.device))
+            continue
+        qr = q[q0:q0 + count * lq].unflatten(0, (count, lq))
+        kr, vr = (t[k0:k0 + count * lk].unflatten(0, (count, lk)) for t in (k, v))
+        run_slopes = None if slopes is None else slopes[first:first + count]
+        out, lse = _attend_fixed(qr, kr, vr, scale=scale, left=left, right=right, softcap=softcap,
+                                 alibi_slopes=run_slopes, dropout_p=dropout_p, backend="torch")
+        outs.append(out.transpose(1, 2).reshape(count * lq, heads, value_dim))
+        lses.append(lse.transpose(0, 1).reshape(heads, count * lq))
+    if not outs:
+        return q.new_zeros(0, heads, value_dim), torch.zeros(heads, 0, dtype=torch.float32, device=q.device)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
 
 
 def _layout_hints(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> dict:

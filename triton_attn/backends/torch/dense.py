@@ -178,7 +178,8 @@ def _factor_buffer(chunks: _Chunks, stream: Optional[DropoutStream]) -> Optional
     """A flat buffer the size of the largest chunk's scores, for its keep factor (None without dropout)."""
     if stream is None:
         return None
-    size = max((b.stop - b.start) * chunks.q_heads * rows * keys for b, _, _, rows, keys, _ in chunks.spans)
+    size = max(((b.stop - b.start) * chunks.q_heads * rows * keys for b, _, _, rows, keys, _ in chunks.spans),
+               default=0)
     return torch.empty(size, dtype=chunks.query.dtype, device=chunks.query.device)
 
 
