@@ -98,23 +98,28 @@ def _softcap_value(softcap) -> float:
     return float(softcap)
 
 
+def _flash_score(cap: float, alibi: Optional[Callable], name: str) -> Callable:
+    """The score_mod ``softcap`` (when ``cap > 0``) then ``- alibi(b, h, q, kv)`` (the ALiBi bias, when given)."""
+
+    def flash_score(score, b, h, q_idx, kv_idx):
+        if cap > 0.0:
+            score = torch.tanh(score / cap) * cap
+        if alibi is not None:
+            score = score - alibi(b, h, q_idx, kv_idx)
+        return score
+
+    parts = [f"softcap_{cap:g}" if cap > 0.0 else "", "alibi" if alibi is not None else ""]
+    return _named(flash_score, "_".join([name] + [p for p in parts if p]))
+
+
 def flash_score_mod(softcap: float, slopes: Optional[torch.Tensor], *, offset: int = 0) -> Optional[Callable]:
     """score(s, b, h, q, kv): softcap (when > 0) then ALiBi ``- slopes[b, h] * |q + offset - kv|`` (``slopes``
     from ``alibi_table``, float32 ``[B, H]``). None when neither applies."""
     cap = _softcap_value(softcap)
     if cap == 0.0 and slopes is None:
         return None
-
-    def flash_score(score, b, h, q_idx, kv_idx):
-        if cap > 0.0:
-            score = torch.tanh(score / cap) * cap
-        if slopes is not None:
-            score = score - slopes[b, h] * (q_idx + offset - kv_idx).abs()
-        return score
-
-    parts = [f"softcap_{cap:g}" if cap > 0.0 else "", "alibi" if slopes is not None else "",
-             f"offset_{offset}" if offset and slopes is not None else ""]
-    return _named(flash_score, "_".join(["flash"] + [p for p in parts if p]))
+    alibi = None if slopes is None else (lambda b, h, q_idx, kv_idx: slopes[b, h] * (q_idx + offset - kv_idx).abs())
+    return _flash_score(cap, alibi, f"flash_offset_{offset}" if offset and slopes is not None else "flash")
 
 
 def packed_flash_score_mod(softcap: float, slopes: Optional[torch.Tensor], sequence_of_query: torch.Tensor,
@@ -124,13 +129,6 @@ def packed_flash_score_mod(softcap: float, slopes: Optional[torch.Tensor], seque
     cap = _softcap_value(softcap)
     if cap == 0.0 and slopes is None:
         return None
-
-    def packed_flash_score(score, b, h, q_idx, kv_idx):
-        if cap > 0.0:
-            score = torch.tanh(score / cap) * cap
-        if slopes is not None:
-            score = score - slopes[sequence_of_query[q_idx], h] * (diagonal[q_idx] - kv_idx).abs()
-        return score
-
-    parts = [f"softcap_{cap:g}" if cap > 0.0 else "", "alibi" if slopes is not None else ""]
-    return _named(packed_flash_score, "_".join(["flash_packed"] + [p for p in parts if p]))
+    alibi = None if slopes is None else (
+        lambda b, h, q_idx, kv_idx: slopes[sequence_of_query[q_idx], h] * (diagonal[q_idx] - kv_idx).abs())
+    return _flash_score(cap, alibi, "flash_packed")
