@@ -13,6 +13,12 @@ AMD gfx90a, gfx942, gfx950). Sections, in run order (``--sections`` picks some):
   and a prefill forward + backward step captured in CUDA graphs, replayed on new inputs, checked each replay;
 - ``efficiency`` (``gpu_check_efficiency.py``): forward and backward TFLOP/s of issue 12's cases; last, and cut
   short by the budget.
+- ``flash`` (``gpu_check_flash.py``; not in the default run, whose budget it would overrun by about two minutes:
+  ``--sections flash``, about 3 minutes alone): the FlashAttention-2 drop-ins -- ``flash_attn_func`` (causal with
+  Lq != Lk, window, softcap, ALiBi, GQA; D 64 and 128; forward + backward), ``flash_attn_varlen_func`` (a packed
+  causal batch), ``flash_attn_with_kvcache`` (paged, a decode step and a 16-token chunk, the in-place append) and
+  dropout (against the returned keep-mask, same seed bitwise equal) vs float64; then ms / TFLOP/s against SDPA,
+  dropout 0.1 vs 0.0, and packed vs padded varlen.
 
 ``--quick`` (about 2 minutes, budget 180 s) checks every kernel family once at one small shape in bf16 and
 float32 (``gpu_check_quick.py``: prefill forward, backward dQ/dK/dV, decode split + combine, paged decode, the
@@ -39,6 +45,7 @@ table does not know leaves the column empty (never a guessed peak).
     python bench/gpu_check.py                 # the full check on a CUDA or ROCm GPU (<= 8 minutes on an H100)
     python bench/gpu_check.py --quick         # every kernel family once (<= 3 minutes)
     python bench/gpu_check.py --plan          # the plan, with estimated seconds per section
+    python bench/gpu_check.py --sections flash  # the FlashAttention-2 drop-ins (<= 4 minutes)
     python bench/gpu_check.py --dry-run       # CPU smoke run through the Triton interpreter at tiny sizes
 """
 
@@ -63,6 +70,7 @@ for _path in (ROOT, BENCH):  # the package from this checkout; the section modul
 
 from gpu_check_backward import backward_section  # noqa: E402
 from gpu_check_efficiency import run_efficiency  # noqa: E402
+from gpu_check_flash import run_flash  # noqa: E402
 from gpu_check_flex import CompiledFlex, flex_limits  # noqa: E402
 
 # mask_families: the forward section's masks, which tests read from this module.
@@ -178,8 +186,11 @@ def run_paged(args, device, dtype, writer_row) -> bool:
 
 SECTIONS: Dict[str, Callable] = {"quick": run_quick, "forward": run_forward, "backward": run_backward,
                                  "decode": run_decode, "paged": run_paged, "cuda_graph": run_cuda_graph,
-                                 "efficiency": run_efficiency}
+                                 "flash": run_flash, "efficiency": run_efficiency}
 DEFAULT_SECTIONS = ["forward", "backward", "decode", "paged", "cuda_graph", "efficiency"]
+# Registered, run on request (``--sections flash``): the default plan with it is ~600 s, over DEFAULT_BUDGET (and a
+# lent GPU's 10-minute command limit); with --quick's ~250 s, over QUICK_BUDGET.
+OPTIONAL_SECTIONS = ["flash"]
 # Sections that consult the budget between their rows (``args.budget_clock``): they start when a first slice of
 # them fits, and write what the budget cannot hold as skipped rows.
 CUT_SHORT = {"efficiency": 15.0, "quick": 15.0}
@@ -195,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every kernel family once at one small shape, bf16 and float32, and one CUDA graph")
     parser.add_argument("--plan", action="store_true", help="print the plan (estimated seconds per section), exit")
     parser.add_argument("--sections", nargs="+", default=None, choices=list(SECTIONS),
-                        help=f"default {' '.join(DEFAULT_SECTIONS)}; with --quick {' '.join(QUICK_SECTIONS)}")
+                        help=f"default {' '.join(DEFAULT_SECTIONS)}; with --quick {' '.join(QUICK_SECTIONS)}; "
+                             f"on request: {' '.join(OPTIONAL_SECTIONS)}")
     parser.add_argument("--budget", type=float, default=None,
                         help=f"wall-clock seconds (default {DEFAULT_BUDGET:.0f}, {QUICK_BUDGET:.0f} with --quick, "
                              "none in --dry-run): a section whose estimate no longer fits is skipped, with a row")

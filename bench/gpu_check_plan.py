@@ -222,9 +222,53 @@ def estimate_quick(args, ledger: Ledger) -> Estimate:
                                                                             for c in checks))
 
 
+def estimate_flash(args, ledger: Ledger) -> Estimate:
+    """gpu_check_flash: flash_attn_func cases per head_dim (training: forward with statistics + backward), the
+    packed varlen batch, the kvcache decode step and chunk (paged decode kernels), dropout (its own training
+    variant and the keep-mask kernel), then the timings at B 4, H 16, L 2048, D 128: the causal kernels are the
+    backward and efficiency sections' (strides are arguments, not constants: the [B, L, H, D] views share them),
+    the dropout ones the dropout check's, the packed batch's a new varlen variant."""
+    from gpu_check_flash import FUNC_CASES, flash_shapes
+
+    shape = flash_shapes(args)
+    seconds, compiles, checks = 0.0, 0, 0
+    for head_dim in shape["head_dims"]:
+        for case in FUNC_CASES:
+            cost = kernel_cost(ledger, ("flash", case, shape["kv_len"] - shape["q_len"]), head_dim, training=True,
+                               score=case, gqa=True, layout="bshd")
+            compiles += cost > 0
+            seconds += cost + 2 * check(shape["kv_len"])  # the call, its float64 and bf16 references
+            checks += 1
+    varlen = ("varlen", "causal", tuple(shape["varlen_lengths"]))
+    cost = kernel_cost(ledger, varlen, shape["varlen_dim"], training=True, layout="packed")
+    for q_len in (1, shape["chunk"]):
+        cost += ledger.compile("decode_compile", "flash_kvcache", q_len, shape["page_size"], "bf16")
+    dropout = ("causal", "dropout")
+    cost += kernel_cost(ledger, dropout, shape["dropout"]["head_dim"], training=True, layout="bshd")
+    cost += ledger.compile("forward_compile", "dropout_keep_mask", shape["dropout"]["head_dim"])
+    compiles += 4
+    seconds += cost + 2 * check(max(shape["varlen_lengths"])) + 2 * check(max(shape["cache_lengths"])) \
+        + 3 * check(shape["dropout"]["seq"])  # dropout: two seeded calls and the references
+    checks += 4
+    timings = 0
+    if shape["timing"] is not None:
+        size = shape["timing"]
+        causal = shared_mask_key("causal", size["seq"])
+        seconds += kernel_cost(ledger, causal, size["head_dim"], inference=True, training=True)
+        seconds += kernel_cost(ledger, dropout, size["head_dim"], inference=True, training=True, layout="bshd")
+        seconds += kernel_cost(ledger, ("varlen", "causal", tuple(size["varlen_lengths"])), size["head_dim"],
+                               inference=True, training=True, layout="packed")
+        timings = 10  # func / sdpa / dropout x fwd / fwd_bwd, varlen packed / padded x fwd / fwd_bwd
+        seconds += timings * timing(size["seq"])
+    return Estimate("flash", seconds, f"flash_attn_func {len(FUNC_CASES)} cases x D {_list(shape['head_dims'])}, "
+                                      f"varlen, kvcache x 2, dropout: {checks} checks, {compiles} new variants; "
+                                      f"{timings} timings")
+
+
 ESTIMATORS: Dict[str, Callable] = {
     "quick": estimate_quick, "forward": estimate_forward, "backward": estimate_backward, "decode": estimate_decode,
-    "paged": estimate_paged, "cuda_graph": estimate_cuda_graph, "efficiency": estimate_efficiency}
+    "paged": estimate_paged, "cuda_graph": estimate_cuda_graph, "flash": estimate_flash,
+    "efficiency": estimate_efficiency}
 
 
 def build_plan(args, sections: Iterable[str]) -> List[Estimate]:

@@ -1,5 +1,5 @@
 """bench/gpu_check.py on CPU: the plan and its budget, --quick's coverage, --out, failures as rows, the flex guard,
-and the CUDA-graph section's steps run eagerly (no GPU here: what needs one is checked by reading)."""
+and the CUDA-graph and flash sections' steps run eagerly (no GPU here: what needs one is checked by reading)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ quick = importlib.import_module("gpu_check_quick")
 backward = importlib.import_module("gpu_check_backward")
 flex = importlib.import_module("gpu_check_flex")
 graphs = importlib.import_module("gpu_check_graphs")
+flash = importlib.import_module("gpu_check_flash")
 
 
 def _plan(argv):
@@ -350,6 +351,90 @@ def test_prefill_steps_and_family_forwards_run_eagerly_through_the_interpreter()
     rows = graphs.family_forward_rows(args, torch.device("cpu"), torch.bfloat16, "interpret")
     assert [row["mask"] for row in rows] == list(gpu_check.mask_families(1, args.check_seq, "cpu"))
     assert all(row["ok"] is True for row in rows), rows
+
+
+# -- the flash section's correctness steps, eagerly on CPU -------------------------------------------------------
+
+FLASH_ROWS = ["func_causal_gqa_alibi", "func_window_softcap", "varlen_causal", "kvcache_decode", "kvcache_chunk",
+              "dropout"]
+
+
+def _flash_rows(backend, dtype=torch.bfloat16):
+    shape = flash.flash_shapes(gpu_check.parse_args(["--dry-run"]))
+    return [row for _, step in flash.correctness_steps(shape, torch.device("cpu"), dtype, backend) for row in step()]
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_flash_correctness_steps_pass_against_float64(backend):
+    rows = _flash_rows(backend)
+    assert [row["mask"] for row in rows] == FLASH_ROWS  # one head_dim in the dry run
+    assert all(row["ok"] is True for row in rows), [row for row in rows if row["ok"] is not True]
+    assert all(float(row["max_error"]) <= float(row["bound"]) for row in rows)
+    notes = {row["mask"]: row["note"] for row in rows}
+    assert "pages equal the reference copy after the append" in notes["kvcache_chunk"]
+    assert "same seed bitwise equal" in notes["dropout"]
+
+
+class _Wrong:
+    """``triton_attn`` with one FlashAttention-2 semantic broken: the checks must fail the rows it touches."""
+
+    def __init__(self, drop: str):
+        self.drop = drop
+
+    def flash_attn_func(self, *args, **kwargs):
+        if self.drop in kwargs and self.drop != "dropout_p":
+            kwargs.pop(self.drop)
+        out = ta.flash_attn_func(*args, **kwargs)
+        if self.drop == "dropout_p" and kwargs.get("return_dropout_mask"):
+            return out[0], ~out[1]  # a mask that is not the one the call used
+        return out
+
+    def flash_attn_varlen_func(self, q, k, v, *args, **kwargs):
+        if self.drop == "causal":
+            kwargs["causal"] = False
+        return ta.flash_attn_varlen_func(q, k, v, *args, **kwargs)
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, **kwargs):
+        if self.drop == "append":  # attends over the new tokens written to a copy: the caller's cache is unchanged
+            k_cache, v_cache = k_cache.clone(), v_cache.clone()
+        return ta.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, **kwargs)
+
+
+@pytest.mark.parametrize("drop, failing", [
+    ("alibi_slopes", {"func_causal_gqa_alibi"}), ("softcap", {"func_window_softcap"}),
+    ("causal", {"func_causal_gqa_alibi", "varlen_causal", "dropout"}), ("append", {"kvcache_decode", "kvcache_chunk"}),
+    ("dropout_p", {"dropout"})])
+def test_flash_checks_fail_a_broken_semantic(monkeypatch, drop, failing):
+    monkeypatch.setattr(flash, "ta", _Wrong(drop))
+    rows = _flash_rows("torch")
+    assert {row["mask"] for row in rows if row["ok"] is not True} == failing, rows
+
+
+def test_a_flash_step_that_raises_is_a_fail_row_and_the_rest_run(monkeypatch):
+    def broken():
+        raise RuntimeError("varlen kernel exploded")
+
+    steps = [("func", lambda: [dict(section="flash", mask="func_x", ok=True)]), ("varlen", broken),
+             ("dropout", lambda: [dict(section="flash", mask="dropout", ok=True)])]
+    monkeypatch.setattr(flash, "correctness_steps", lambda *args: steps)
+    rows = []
+    assert flash.run_flash(gpu_check.parse_args(["--dry-run"]), torch.device("cpu"), torch.bfloat16,
+                           rows.append) is False
+    assert [(row["mask"], row["ok"]) for row in rows] == [("func_x", True), ("varlen", False), ("dropout", True)]
+    assert "RuntimeError: varlen kernel exploded" in rows[1]["note"]
+
+
+@pytest.mark.parametrize("argv, budget", [([], 480.0), (["--quick"], 180.0)], ids=["default", "quick"])
+def test_flash_is_in_a_run_only_when_its_budget_holds_it(argv, budget):
+    """The flash section alone fits the default budget; it joins a run's sections exactly when the plan with
+    it still fits that run's budget."""
+    args, alone = _plan(["--sections", "flash"])
+    assert "flash" in gpu_check.SECTIONS and sum(entry.seconds for entry in alone) <= args.budget_seconds
+    args, plan = _plan(argv)
+    sections = [name for name in args.sections if name != "flash"] + ["flash"]
+    with_flash = plan_module.build_plan(args, sections)
+    fits = sum(entry.seconds for entry in with_flash) <= budget
+    assert ("flash" in args.sections) == fits
 
 
 # -- end to end, through the interpreter -----------------------------------------------------------------------
