@@ -57,7 +57,7 @@ def shared_masks(seq_len: int, device) -> Dict[str, Tuple[Optional[Callable], Op
             "softcap_causal": (causal_mask, softcap_score(SOFTCAP))}
 
 
-def _time_ms(fn: Callable[[], object], repeats: int) -> float:
+def time_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in ms (CUDA events; perf_counter off CUDA), after two warm-up calls."""
     for _ in range(2):
         fn()
@@ -81,7 +81,7 @@ def _time_ms(fn: Callable[[], object], repeats: int) -> float:
 def _backward_timer(forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor,
                     repeats: int) -> float:
     out = forward(*inputs)
-    return _time_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), repeats)
+    return time_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), repeats)
 
 
 def guarded_rows(label: dict, compare: Callable[[], List[dict]]) -> List[dict]:

@@ -29,10 +29,10 @@ A step that raises is a FAIL row (out of GPU memory: a skipped row) and the next
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from gpu_check_backward import time_ms
 from gpu_check_quick import fill_pages, gather_pages, randn, rule, shuffled_table
 
 import triton_attn as ta
@@ -262,19 +262,7 @@ def dropout_rows(shape: dict, device, dtype, backend: Optional[str]) -> List[dic
 
 # -- speed -----------------------------------------------------------------------------------------------------
 
-def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
-    """Median ms of ``fn`` over ``repeats`` calls, each between two CUDA events, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+TIMING_REPEATS = 20  # CUDA-event timings per median
 
 
 def causal_flops(lengths: Sequence[int], heads: int, head_dim: int) -> float:
@@ -286,6 +274,25 @@ def _fwd_bwd(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]
     def step():
         torch.autograd.grad(forward(), leaves, grad_out)
     return step
+
+
+def _timed_rows(calls: dict, label: dict, flops: float, times: dict, note: str = "") -> List[dict]:
+    """A forward and a forward + backward row (ms, TFLOP/s; the backward counts 2.5x the forward's work) per
+    ``calls`` entry ``impl -> (forward, leaves, grad_out)``; each median goes into ``times[(impl, kind)]``."""
+    rows = []
+    for impl, (forward, leaves, grad_out) in calls.items():
+        for kind, fn, work in (("fwd", forward, flops), ("fwd_bwd", _fwd_bwd(forward, leaves, grad_out), 3.5 * flops)):
+            row = dict(label, impl=f"{impl}_{kind}")
+
+            def measure(fn=fn, work=work, row=row, key=(impl, kind)):
+                with torch.no_grad() if key[1] == "fwd" else torch.enable_grad():
+                    ms = time_ms(fn, TIMING_REPEATS)
+                times[key] = ms
+                extra = {"note": note} if note else {}
+                return [dict(row, ms=f"{ms:.4f}", tflops=work / (ms * 1e-3) / 1e12, **extra)]
+
+            rows += guarded(row, measure, judged=False)
+    return rows
 
 
 def timing_rows(shape: dict, device, dtype) -> List[dict]:
@@ -305,18 +312,8 @@ def timing_rows(shape: dict, device, dtype) -> List[dict]:
         "flash_attn_func_p0.1": lambda: ta.flash_attn_func(*leaves, dropout_p=DROPOUT_P, causal=True),
     }
     label = dict(section="flash", mask="causal", seq=seq, head_dim=dim, batch=batch)
-    rows, times = [], {}
-    for impl, forward in calls.items():
-        for kind, fn, work in (("fwd", forward, flops), ("fwd_bwd", _fwd_bwd(forward, leaves, grad_out), 3.5 * flops)):
-            row = dict(label, impl=f"{impl}_{kind}")
-
-            def measure(fn=fn, work=work, row=row, key=(impl, kind)):
-                with torch.no_grad() if key[1] == "fwd" else torch.enable_grad():
-                    ms = median_ms(fn)
-                times[key] = ms
-                return [dict(row, ms=f"{ms:.4f}", tflops=work / (ms * 1e-3) / 1e12)]
-
-            rows += guarded(row, measure, judged=False)
+    times: dict = {}
+    rows = _timed_rows({impl: (forward, leaves, grad_out) for impl, forward in calls.items()}, label, flops, times)
     for kind in ("fwd", "fwd_bwd"):
         for other, what in (("sdpa", "sdpa / flash_attn_func"), ("flash_attn_func_p0.1", "dropout 0.1 / 0.0")):
             if ("flash_attn_func", kind) in times and (other, kind) in times:
@@ -343,19 +340,8 @@ def varlen_timing_rows(size: dict, device, dtype) -> List[dict]:
                                packed, grads[0]),
              "func_padded": (lambda: ta.flash_attn_func(*padded, causal=True), padded, grads[1])}
     label = dict(section="flash", mask="varlen_causal", seq=longest, head_dim=dim, batch=len(lengths))
-    rows, times = [], {}
-    for impl, (forward, leaves, grad_out) in calls.items():
-        for kind, fn, work in (("fwd", forward, flops), ("fwd_bwd", _fwd_bwd(forward, leaves, grad_out), 3.5 * flops)):
-            row = dict(label, impl=f"{impl}_{kind}")
-
-            def measure(fn=fn, work=work, row=row, key=(impl, kind)):
-                with torch.no_grad() if key[1] == "fwd" else torch.enable_grad():
-                    ms = median_ms(fn)
-                times[key] = ms
-                return [dict(row, ms=f"{ms:.4f}", tflops=work / (ms * 1e-3) / 1e12,
-                             note=f"lengths {list(lengths)} (useful causal work)")]
-
-            rows += guarded(row, measure, judged=False)
+    times: dict = {}
+    rows = _timed_rows(calls, label, flops, times, note=f"lengths {list(lengths)} (useful causal work)")
     for kind in ("fwd", "fwd_bwd"):
         if ("varlen_packed", kind) in times and ("func_padded", kind) in times:
             ratio = times[("func_padded", kind)] / times[("varlen_packed", kind)]
