@@ -19,6 +19,7 @@ qkv tensor runs as it is); the output is returned contiguous ``[B, Lq, H, Dv]``.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import OrderedDict
@@ -90,52 +91,45 @@ def _check_probs_request(return_attn_probs: bool, dropout_p: float) -> None:
 
 # -- cached masks and score_mods (a training loop calls with the same shapes every step) --------------------
 
-_MASKS: "OrderedDict[tuple, BlockMask]" = OrderedDict()
-_SCORES: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (weakref to the slopes, score_mod, their version)
-
-
-def _remember(cache: OrderedDict, key, value):
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > MAX_CACHED:
-        cache.popitem(last=False)
-    return value
-
-
-def fixed_length_block_mask(left: Optional[int], right: Optional[int], q_len: int, kv_len: int,
-                            device: torch.device) -> Optional[BlockMask]:
-    """The BlockMask of FlashAttention-2's mask for ``q_len`` queries and ``kv_len`` keys (None: every key
-    visible). Plain causal (Lq == Lk) uses the library's ``causal_mask``, which the CPU backend recognizes."""
-    if left is None and right is None:
-        return None
-    key = (left, right, q_len, kv_len, str(device))
-    found = _MASKS.get(key)
-    if found is not None:
-        _MASKS.move_to_end(key)
-        return found
+@functools.lru_cache(maxsize=MAX_CACHED)
+def _fixed_length_block_mask(left: Optional[int], right: Optional[int], q_len: int, kv_len: int,
+                             device: torch.device) -> BlockMask:
     offset = kv_len - q_len
     if offset == 0 and right == 0:  # the library's causal family, which the CPU backend recognizes
         mask_mod = causal_mask if left is None else sliding_window_mask(left + 1)
     else:
         mask_mod = flash_mask_mod(left, right, offset=offset)
-    return _remember(_MASKS, key, create_block_mask(mask_mod, None, None, q_len, kv_len, device=device))
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+def fixed_length_block_mask(left: Optional[int], right: Optional[int], q_len: int, kv_len: int,
+                            device: torch.device) -> Optional[BlockMask]:
+    """The BlockMask of FlashAttention-2's mask for ``q_len`` queries and ``kv_len`` keys (None: every key
+    visible), one per shape and device. Plain causal (Lq == Lk) uses the library's ``causal_mask``, which the
+    CPU backend recognizes."""
+    if left is None and right is None:
+        return None
+    return _fixed_length_block_mask(left, right, q_len, kv_len, device)
+
+
+_SCORES: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (weakref to the slopes or None, score_mod)
 
 
 def _fixed_length_score_mod(softcap: float, alibi_slopes: Optional[torch.Tensor], batch: int, heads: int,
                             offset: int, device: torch.device) -> Optional[Callable]:
     """FlashAttention-2's score_mod, one object per (softcap, slopes tensor, shapes): a traced mod is reused
-    while it is the same object, so a loop passing the same slopes traces once."""
-    key = (float(softcap) if isinstance(softcap, (int, float)) else softcap, id(alibi_slopes), batch, heads, offset,
-           str(device))
+    while it is the same object, so a loop passing the same slopes traces once (the mod reads a view of the
+    slopes, so their in-place changes are seen)."""
+    key = (softcap, id(alibi_slopes), batch, heads, offset, device)
     found = _SCORES.get(key)
     if found is not None and (found[0] is None or found[0]() is alibi_slopes):
-        if alibi_slopes is None or found[2] == alibi_slopes._version:
-            return found[1]
-    table = alibi_table(alibi_slopes, batch, heads, device)
-    score_mod = flash_score_mod(softcap, table, offset=offset)
-    anchor = weakref.ref(alibi_slopes) if alibi_slopes is not None else None
-    version = alibi_slopes._version if alibi_slopes is not None else None
-    return _remember(_SCORES, key, (anchor, score_mod, version))[1]
+        _SCORES.move_to_end(key)
+        return found[1]
+    score_mod = flash_score_mod(softcap, alibi_table(alibi_slopes, batch, heads, device), offset=offset)
+    _SCORES[key] = (None if alibi_slopes is None else weakref.ref(alibi_slopes), score_mod)
+    if len(_SCORES) > MAX_CACHED:
+        _SCORES.popitem(last=False)
+    return score_mod
 
 
 def _finish(out: torch.Tensor, lse: torch.Tensor, keep, return_attn_probs: bool, return_dropout_mask: bool):

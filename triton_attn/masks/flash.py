@@ -75,7 +75,8 @@ def flash_mask_mod(left: Optional[int], right: Optional[int], *, offset: int = 0
 def alibi_table(alibi_slopes: Optional[torch.Tensor], batch: int, heads: int,
                 device: torch.device) -> Optional[torch.Tensor]:
     """``alibi_slopes`` (``[H]`` or ``[B, H]``, float32 as FlashAttention-2 requires) as a float32 ``[B, H]``
-    table on ``device``; a ValueError naming it for another shape or dtype."""
+    view on ``device`` (no copy: a mod reading it sees in-place changes); a ValueError naming it for another
+    shape or dtype."""
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, torch.Tensor):
@@ -85,9 +86,9 @@ def alibi_table(alibi_slopes: Optional[torch.Tensor], batch: int, heads: int,
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes must be on the query's device {device}, got {alibi_slopes.device}")
     if tuple(alibi_slopes.shape) == (heads,):
-        return alibi_slopes.view(1, heads).expand(batch, heads).contiguous()
+        return alibi_slopes.view(1, heads).expand(batch, heads)
     if tuple(alibi_slopes.shape) == (batch, heads):
-        return alibi_slopes.contiguous()
+        return alibi_slopes
     raise ValueError(f"alibi_slopes must be [H] = [{heads}] or [B, H] = [{batch}, {heads}], "
                      f"got {list(alibi_slopes.shape)}")
 
